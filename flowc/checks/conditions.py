@@ -1,0 +1,143 @@
+"""Conditions: types of every operation, unknown functions, bare names, constant conditions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowc import types as T
+from flowc.context import Context, StepInfo
+from flowc.expr import (
+    FUNCTIONS,
+    BoolOp,
+    Call,
+    Compare,
+    EvalError,
+    ListExpr,
+    Literal,
+    Name,
+    Node,
+    Not,
+    Path,
+    Ref,
+    evaluate,
+    references,
+)
+from flowc.validate import did_you_mean
+
+
+def check_conditions(ctx: Context) -> None:
+    for info in ctx.steps.values():
+        if info.condition is None:
+            continue
+        checker = _Checker(ctx, info)
+        checker.type_of(info.condition)
+        if not references(info.condition) and not checker.failed:
+            try:
+                info.constant = bool(evaluate(info.condition, lambda name: None))
+            except EvalError:
+                pass
+    for info in ctx.steps.values():
+        if info.constant is not None:
+            span = ctx.source.span_of((*ctx.step_path(info.step.id), "when"))
+            if info.constant:
+                ctx.out.add("constant-condition", "condition is always true",
+                            span.start, span.end, help="remove `when:`")
+            else:
+                ctx.out.add("constant-condition",
+                            f"condition is always false: step '{info.step.id}' never runs",
+                            span.start, span.end)
+
+
+class _Checker:
+    def __init__(self, ctx: Context, info: StepInfo) -> None:
+        self.ctx = ctx
+        self.info = info
+        self.path = (*ctx.step_path(info.step.id), "when")
+        self.text = info.step.when if isinstance(info.step.when, str) else ""
+        self.failed = False
+
+    def _error(self, rule: str, message: str, node: Any, help: str | None = None) -> None:
+        self.failed = True
+        span = self.ctx.value_span(self.path, self.text, *node.span)
+        self.ctx.out.add(rule, message, span.start, span.end, help=help)
+
+    def _describe(self, node: Node) -> str:
+        start, end = getattr(node, "span", (0, 0))
+        return self.text[start:end] or type(node).__name__
+
+    def type_of(self, node: Node) -> T.Type:
+        if isinstance(node, Literal):
+            return T.of_value(node.value)
+        if isinstance(node, Ref):
+            return self.ctx.ref_types.get(node, T.ANY)
+        if isinstance(node, Not):
+            self.type_of(node.operand)
+            return T.BOOLEAN
+        if isinstance(node, BoolOp):
+            self.type_of(node.left)
+            self.type_of(node.right)
+            return T.BOOLEAN
+        if isinstance(node, ListExpr):
+            return T.Type("array", items=T.join([self.type_of(i) for i in node.items]))
+        if isinstance(node, Compare):
+            return self._compare(node)
+        if isinstance(node, Call):
+            return self._call(node)
+        if isinstance(node, Name):
+            known = [*self.ctx.producers, *(f"input.{n}" for n in self.ctx.inputs or {})]
+            target = node.name if node.name in self.ctx.producers else did_you_mean(
+                node.name, known)
+            self._error("condition-syntax",
+                        f"bare name '{node.name}' in condition; references are written ${{...}}",
+                        node, help=f"write ${{{target}}}" if target else None)
+            return T.ANY
+        return T.ANY  # pragma: no cover
+
+    def _compare(self, node: Compare) -> T.Type:
+        left, right = self.type_of(node.left), self.type_of(node.right)
+        if node.op in ("in", "not in"):
+            ok = T.contains_ok(left, right)
+        else:
+            ok = T.comparable(left, right, node.op)
+        if not ok:
+            self._error(
+                "type-mismatch",
+                f"cannot compare {self._operand(node.left, left)} with "
+                f"{self._operand(node.right, right)} using '{node.op}'",
+                node, help=self._compare_help(node, left, right))
+        return T.BOOLEAN
+
+    def _operand(self, node: Node, t: T.Type) -> str:
+        if isinstance(node, Ref) and len(node.alts) == 1 and isinstance(node.alts[0], Path):
+            what = "input" if node.alts[0].root == "input" else "value"
+            return f"{t} {what} {self._describe(node)}"
+        return f"{t} {self._describe(node)}"
+
+    @staticmethod
+    def _compare_help(node: Compare, left: T.Type, right: T.Type) -> str | None:
+        if {left.kind, right.kind} == {"string", "integer"} or \
+                {left.kind, right.kind} == {"string", "number"}:
+            return "compare numbers with numbers (write 2, not \"2\") or strings with strings"
+        if node.op in ("in", "not in"):
+            return "'in' needs a string, array or object on its right"
+        return None
+
+    def _call(self, node: Call) -> T.Type:
+        fn = FUNCTIONS.get(node.name)
+        arg_types = [self.type_of(a) for a in node.args]
+        if fn is None:
+            hint = did_you_mean(node.name, FUNCTIONS)
+            self._error("unknown-function", f"unknown function '{node.name}'"
+                        + (f"; did you mean '{hint}'?" if hint else ""), node,
+                        help=f"functions: {', '.join(sorted(FUNCTIONS))}")
+            return T.ANY
+        if len(arg_types) != len(fn.params):
+            self._error("type-mismatch", f"{node.name}() takes {len(fn.params)} argument"
+                        f"{'s' if len(fn.params) != 1 else ''}, got {len(arg_types)}", node)
+            return fn.returns
+        for arg, t, accepted in zip(node.args, arg_types, fn.params, strict=True):
+            if t.kind != "any" and accepted != "any" and t.kind not in accepted.split("|"):
+                self._error("type-mismatch", f"{node.name}() needs "
+                            f"{accepted.replace('|', ' or ')}, not {t} {self._describe(arg)}",
+                            arg)
+        return fn.returns

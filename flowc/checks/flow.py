@@ -1,0 +1,202 @@
+"""Control flow: cycles, skip propagation (the join rule), unreachable and unused steps.
+
+The join rule: a value is *missing* when its producer was skipped (its `when:` was false,
+or it skipped itself because a value it reads was missing) or failed under
+`on_error: continue`. A read of a value that may be missing needs a fallback
+(`${a ?? b}`: the first alternative that has a value), or the reading step says
+`on_missing: skip` and is skipped with it. `needs:` only orders: it waits for a step to
+finish or be skipped.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+
+from flowc.context import Context, StepInfo, Use
+from flowc.expr import Literal, Path
+
+_RANK = {"always": 0, "maybe": 1, "never": 2}
+
+
+def check_cycles(ctx: Context) -> None:
+    g = ctx.graph
+    order = {sid: info.index for sid, info in ctx.steps.items()}
+    for comp in nx.strongly_connected_components(g):
+        if len(comp) == 1:
+            (node,) = comp
+            if not g.has_edge(node, node):
+                continue
+        ctx.acyclic = False
+        first = min(comp, key=order.__getitem__)
+        cycle = _cycle_from(g.subgraph(comp), first)
+        names = " -> ".join(f'"{n}"' for n in [*cycle, cycle[0]])
+        # Point at the reference in the first step that reads its predecessor.
+        prev = cycle[-1]
+        uses = g.edges[prev, first].get("uses") or []
+        if uses:
+            span = uses[0].span
+        else:
+            span = ctx.source.span_of((*ctx.step_path(first), "needs"))
+        ctx.out.add("cycle", f"steps depend on each other in a cycle: {names}",
+                    span.start, span.end,
+                    help="a step can only read outputs of steps that do not depend on it")
+
+
+def _cycle_from(g: nx.DiGraph, start: str) -> list[str]:
+    """A shortest cycle through ``start`` (``start`` is in a strongly connected component)."""
+    if g.has_edge(start, start):
+        return [start]
+    best: list[str] | None = None
+    for pred in g.predecessors(start):
+        try:
+            path = nx.shortest_path(g, start, pred)
+        except nx.NetworkXNoPath:
+            continue
+        if best is None or len(path) < len(best):
+            best = path
+    return best or [start]
+
+
+def check_skips(ctx: Context) -> None:
+    """Propagate `always`/`maybe`/`never` through the DAG; report unguarded reads."""
+    if not ctx.acyclic:
+        return
+    status: dict[str, str] = {}  # output name -> always | maybe | never
+    reason: dict[str, str] = {}
+    for sid in nx.topological_sort(ctx.graph):
+        info = ctx.steps[sid]
+        step = info.step
+        runs = "always"
+        why = None
+        if info.constant is False:
+            runs, why = "never", "its condition is always false"
+        elif info.condition is not None:
+            runs, why = "maybe", "it has a `when:` condition"
+        for use in info.uses:
+            avail, producer = _availability(ctx, use, status)
+            if avail == "always":
+                continue
+            if step.on_missing == "skip":
+                if _RANK[avail] > _RANK[runs] or runs == "always":
+                    runs = max(runs, avail, key=_RANK.__getitem__)
+                    why = f"it reads {_first_path(use)}, which " + (
+                        "is never produced" if avail == "never" else "may be missing")
+            else:
+                _report_unguarded(ctx, use, producer, reason, avail)
+        info.runs = runs  # type: ignore[assignment]
+        info.skip_reason = why
+        name = step.output_name
+        if runs == "never":
+            status[name] = "never"
+            reason[name] = f"step '{sid}' never runs ({why})"
+        elif runs == "maybe" or step.on_error == "continue":
+            status[name] = "maybe"
+            reason[name] = (f"step '{sid}' may be skipped ({why})" if runs == "maybe"
+                            else f"step '{sid}' may fail without failing the run "
+                                 "(on_error: continue)")
+        else:
+            status[name] = "always"
+        if runs == "never" and info.constant is not False:
+            span = ctx.source.span_of((*ctx.step_path(sid), "id"))
+            ctx.out.add("unreachable-step", f"step '{sid}' can never run: {why}",
+                        span.start, span.end)
+    for use in ctx.output_uses:
+        avail, producer = _availability(ctx, use, status)
+        if avail != "always":
+            _report_unguarded(ctx, use, producer, reason, avail)
+
+
+def _first_path(use: Use) -> str:
+    for alt in use.ref.alts:
+        if isinstance(alt, Path):
+            return f"'{alt}'"
+    return "a value"
+
+
+def _availability(ctx: Context, use: Use, status: dict[str, str]) -> tuple[str, str | None]:
+    """The best availability among a reference's alternatives, and the first output name
+    that made it less than `always`."""
+    best = "never"
+    culprit = None
+    for alt in use.ref.alts:
+        if isinstance(alt, Literal):
+            return "always", culprit
+        if alt.root == "input":
+            spec = (ctx.inputs or {}).get(str(alt.segments[0])) if alt.segments else None
+            avail = "maybe" if spec is not None and not spec.is_required \
+                and spec.default is None else "always"
+            if avail != "always" and culprit is None:
+                culprit = "input." + str(alt.segments[0])
+        else:
+            avail = status.get(alt.root, "always")
+            if avail != "always" and culprit is None:
+                culprit = alt.root
+        if _RANK[avail] < _RANK[best]:
+            best = avail
+        if best == "always":
+            return best, culprit
+    return best, culprit
+
+
+def _report_unguarded(ctx: Context, use: Use, name: str | None, reason: dict[str, str],
+                      avail: str) -> None:
+    if name is None:
+        return
+    if name.startswith("input."):
+        why = f"optional input '{name[6:]}' has no default"
+    else:
+        why = reason.get(name, "its producer may be skipped")
+    alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))
+    where = "the pipeline output" if use.consumer is None else f"step '{use.consumer}'"
+    fix = f"add a fallback: ${{{alts} ?? <default>}}"
+    if use.consumer is not None:
+        fix += f", or set `on_missing: skip` on step '{use.consumer}'"
+    verb = "is never produced" if avail == "never" else "may be missing"
+    ctx.out.add("maybe-skipped", f"'{name}' {verb} when {where} reads it: {why}",
+                use.span.start, use.span.end, help=fix)
+
+
+def check_usage(ctx: Context) -> None:
+    """Warn about outputs nobody reads and steps that do not contribute to the output."""
+    if not ctx.acyclic:
+        return
+    read: set[str] = set()
+    for info in ctx.steps.values():
+        for use in info.uses:
+            read.update(a.root for a in use.ref.alts if isinstance(a, Path))
+    for use in ctx.output_uses:
+        read.update(a.root for a in use.ref.alts if isinstance(a, Path))
+    has_output = isinstance(ctx.raw, dict) and ctx.raw.get("output") is not None
+    contributing: set[str] = set()
+    if has_output:
+        for use in ctx.output_uses:
+            for alt in use.ref.alts:
+                sid = ctx.producer_of(alt) if isinstance(alt, Path) else None
+                if sid is not None:
+                    contributing.add(sid)
+                    contributing.update(nx.ancestors(ctx.graph, sid))
+    for sid, info in ctx.steps.items():
+        step = info.step
+        if info.runs == "never":
+            continue
+        if step.output and step.output not in read and (has_output or _is_read_by_needs(
+                ctx, sid)):
+            span = ctx.source.span_of((*ctx.step_path(sid), "output"))
+            ctx.out.add("unused-output",
+                        f"output '{step.output}' of step '{sid}' is never used",
+                        span.start, span.end,
+                        help="read it with ${" + step.output + "}, or drop `output:`")
+        elif has_output and sid not in contributing:
+            span = ctx.source.span_of((*ctx.step_path(sid), "id"))
+            ctx.out.add("unused-step",
+                        f"step '{sid}' does not contribute to the pipeline output",
+                        span.start, span.end,
+                        help="read its result in a later step or in `output:`, or remove it")
+
+
+def _is_read_by_needs(ctx: Context, sid: str) -> bool:
+    return any(ctx.graph.edges[sid, s].get("order") for s in ctx.graph.successors(sid))
+
+
+def runs_of(info: StepInfo) -> str:
+    return info.runs

@@ -1,0 +1,147 @@
+"""Project checks (need `flowc.yaml`): model names, MCP servers, tools and tool params."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from flowc import types as T
+from flowc.context import Context, StepInfo
+from flowc.expr import single_reference
+from flowc.model import LLMStep, MCPToolStep
+from flowc.validate import did_you_mean
+
+_SAMPLES: dict[str, Any] = {
+    "string": "", "integer": 0, "number": 0.5, "boolean": False, "object": {}, "array": [],
+    "null": None,
+}
+
+
+def check_project(ctx: Context) -> None:
+    for info in ctx.steps.values():
+        step = info.step
+        if isinstance(step, LLMStep):
+            _check_model(ctx, info, step)
+            for i, tool_ref in enumerate(step.tool_refs):
+                _check_tool_ref(ctx, info, i, tool_ref, isinstance(step.tools, str))
+        elif isinstance(step, MCPToolStep):
+            _check_mcp_step(ctx, info, step)
+
+
+def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
+    config = ctx.config
+    if config is None or config.resolve_model(step.model) is not None:
+        return
+    span = ctx.source.span_of((*ctx.step_path(step.id), "model"))
+    if "/" in step.model:
+        provider = step.model.partition("/")[0]
+        hint = did_you_mean(provider, config.provider_names)
+        ctx.out.add("unknown-model", f"unknown provider '{provider}' in model '{step.model}'"
+                    + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                    help=f"providers: {', '.join(config.provider_names)}")
+        return
+    hint = did_you_mean(step.model, config.models)
+    aliases = ", ".join(sorted(config.models)) or "none defined"
+    ctx.out.add("unknown-model", f"unknown model '{step.model}'"
+                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                help=f"use an alias from flowc.yaml ({aliases}) or provider/model, "
+                     "e.g. openai/gpt-4o-mini")
+
+
+def _server_known(ctx: Context, server: str, path: tuple[Any, ...]) -> bool:
+    if ctx.config is None or server in ctx.config.mcp_servers:
+        return True
+    span = ctx.source.span_of(path)
+    hint = did_you_mean(server, ctx.config.mcp_servers)
+    known = ", ".join(sorted(ctx.config.mcp_servers)) or "none"
+    ctx.out.add("unknown-mcp-server", f"unknown MCP server '{server}'"
+                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                help=f"servers in flowc.yaml `mcpServers`: {known}")
+    return False
+
+
+def _tool_known(ctx: Context, server: str, tool: str, path: tuple[Any, ...],
+                span: tuple[int, int] | None = None) -> bool:
+    tools = ctx.catalog.tools_of(server) if ctx.catalog else None
+    if tools is None or tool in tools:
+        return True
+    s = ctx.source.span_of(path)
+    start, end = span or (s.start, s.end)
+    hint = did_you_mean(tool, tools)
+    ctx.out.add("unknown-tool", f"MCP server '{server}' has no tool '{tool}'"
+                + (f"; did you mean '{hint}'?" if hint else ""), start, end,
+                help=f"its tools: {', '.join(sorted(tools))}")
+    return False
+
+
+def _check_tool_ref(ctx: Context, info: StepInfo, i: int, ref: str, single: bool) -> None:
+    path = (*ctx.step_path(info.step.id), "tools", *(() if single else (i,)))
+    server, dot, tool = ref.partition(".")
+    if not dot or not server or not tool:
+        span = ctx.source.span_of(path)
+        ctx.out.add("invalid-value", f"invalid tool reference '{ref}': write server.tool or "
+                    "server.*", span.start, span.end)
+        return
+    if _server_known(ctx, server, path) and tool != "*":
+        _tool_known(ctx, server, tool, path)
+
+
+def _check_mcp_step(ctx: Context, info: StepInfo, step: MCPToolStep) -> None:
+    base = ctx.step_path(step.id)
+    if not _server_known(ctx, step.server, (*base, "server")):
+        return
+    if not _tool_known(ctx, step.server, step.tool, (*base, "tool")):
+        return
+    tools = ctx.catalog.tools_of(step.server) if ctx.catalog else None
+    if not tools:
+        return
+    schema = tools[step.tool].input_schema
+    if not schema:
+        return
+    instance, unknown = _params_instance(ctx, info, step.params)
+    validator_cls = jsonschema.validators.validator_for(schema)
+    try:
+        validator_cls.check_schema(schema)
+    except jsonschema.SchemaError:
+        return  # a server's broken schema is not the pipeline's mistake
+    for err in validator_cls(schema).iter_errors(instance):
+        where = tuple(err.absolute_path)
+        if any(where[: len(u)] == u for u in unknown):
+            continue  # the value comes from a reference whose type is not known
+        if err.validator == "required" or not where:
+            span = ctx.source.span_of((*base, "params"), key=True)
+        else:
+            span = ctx.source.span_of((*base, "params", *where))
+        at = "params" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in where)
+        ctx.out.add("tool-params", f"{at}: {err.message} (tool '{step.server}.{step.tool}')",
+                    span.start, span.end)
+
+
+def _params_instance(ctx: Context, info: StepInfo, value: Any,
+                     at: tuple[Any, ...] = ()) -> tuple[Any, list[tuple[Any, ...]]]:
+    """``value`` with each reference replaced by a sample of its static type; the paths of
+    references whose type is unknown are returned so their findings are dropped."""
+    if isinstance(value, str):
+        ref = single_reference(value)
+        if ref is None:
+            return value, []
+        t = ctx.ref_types.get(ref, T.ANY)
+        if t.kind == "any":
+            return None, [at]
+        return _SAMPLES[t.kind], []
+    if isinstance(value, dict):
+        out, unknown = {}, []
+        for k, v in value.items():
+            out[k], u = _params_instance(ctx, info, v, (*at, k))
+            unknown += u
+        return out, unknown
+    if isinstance(value, list):
+        items, unknown = [], []
+        for i, v in enumerate(value):
+            item, u = _params_instance(ctx, info, v, (*at, i))
+            items.append(item)
+            unknown += u
+        return items, unknown
+    return value, []
+

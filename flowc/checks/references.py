@@ -1,0 +1,262 @@
+"""References: every `${...}` is found, parsed, resolved to an input or an output, and typed."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jinja2
+
+from flowc import types as T
+from flowc.context import Context, StepInfo, Use
+from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
+from flowc.model import LLMStep, MCPToolStep
+from flowc.source import Span
+from flowc.template import jinja_names, parse_template
+from flowc.validate import did_you_mean
+
+
+def collect_uses(ctx: Context) -> None:
+    """Parse every template, param and condition; record each reference as a :class:`Use`."""
+    for info in ctx.steps.values():
+        step = info.step
+        base = ("steps", info.index)
+        if isinstance(step, LLMStep):
+            for name in ("prompt", "system"):
+                text = getattr(step, name)
+                if text is not None:
+                    _scan_template(ctx, info, (*base, name), text)
+        elif isinstance(step, MCPToolStep):
+            _scan_params(ctx, info, (*base, "params"), step.params)
+        if isinstance(step.when, str):
+            _parse_condition(ctx, info, (*base, "when"), step.when)
+        elif isinstance(step.when, bool):
+            info.constant = step.when
+    _collect_output(ctx)
+
+
+def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
+                   text: str, kind: str = "data") -> None:
+    template = parse_template(text)
+    consumer = info.step.id if info else None
+    for part in template.parts:
+        span = ctx.value_span(path, text, part.start, part.end)
+        if part.error is not None:
+            at = ctx.value_span(path, text, part.error.offset, part.error.offset + 1)
+            ctx.out.add("reference-syntax", f"invalid reference: {part.error.message}",
+                        at.start, at.end)
+            continue
+        ctx_use = Use(consumer, part.ref, span, kind)  # type: ignore[arg-type]
+        if info is not None:
+            info.uses.append(ctx_use)
+        else:
+            ctx.output_uses.append(ctx_use)
+    if template.uses_jinja:
+        try:
+            names = jinja_names(template)
+        except jinja2.TemplateSyntaxError as exc:
+            lines = text.splitlines(keepends=True)
+            offset = sum(len(x) for x in lines[: max(0, (exc.lineno or 1) - 1)])
+            at = ctx.value_span(path, text, offset, offset + 1)
+            ctx.out.add("template-syntax", f"invalid Jinja2 template: {exc.message}",
+                        at.start, at.end)
+            return
+        for name in sorted(names):
+            m = re.search(r"\b" + re.escape(name) + r"\b", text)
+            off = m.start() if m else 0
+            span = ctx.value_span(path, text, off, off + len(name))
+            use = Use(consumer, Ref((Path(name),)), span, kind)  # type: ignore[arg-type]
+            (info.uses if info else ctx.output_uses).append(use)
+        if info is not None:
+            info.templates[path[-1]] = template
+        return
+    if info is not None:
+        info.templates[path[-1]] = template
+
+
+def _scan_params(ctx: Context, info: StepInfo, path: tuple[Any, ...], value: Any) -> None:
+    if isinstance(value, str):
+        _scan_template(ctx, info, path, value)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _scan_params(ctx, info, (*path, k), v)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _scan_params(ctx, info, (*path, i), v)
+
+
+def _parse_condition(ctx: Context, info: StepInfo, path: tuple[Any, ...], text: str) -> None:
+    try:
+        node = parse_condition(text)
+    except ExprSyntaxError as exc:
+        at = ctx.value_span(path, text, exc.offset, exc.offset + 1)
+        ctx.out.add("condition-syntax", f"invalid condition: {exc.message}", at.start, at.end)
+        return
+    info.condition = node
+    for ref in references(node):
+        span = ctx.value_span(path, text, *ref.span)
+        info.uses.append(Use(info.step.id, ref, span, "condition"))
+
+
+def _collect_output(ctx: Context) -> None:
+    raw = ctx.raw.get("output") if isinstance(ctx.raw, dict) else None
+    if isinstance(raw, str):
+        _scan_template(ctx, None, ("output",), raw, "output")
+    elif isinstance(raw, dict):
+        for key, value in raw.items():
+            if isinstance(value, str):
+                _scan_template(ctx, None, ("output", key), value, "output")
+
+
+# -- resolution and types ----------------------------------------------------------------------
+def resolve_uses(ctx: Context) -> None:
+    """Report references to undefined names and bad field paths; add data edges."""
+    for info in ctx.steps.values():
+        ctx.output_types[info.step.output_name] = output_type(ctx, info)
+    g = ctx.graph
+    for info in ctx.steps.values():
+        g.add_node(info.step.id)
+    for info in ctx.steps.values():
+        for use in info.uses:
+            for producer in _resolve(ctx, use):
+                _add_edge(ctx, producer, info.step.id, use)
+        for need in info.step.needs:
+            if need in ctx.steps:
+                if need == info.step.id:
+                    span = ctx.source.span_of((*ctx.step_path(need), "needs"))
+                    ctx.out.add("cycle", f"step '{need}' needs itself", span.start, span.end)
+                    continue
+                g.add_edge(need, info.step.id)
+                g.edges[need, info.step.id]["order"] = True
+            else:
+                idx = info.step.needs.index(need)
+                span = ctx.source.span_of((*ctx.step_path(info.step.id), "needs", idx))
+                hint = did_you_mean(need, ctx.steps)
+                ctx.out.add("unknown-step", f"`needs` names unknown step '{need}'"
+                            + (f"; did you mean '{hint}'?" if hint else ""),
+                            span.start, span.end)
+    for use in ctx.output_uses:
+        _resolve(ctx, use)
+
+
+def _add_edge(ctx: Context, producer: str, consumer: str, use: Use) -> None:
+    g = ctx.graph
+    if not g.has_edge(producer, consumer):
+        g.add_edge(producer, consumer, vars=[], conditions=[], uses=[])
+    data = g.edges[producer, consumer]
+    data.setdefault("vars", [])
+    data.setdefault("uses", []).append(use)
+    name = ctx.steps[producer].step.output_name
+    if use.kind == "condition":
+        data.setdefault("conditions", []).append(name)
+    elif name not in data["vars"]:
+        data["vars"].append(name)
+
+
+def _resolve(ctx: Context, use: Use) -> list[str]:
+    """Check each alternative of a reference; return the steps it reads from."""
+    producers, types = [], []
+    for alt in use.ref.alts:
+        if isinstance(alt, Literal):
+            types.append(T.of_value(alt.value))
+            continue
+        t = path_type(ctx, alt, use.span)
+        types.append(t or T.ANY)
+        if t is None:
+            continue
+        producer = ctx.producer_of(alt)
+        if producer is not None:
+            producers.append(producer)
+    ctx.ref_types[use.ref] = T.join(types)
+    return producers
+
+
+def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
+    """The static type of ``path``; None (after reporting) when it names nothing."""
+    out = ctx.out
+    if path.root == "input":
+        if not path.segments:
+            return T.OBJECT
+        name = path.segments[0]
+        if ctx.inputs is None:
+            return _walk(ctx, T.ANY, path, 1, span)
+        if not isinstance(name, str) or name not in ctx.inputs:
+            hint = did_you_mean(str(name), ctx.inputs)
+            declared = ", ".join(ctx.inputs) or "none"
+            out.add("undefined-input", f"undefined input '{name}'"
+                    + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                    help=None if hint else f"declared inputs: {declared}")
+            return None
+        return _walk(ctx, T.Type(ctx.inputs[name].type), path, 1, span)
+    if path.root in ctx.unchecked_outputs and path.root not in ctx.producers:
+        return T.ANY
+    if path.root not in ctx.producers:
+        by_id = ctx.steps.get(path.root)
+        if by_id is not None and by_id.step.output_name != path.root:
+            out.add("undefined-reference", f"'{path.root}' is a step id, not an output name",
+                    span.start, span.end,
+                    help=f"step '{path.root}' binds its result to "
+                         f"'{by_id.step.output_name}': write ${{{by_id.step.output_name}}}")
+            return None
+        hint = did_you_mean(path.root, [*ctx.producers, "input"])
+        out.add("undefined-reference", f"undefined reference '{path.root}': no step produces it"
+                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end)
+        return None
+    return _walk(ctx, ctx.output_types.get(path.root, T.ANY), path, 0, span)
+
+
+def _walk(ctx: Context, t: T.Type, path: Path, start: int, span: Span) -> T.Type | None:
+    shown = ".".join([path.root, *(str(s) for s in path.segments[:start])])
+    for seg in path.segments[start:]:
+        if t.kind == "any":
+            return T.ANY
+        if isinstance(seg, int):
+            if t.kind != "array":
+                ctx.out.add("unknown-field-path", f"'{shown}' is {_a(t)}, not an array: "
+                            f"it cannot be indexed with [{seg}]", span.start, span.end)
+                return None
+            t = t.items or T.ANY
+            shown += f"[{seg}]"
+            continue
+        if t.kind != "object":
+            ctx.out.add("unknown-field-path",
+                        f"'{shown}' is {_a(t)}: it has no field '{seg}'", span.start, span.end)
+            return None
+        if t.fields is not None:
+            ft = t.field(seg)
+            if ft is None:
+                hint = did_you_mean(seg, t.field_names)
+                ctx.out.add("unknown-field-path",
+                            f"'{shown}' has no field '{seg}'"
+                            + (f"; did you mean '{hint}'?" if hint else ""),
+                            span.start, span.end,
+                            help=f"its fields are: {', '.join(t.field_names) or 'none'}")
+                return None
+            t = ft
+        else:
+            t = T.ANY
+        shown += f".{seg}"
+    return t
+
+
+def _a(t: T.Type) -> str:
+    name = str(t)
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def output_type(ctx: Context, info: StepInfo) -> T.Type:
+    """The static type of a step's result."""
+    step = info.step
+    if isinstance(step, LLMStep):
+        rf = step.response_format
+        if rf is None or rf.type == "text":
+            return T.STRING
+        if rf.type == "json_object":
+            return T.OBJECT
+        return T.from_json_schema(rf.schema_)
+    if ctx.catalog is not None:
+        tools = ctx.catalog.tools_of(step.server)
+        if tools is not None and step.tool in tools:
+            schema = tools[step.tool].output_schema
+            return T.from_json_schema(schema) if schema else T.STRING
+    return T.ANY

@@ -1,0 +1,150 @@
+"""The compiler's commands: `flowc check`, `flowc graph`, `flowc schema`.
+
+Exit codes: 0 clean (warnings allowed unless --strict), 1 findings, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from flowc import __version__
+from flowc.compiler import CompileResult, Project, compile_file
+from flowc.config import CONFIG_NAME, ProjectConfig, find_config
+from flowc.diagnostics import RULES, Diagnostic, Severity
+from flowc.model import Pipeline
+from flowc.report import FORMATS, format_text, summary_line
+
+PIPELINE_SUFFIXES = (".yaml", ".yml")
+
+
+def pipeline_files(paths: tuple[Path, ...]) -> list[Path]:
+    """The pipeline files named, folders searched recursively (flowc.yaml is not one)."""
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(
+                f for f in p.rglob("*")
+                if f.suffix in PIPELINE_SUFFIXES and f.name != CONFIG_NAME and f.is_file()
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)))
+        else:
+            files.append(p)
+    return files
+
+
+def _parse_rules(values: tuple[str, ...]) -> frozenset[str]:
+    rules = {r.strip() for v in values for r in v.split(",") if r.strip()}
+    unknown = sorted(rules - set(RULES))
+    if unknown:
+        raise click.BadParameter(f"unknown rule(s): {', '.join(unknown)}", param_hint="--ignore")
+    return frozenset(rules)
+
+
+def _project_for(config: Path | None, first: Path) -> Project:
+    return Project.load(config) if config else Project.discover(first)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="flowc")
+def cli() -> None:
+    """flowc: a compiler and runtime for AI pipelines, and an AI gateway."""
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(list(FORMATS)), default="text",
+              show_default=True, help="Output format.")
+@click.option("--strict", is_flag=True, help="Fail (exit 1) on warnings too.")
+@click.option("--ignore", "ignore", multiple=True, metavar="RULE[,RULE]",
+              help="Rules to ignore (repeatable).")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=f"Project config (default: the nearest {CONFIG_NAME}).")
+def check(paths: tuple[Path, ...], fmt: str, strict: bool, ignore: tuple[str, ...],
+          config: Path | None) -> None:
+    """Check pipeline files (and folders of them) without running anything."""
+    ignored = _parse_rules(ignore)
+    files = pipeline_files(paths)
+    projects: dict[Path | None, Project] = {}
+    diags: list[Diagnostic] = []
+    for f in files:
+        key = config or find_config(f)
+        if key not in projects:
+            projects[key] = Project.load(key)
+            diags.extend(d for d in projects[key].diagnostics if d.rule not in ignored)
+        diags.extend(compile_file(f, projects[key], ignored).diagnostics)
+    diags.sort()
+    click.echo(FORMATS[fmt](diags), nl=False)
+    if fmt == "text":
+        click.echo(summary_line(diags, len(files)), err=bool(diags))
+    failed = any(d.severity is Severity.ERROR or strict for d in diags)
+    sys.exit(1 if failed else 0)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write to OUT.svg, OUT.png or OUT.dot (default: DOT on stdout).")
+@click.option("--no-legend", is_flag=True, help="Leave out the legend.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def graph(file: Path, output: Path | None, no_legend: bool, config: Path | None) -> None:
+    """Draw a pipeline's DAG with Graphviz."""
+    from flowc.render import to_dot
+
+    result = _compile_or_exit(file, _project_for(config, file))
+    assert result.compiled is not None
+    dot = to_dot(result.compiled, legend=not no_legend)
+    if output is None:
+        click.echo(dot.source, nl=False)
+        return
+    fmt = output.suffix.lstrip(".").lower()
+    if fmt not in ("svg", "png", "dot", "gv", "pdf"):
+        raise click.BadParameter("use a .svg, .png, .pdf or .dot file", param_hint="-o")
+    if fmt in ("dot", "gv"):
+        output.write_text(dot.source)
+    else:
+        import graphviz
+
+        try:
+            output.write_bytes(dot.pipe(format=fmt))
+        except graphviz.ExecutableNotFound:
+            click.echo("error: Graphviz's `dot` program is not installed "
+                       "(apt-get install graphviz, brew install graphviz); "
+                       "write a .dot file instead", err=True)
+            sys.exit(1)
+    click.echo(f"wrote {output}", err=True)
+
+
+def _compile_or_exit(file: Path, project: Project) -> CompileResult:
+    result = compile_file(file, project)
+    problems = [d for d in project.diagnostics + result.diagnostics
+                if d.severity is Severity.ERROR]
+    if problems:
+        click.echo(format_text(problems), nl=False, err=True)
+        click.echo(summary_line(problems, 1), err=True)
+        sys.exit(1)
+    return result
+
+
+@cli.command()
+@click.option("--config", "which", flag_value="config",
+              help=f"The schema of {CONFIG_NAME} instead of a pipeline's.")
+def schema(which: str | None) -> None:
+    """Print the JSON Schema of the pipeline language (for editors)."""
+    model = ProjectConfig if which == "config" else Pipeline
+    doc = model.model_json_schema(by_alias=True)
+    doc = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+           "$id": f"https://flowc.dev/schema/{'config' if which else 'pipeline'}-v1.json",
+           **doc}
+    click.echo(json.dumps(doc, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="flowc")
+
+
+if __name__ == "__main__":
+    main()

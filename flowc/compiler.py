@@ -1,0 +1,154 @@
+"""Compile a pipeline file: parse, check everything, build the DAG."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+from pydantic import ValidationError
+
+from flowc.checks.conditions import check_conditions
+from flowc.checks.flow import check_cycles, check_skips, check_usage
+from flowc.checks.project import check_project
+from flowc.checks.references import collect_uses, resolve_uses
+from flowc.checks.structure import check_structure
+from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog, find_config
+from flowc.context import Context
+from flowc.diagnostics import Collector, Diagnostic, Severity
+from flowc.expr import Path as RefPath
+from flowc.ir import CompiledPipeline, StepNode
+from flowc.model import Pipeline
+from flowc.source import SourceFile, YamlError, load_yaml
+from flowc.template import parse_template
+from flowc.validate import field_names, report_validation_error
+
+
+@dataclass
+class Project:
+    """The project a pipeline belongs to: its config (if any) and known tool schemas."""
+
+    config: ProjectConfig | None = None
+    catalog: ToolCatalog | None = None
+    config_path: str | None = None
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, config_path: Path | None) -> Project:
+        """Load ``flowc.yaml``; problems in it become diagnostics on that file."""
+        if config_path is None:
+            return cls()
+        source = SourceFile.read(config_path)
+        out = Collector(source)
+        try:
+            raw = load_yaml(source)
+        except YamlError as exc:
+            out.add("yaml-syntax", exc.message, exc.offset)
+            return cls(config_path=str(config_path), diagnostics=out.results())
+        for key, offset in source.duplicate_keys:
+            out.add("duplicate-key", f"duplicate key '{key}' in mapping", offset)
+        try:
+            config = ProjectConfig.model_validate(raw or {})
+        except ValidationError as exc:
+            report_validation_error(out, exc, (), _config_fields_at, what="config field")
+            return cls(config_path=str(config_path), diagnostics=out.results())
+        cache = config_path.parent / TOOL_CACHE
+        return cls(config, ToolCatalog.load(config, cache), str(config_path), out.results())
+
+    @classmethod
+    def discover(cls, start: Path) -> Project:
+        return cls.load(find_config(start))
+
+
+def _config_fields_at(loc: tuple) -> list[str]:
+    from flowc.config import MCPServerConfig, ProviderConfig, ToolSchema
+
+    if loc[:1] == ("mcpServers",) and len(loc) == 2:
+        return field_names(MCPServerConfig)
+    if loc[:1] == ("mcpServers",) and len(loc) >= 4:
+        return field_names(ToolSchema)
+    if loc[:1] == ("providers",):
+        return field_names(ProviderConfig)
+    return field_names(ProjectConfig)
+
+
+@dataclass
+class CompileResult:
+    path: str
+    diagnostics: list[Diagnostic]
+    compiled: CompiledPipeline | None  # None when there are errors
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity is Severity.ERROR]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def compile_source(text: str, path: str = "<pipeline>", project: Project | None = None,
+                   ignore: frozenset[str] = frozenset()) -> CompileResult:
+    """Check one pipeline and, if it has no errors, build its DAG. Never raises for bad
+    input: every problem is a diagnostic."""
+    project = project or Project()
+    source = SourceFile(path, text)
+    out = Collector(source)
+    try:
+        raw = load_yaml(source)
+    except YamlError as exc:
+        out.add("yaml-syntax", exc.message, exc.offset)
+        return CompileResult(path, out.results(ignore), None)
+    for key, offset in source.duplicate_keys:
+        out.add("duplicate-key", f"duplicate key '{key}' in mapping", offset,
+                offset + len(key))
+    ctx = Context(source, out, raw, project.config, project.catalog)
+    check_structure(ctx)
+    if isinstance(raw, dict):
+        collect_uses(ctx)
+        resolve_uses(ctx)
+        check_cycles(ctx)
+        check_conditions(ctx)
+        check_skips(ctx)
+        check_usage(ctx)
+        check_project(ctx)
+    diagnostics = out.results(ignore)
+    has_errors = any(d.severity is Severity.ERROR for d in out.results())
+    compiled = None if has_errors else _build(ctx, path)
+    return CompileResult(path, diagnostics, compiled)
+
+
+def compile_file(path: str | Path, project: Project | None = None,
+                 ignore: frozenset[str] = frozenset()) -> CompileResult:
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8", errors="replace")
+    except OSError as exc:
+        source = SourceFile(str(path), "")
+        out = Collector(source)
+        out.add("invalid-document", f"cannot read file: {exc.strerror or exc}", 0)
+        return CompileResult(str(path), out.results(), None)
+    if project is None:
+        project = Project.discover(p)
+    return compile_source(text, str(path), project, ignore)
+
+
+def _build(ctx: Context, path: str) -> CompiledPipeline:
+    pipeline = Pipeline.model_validate({**ctx.raw, "steps": [i.step for i in ctx.steps.values()]})
+    g: nx.DiGraph = ctx.graph
+    for sid, info in ctx.steps.items():
+        reads = sorted({alt.root for use in info.uses for alt in use.ref.alts
+                        if isinstance(alt, RefPath) and alt.root != "input"})
+        for edge in g.in_edges(sid):
+            g.edges[edge].pop("uses", None)
+        g.nodes[sid]["node"] = StepNode(
+            step=info.step, condition=info.condition, templates=dict(info.templates),
+            reads=tuple(reads), refs=tuple((u.ref, u.kind) for u in info.uses),
+            output_type=ctx.output_types[info.step.output_name],
+            runs=info.runs, skip_reason=info.skip_reason)
+    index = {sid: info.index for sid, info in ctx.steps.items()}
+    order = tuple(nx.lexicographical_topological_sort(g, key=index.__getitem__))
+    raw_out = pipeline.output
+    output = (None if raw_out is None else parse_template(raw_out) if isinstance(raw_out, str)
+              else {k: parse_template(v) for k, v in raw_out.items()})
+    return CompiledPipeline(pipeline, g, order, output, path)

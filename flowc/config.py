@@ -1,0 +1,134 @@
+"""The project config, `flowc.yaml`: model aliases, providers and MCP servers.
+
+The compiler reads it to check model names, MCP servers, tools and tool params; the runtime
+reads the same file to reach them. MCP servers use the `mcpServers` shape of Claude
+Desktop, Cursor and VS Code, so existing entries can be pasted in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+CONFIG_NAME = "flowc.yaml"
+TOOL_CACHE = Path(".flowc") / "mcp-tools.json"
+
+#: Providers flowc knows without configuration, and the bare model prefixes that imply one.
+BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
+BARE_MODEL_PREFIXES = {
+    "gpt-": "openai", "chatgpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai",
+    "claude-": "anthropic",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class ProviderConfig(_Strict):
+    """A provider endpoint. `kind` says which wire format it speaks."""
+
+    kind: Literal["openai", "anthropic", "ollama", "openai_compatible"] = "openai_compatible"
+    base_url: str | None = None
+    api_key_env: str | None = Field(
+        default=None, description="Environment variable holding the API key.")
+    timeout: float = Field(default=60.0, gt=0)
+
+
+class ToolSchema(_Strict):
+    """A tool's declared schemas, so `flowc check` can validate without starting a server."""
+
+    description: str | None = None
+    input_schema: dict[str, Any] = Field(default_factory=dict, alias="inputSchema")
+    output_schema: dict[str, Any] | None = Field(default=None, alias="outputSchema")
+
+
+class MCPServerConfig(_Strict):
+    """A stdio server (`command`, `args`, `env`, `cwd`) or a streamable-HTTP one (`url`,
+    `headers`)."""
+
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    type: Literal["stdio", "http", "streamable-http"] | None = None
+    timeout: float = Field(default=30.0, gt=0, description="Seconds per call.")
+    tools: dict[str, ToolSchema] | None = Field(
+        default=None, description="Declared tool schemas (optional).")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> MCPServerConfig:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("an MCP server needs either `command` (stdio) or `url` (HTTP)")
+        return self
+
+
+class ProjectConfig(_Strict):
+    models: dict[str, str] = Field(
+        default_factory=dict, description="Aliases: name -> provider/model.")
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    mcp_servers: dict[str, MCPServerConfig] = Field(default_factory=dict, alias="mcpServers")
+
+    # -- model names -----------------------------------------------------------------------
+    @property
+    def provider_names(self) -> list[str]:
+        return sorted({*BUILTIN_PROVIDERS, *self.providers})
+
+    def resolve_model(self, name: str) -> tuple[str, str] | None:
+        """``(provider, model)`` for an alias, ``provider/model`` or well-known bare name;
+        None when the name means nothing here."""
+        seen: set[str] = set()
+        while name in self.models and name not in seen:
+            seen.add(name)
+            name = self.models[name]
+        if "/" in name:
+            provider, _, model = name.partition("/")
+            return (provider, model) if provider in self.provider_names and model else None
+        for prefix, provider in BARE_MODEL_PREFIXES.items():
+            if name.startswith(prefix):
+                return provider, name
+        return None
+
+
+def find_config(start: Path) -> Path | None:
+    """The nearest `flowc.yaml` in ``start`` or one of its parents."""
+    here = start if start.is_dir() else start.parent
+    for folder in (here.resolve(), *here.resolve().parents):
+        candidate = folder / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class ToolCatalog:
+    """Tool schemas known without starting servers: declared in flowc.yaml, or cached by
+    discovery (`flowc mcp list`, `flowc check --live`)."""
+
+    def __init__(self, tools: dict[str, dict[str, ToolSchema]] | None = None) -> None:
+        self._tools = tools or {}
+
+    @classmethod
+    def load(cls, config: ProjectConfig, cache_file: Path | None) -> ToolCatalog:
+        tools: dict[str, dict[str, ToolSchema]] = {}
+        if cache_file is not None and cache_file.is_file():
+            try:
+                raw = json.loads(cache_file.read_text())
+                for server, entry in raw.get("servers", {}).items():
+                    if entry.get("ok"):
+                        tools[server] = {
+                            t["name"]: ToolSchema.model_validate(t) for t in entry["tools"]}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                pass  # a damaged cache is ignored: discovery rewrites it
+        for server, sc in config.mcp_servers.items():
+            if sc.tools is not None:
+                tools[server] = dict(sc.tools)
+        return cls(tools)
+
+    def tools_of(self, server: str) -> dict[str, ToolSchema] | None:
+        """The server's tools, or None when they are not known."""
+        return self._tools.get(server)

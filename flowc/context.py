@@ -1,0 +1,69 @@
+"""What the checks share while compiling one file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+
+from flowc.config import ProjectConfig, ToolCatalog
+from flowc.diagnostics import Collector
+from flowc.expr import Node, Path, Ref
+from flowc.model import InputSpec, LLMStep, MCPToolStep
+from flowc.source import SourceFile, Span
+from flowc.template import Template
+from flowc.types import Type
+
+Step = LLMStep | MCPToolStep
+OUTPUT = None  # the consumer of the pipeline's `output:`
+
+
+@dataclass(frozen=True)
+class Use:
+    """One reference in the file: who reads it, where, and in what role."""
+
+    consumer: str | None  # step id, or None for the pipeline output
+    ref: Ref
+    span: Span
+    kind: Literal["data", "condition", "output"]
+
+
+@dataclass
+class StepInfo:
+    index: int
+    step: Step
+    uses: list[Use] = field(default_factory=list)
+    templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
+    condition: Node | None = None
+    constant: bool | None = None  # the condition's value when it is constant
+    runs: Literal["always", "maybe", "never"] = "always"
+    skip_reason: str | None = None
+
+
+@dataclass
+class Context:
+    source: SourceFile
+    out: Collector
+    raw: Any
+    config: ProjectConfig | None = None
+    catalog: ToolCatalog | None = None
+    inputs: dict[str, InputSpec] | None = None
+    steps: dict[str, StepInfo] = field(default_factory=dict)  # valid steps, file order
+    producers: dict[str, str] = field(default_factory=dict)  # output name -> step id
+    unchecked_outputs: set[str] = field(default_factory=set)  # names of invalid steps
+    output_uses: list[Use] = field(default_factory=list)
+    output_types: dict[str, Type] = field(default_factory=dict)
+    ref_types: dict[Ref, Type] = field(default_factory=dict)  # static type of each reference
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    acyclic: bool = True
+
+    def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
+        """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``."""
+        return self.source.span_in_value(path, text, start, end - start)
+
+    def step_path(self, step_id: str) -> tuple[Any, ...]:
+        return ("steps", self.steps[step_id].index)
+
+    def producer_of(self, path: Path) -> str | None:
+        return None if path.root == "input" else self.producers.get(path.root)

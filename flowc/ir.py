@@ -1,0 +1,52 @@
+"""The compiled form of a pipeline: the runtime's only input.
+
+``CompiledPipeline.graph`` is a networkx DiGraph. Each node is a step id whose data holds a
+:class:`StepNode`; each edge ``producer -> consumer`` carries ``vars`` (the output names the
+consumer reads from the producer), ``conditions`` (names its `when:` reads) and ``order``
+(true when `needs:` asks for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import networkx as nx
+
+from flowc.expr import Node, Ref
+from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline
+from flowc.template import Template
+from flowc.types import Type
+
+
+@dataclass(frozen=True)
+class StepNode:
+    step: LLMStep | MCPToolStep
+    condition: Node | None  # parsed `when:` (None: always runs)
+    templates: dict[str, Template]  # parsed prompt/system
+    reads: tuple[str, ...]  # output names the step reads (data and condition)
+    refs: tuple[tuple[Ref, str], ...]  # every reference with its role: "data" | "condition"
+    output_type: Type
+    runs: Literal["always", "maybe", "never"]  # as far as the compiler can tell
+    skip_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class CompiledPipeline:
+    pipeline: Pipeline
+    graph: nx.DiGraph
+    order: tuple[str, ...]  # a topological order of step ids
+    output: Template | dict[str, Template] | None  # the pipeline `output:`
+    source_path: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.name
+
+    @property
+    def inputs(self) -> dict[str, InputSpec]:
+        return self.pipeline.inputs or {}
+
+    def node(self, step_id: str) -> StepNode:
+        return self.graph.nodes[step_id]["node"]

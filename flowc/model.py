@@ -1,0 +1,128 @@
+"""The pipeline language (v1) as pydantic models.
+
+These models are the single definition of the language: the compiler validates against them,
+`flowc schema` prints their JSON Schema, and the compiled DAG carries them as node data.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+InputType = Literal["string", "integer", "number", "boolean", "object", "array"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """One declared pipeline input."""
+
+    type: InputType = "string"
+    required: bool | None = Field(
+        default=None, description="Defaults to true unless a default is given.")
+    default: Any = None
+    description: str | None = None
+
+    @property
+    def is_required(self) -> bool:
+        return self.default is None if self.required is None else self.required
+
+
+class ResponseFormat(_Strict):
+    """Structured output: `json_object` (any JSON object) or `json_schema` (with `schema`)."""
+
+    type: Literal["text", "json_object", "json_schema"] = "json_schema"
+    name: str = Field(default="output", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool = True
+
+    @model_validator(mode="after")
+    def _schema_matches_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and not self.schema_:
+            raise ValueError("response_format of type json_schema needs a `schema`")
+        if self.type != "json_schema" and self.schema_:
+            raise ValueError(f"`schema` is only allowed with type json_schema, not {self.type}")
+        return self
+
+
+class _StepBase(_Strict):
+    id: str = Field(pattern=NAME_PATTERN, description="Unique step id.")
+    output: str | None = Field(
+        default=None, pattern=NAME_PATTERN,
+        description="Name the step's result is bound to; defaults to the step id.")
+    when: str | bool | None = Field(
+        default=None, description="Condition; the step is skipped when it is false.")
+    needs: list[str] = Field(
+        default_factory=list, description="Steps that must finish (or be skipped) first.")
+    on_missing: Literal["error", "skip"] = Field(
+        default="error",
+        description="What happens when a value this step reads is missing because its "
+                    "producer was skipped or failed: `skip` skips this step too. With "
+                    "`error` (the default) the compiler demands a `??` fallback.")
+    timeout: float | None = Field(default=None, gt=0, description="Seconds per attempt.")
+    retries: int = Field(default=0, ge=0, le=10, description="Retries after a failure.")
+    on_error: Literal["fail", "continue"] = Field(
+        default="fail",
+        description="`fail` fails the run and cancels running steps; `continue` lets other "
+                    "branches go on, and the step's output is missing (like a skip).")
+
+    @property
+    def output_name(self) -> str:
+        return self.output or self.id
+
+
+class LLMStep(_StepBase):
+    """Calls a model."""
+
+    type: Literal["llm"]
+    model: str = Field(min_length=1, description="An alias from flowc.yaml or provider/model.")
+    prompt: str = Field(description="The user message: a template with ${...} references.")
+    system: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    response_format: ResponseFormat | None = None
+    tools: list[str] | str | None = Field(
+        default=None,
+        description="MCP tools offered to the model: `server.tool`, or `server.*`.")
+    max_tool_calls: int = Field(default=10, ge=1, le=100)
+
+    @property
+    def tool_refs(self) -> list[str]:
+        if self.tools is None:
+            return []
+        return [self.tools] if isinstance(self.tools, str) else list(self.tools)
+
+
+class MCPToolStep(_StepBase):
+    """Calls one tool of an MCP server."""
+
+    type: Literal["mcp_tool"]
+    server: str = Field(min_length=1)
+    tool: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+Step = Annotated[LLMStep | MCPToolStep, Field(discriminator="type")]
+STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep}
+
+
+class Pipeline(_Strict):
+    """A pipeline file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str | None = None
+    inputs: dict[str, InputSpec] | None = None
+    steps: list[Step] = Field(min_length=1)
+    output: str | dict[str, str] | None = Field(
+        default=None, description="One reference, or a mapping of names to references.")
+
+
+def step_fields(step_type: str | None) -> list[str]:
+    """Field names a step of this type accepts (all step fields when the type is unknown)."""
+    if step_type in STEP_TYPES:
+        return list(STEP_TYPES[step_type].model_fields)
+    return sorted({f for m in STEP_TYPES.values() for f in m.model_fields})

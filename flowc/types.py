@@ -1,0 +1,133 @@
+"""Static types of pipeline values, derived from input declarations and JSON Schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KINDS = ("string", "integer", "number", "boolean", "object", "array", "null", "any")
+
+
+@dataclass(frozen=True)
+class Type:
+    """``kind`` is a JSON Schema type or ``any``. Objects may know their ``fields`` (then a
+    path to any other field is an error); arrays may know their ``items``."""
+
+    kind: str
+    fields: tuple[tuple[str, Type], ...] | None = None
+    items: Type | None = None
+
+    def field(self, name: str) -> Type | None:
+        for key, t in self.fields or ():
+            if key == name:
+                return t
+        return None
+
+    @property
+    def field_names(self) -> list[str]:
+        return [k for k, _ in self.fields or ()]
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.kind in ("integer", "number")
+
+    def __str__(self) -> str:
+        if self.kind == "array" and self.items and self.items.kind != "any":
+            return f"array of {self.items}"
+        return self.kind
+
+
+ANY = Type("any")
+STRING = Type("string")
+INTEGER = Type("integer")
+NUMBER = Type("number")
+BOOLEAN = Type("boolean")
+NULL = Type("null")
+OBJECT = Type("object")
+ARRAY = Type("array", items=ANY)
+
+
+def from_json_schema(schema: Any, _depth: int = 0) -> Type:
+    """A best-effort static type for a JSON Schema; anything we cannot pin down is ``any``."""
+    if not isinstance(schema, dict) or _depth > 32:
+        return ANY
+    kind = schema.get("type")
+    if isinstance(kind, list):  # ["string", "null"] -> string (nullable is a runtime matter)
+        non_null = [k for k in kind if k != "null"]
+        kind = non_null[0] if len(non_null) == 1 else None
+    if kind is None and "enum" in schema and schema["enum"]:
+        kinds = {_kind_of_value(v) for v in schema["enum"]}
+        kind = kinds.pop() if len(kinds) == 1 else None
+    if kind is None and "properties" in schema:
+        kind = "object"
+    if kind == "object":
+        props = schema.get("properties")
+        if isinstance(props, dict):
+            return Type("object", fields=tuple(
+                (str(k), from_json_schema(v, _depth + 1)) for k, v in props.items()))
+        return OBJECT
+    if kind == "array":
+        return Type("array", items=from_json_schema(schema.get("items"), _depth + 1))
+    if kind in KINDS:
+        return Type(kind)
+    return ANY
+
+
+def _kind_of_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def of_value(value: Any) -> Type:
+    """The type of a literal value."""
+    return Type(_kind_of_value(value))
+
+
+def join(types: list[Type]) -> Type:
+    """The type of a value that is one of ``types`` (``a ?? b``)."""
+    known = [t for t in types if t.kind != "null"]
+    if not known:
+        return NULL
+    first = known[0]
+    if all(t == first for t in known):
+        return first
+    if all(t.is_numeric for t in known):
+        return NUMBER
+    return ANY
+
+
+def comparable(a: Type, b: Type, op: str) -> bool:
+    """Whether ``a op b`` can ever be meaningful."""
+    if a.kind == "any" or b.kind == "any":
+        return True
+    if op in ("==", "!="):
+        if a.kind == "null" or b.kind == "null":
+            return True
+        return a.kind == b.kind or (a.is_numeric and b.is_numeric)
+    # ordering
+    return (a.is_numeric and b.is_numeric) or (a.kind == b.kind == "string")
+
+
+def contains_ok(item: Type, container: Type) -> bool:
+    """Whether ``item in container`` can be meaningful."""
+    if container.kind == "any":
+        return True
+    if container.kind == "string":
+        return item.kind in ("string", "any")
+    if container.kind == "object":
+        return item.kind in ("string", "any")
+    if container.kind == "array":
+        el = container.items or ANY
+        return comparable(item, el, "==")
+    return False

@@ -1,0 +1,1 @@
+"""flowc runtime: executes compiled pipelines; the gateway, providers, MCP and ledger."""
