@@ -129,7 +129,9 @@ def load_yaml(source: SourceFile) -> Any:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
         if exc.context:
-            problem = f"{problem} ({exc.context})"
+            problem = f"{problem} {exc.context}"
+            if exc.context_mark and mark and exc.context_mark.line != mark.line:
+                problem += f" that starts on line {exc.context_mark.line + 1}"
         raise YamlError(f"YAML syntax error: {problem}", mark.index if mark else 0) from None
     except yaml.YAMLError as exc:  # reader errors (bad characters) carry a position too
         raise YamlError(f"YAML error: {exc}", getattr(exc, "position", 0) or 0) from None

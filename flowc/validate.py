@@ -34,6 +34,10 @@ def _describe(loc: Path) -> str:
     return ".".join(parts).replace(".[", "[")
 
 
+def _strip_tag(loc: Path, tags: set[str]) -> Path:
+    return loc[1:] if loc and loc[0] in tags else loc
+
+
 def report_validation_error(
     out: Collector,
     exc: ValidationError,
@@ -47,7 +51,18 @@ def report_validation_error(
     ``tags`` are discriminator values pydantic inserts into locations (step types)."""
     tags = set(tags)
     src = out.source
-    for err in exc.errors(include_url=False):
+    errors = exc.errors(include_url=False)
+    # A misspelt field also makes the intended one "missing": report the typo only.
+    suggested: set[tuple] = set()
+    for err in errors:
+        loc = tuple(err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = did_you_mean(str(loc[-1]), fields_at(_strip_tag(loc, tags)[:-1]))
+            if hint:
+                suggested.add((*loc[:-1], hint))
+    for err in errors:
+        if err["type"] == "missing" and tuple(err["loc"]) in suggested:
+            continue
         loc: Path = tuple(err["loc"])
         kind = err["type"]
         if kind.startswith("union_tag"):
@@ -66,8 +81,7 @@ def report_validation_error(
                 out.add("missing-field", "step has no 'type'; expected one of "
                         + ", ".join(sorted(tags)), span.start, span.start + 1)
             continue
-        if loc and loc[0] in tags:
-            loc = loc[1:]
+        loc = _strip_tag(loc, tags)
         path = (*base, *loc)
         name = str(loc[-1]) if loc else ""
         if kind == "extra_forbidden":

@@ -84,9 +84,14 @@ class _Checker:
         if isinstance(node, Call):
             return self._call(node)
         if isinstance(node, Name):
-            known = [*self.ctx.producers, *(f"input.{n}" for n in self.ctx.inputs or {})]
-            target = node.name if node.name in self.ctx.producers else did_you_mean(
-                node.name, known)
+            inputs = self.ctx.inputs or {}
+            if node.name in self.ctx.producers:
+                target: str | None = node.name
+            elif node.name in inputs:
+                target = f"input.{node.name}"
+            else:
+                target = did_you_mean(node.name, [*self.ctx.producers,
+                                                  *(f"input.{n}" for n in inputs)])
             self._error("condition-syntax",
                         f"bare name '{node.name}' in condition; references are written ${{...}}",
                         node, help=f"write ${{{target}}}" if target else None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from flowc.context import Context, StepInfo, Use
+from flowc.context import Context, Use
 from flowc.expr import Literal, Path
 
 _RANK = {"always": 0, "maybe": 1, "never": 2}
@@ -70,10 +70,10 @@ def check_skips(ctx: Context) -> None:
         why = None
         if info.constant is False:
             runs, why = "never", "its condition is always false"
-        elif info.condition is not None:
+        elif info.condition is not None and info.constant is not True:
             runs, why = "maybe", "it has a `when:` condition"
         for use in info.uses:
-            avail, producer = _availability(ctx, use, status)
+            avail, missing = _availability(ctx, use, status)
             if avail == "always":
                 continue
             if step.on_missing == "skip":
@@ -82,7 +82,7 @@ def check_skips(ctx: Context) -> None:
                     why = f"it reads {_first_path(use)}, which " + (
                         "is never produced" if avail == "never" else "may be missing")
             else:
-                _report_unguarded(ctx, use, producer, reason, avail)
+                _report_unguarded(ctx, use, missing, reason, avail)
         info.runs = runs  # type: ignore[assignment]
         info.skip_reason = why
         name = step.output_name
@@ -101,9 +101,9 @@ def check_skips(ctx: Context) -> None:
             ctx.out.add("unreachable-step", f"step '{sid}' can never run: {why}",
                         span.start, span.end)
     for use in ctx.output_uses:
-        avail, producer = _availability(ctx, use, status)
+        avail, missing = _availability(ctx, use, status)
         if avail != "always":
-            _report_unguarded(ctx, use, producer, reason, avail)
+            _report_unguarded(ctx, use, missing, reason, avail)
 
 
 def _first_path(use: Use) -> str:
@@ -113,39 +113,37 @@ def _first_path(use: Use) -> str:
     return "a value"
 
 
-def _availability(ctx: Context, use: Use, status: dict[str, str]) -> tuple[str, str | None]:
-    """The best availability among a reference's alternatives, and the first output name
-    that made it less than `always`."""
+def _availability(ctx: Context, use: Use, status: dict[str, str]) -> tuple[str, list[str]]:
+    """The best availability among a reference's alternatives, and the names that may be
+    missing (``input.x`` for optional inputs)."""
     best = "never"
-    culprit = None
+    culprits: list[str] = []
     for alt in use.ref.alts:
         if isinstance(alt, Literal):
-            return "always", culprit
+            return "always", culprits
         if alt.root == "input":
             spec = (ctx.inputs or {}).get(str(alt.segments[0])) if alt.segments else None
             avail = "maybe" if spec is not None and not spec.is_required \
                 and spec.default is None else "always"
-            if avail != "always" and culprit is None:
-                culprit = "input." + str(alt.segments[0])
+            name = "input." + str(alt.segments[0]) if alt.segments else "input"
         else:
-            avail = status.get(alt.root, "always")
-            if avail != "always" and culprit is None:
-                culprit = alt.root
+            avail, name = status.get(alt.root, "always"), alt.root
+        if avail == "always":
+            return "always", culprits
+        culprits.append(name)
         if _RANK[avail] < _RANK[best]:
             best = avail
-        if best == "always":
-            return best, culprit
-    return best, culprit
+    return best, culprits
 
 
-def _report_unguarded(ctx: Context, use: Use, name: str | None, reason: dict[str, str],
+def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str, str],
                       avail: str) -> None:
-    if name is None:
+    if not names:
         return
-    if name.startswith("input."):
-        why = f"optional input '{name[6:]}' has no default"
-    else:
-        why = reason.get(name, "its producer may be skipped")
+    why = "; ".join(
+        f"optional input '{n[6:]}' has no default" if n.startswith("input.")
+        else reason.get(n, f"the producer of '{n}' may be skipped") for n in names)
+    name = " ?? ".join(names)
     alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))
     where = "the pipeline output" if use.consumer is None else f"step '{use.consumer}'"
     fix = f"add a fallback: ${{{alts} ?? <default>}}"
@@ -197,6 +195,3 @@ def check_usage(ctx: Context) -> None:
 def _is_read_by_needs(ctx: Context, sid: str) -> bool:
     return any(ctx.graph.edges[sid, s].get("order") for s in ctx.graph.successors(sid))
 
-
-def runs_of(info: StepInfo) -> str:
-    return info.runs

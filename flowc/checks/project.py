@@ -94,7 +94,7 @@ def _check_mcp_step(ctx: Context, info: StepInfo, step: MCPToolStep) -> None:
     if not _tool_known(ctx, step.server, step.tool, (*base, "tool")):
         return
     tools = ctx.catalog.tools_of(step.server) if ctx.catalog else None
-    if not tools:
+    if not tools or step.id in ctx.partial:  # a misspelt `params` was already reported
         return
     schema = tools[step.tool].input_schema
     if not schema:

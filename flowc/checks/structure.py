@@ -85,6 +85,7 @@ def _check_step(ctx: Context, index: int, item: Any) -> None:
             else:
                 if step.id not in ctx.steps:
                     ctx.steps[step.id] = StepInfo(index, step)
+                    ctx.partial.add(step.id)
                 return
         if isinstance(item, dict):  # keep its output name known, so reads of it do not cascade
             name = item.get("output") or item.get("id")
