@@ -121,7 +121,9 @@ class ToolCatalog:
                 for server, entry in raw.get("servers", {}).items():
                     if entry.get("ok"):
                         tools[server] = {
-                            t["name"]: ToolSchema.model_validate(t) for t in entry["tools"]}
+                            t["name"]: ToolSchema.model_validate(
+                            {k: v for k, v in t.items() if k != "name"})
+                        for t in entry["tools"]}
             except (ValueError, KeyError, TypeError, AttributeError):
                 pass  # a damaged cache is ignored: discovery rewrites it
         for server, sc in config.mcp_servers.items():

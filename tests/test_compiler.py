@@ -1,0 +1,197 @@
+"""The compiler's API: the compiled DAG, project config, positions, and never crashing."""
+
+import textwrap
+from pathlib import Path
+
+import networkx as nx
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flowc import Project, compile_file, compile_source
+from flowc import types as T
+from flowc.config import ProjectConfig, ToolCatalog
+
+ROOT = Path(__file__).resolve().parent.parent
+RESEARCH = ROOT / "pipelines" / "research.yaml"
+
+
+def test_research_example_compiles_to_a_typed_dag():
+    result = compile_file(RESEARCH)
+    assert result.ok, result.diagnostics
+    c = result.compiled
+    assert c.name == "research-assistant"
+    assert c.order == ("search", "summarize", "report")
+    g = c.graph
+    assert isinstance(g, nx.DiGraph)
+    assert set(g.edges) == {("search", "summarize"), ("summarize", "report")}
+    assert g.edges["search", "summarize"]["vars"] == ["search_results"]
+    assert g.edges["summarize", "report"]["vars"] == ["summary"]
+    report = c.node("report")
+    assert report.step.model == "claude-sonnet-4-5"
+    assert report.reads == ("summary",)
+    assert report.output_type == T.STRING
+    assert c.node("search").step.params == {"query": "${input.topic}", "count": 5}
+
+
+def test_research_example_is_accepted_unchanged_without_a_project_config():
+    result = compile_source(RESEARCH.read_text(), "research.yaml", Project())
+    assert result.ok and result.diagnostics == []
+
+
+def test_structured_output_fields_are_typed():
+    src = textwrap.dedent("""\
+        name: typed
+        steps:
+          - id: classify
+            type: llm
+            model: gpt-4o-mini
+            prompt: classify
+            response_format:
+              schema:
+                type: object
+                properties:
+                  label: {type: string}
+                  scores: {type: array, items: {type: number}}
+          - id: use
+            type: llm
+            model: gpt-4o-mini
+            when: ${classify.scores[0]} > 0.5
+            prompt: ${classify.label}
+        output: ${use ?? classify.label}
+        """)
+    result = compile_source(src, "typed.yaml")
+    assert result.ok, result.diagnostics
+    c = result.compiled
+    assert c.node("classify").output_type.field("label") == T.STRING
+    assert c.graph.edges["classify", "use"]["conditions"] == ["classify"]
+    assert c.node("use").runs == "maybe"
+
+
+def test_needs_orders_steps_that_share_no_data():
+    src = textwrap.dedent("""\
+        name: ordered
+        steps:
+          - {id: a, type: llm, model: gpt-4o, prompt: one}
+          - {id: b, type: llm, model: gpt-4o, prompt: two, needs: [a]}
+        output: {a: "${a}", b: "${b}"}
+        """)
+    c = compile_source(src, "o.yaml").compiled
+    assert c.graph.edges["a", "b"]["order"] is True
+    assert c.order == ("a", "b")
+
+
+def test_model_names_are_only_checked_with_a_project_config():
+    src = "name: m\nsteps:\n  - {id: a, type: llm, model: mystery, prompt: hi}\noutput: ${a}\n"
+    assert compile_source(src, "m.yaml", Project()).ok
+    config = ProjectConfig.model_validate({"models": {"local": "ollama/qwen2.5:7b"}})
+    result = compile_source(src, "m.yaml", Project(config=config, catalog=ToolCatalog()))
+    assert [d.rule for d in result.diagnostics] == ["unknown-model"]
+    assert result.compiled is None
+
+
+def test_resolve_model_follows_aliases_and_bare_names():
+    config = ProjectConfig.model_validate(
+        {"models": {"fast": "local", "local": "ollama/qwen2.5:7b"},
+         "providers": {"groq": {"base_url": "http://127.0.0.1:9/v1"}}})
+    assert config.resolve_model("fast") == ("ollama", "qwen2.5:7b")
+    assert config.resolve_model("gpt-4o-mini") == ("openai", "gpt-4o-mini")
+    assert config.resolve_model("claude-sonnet-4-5") == ("anthropic", "claude-sonnet-4-5")
+    assert config.resolve_model("groq/llama-3.1-8b") == ("groq", "llama-3.1-8b")
+    assert config.resolve_model("nope/x") is None
+    assert config.resolve_model("mystery") is None
+
+
+def test_discovery_cache_supplies_tool_schemas(tmp_path):
+    (tmp_path / "flowc.yaml").write_text("mcpServers:\n  time: {command: mcp-server-time}\n")
+    (tmp_path / ".flowc").mkdir()
+    (tmp_path / ".flowc" / "mcp-tools.json").write_text(
+        '{"servers": {"time": {"ok": true, "tools": [{"name": "get_current_time", '
+        '"inputSchema": {"type": "object", "properties": {"timezone": {"type": "string"}}, '
+        '"required": ["timezone"]}}]}}}')
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(textwrap.dedent("""\
+        name: t
+        steps:
+          - id: now
+            type: mcp_tool
+            server: time
+            tool: get_current_time
+            params: {timezone: 5}
+        output: ${now}
+        """))
+    result = compile_file(pipeline)
+    assert [(d.rule, d.line, d.col) for d in result.diagnostics] == [("tool-params", 7, 24)]
+    assert "5 is not of type 'string'" in result.diagnostics[0].message
+
+
+def test_references_in_block_scalars_point_at_their_own_line_and_column():
+    src = textwrap.dedent("""\
+        name: pos
+        steps:
+          - id: a
+            type: llm
+            model: gpt-4o
+            prompt: |
+              line one
+                indented ${nope} here
+          - id: b
+            type: llm
+            model: gpt-4o
+            prompt: >-
+              folded text with
+              ${nope2}
+        output: "${a} ${b}"
+        """)
+    diags = compile_source(src, "pos.yaml").diagnostics
+    assert [(d.line, d.col, d.end_col) for d in diags] == [(8, 18, 25), (14, 7, 15)]
+
+
+def test_config_errors_are_findings_on_flowc_yaml(tmp_path):
+    cfg = tmp_path / "flowc.yaml"
+    cfg.write_text("models:\n  local: ollama/x\nmcpServer:\n  time: {command: t}\n"
+                   "providers:\n  groq: {base_ur: http://x}\n")
+    project = Project.load(cfg)
+    assert [(d.rule, d.line, d.message) for d in project.diagnostics] == [
+        ("unknown-field", 3, "unknown config field 'mcpServer'; did you mean 'mcpServers'?"),
+        ("unknown-field", 6, "unknown config field 'base_ur'; did you mean 'base_url'?"),
+    ]
+
+
+# -- never crash -------------------------------------------------------------------------------
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=20,
+)
+step_keys = st.sampled_from(["id", "type", "model", "prompt", "output", "when", "needs",
+                             "server", "tool", "params", "response_format", "tools",
+                             "on_missing", "timeout", "system", "promt"])
+ref_text = st.sampled_from(["${a}", "${input.x}", "${b.c[0]}", "${a ?? b}", "${", "x > 1",
+                            "${a} == 'x'", "{{ a }}", "{% for %}", "a", "b", "llm",
+                            "mcp_tool", "gpt-4o"])
+steps = st.lists(st.dictionaries(step_keys, st.one_of(ref_text, json_values), max_size=7),
+                 max_size=5)
+documents = st.fixed_dictionaries(
+    {"name": st.one_of(st.just("p"), json_values), "steps": st.one_of(steps, json_values)},
+    optional={"output": st.one_of(ref_text, json_values), "inputs": json_values,
+              "extra": json_values})
+
+
+@given(documents)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_compiler_never_crashes_on_any_document(doc):
+    text = yaml.safe_dump(doc, allow_unicode=True)
+    result = compile_source(text, "fuzz.yaml")
+    lines = text.count("\n") + 1
+    for d in result.diagnostics:
+        assert 1 <= d.line <= lines and d.col >= 1
+    assert (result.compiled is None) == bool(result.errors)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_compiler_never_crashes_on_any_text(text):
+    result = compile_source(text, "fuzz.yaml")
+    assert result.compiled is None or not result.errors
