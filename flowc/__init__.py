@@ -6,10 +6,10 @@ executes. It never imports the runtime.
 
 __version__ = "0.1.0"
 
-from flowc.compiler import CompileResult, Project, compile_file, compile_source  # noqa: E402
-from flowc.diagnostics import RULES, Diagnostic, Severity  # noqa: E402
-from flowc.ir import CompiledPipeline, StepNode  # noqa: E402
-from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline  # noqa: E402
+from flowc.compiler import CompileResult, Project, compile_file, compile_source
+from flowc.diagnostics import RULES, Diagnostic, Severity
+from flowc.ir import CompiledPipeline, StepNode
+from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline
 
 __all__ = [
     "RULES",

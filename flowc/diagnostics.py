@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flowc.source import SourceFile
 
 
-class Severity(str, Enum):
+class Severity(StrEnum):
     ERROR = "error"
     WARNING = "warning"
 
@@ -48,7 +48,7 @@ RULES: dict[str, Rule] = {
         Rule("type-mismatch", _E, "an operation on values whose types cannot work together"),
         Rule("unknown-function", _E, "a condition calls a function that does not exist"),
         Rule("unknown-field-path", _E, "a field path into a value whose schema lacks the field"),
-        Rule("maybe-skipped", _E, "a read of a value whose producer may be skipped, with no fallback"),
+        Rule("maybe-skipped", _E, "a read of a maybe-skipped value with no fallback"),
         Rule("unknown-model", _E, "a model that is neither an alias nor a known provider model"),
         Rule("unknown-mcp-server", _E, "an MCP server that flowc.yaml does not define"),
         Rule("unknown-tool", _E, "a tool the MCP server does not offer"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 InputType = Literal["string", "integer", "number", "boolean", "object", "array"]
@@ -119,6 +119,21 @@ class Pipeline(_Strict):
     steps: list[Step] = Field(min_length=1)
     output: str | dict[str, str] | None = Field(
         default=None, description="One reference, or a mapping of names to references.")
+
+    @field_validator("output", mode="before")
+    @classmethod
+    def _output_shape(cls, value: Any) -> Any:
+        # One clear message instead of one per member of the union.
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(item, str):
+                    raise ValueError(f"output '{key}' must be a reference such as "
+                                     f"${{{key}}}, not a {type(item).__name__}")
+            return value
+        raise ValueError("`output` must be one reference (a string) or a mapping of names "
+                         f"to references, not a {type(value).__name__}")
 
 
 def step_fields(step_type: str | None) -> list[str]:

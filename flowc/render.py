@@ -22,7 +22,7 @@ _STYLE = {
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
 _CONDITION = {"color": "#b45309", "fontcolor": "#b45309", "style": "bold"}
-_MAX_LABEL = 48
+_MAX_LABEL = 72
 INPUT_NODE, OUTPUT_NODE = "__input__", "__output__"
 
 

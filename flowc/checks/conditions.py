@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from flowc import types as T
@@ -32,10 +33,8 @@ def check_conditions(ctx: Context) -> None:
         checker = _Checker(ctx, info)
         checker.type_of(info.condition)
         if not references(info.condition) and not checker.failed:
-            try:
+            with contextlib.suppress(EvalError):
                 info.constant = bool(evaluate(info.condition, lambda name: None))
-            except EvalError:
-                pass
     for info in ctx.steps.values():
         if info.constant is not None:
             span = ctx.source.span_of((*ctx.step_path(info.step.id), "when"))

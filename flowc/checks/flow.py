@@ -4,8 +4,9 @@ The join rule: a value is *missing* when its producer was skipped (its `when:` w
 or it skipped itself because a value it reads was missing) or failed under
 `on_error: continue`. A read of a value that may be missing needs a fallback
 (`${a ?? b}`: the first alternative that has a value), or the reading step says
-`on_missing: skip` and is skipped with it. `needs:` only orders: it waits for a step to
-finish or be skipped.
+`on_missing: skip` and is skipped with it. A fallback may also be the other side of an
+if/else: `${a ?? b}` where `a`'s step has `when: C` and `b`'s has `when: not (C)` is always
+present. `needs:` only orders: it waits for a step to finish or be skipped.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import networkx as nx
 
 from flowc.context import Context, Use
-from flowc.expr import Literal, Path
+from flowc.expr import Literal, Node, Not, Path
 
 _RANK = {"always": 0, "maybe": 1, "never": 2}
+_OWN_CONDITION = "it has a `when:` condition"
 
 
 def check_cycles(ctx: Context) -> None:
@@ -33,10 +35,7 @@ def check_cycles(ctx: Context) -> None:
         # Point at the reference in the first step that reads its predecessor.
         prev = cycle[-1]
         uses = g.edges[prev, first].get("uses") or []
-        if uses:
-            span = uses[0].span
-        else:
-            span = ctx.source.span_of((*ctx.step_path(first), "needs"))
+        span = uses[0].span if uses else ctx.source.span_of((*ctx.step_path(first), "needs"))
         ctx.out.add("cycle", f"steps depend on each other in a cycle: {names}",
                     span.start, span.end,
                     help="a step can only read outputs of steps that do not depend on it")
@@ -63,6 +62,7 @@ def check_skips(ctx: Context) -> None:
         return
     status: dict[str, str] = {}  # output name -> always | maybe | never
     reason: dict[str, str] = {}
+    guard: dict[str, Node] = {}  # output name -> the condition that alone may skip it
     for sid in nx.topological_sort(ctx.graph):
         info = ctx.steps[sid]
         step = info.step
@@ -71,9 +71,9 @@ def check_skips(ctx: Context) -> None:
         if info.constant is False:
             runs, why = "never", "its condition is always false"
         elif info.condition is not None and info.constant is not True:
-            runs, why = "maybe", "it has a `when:` condition"
+            runs, why = "maybe", _OWN_CONDITION
         for use in info.uses:
-            avail, missing = _availability(ctx, use, status)
+            avail, missing = _availability(ctx, use, status, guard)
             if avail == "always":
                 continue
             if step.on_missing == "skip":
@@ -96,12 +96,14 @@ def check_skips(ctx: Context) -> None:
                                  "(on_error: continue)")
         else:
             status[name] = "always"
+        if runs == "maybe" and why == _OWN_CONDITION and step.on_error != "continue":
+            guard[name] = info.condition  # type: ignore[assignment]
         if runs == "never" and info.constant is not False:
             span = ctx.source.span_of((*ctx.step_path(sid), "id"))
             ctx.out.add("unreachable-step", f"step '{sid}' can never run: {why}",
                         span.start, span.end)
     for use in ctx.output_uses:
-        avail, missing = _availability(ctx, use, status)
+        avail, missing = _availability(ctx, use, status, guard)
         if avail != "always":
             _report_unguarded(ctx, use, missing, reason, avail)
 
@@ -113,9 +115,13 @@ def _first_path(use: Use) -> str:
     return "a value"
 
 
-def _availability(ctx: Context, use: Use, status: dict[str, str]) -> tuple[str, list[str]]:
+def _availability(ctx: Context, use: Use, status: dict[str, str],
+                  guard: dict[str, Node]) -> tuple[str, list[str]]:
     """The best availability among a reference's alternatives, and the names that may be
-    missing (``input.x`` for optional inputs)."""
+    missing (``input.x`` for optional inputs).
+
+    Two alternatives whose producers are guarded by ``c`` and ``not c`` (and nothing else)
+    make the reference always available: exactly one of those branches runs."""
     best = "never"
     culprits: list[str] = []
     for alt in use.ref.alts:
@@ -133,6 +139,10 @@ def _availability(ctx: Context, use: Use, status: dict[str, str]) -> tuple[str, 
         culprits.append(name)
         if _RANK[avail] < _RANK[best]:
             best = avail
+    conditions = [guard[n] for n in culprits if n in guard]
+    for c in conditions:
+        if any(o == Not(c) or c == Not(o) for o in conditions):
+            return "always", []
     return best, culprits
 
 
@@ -164,7 +174,9 @@ def check_usage(ctx: Context) -> None:
             read.update(a.root for a in use.ref.alts if isinstance(a, Path))
     for use in ctx.output_uses:
         read.update(a.root for a in use.ref.alts if isinstance(a, Path))
-    has_output = isinstance(ctx.raw, dict) and ctx.raw.get("output") is not None
+    raw_output = ctx.raw.get("output") if isinstance(ctx.raw, dict) else None
+    has_output = isinstance(raw_output, str) or (
+        isinstance(raw_output, dict) and all(isinstance(v, str) for v in raw_output.values()))
     contributing: set[str] = set()
     if has_output:
         for use in ctx.output_uses:

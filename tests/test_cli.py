@@ -1,0 +1,179 @@
+"""`flowc check`, `flowc graph` and `flowc schema` as a user runs them (a real subprocess)."""
+
+import html
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PIPELINES = ROOT / "pipelines"
+BAD = """\
+name: bad
+steps:
+  - id: a
+    type: llm
+    model: gpt-4o
+    promt: hello
+  - id: b
+    type: llm
+    model: gpt-4o
+    prompt: ${nothing}
+output: ${b}
+"""
+WARN = """\
+name: warn
+steps:
+  - {id: a, type: llm, model: gpt-4o, prompt: one, output: first}
+  - {id: b, type: llm, model: gpt-4o, prompt: two}
+output: ${b}
+"""
+
+
+def flowc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "flowc.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def bad(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text(BAD)
+    return p
+
+
+def test_every_example_pipeline_passes_strict_check():
+    r = flowc("check", "--strict", PIPELINES, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    files = len(list(PIPELINES.glob("*.yaml")))
+    assert files >= 5
+    assert f"All checks passed ({files} files)." in r.stdout
+
+
+def test_check_reports_every_finding_with_position_source_and_help(bad):
+    r = flowc("check", bad, cwd=bad.parent)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [
+        f"{bad}:6:5: error: unknown step field 'promt'; did you mean 'prompt'? [unknown-field]",
+        "   6 |     promt: hello",
+        "     |     ^~~~~",
+        f"{bad}:10:13: error: undefined reference 'nothing': no step produces it "
+        "[undefined-reference]",
+        "  10 |     prompt: ${nothing}",
+        "     |             ^~~~~~~~~~",
+    ]
+    assert "Found 2 errors in 1 file." in r.stderr
+
+
+def test_warnings_pass_unless_strict(tmp_path):
+    p = tmp_path / "warn.yaml"
+    p.write_text(WARN)
+    r = flowc("check", p, cwd=tmp_path)
+    assert r.returncode == 0 and "[unused-output]" in r.stdout
+    assert flowc("check", "--strict", p, cwd=tmp_path).returncode == 1
+    quiet = flowc("check", "--strict", "--ignore", "unused-output,unused-step", p, cwd=tmp_path)
+    assert quiet.returncode == 0 and quiet.stdout.startswith("All checks passed")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    assert flowc("check", tmp_path / "missing.yaml").returncode == 2
+    assert flowc("check").returncode == 2
+    r = flowc("check", "--ignore", "no-such-rule", PIPELINES)
+    assert r.returncode == 2 and "unknown rule(s): no-such-rule" in r.stderr
+    assert flowc("check", "--format", "xml", PIPELINES).returncode == 2
+
+
+def test_json_format(bad):
+    r = flowc("check", "--format", "json", bad, cwd=bad.parent)
+    found = json.loads(r.stdout)
+    assert [(d["line"], d["column"], d["rule"], d["severity"]) for d in found] == [
+        (6, 5, "unknown-field", "error"), (10, 13, "undefined-reference", "error")]
+    assert found[0]["end_column"] == 10
+
+
+def test_github_format_is_workflow_annotations(bad):
+    r = flowc("check", "--format", "github", bad, cwd=bad.parent)
+    first = r.stdout.splitlines()[0]
+    assert first == (f"::error file={bad},line=6,col=5,endLine=6,endColumn=10,"
+                     "title=unknown-field::unknown step field 'promt'; did you mean 'prompt'?")
+
+
+def test_sarif_format(bad):
+    r = flowc("check", "--format", "sarif", bad, cwd=bad.parent)
+    doc = json.loads(r.stdout)
+    assert doc["version"] == "2.1.0"
+    run = doc["runs"][0]
+    rules = [rule["id"] for rule in run["tool"]["driver"]["rules"]]
+    res = run["results"][0]
+    assert rules[res["ruleIndex"]] == res["ruleId"] == "unknown-field"
+    assert res["locations"][0]["physicalLocation"]["region"] == {
+        "startLine": 6, "startColumn": 5, "endLine": 6, "endColumn": 10}
+
+
+def test_folders_are_searched_and_config_errors_reported(tmp_path):
+    (tmp_path / "flowc.yaml").write_text("modles: {}\n")
+    sub = tmp_path / "pipes"
+    sub.mkdir()
+    (sub / "w.yml").write_text(WARN)
+    r = flowc("check", tmp_path, cwd=tmp_path)
+    assert r.returncode == 1
+    assert f"{tmp_path / 'flowc.yaml'}:1:1: error: unknown config field 'modles'; " \
+           "did you mean 'models'? [unknown-field]" in r.stdout
+    col = WARN.splitlines()[2].index("first") + 1
+    assert f"w.yml:3:{col}: warning: output 'first' of step 'a' is never used" in r.stdout
+
+
+def test_graph_writes_dot_with_labels(tmp_path):
+    out = tmp_path / "triage.dot"
+    r = flowc("graph", PIPELINES / "support-triage.yaml", "-o", out, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    dot = out.read_text()
+    # the branch edge carries the variable and the condition; data edges the variable
+    assert ('classify -> deep [label="classify\nwhen ${input.depth} > 2 and '
+            '${classify.label} == \\"technical\\""') in dot
+    assert 'classify -> quick [label="classify\nwhen not (${input.depth} > 2 and' in dot
+    assert '__input__ -> classify [label="input.ticket"]' in dot
+    assert 'deep [label="deep\n[llm] smart\n→ deep_answer\n(may be skipped)"' in dot
+    assert 'style="rounded,filled,dashed"' in dot
+    assert "__output__ [label=output" in dot
+    assert "deep -> __output__ [label=deep_answer]" in dot
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is installed by .ci/run")
+def test_graph_renders_svg_with_graphviz(tmp_path):
+    out = tmp_path / "research.svg"
+    r = flowc("graph", PIPELINES / "research.yaml", "-o", out, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    svg = html.unescape(out.read_text())
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for text in ("search", "summarize", "report", "brave-search.web_search",
+                 "claude-sonnet-4-5", "search_results", "final_report"):
+        assert text in svg
+
+
+def test_graph_refuses_a_pipeline_with_errors(bad):
+    r = flowc("graph", bad, "-o", bad.with_suffix(".svg"))
+    assert r.returncode == 1 and "[unknown-field]" in r.stderr
+    assert not bad.with_suffix(".svg").exists()
+
+
+def test_schema_validates_the_example_pipelines():
+    r = flowc("schema")
+    schema = json.loads(r.stdout)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    for p in PIPELINES.glob("*.yaml"):
+        assert not list(validator.iter_errors(yaml.safe_load(p.read_text()))), p
+    assert list(validator.iter_errors(yaml.safe_load(BAD)))  # promt is not allowed
+
+
+def test_config_schema_validates_the_project_config():
+    schema = json.loads(flowc("schema", "--config").stdout)
+    errors = jsonschema.Draft202012Validator(schema).iter_errors(
+        yaml.safe_load((ROOT / "flowc.yaml").read_text()))
+    assert not list(errors)
