@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,11 +90,28 @@ class CompileResult:
         return not self.errors
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Compiling allocates many small, acyclic objects; the cyclic collector's full passes
+    grow with the heap and made a 10,000-step file ~50% slower. Pause it, then restore."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def compile_source(text: str, path: str = "<pipeline>", project: Project | None = None,
                    ignore: frozenset[str] = frozenset()) -> CompileResult:
     """Check one pipeline and, if it has no errors, build its DAG. Never raises for bad
     input: every problem is a diagnostic."""
-    project = project or Project()
+    with _gc_paused():
+        return _compile(text, path, project or Project(), ignore)
+
+
+def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> CompileResult:
     source = SourceFile(path, text)
     out = Collector(source)
     try:

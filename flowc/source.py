@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -20,6 +20,8 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
     _Loader = yaml.SafeLoader
 
 Path = tuple[str | int, ...]
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 @dataclass(frozen=True)
@@ -30,8 +32,7 @@ class Position:
     col: int
 
 
-@dataclass(frozen=True)
-class Span:
+class Span(NamedTuple):  # a NamedTuple: files have tens of thousands, built fast
     start: int  # absolute character offsets into the source
     end: int
     style: str | None = None  # YAML scalar style: None (plain), '"', "'", '|', '>'
@@ -149,25 +150,32 @@ class _Builder:
         self.source = source
 
     def build(self, node: yaml.Node, path: Path) -> Any:
-        self.source.values[path] = Span(node.start_mark.index, node.end_mark.index,
-                                        getattr(node, "style", None))
-        if isinstance(node, yaml.MappingNode):
+        values, keys = self.source.values, self.source.keys
+        cls = type(node)
+        if cls is yaml.ScalarNode:
+            values[path] = Span(node.start_mark.index, node.end_mark.index, node.style)
+        else:
+            values[path] = Span(node.start_mark.index, node.end_mark.index)
+        if cls is yaml.MappingNode:
             out: dict[Any, Any] = {}
-            self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
+            if any(k.tag == _MERGE_TAG for k, _ in node.value):
+                self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
             for key_node, value_node in node.value:
-                key = self.loader.construct_object(key_node, deep=True)
+                key = key_node.value if key_node.tag == _STR_TAG else \
+                    self.loader.construct_object(key_node, deep=True)
                 if not isinstance(key, str | int | float | bool) or key is None:
                     key = str(key)
                 if key in out:  # YAML says keys are unique; PyYAML would keep the last silently
                     self.source.duplicate_keys.append((str(key), key_node.start_mark.index))
                     continue
                 child = (*path, key)
-                self.source.keys[child] = Span(key_node.start_mark.index,
-                                               key_node.end_mark.index)
+                keys[child] = Span(key_node.start_mark.index, key_node.end_mark.index)
                 out[key] = self.build(value_node, child)
             return out
-        if isinstance(node, yaml.SequenceNode):
+        if cls is yaml.SequenceNode:
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
+        if node.tag == _STR_TAG:
+            return node.value  # the common case, without the constructor's bookkeeping
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:

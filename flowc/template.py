@@ -12,16 +12,25 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from jinja2 import StrictUndefined, meta
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from flowc.expr import TemplatePart, resolve_ref, scan_template
 
+if TYPE_CHECKING:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 _JINJA_SYNTAX = re.compile(r"\{\{|\{%|\{#")
-ENV = ImmutableSandboxedEnvironment(
-    undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+@cache
+def jinja_env() -> ImmutableSandboxedEnvironment:
+    """The sandboxed Jinja2 environment (imported on first use: most prompts need none)."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,9 @@ def jinja_names(template: Template) -> set[str]:
     ``jinja2.TemplateSyntaxError``."""
     if template.jinja_source is None:
         return set()
-    ast = ENV.parse(template.jinja_source)
+    from jinja2 import meta
+
+    ast = jinja_env().parse(template.jinja_source)
     return {n for n in meta.find_undeclared_variables(ast) if not n.startswith("__flowc_ref_")}
 
 
@@ -88,4 +99,4 @@ def render(template: Template, scope: Callable[[str], Any],
         return "".join(out)
     variables = dict(names or {})
     variables.update({_placeholder(i): v for i, v in enumerate(values)})
-    return ENV.from_string(template.jinja_source).render(variables)
+    return jinja_env().from_string(template.jinja_source).render(variables)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jsonschema
-
 from flowc import types as T
 from flowc.context import Context, StepInfo
 from flowc.expr import single_reference
@@ -99,6 +97,8 @@ def _check_mcp_step(ctx: Context, info: StepInfo, step: MCPToolStep) -> None:
     schema = tools[step.tool].input_schema
     if not schema:
         return
+    import jsonschema  # only needed where a tool's schema is known
+
     instance, unknown = _params_instance(ctx, info, step.params)
     validator_cls = jsonschema.validators.validator_for(schema)
     try:

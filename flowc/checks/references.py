@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import jinja2
-
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
@@ -52,9 +50,11 @@ def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
         else:
             ctx.output_uses.append(ctx_use)
     if template.uses_jinja:
+        from jinja2 import TemplateSyntaxError
+
         try:
             names = jinja_names(template)
-        except jinja2.TemplateSyntaxError as exc:
+        except TemplateSyntaxError as exc:
             lines = text.splitlines(keepends=True)
             offset = sum(len(x) for x in lines[: max(0, (exc.lineno or 1) - 1)])
             at = ctx.value_span(path, text, offset, offset + 1)
