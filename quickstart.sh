@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up flowc on this machine and run the main job on the bundled example pipelines:
+# check every pipeline like CI would, then draw the research pipeline's DAG.
+set -euo pipefail
+cd "$(dirname "$0")"
+if ! command -v dot >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq graphviz >/dev/null
+  else
+    echo "note: install Graphviz (apt-get install graphviz / brew install graphviz) to render SVG" >&2
+  fi
+fi
+python3 -m pip install -q -e '.[dev]'
+flowc check pipelines/
+if command -v dot >/dev/null 2>&1; then
+  flowc graph pipelines/research.yaml -o research.svg
+else
+  flowc graph pipelines/research.yaml -o research.dot
+fi
