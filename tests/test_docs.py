@@ -29,3 +29,12 @@ def test_the_language_doc_opens_with_the_research_example_unchanged():
     first_block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
     research = (DOCS.parent / "pipelines" / "research.yaml").read_text()
     assert first_block == research
+
+
+def test_the_readme_example_passes_check():
+    from flowc import Project, compile_source
+
+    root = DOCS.parent
+    text = (root / "README.md").read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
+    result = compile_source(text, "README.md", Project.load(root / "flowc.yaml"))
+    assert result.diagnostics == []
