@@ -8,6 +8,7 @@ Desktop, Cursor and VS Code, so existing entries can be pasted in.
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,11 +69,69 @@ class MCPServerConfig(_Strict):
         return self
 
 
+class PriceOverride(_Strict):
+    """USD per million tokens, for models the price library does not know (or self-hosted
+    ones, which cost $0 unless priced here)."""
+
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)
+
+
+class LedgerConfig(_Strict):
+    path: str = Field(default=".flowc/ledger.duckdb",
+                      description="The cost ledger (DuckDB), relative to the project.")
+    flush_interval: float = Field(
+        default=1.0, gt=0, le=60,
+        description="Seconds between writes; a hard kill loses at most this much.")
+
+
+class RetryConfig(_Strict):
+    attempts: int = Field(default=2, ge=0, le=10,
+                          description="Retries per target after the first attempt.")
+    backoff: float = Field(default=0.25, ge=0, description="First backoff, in seconds.")
+    max_backoff: float = Field(default=8.0, ge=0)
+
+
+class RouteMatch(_Strict):
+    """Request traits a route applies to; an unset trait matches anything."""
+
+    model: str | None = Field(default=None, description="The requested model name.")
+    needs_tools: bool | None = None
+    needs_vision: bool | None = None
+    min_prompt_chars: int | None = Field(default=None, ge=0)
+    max_prompt_chars: int | None = Field(default=None, ge=0)
+    tags: list[str] = Field(default_factory=list,
+                            description="All of these must be in the x-flowc-tags header.")
+
+
+class Route(_Strict):
+    name: str
+    match: RouteMatch = Field(default_factory=RouteMatch)
+    targets: list[str] = Field(min_length=1, description="Models to choose among.")
+    strategy: Literal["first", "cheapest", "fastest", "best"] = "first"
+    max_cost_per_1m: Decimal | None = Field(
+        default=None, ge=0, description="Skip targets whose input+output price per 1M "
+                                        "tokens is higher.")
+    max_p50_ms: float | None = Field(default=None, gt=0,
+                                     description="Skip targets slower than this (p50).")
+
+
 class ProjectConfig(_Strict):
     models: dict[str, str] = Field(
         default_factory=dict, description="Aliases: name -> provider/model.")
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     mcp_servers: dict[str, MCPServerConfig] = Field(default_factory=dict, alias="mcpServers")
+    routes: list[Route] = Field(default_factory=list)
+    fallbacks: dict[str, list[str]] = Field(
+        default_factory=dict, description="model -> models to try when it fails.")
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    quality: dict[str, float] = Field(
+        default_factory=dict, description="Declared quality scores, for strategy `best`.")
+    prices: dict[str, PriceOverride] = Field(
+        default_factory=dict, description="provider/model -> price per 1M tokens.")
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
     # -- model names -----------------------------------------------------------------------
     @property

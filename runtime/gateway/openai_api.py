@@ -1,0 +1,108 @@
+"""The OpenAI-compatible surface: `POST /v1/chat/completions` and `GET /v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from runtime.gateway.calls import ModelCaller
+from runtime.providers import FlowcError, RequestError
+
+
+def error_response(err: FlowcError, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(err.to_openai()), status_code=err.status,
+                    media_type="application/json", headers=headers)
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    return body
+
+
+def validate_chat(body: dict[str, Any]) -> None:
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise RequestError("'model' is required", param="model")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty array", param="messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in (
+                "system", "developer", "user", "assistant", "tool"):
+            raise RequestError(f"messages[{i}] needs a role of system, developer, user, "
+                               "assistant or tool", param=f"messages[{i}].role")
+
+
+def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
+                  rule: str | None) -> dict[str, str]:
+    h = {"x-flowc-provider": provider, "x-flowc-model": model,
+         "x-flowc-overhead-ms": f"{max(0.0, overhead_ms):.3f}"}
+    if cost is not None:
+        h["x-flowc-cost-usd"] = f"{cost:.9f}".rstrip("0").rstrip(".") or "0"
+    if rule:
+        h["x-flowc-route"] = rule
+    return h
+
+
+async def chat_completions(request: Request, caller: ModelCaller) -> Response:
+    t0 = time.perf_counter()
+    try:
+        body = parse_body(await request.body())
+        validate_chat(body)
+        tags = request.headers.get("x-flowc-tags")
+        if body.get("stream"):
+            return await _stream(body, tags, caller, t0)
+        out = await caller.complete(body, tags=tags)
+    except FlowcError as err:
+        return error_response(err)
+    total = (time.perf_counter() - t0) * 1000
+    headers = flowc_headers(out.target.provider, out.body.get("model") or out.target.model,
+                            out.cost, total - out.upstream_ms, out.rule)
+    return Response(orjson.dumps(out.body), media_type="application/json", headers=headers)
+
+
+async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
+                  t0: float) -> Response:
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    out = await caller.stream(body, tags=tags)
+    # Overhead up to the first chunk: our time before the upstream call began.
+    overhead = (out.state.started - t0) * 1000
+    headers = flowc_headers(out.target.provider, out.target.model, None, overhead, out.rule)
+    headers["cache-control"] = "no-cache"
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in out.chunks:
+                if chunk.get("usage") and not chunk.get("choices"):
+                    if not include_usage:
+                        continue  # asked upstream for the ledger; the client did not ask
+                elif not include_usage:
+                    chunk.pop("usage", None)
+                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            yield b"data: [DONE]\n\n"
+        except FlowcError as err:  # after the first byte, the error travels in the stream
+            yield b"data: " + orjson.dumps(err.to_openai()) + b"\n\n"
+        except asyncio.CancelledError:
+            raise
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def models_list(caller: ModelCaller) -> Response:
+    data = []
+    for name in caller.providers.model_names():
+        target = caller.providers.resolve(name)
+        data.append({"id": name, "object": "model", "created": 0,
+                     "owned_by": target.provider if target else "flowc"})
+    return Response(orjson.dumps({"object": "list", "data": data}),
+                    media_type="application/json")

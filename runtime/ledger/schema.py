@@ -1,0 +1,79 @@
+"""The ledger's schema, grown by named, append-only migrations (recorded in a table)."""
+
+from __future__ import annotations
+
+import duckdb
+
+REQUEST_COLUMNS = (
+    "id", "ts", "workflow_name", "run_id", "step_id", "model", "provider", "served_model",
+    "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+    "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source", "latency_ms",
+    "ttft_ms", "success", "error", "error_class", "route", "stream", "dry_run",
+)
+
+MIGRATIONS: list[tuple[str, str]] = [
+    ("0001_requests", """
+        CREATE TABLE requests (
+            id VARCHAR NOT NULL,              -- a uuid; no index, so appends stay fast
+            ts TIMESTAMP NOT NULL,            -- UTC
+            workflow_name VARCHAR,
+            run_id VARCHAR,
+            step_id VARCHAR,
+            model VARCHAR,                    -- as requested (alias or provider/model)
+            provider VARCHAR,
+            served_model VARCHAR,
+            prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            total_tokens INTEGER,
+            cached_tokens INTEGER,
+            cache_write_tokens INTEGER,
+            reasoning_tokens INTEGER,
+            cost_usd DECIMAL(18, 9),          -- NULL when the model has no known price
+            price_source VARCHAR,
+            latency_ms DOUBLE,
+            ttft_ms DOUBLE,                   -- streams: time to first token
+            success BOOLEAN NOT NULL,
+            error VARCHAR,
+            error_class VARCHAR,
+            route VARCHAR,                    -- the routing rule that chose the model
+            stream BOOLEAN,
+            dry_run BOOLEAN
+        )"""),
+    ("0002_workflows", """
+        CREATE TABLE workflows (
+            id VARCHAR PRIMARY KEY,
+            name VARCHAR UNIQUE NOT NULL,
+            config_yaml VARCHAR NOT NULL,
+            created_at TIMESTAMP NOT NULL,
+            updated_at TIMESTAMP NOT NULL
+        )"""),
+    ("0003_runs", """
+        CREATE TABLE runs (
+            id VARCHAR PRIMARY KEY,
+            workflow_name VARCHAR NOT NULL,
+            inputs_hash VARCHAR,
+            status VARCHAR NOT NULL,
+            started_at TIMESTAMP NOT NULL,
+            finished_at TIMESTAMP,
+            latency_ms DOUBLE,
+            dry_run BOOLEAN,
+            record JSON                        -- per-step results, skip reasons, output
+        )"""),
+]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Apply the migrations not yet applied; return their names."""
+    con.execute("CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(name VARCHAR PRIMARY KEY, applied_at TIMESTAMP DEFAULT now())")
+    done = {r[0] for r in con.execute("SELECT name FROM schema_migrations").fetchall()}
+    applied = []
+    for name, sql in MIGRATIONS:
+        if name in done:
+            continue
+        con.execute("BEGIN")
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations (name) VALUES (?)", [name])
+        con.execute("COMMIT")
+        applied.append(name)
+    return applied

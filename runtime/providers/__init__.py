@@ -1,0 +1,120 @@
+"""Provider endpoints and model resolution.
+
+Zero-config, each provider is found by its own conventions: `OPENAI_API_KEY` /
+`OPENAI_BASE_URL`, `ANTHROPIC_API_KEY` / `ANTHROPIC_BASE_URL`, `OLLAMA_HOST`. `flowc.yaml`
+can override them and add OpenAI-compatible servers by name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from flowc.config import ProjectConfig
+from runtime.providers import anthropic, ollama, openai
+from runtime.providers.base import (
+    ChatResult,
+    Endpoint,
+    FlowcError,
+    RequestError,
+    StreamState,
+    UnsupportedFeature,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    Usage,
+    close_all,
+)
+
+ADAPTERS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic, "ollama": ollama}
+
+__all__ = [
+    "ChatResult", "Endpoint", "FlowcError", "Providers", "RequestError", "StreamState",
+    "Target", "UnsupportedFeature", "UpstreamError", "UpstreamTimeout", "UpstreamUnavailable",
+    "Usage",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    provider: str
+    model: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+def _ollama_url(host: str) -> str:
+    host = host.strip() or "localhost:11434"
+    if "://" not in host:
+        host = "http://" + host
+    if host.count(":") < 2:  # no port given
+        host += ":11434"
+    return host
+
+
+def default_endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
+    return {
+        "openai": Endpoint("openai", "openai",
+                           env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
+                           env.get("OPENAI_API_KEY")),
+        "anthropic": Endpoint("anthropic", "anthropic",
+                              env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
+                              env.get("ANTHROPIC_API_KEY")),
+        "ollama": Endpoint("ollama", "ollama", _ollama_url(env.get("OLLAMA_HOST", ""))),
+    }
+
+
+class Providers:
+    """Every endpoint the gateway can reach, and how model names map onto them."""
+
+    def __init__(self, config: ProjectConfig | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        self.config = config or ProjectConfig()
+        self.endpoints = default_endpoints(env)
+        for name, pc in self.config.providers.items():
+            base = self.endpoints.get(name)
+            if "kind" not in pc.model_fields_set and base is not None:
+                kind = base.kind  # `providers: {anthropic: {base_url: ...}}` keeps its format
+            else:
+                kind = "openai" if pc.kind == "openai_compatible" else pc.kind
+            url = pc.base_url or (base.base_url if base else None)
+            if url is None:
+                raise ValueError(f"provider '{name}' needs a base_url")
+            key = env.get(pc.api_key_env) if pc.api_key_env else (base.api_key if base else None)
+            self.endpoints[name] = Endpoint(name, kind, url, key, pc.timeout)
+
+    def resolve(self, name: str) -> Target | None:
+        resolved = self.config.resolve_model(name)
+        if resolved is None or resolved[0] not in self.endpoints:
+            return None
+        return Target(*resolved)
+
+    def model_names(self) -> list[str]:
+        """Aliases and the provider models they name."""
+        names = set(self.config.models)
+        for alias in self.config.models:
+            target = self.resolve(alias)
+            if target:
+                names.add(str(target))
+        return sorted(names)
+
+    def _adapter(self, target: Target) -> tuple[Endpoint, ModuleType]:
+        ep = self.endpoints[target.provider]
+        return ep, ADAPTERS[ep.kind]
+
+    async def complete(self, target: Target, request: dict[str, Any]) -> ChatResult:
+        ep, adapter = self._adapter(target)
+        return await adapter.complete(ep, request, target.model)
+
+    def stream(self, target: Target, request: dict[str, Any], state: StreamState
+               ) -> AsyncIterator[dict[str, Any]]:
+        ep, adapter = self._adapter(target)
+        return adapter.stream(ep, request, target.model, state)
+
+    async def close(self) -> None:
+        await close_all(list(self.endpoints.values()))

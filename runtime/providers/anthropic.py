@@ -1,0 +1,342 @@
+"""Anthropic's Messages API, translated to and from OpenAI's Chat Completions.
+
+Mapping, both ways: system messages become `system`; `max_tokens` is required (default
+below); image parts become image blocks; assistant `tool_calls` become `tool_use` blocks and
+`tool` messages `tool_result` blocks; `stop_reason` maps to `finish_reason` (`tool_use` ->
+`tool_calls`, never `stop`); usage counts cache writes and reads into the prompt tokens, as
+Anthropic bills them. `response_format` is honoured by a forced tool whose input schema is
+the requested schema. Fields Anthropic cannot honour are refused, not dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from runtime.providers.base import (
+    ChatResult,
+    Endpoint,
+    RequestError,
+    StreamState,
+    UnsupportedFeature,
+    UpstreamError,
+    Usage,
+    sse_events,
+)
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+_JSON_TOOL = "json_output"
+FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+          "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
+          "model_context_window_exceeded": "length"}
+# OpenAI request fields this adapter maps; any other field that is set is refused.
+_HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+            "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
+            "response_format", "user", "metadata", "n"}
+_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500,
+                 "invalid_request_error": 400, "authentication_error": 401,
+                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413}
+
+
+def _headers(ep: Endpoint) -> dict[str, str]:
+    h = {"anthropic-version": API_VERSION}
+    if ep.api_key:
+        h["x-api-key"] = ep.api_key
+    return h
+
+
+# -- request -----------------------------------------------------------------------------------
+def _text_of(content: Any, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = []
+    for part in content:
+        if part.get("type") != "text":
+            raise UnsupportedFeature("anthropic", f"{part.get('type')} parts in {where}",
+                                     "messages")
+        parts.append(part.get("text", ""))
+    return "".join(parts)
+
+
+def _image_block(part: dict[str, Any]) -> dict[str, Any]:
+    url = (part.get("image_url") or {}).get("url", "")
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        media_type = header[5:].split(";")[0] or "image/png"
+        return {"type": "image", "source": {"type": "base64", "media_type": media_type,
+                                             "data": data}}
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _user_blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    blocks = []
+    for part in content or ():
+        kind = part.get("type")
+        if kind == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif kind == "image_url":
+            blocks.append(_image_block(part))
+        else:
+            raise UnsupportedFeature("anthropic", f"'{kind}' message parts", "messages")
+    return blocks
+
+
+def _assistant_blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    blocks: list[dict[str, Any]] = []
+    text = _text_of(msg.get("content"), "assistant messages")
+    if text:
+        blocks.append({"type": "text", "text": text})
+    for call in msg.get("tool_calls") or ():
+        fn = call.get("function") or {}
+        try:
+            args = orjson.loads(fn.get("arguments") or "{}")
+        except orjson.JSONDecodeError:
+            raise RequestError(f"tool call {call.get('id')} has arguments that are not JSON",
+                               param="messages") from None
+        blocks.append({"type": "tool_use", "id": call.get("id"), "name": fn.get("name"),
+                       "input": args})
+    return blocks
+
+
+def _messages(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str, Any]]]:
+    system: list[str] = []
+    out: list[dict[str, Any]] = []
+
+    def push(role: str, blocks: list[dict[str, Any]]) -> None:
+        if out and out[-1]["role"] == role:  # the API wants user/assistant turns to alternate
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+
+    for msg in messages:
+        role = msg.get("role")
+        if role in ("system", "developer"):
+            system.append(_text_of(msg.get("content"), "system messages"))
+        elif role == "user":
+            push("user", _user_blocks(msg.get("content")))
+        elif role == "assistant":
+            blocks = _assistant_blocks(msg)
+            if blocks:
+                push("assistant", blocks)
+        elif role == "tool":
+            content = msg.get("content")
+            push("user", [{"type": "tool_result", "tool_use_id": msg.get("tool_call_id"),
+                           "content": _text_of(content, "tool messages")}])
+        else:
+            raise RequestError(f"unknown message role '{role}'", param="messages")
+    return ("\n\n".join(system) if system else None), out
+
+
+def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[str, Any], bool]:
+    """The Messages API body, and whether `response_format` is served by the forced tool."""
+    extra = sorted(k for k, v in req.items() if k not in _HANDLED and v is not None)
+    if extra:
+        raise UnsupportedFeature("anthropic", f"'{extra[0]}'", extra[0])
+    if req.get("n") not in (None, 1):
+        raise UnsupportedFeature("anthropic", "n > 1", "n")
+    system, messages = _messages(req.get("messages") or [])
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": req.get("max_completion_tokens") or req.get("max_tokens")
+        or DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        body["system"] = system
+    if req.get("temperature") is not None:
+        if req["temperature"] > 1:
+            raise UnsupportedFeature("anthropic", "temperature above 1", "temperature")
+        body["temperature"] = req["temperature"]
+    if req.get("top_p") is not None:
+        body["top_p"] = req["top_p"]
+    stop = req.get("stop")
+    if stop:
+        body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if req.get("user"):
+        body["metadata"] = {"user_id": str(req["user"])}
+    if stream:
+        body["stream"] = True
+    if req.get("tools"):
+        body["tools"] = [_tool(t) for t in req["tools"]]
+    choice = _tool_choice(req.get("tool_choice"), req.get("parallel_tool_calls"))
+    if choice:
+        body["tool_choice"] = choice
+    json_mode = False
+    rf = req.get("response_format") or {}
+    if rf.get("type") in ("json_object", "json_schema"):
+        if req.get("tools"):
+            raise UnsupportedFeature("anthropic", "response_format together with tools",
+                                     "response_format")
+        schema = ((rf.get("json_schema") or {}).get("schema") if rf["type"] == "json_schema"
+                  else None) or {"type": "object"}
+        body["tools"] = [{"name": _JSON_TOOL, "description": "Give the answer as JSON.",
+                          "input_schema": schema}]
+        body["tool_choice"] = {"type": "tool", "name": _JSON_TOOL}
+        json_mode = True
+    return body, json_mode
+
+
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    if tool.get("type") != "function":
+        raise UnsupportedFeature("anthropic", f"tools of type '{tool.get('type')}'", "tools")
+    fn = tool.get("function") or {}
+    out = {"name": fn.get("name"),
+           "input_schema": fn.get("parameters") or {"type": "object", "properties": {}}}
+    if fn.get("description"):
+        out["description"] = fn["description"]
+    return out
+
+
+def _tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
+    if choice is None and parallel is None:
+        return None
+    if choice is None or choice == "auto":
+        out: dict[str, Any] = {"type": "auto"}
+    elif choice == "required":
+        out = {"type": "any"}
+    elif choice == "none":
+        out = {"type": "none"}
+    elif isinstance(choice, dict) and choice.get("type") == "function":
+        out = {"type": "tool", "name": (choice.get("function") or {}).get("name")}
+    else:
+        raise RequestError(f"invalid tool_choice {choice!r}", param="tool_choice")
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+# -- response ----------------------------------------------------------------------------------
+def usage_of(u: dict[str, Any] | None) -> Usage:
+    """Anthropic's `input_tokens` excludes cache writes and reads; billed input is the sum."""
+    u = u or {}
+    writes = int(u.get("cache_creation_input_tokens") or 0)
+    reads = int(u.get("cache_read_input_tokens") or 0)
+    return Usage(prompt_tokens=int(u.get("input_tokens") or 0) + writes + reads,
+                 completion_tokens=int(u.get("output_tokens") or 0),
+                 cached_tokens=reads, cache_write_tokens=writes)
+
+
+def to_openai(msg: dict[str, Any], json_mode: bool) -> dict[str, Any]:
+    text, calls = [], []
+    for block in msg.get("content") or ():
+        kind = block.get("type")
+        if kind == "text" and not json_mode:  # in JSON mode only the forced tool's input counts
+            text.append(block.get("text", ""))
+        elif kind == "tool_use":
+            if json_mode and block.get("name") == _JSON_TOOL:
+                text.append(orjson.dumps(block.get("input") or {}).decode())
+                continue
+            calls.append({"id": block["id"], "type": "function",
+                          "function": {"name": block["name"],
+                                       "arguments": orjson.dumps(block.get("input") or {})
+                                       .decode()}})
+    finish = FINISH.get(msg.get("stop_reason") or "", "stop")
+    if json_mode and finish == "tool_calls":
+        finish = "stop"
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) or None,
+                               "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    usage = usage_of(msg.get("usage"))
+    return {
+        "id": "chatcmpl-" + str(msg.get("id", "")),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": msg.get("model"),
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": None}],
+        "usage": usage.to_openai(),
+    }
+
+
+async def complete(ep: Endpoint, req: dict[str, Any], model: str) -> ChatResult:
+    body, json_mode = build_request(req, model, False)
+    status, headers, raw, ms = await ep.post("/v1/messages", body, _headers(ep))
+    if status >= 400:
+        raise ep.error(status, headers, raw)
+    msg = ep.parse(raw)
+    return ChatResult(to_openai(msg, json_mode), usage_of(msg.get("usage")), ms)
+
+
+async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamState
+                 ) -> AsyncIterator[dict[str, Any]]:
+    body, json_mode = build_request(req, model, True)
+    resp = await ep.open_stream("/v1/messages", body, _headers(ep))
+    base: dict[str, Any] = {"object": "chat.completion.chunk", "created": int(time.time())}
+    tools: dict[int, int] = {}  # content block index -> tool call ordinal
+    has_args: set[int] = set()
+    usage = Usage()
+    raw_usage: dict[str, Any] = {}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                                     "logprobs": None}]}
+
+    try:
+        async for event, data in sse_events(resp, ep.name):
+            ev = ep.parse(data)
+            kind = ev.get("type") or event
+            if kind == "message_start":
+                msg = ev.get("message") or {}
+                base.update(id="chatcmpl-" + str(msg.get("id", "")), model=msg.get("model"))
+                raw_usage = dict(msg.get("usage") or {})
+                yield chunk({"role": "assistant", "content": ""})
+            elif kind == "content_block_start":
+                block = ev.get("content_block") or {}
+                if block.get("type") == "tool_use" and not json_mode:
+                    ordinal = len(tools)
+                    tools[ev["index"]] = ordinal
+                    state.mark_token()
+                    # The start block carries `input: {}`; the arguments come as deltas.
+                    yield chunk({"tool_calls": [{
+                        "index": ordinal, "id": block.get("id"), "type": "function",
+                        "function": {"name": block.get("name"), "arguments": ""}}]})
+                elif block.get("type") == "text" and block.get("text") and not json_mode:
+                    state.mark_token()
+                    yield chunk({"content": block["text"]})
+            elif kind == "content_block_delta":
+                delta = ev.get("delta") or {}
+                dtype = delta.get("type")
+                if dtype == "text_delta" and not json_mode:
+                    state.mark_token()
+                    yield chunk({"content": delta.get("text", "")})
+                elif dtype == "input_json_delta":
+                    part = delta.get("partial_json", "")
+                    if json_mode:
+                        state.mark_token()
+                        yield chunk({"content": part})
+                    elif ev["index"] in tools and part:
+                        has_args.add(ev["index"])
+                        yield chunk({"tool_calls": [{"index": tools[ev["index"]],
+                                                     "function": {"arguments": part}}]})
+            elif kind == "content_block_stop":
+                idx = ev.get("index")
+                if idx in tools and idx not in has_args:  # a tool called with no arguments
+                    yield chunk({"tool_calls": [{"index": tools[idx],
+                                                 "function": {"arguments": "{}"}}]})
+            elif kind == "message_delta":
+                raw_usage.update({k: v for k, v in (ev.get("usage") or {}).items()
+                                  if v is not None})
+                reason = (ev.get("delta") or {}).get("stop_reason")
+                if reason:
+                    finish = FINISH.get(reason, "stop")
+                    state.finish_reason = "stop" if json_mode and finish == "tool_calls" \
+                        else finish
+            elif kind == "error":
+                err = ev.get("error") or {}
+                status = _ERROR_STATUS.get(err.get("type", ""), 500)
+                raise UpstreamError(ep.name, status, err.get("message", "stream error"))
+            elif kind == "message_stop":
+                break
+        usage = usage_of(raw_usage)
+        state.usage = usage
+        yield chunk({}, state.finish_reason or "stop")
+        yield {**base, "choices": [], "usage": usage.to_openai()}
+    finally:
+        resp.release()
