@@ -40,17 +40,24 @@ _config_option = click.option(
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @_config_option
+@click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of pipelines to serve (default: ./pipelines).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
-def serve(host: str, port: int, config: Path | None, log_level: str) -> None:
+def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
+          log_level: str) -> None:
     """Serve the gateway (OpenAI-compatible) and the runtime over HTTP."""
+    import logging
+
     import uvicorn
 
     from runtime.server import create_app
 
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     cfg, project_dir = load_project(config)
     url = f"http://{host}:{port}"
-    app = create_app(cfg, project_dir, public_url=url)
+    app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
+                     public_url=url)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
 
@@ -181,6 +188,258 @@ def explain(model: str, tags: str, tools: bool, vision: bool, prompt_chars: int,
             click.echo(line)
     except RequestError as exc:
         raise click.ClickException(exc.message) from None
+
+
+# -- runs ------------------------------------------------------------------------------------
+_ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "cancelled": "⊘"}
+
+
+def _live(step: Any) -> None:
+    """One line per step state change, on stderr (readable in a terminal and in CI logs)."""
+    detail = ""
+    if step.status == "done":
+        cost = "?" if step.cost is None else f"${step.cost:.6f}"
+        detail = f"{step.latency_ms:7.0f} ms  {cost}  {step.tokens} tokens"
+    elif step.status == "skipped":
+        detail = step.skip_reason or ""
+    elif step.status == "failed":
+        detail = step.error or ""
+    click.echo(f"  {_ICON.get(step.status, ' ')} {step.id:<20} {step.status:<9} {detail}",
+               err=True)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--input", "-i", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="An input (repeatable); non-string inputs are read as JSON.")
+@click.option("--input-json", help="All inputs as one JSON object.")
+@click.option("--dry-run", is_flag=True,
+              help="Replace model and tool calls by deterministic stand-ins ($0).")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@_config_option
+def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: bool,
+        as_json: bool, config: Path | None) -> None:
+    """Run a pipeline, showing each step as it goes."""
+    import asyncio
+
+    from flowc.compiler import compile_file
+    from runtime.inputs import InputError, check_inputs, parse_cli_inputs
+
+    cfg_path = config or find_config(file)
+    cfg, project_dir = load_project(cfg_path)
+    result = compile_file(file, Project.load(cfg_path) if cfg_path else Project())
+    if result.compiled is None:
+        click.echo(format_text(result.errors), err=True, nl=False)
+        raise click.ClickException(f"{file} does not compile ({len(result.errors)} errors)")
+    compiled = result.compiled
+    try:
+        inputs = json.loads(input_json) if input_json else {}
+        inputs.update(parse_cli_inputs(pairs, compiled.pipeline.inputs))
+        check_inputs(compiled.pipeline.inputs, inputs)
+    except InputError as exc:
+        raise click.ClickException("; ".join(exc.problems)) from None
+    except ValueError as exc:
+        raise click.ClickException(f"--input-json is not valid JSON: {exc}") from None
+    if dry_run:
+        click.echo("DRY RUN: model and tool calls are stand-ins; nothing is billed.", err=True)
+    outcome = asyncio.run(_run(compiled, inputs, cfg, project_dir, dry_run, not as_json))
+    if as_json:
+        click.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
+    else:
+        _print_outcome(outcome)
+    sys.exit(0 if outcome.status == "succeeded" else 1)
+
+
+async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, project_dir: Path,
+               dry_run: bool, live: bool) -> Any:
+    import asyncio
+
+    from runtime import runs
+    from runtime.dryrun import DryRunModels, DryRunTools
+    from runtime.executor import Executor
+    from runtime.gateway.calls import ModelCaller
+    from runtime.gateway.routing import Router
+    from runtime.ledger.store import Ledger
+    from runtime.mcp.manager import MCPManager
+    from runtime.providers import Providers
+
+    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    providers = Providers(cfg)
+    mcp = MCPManager(cfg.mcp_servers, project_dir)
+    try:
+        if dry_run:
+            executor = Executor(DryRunModels(ledger), DryRunTools(_output_schemas(cfg)),
+                                dry_run=True)
+        else:
+            caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
+            executor = Executor(caller, mcp)
+        outcome = await executor.run(compiled, inputs, listener=_live if live else None)
+        runs.save(ledger, outcome)
+        return outcome
+    finally:
+        await mcp.close()
+        await providers.close()
+        await asyncio.to_thread(ledger.close)
+
+
+def _output_schemas(cfg: ProjectConfig) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(server, tool): schema.output_schema
+            for server, sc in cfg.mcp_servers.items() for tool, schema in (sc.tools or {}).items()
+            if schema.output_schema}
+
+
+def _print_outcome(outcome: Any) -> None:
+    if outcome.status != "succeeded":
+        err = outcome.error or {}
+        click.echo(f"\nrun {outcome.run_id} failed at step '{err.get('step')}': "
+                   f"{err.get('message')}", err=True)
+        return
+    out = outcome.output
+    click.echo(out if isinstance(out, str) else json.dumps(out, indent=2, default=str))
+    cost = outcome.total_cost
+    tag = "  (dry run)" if outcome.dry_run else ""
+    click.echo(f"\nrun {outcome.run_id}: {outcome.total_tokens} tokens, "
+               f"{'cost unknown' if cost is None else f'${cost:.6f}'}, "
+               f"{outcome.latency_ms:.0f} ms{tag}", err=True)
+
+
+@cli.command("runs")
+@click.argument("run_id", required=False)
+@click.option("--limit", default=20, show_default=True)
+@_config_option
+def runs_cmd(run_id: str | None, limit: int, config: Path | None) -> None:
+    """List recent runs, or show one (with why each skipped step was skipped)."""
+    from runtime.ledger import reports
+
+    cfg, project_dir = load_project(config)
+    select = _ledger_select(cfg, project_dir)
+    if run_id:
+        _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id])
+        if not rows:
+            raise click.ClickException(f"no run '{run_id}'")
+        record = rows[0][0]
+        click.echo(json.dumps(json.loads(record) if isinstance(record, str) else record,
+                              indent=2))
+        return
+    columns, rows = select("SELECT id, workflow_name, status, started_at, "
+                           "round(latency_ms) AS ms, dry_run FROM runs "
+                           "ORDER BY started_at DESC LIMIT ?", [limit])
+    click.echo(reports.table(columns, rows))
+
+
+# -- MCP -------------------------------------------------------------------------------------
+@cli.group()
+def mcp() -> None:
+    """MCP servers from flowc.yaml: discover tools, call one by hand."""
+
+
+@mcp.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--timeout", default=15.0, show_default=True, help="Seconds per server.")
+@_config_option
+def mcp_list(as_json: bool, timeout: float, config: Path | None) -> None:
+    """Start each server, list its tools, and refresh the discovery cache."""
+    found, cache = _discover(config, timeout)
+    if as_json:
+        click.echo(json.dumps(found, indent=2, default=str))
+        return
+    for name, entry in sorted(found.items()):
+        if not entry["ok"]:
+            click.echo(f"✗ {name}: {entry['error']}")
+            continue
+        click.echo(f"✓ {name} ({len(entry['tools'])} tools, {entry['ms']} ms)")
+        for tool in entry["tools"]:
+            props = ", ".join((tool.get("inputSchema") or {}).get("properties", {}))
+            click.echo(f"    {tool['name']}({props})")
+    click.echo(f"cache: {cache}", err=True)
+    if not all(e["ok"] for e in found.values()):
+        sys.exit(1)
+
+
+def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path]:
+    import asyncio
+
+    from runtime.mcp.manager import MCPManager
+
+    cfg, project_dir = load_project(config)
+    if not cfg.mcp_servers:
+        raise click.ClickException("no mcpServers in flowc.yaml")
+
+    async def go() -> tuple[dict[str, Any], Path]:
+        manager = MCPManager(cfg.mcp_servers, project_dir)
+        try:
+            found = await manager.discover(timeout)
+            return found, manager.write_cache(found)
+        finally:
+            await manager.close()
+
+    return asyncio.run(go())
+
+
+@mcp.command("call")
+@click.argument("server")
+@click.argument("tool")
+@click.option("--arg", "-a", "pairs", multiple=True, metavar="KEY=VALUE",
+              help="An argument (repeatable); values that parse as JSON are JSON.")
+@click.option("--timeout", default=30.0, show_default=True)
+@_config_option
+def mcp_call(server: str, tool: str, pairs: tuple[str, ...], timeout: float,
+             config: Path | None) -> None:
+    """Call one tool by hand."""
+    import asyncio
+
+    from runtime.executor import StepFailed
+    from runtime.inputs import InputError, parse_cli_inputs
+    from runtime.mcp.manager import MCPManager
+
+    cfg, project_dir = load_project(config)
+    try:
+        args = parse_cli_inputs(pairs, None)
+    except InputError as exc:
+        raise click.ClickException(str(exc).replace("--input", "--arg")) from None
+
+    async def go() -> Any:
+        manager = MCPManager(cfg.mcp_servers, project_dir)
+        try:
+            return await manager.call_tool(server, tool, args, timeout)
+        finally:
+            await manager.close()
+
+    try:
+        res = asyncio.run(go())
+    except StepFailed as exc:
+        raise click.ClickException(str(exc)) from None
+    if res.structured is not None:
+        click.echo(json.dumps(res.structured, indent=2))
+    else:
+        click.echo(res.text)
+    if res.is_error:
+        sys.exit(1)
+
+
+def _with_live_check() -> None:
+    """`flowc check --live`: refresh the MCP discovery cache, then check (the compiler itself
+    never starts servers)."""
+    original = cli.commands["check"]
+
+    def callback(live: bool, **kwargs: Any) -> Any:
+        if live:
+            found, _ = _discover(kwargs.get("config"), 15.0)
+            for name, entry in sorted(found.items()):
+                if not entry["ok"]:
+                    click.echo(f"warning: MCP server '{name}' did not answer: "
+                               f"{entry['error']}", err=True)
+        assert original.callback is not None
+        return original.callback(**kwargs)
+
+    live = click.Option(["--live"], is_flag=True,
+                        help="Start the MCP servers first and refresh their tool schemas.")
+    cli.add_command(click.Command("check", params=[*original.params, live],
+                                  callback=callback, help=original.help,
+                                  short_help=original.short_help))
+
+
+_with_live_check()
 
 
 def main() -> None:

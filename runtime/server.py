@@ -16,13 +16,20 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from flowc.config import ProjectConfig
+from flowc.compiler import Project
+from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
+from runtime import runs
+from runtime.dryrun import DryRunModels, DryRunTools
+from runtime.executor import Executor
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.openai_api import chat_completions, error_response, models_list
 from runtime.gateway.routing import Router
+from runtime.inputs import InputError
 from runtime.ledger import reports
 from runtime.ledger.store import Ledger, SQLRefused
+from runtime.mcp.manager import MCPManager
 from runtime.providers import Providers, RequestError
+from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.server")
 SERVER_FILE = Path(".flowc") / "server.json"
@@ -38,28 +45,44 @@ class Runtime:
     router: Router
     ledger: Ledger
     caller: ModelCaller
+    mcp: MCPManager
+    registry: Registry
+    limit: asyncio.Semaphore  # steps running at once across all runs
 
     @classmethod
-    def start(cls, config: ProjectConfig, project_dir: Path,
+    def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
               env: Mapping[str, str] | None = None) -> Runtime:
         providers = Providers(config, env)
         router = Router(config, providers)
         ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval)
+        registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE)))
+        if pipelines is not None and pipelines.is_dir():
+            registry.load_folder(pipelines)
+        registry.load_registered(ledger)
         return cls(config, project_dir, providers, router, ledger,
-                   ModelCaller(config, providers, router, ledger))
+                   ModelCaller(config, providers, router, ledger),
+                   MCPManager(config.mcp_servers, project_dir), registry,
+                   asyncio.Semaphore(256))
+
+    def executor(self, dry_run: bool = False) -> Executor:
+        if dry_run:
+            return Executor(DryRunModels(self.ledger), DryRunTools(), dry_run=True,
+                            global_limit=self.limit)
+        return Executor(self.caller, self.mcp, global_limit=self.limit)
 
     async def stop(self) -> None:
+        await self.mcp.close()
         await self.providers.close()
         await asyncio.to_thread(self.ledger.close)
 
 
-def create_app(config: ProjectConfig, project_dir: Path, *,
+def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | None = None,
                env: Mapping[str, str] | None = None, public_url: str | None = None) -> FastAPI:
     state: dict[str, Runtime] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = Runtime.start(config, project_dir, env)
+        rt = Runtime.start(config, project_dir, pipelines, env)
         state["rt"] = rt
         server_file = project_dir / SERVER_FILE
         if public_url:
@@ -131,6 +154,92 @@ def create_app(config: ProjectConfig, project_dir: Path, *,
             return error_response(RequestError(f"query failed: {exc}", code="sql_error"))
         return Response(orjson.dumps({"columns": columns, "rows": rows}, default=str),
                         media_type="application/json")
+
+    # -- pipelines -------------------------------------------------------------------------
+    @app.get("/v1/workflows")
+    async def _workflows() -> Response:
+        return Response(orjson.dumps({"workflows": rt().registry.describe()}),
+                        media_type="application/json")
+
+    @app.put("/v1/workflows/{name}")
+    async def _register(name: str, request: Request) -> Response:
+        raw = (await request.body()).decode("utf-8", errors="replace")
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                raw = str(orjson.loads(raw)["yaml"])
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                return error_response(RequestError('send the pipeline as YAML, or as JSON '
+                                                   '{"yaml": "..."}'))
+        try:
+            result = await asyncio.to_thread(rt().registry.register, name, raw, rt().ledger)
+        except ValueError as exc:
+            return error_response(RequestError(str(exc)))
+        if result.compiled is None:
+            return JSONResponse({"error": {
+                "message": f"pipeline '{name}' does not compile",
+                "type": "invalid_request_error", "code": "compile_error",
+                "diagnostics": [d.to_dict() for d in result.diagnostics]}}, status_code=422)
+        return JSONResponse({"name": name, "registered": True,
+                             "warnings": [d.to_dict() for d in result.diagnostics]})
+
+    @app.post("/v1/workflow/{name}")
+    async def _run(name: str, request: Request) -> Response:
+        wf = rt().registry.workflows.get(name)
+        if wf is None:
+            known = ", ".join(sorted(rt().registry.workflows)) or "none"
+            return error_response(RequestError(f"no pipeline named '{name}' (serving: {known})",
+                                               status=404, code="workflow_not_found"))
+        try:
+            body = orjson.loads(await request.body() or b"{}")
+            inputs = body.get("input") or {}
+            if not isinstance(inputs, dict):
+                raise RequestError("'input' must be an object", param="input")
+            dry_run = bool(body.get("dry_run", False))
+            result = await rt().executor(dry_run).run(wf.compiled, inputs)
+        except orjson.JSONDecodeError:
+            return error_response(RequestError("the request body is not valid JSON"))
+        except InputError as exc:
+            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error",
+                                           "code": "invalid_input", "param": "input",
+                                           "problems": exc.problems}}, status_code=400)
+        except RequestError as exc:
+            return error_response(exc)
+        await asyncio.to_thread(runs.save, rt().ledger, result)
+        return Response(orjson.dumps(result.to_dict(), default=str),
+                        media_type="application/json",
+                        status_code=200)  # a failed run is a result: see "status", "error"
+
+    @app.get("/v1/runs/{run_id}")
+    async def _run_record(run_id: str) -> Response:
+        rows = await asyncio.to_thread(rt().ledger.execute,
+                                       "SELECT record FROM runs WHERE id = ?", [run_id])
+        if not rows:
+            return error_response(RequestError(f"no run '{run_id}'", status=404))
+        return Response(rows[0][0], media_type="application/json")
+
+    @app.get("/v1/runs")
+    async def _runs(limit: int = 50) -> Response:
+        rows = await asyncio.to_thread(
+            rt().ledger.execute, "SELECT id, workflow_name, status, started_at, latency_ms, "
+            "dry_run FROM runs ORDER BY started_at DESC LIMIT ?", [min(limit, 1000)])
+        keys = ["run_id", "workflow", "status", "started_at", "latency_ms", "dry_run"]
+        return Response(orjson.dumps({"runs": [dict(zip(keys, r, strict=True)) for r in rows]},
+                                     default=str), media_type="application/json")
+
+    # -- MCP -------------------------------------------------------------------------------
+    @app.get("/v1/mcp/servers")
+    async def _mcp_servers() -> Response:
+        found = await rt().mcp.discover()
+        return Response(orjson.dumps({"servers": [
+            {"name": n, "ok": v["ok"], "error": v.get("error"), "tools": len(v["tools"])}
+            for n, v in sorted(found.items())]}), media_type="application/json")
+
+    @app.get("/v1/mcp/tools")
+    async def _mcp_tools() -> Response:
+        found = await rt().mcp.discover()
+        return Response(orjson.dumps({"tools": [
+            {"server": n, **t} for n, v in sorted(found.items()) for t in v["tools"]]},
+            default=str), media_type="application/json")
 
     app.state.runtime = state
     return app

@@ -37,6 +37,9 @@ class CallContext:
     dry_run: bool = False
 
 
+NO_CONTEXT = CallContext()
+
+
 @dataclass
 class Outcome:
     body: dict[str, Any]
@@ -106,7 +109,7 @@ class ModelCaller:
 
     # -- calls -----------------------------------------------------------------------------
     async def complete(self, req: dict[str, Any], *, tags: str | None = None,
-                       ctx: CallContext = CallContext()) -> Outcome:
+                       ctx: CallContext = NO_CONTEXT) -> Outcome:
         requested = str(req.get("model", ""))
         plan = self.plan(req, tags)
         last: Exception | None = None
@@ -146,7 +149,7 @@ class ModelCaller:
         raise last
 
     async def stream(self, req: dict[str, Any], *, tags: str | None = None,
-                     ctx: CallContext = CallContext()) -> StreamOutcome:
+                     ctx: CallContext = NO_CONTEXT) -> StreamOutcome:
         """Open a stream, retrying and falling back until its first chunk arrives; after
         that, an error ends the stream (its bytes already reached the client)."""
         requested = str(req.get("model", ""))

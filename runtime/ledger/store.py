@@ -20,6 +20,7 @@ per-row inserts manage ~1,000 rows/s while an appender fed by one writer thread 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -161,6 +162,27 @@ class Ledger:
             with self._lock:
                 self._con.close()
 
+    def record_run(self, row: dict[str, Any]) -> None:
+        """Store a run record (see runtime/runs.py); written at once, or to the inbox when
+        another process holds the ledger."""
+        if self._con is not None:
+            try:
+                self._insert_run(row)
+            except Exception:
+                log.exception("ledger: could not store run %s", row.get("id"))
+            return
+        tmp = self.inbox / f".run-{row['id']}.tmp"
+        tmp.write_text(json.dumps(row, default=str))
+        tmp.rename(self.inbox / f"run-{row['id']}.json")
+
+    def _insert_run(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._con.execute(  # type: ignore[union-attr]
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [row["id"], row["workflow_name"], row["inputs_hash"], row["status"],
+                 row["started_at"], row["finished_at"], row["latency_ms"], row["dry_run"],
+                 json.dumps(row["record"], default=str)])
+
     def flush(self) -> None:
         """Block until every row queued so far is written (for tests and shutdown)."""
         done = threading.Event()
@@ -260,6 +282,13 @@ class Ledger:
         tmp.rename(final)
 
     def _ingest_inbox(self) -> None:
+        for run_file in sorted(self.inbox.glob("run-*.json")):
+            try:
+                self._insert_run(json.loads(run_file.read_text()))
+            except Exception:
+                log.exception("ledger: run record %s left in place", run_file)
+                continue
+            run_file.unlink(missing_ok=True)
         files = sorted(self.inbox.glob("*.parquet"))
         if not files:
             return

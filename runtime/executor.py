@@ -1,0 +1,421 @@
+"""Running a compiled pipeline: every step whose inputs are ready starts at once.
+
+The join rule is the compiler's (docs/dsl.md): a skipped step's output is *missing*; a read
+of a missing value takes its `??` fallback, or skips the reader when it says
+`on_missing: skip`. `when:` false skips a step. `needs:` waits for a step to finish or be
+skipped. A failure either fails the run and cancels what is running (`on_error: fail`) or
+leaves the step's output missing (`on_error: continue`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Protocol
+
+from flowc.expr import MISSING, EvalError, Missing, evaluate, resolve_ref, single_reference
+from flowc.ir import CompiledPipeline, StepNode
+from flowc.model import LLMStep, MCPToolStep
+from flowc.template import Template, parse_template, render
+from runtime.gateway.calls import CallContext, Outcome
+from runtime.inputs import check_inputs
+from runtime.providers import FlowcError
+
+log = logging.getLogger("flowc.run")
+
+
+class ModelCalls(Protocol):
+    async def complete(self, req: dict[str, Any], *, tags: str | None = ...,
+                       ctx: CallContext = ...) -> Outcome: ...
+
+
+@dataclass
+class ToolResult:
+    structured: Any
+    text: str
+    is_error: bool
+
+
+class ToolCalls(Protocol):
+    async def call_tool(self, server: str, tool: str, args: dict[str, Any],
+                        timeout: float | None = None) -> ToolResult: ...
+
+    async def function_tools(self, refs: list[str]) -> list[dict[str, Any]]: ...
+
+
+class StepFailed(Exception):
+    pass
+
+
+@dataclass
+class StepResult:
+    id: str
+    status: str = "waiting"  # waiting | running | done | skipped | failed | cancelled
+    output: Any = None
+    error: str | None = None
+    skip_reason: str | None = None
+    latency_ms: float = 0.0
+    cost: Decimal | None = Decimal(0)
+    tokens: int = 0
+    attempts: int = 0
+    model_calls: int = 0
+    tool_calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "latency_ms": round(self.latency_ms, 1),
+                "cost": None if self.cost is None else float(self.cost),
+                "tokens": self.tokens, "attempts": self.attempts,
+                "model_calls": self.model_calls, "tool_calls": self.tool_calls,
+                "error": self.error, "skip_reason": self.skip_reason}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    workflow: str
+    status: str  # succeeded | failed
+    output: Any
+    steps: dict[str, StepResult]
+    latency_ms: float
+    inputs_hash: str
+    dry_run: bool
+    error: dict[str, Any] | None = None
+    started_at: float = 0.0
+
+    @property
+    def total_cost(self) -> Decimal | None:
+        costs = [s.cost for s in self.steps.values()]
+        return None if any(c is None for c in costs) else sum(costs, Decimal(0))  # type: ignore[arg-type]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(s.tokens for s in self.steps.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        cost = self.total_cost
+        out = {
+            "run_id": self.run_id,
+            "workflow": self.workflow,
+            "status": self.status,
+            "output": self.output,
+            "metrics": {
+                "total_cost_usd": None if cost is None else float(cost),
+                "total_tokens": self.total_tokens,
+                "latency_ms": round(self.latency_ms, 1),
+                "steps": [s.to_dict() for s in self.steps.values()],
+            },
+            "dry_run": self.dry_run,
+        }
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+Listener = Callable[[StepResult], None]
+
+
+def inputs_hash(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Executor:
+    def __init__(self, models: ModelCalls, tools: ToolCalls | None = None, *,
+                 dry_run: bool = False, max_concurrency: int = 64,
+                 global_limit: asyncio.Semaphore | None = None) -> None:
+        self.models = models
+        self.tools = tools
+        self.dry_run = dry_run
+        self.max_concurrency = max_concurrency
+        self.global_limit = global_limit
+
+    async def run(self, compiled: CompiledPipeline, inputs: dict[str, Any], *,
+                  run_id: str | None = None, listener: Listener | None = None) -> RunResult:
+        values = check_inputs(compiled.pipeline.inputs, inputs)
+        run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener)
+        return await run.execute()
+
+
+class _Run:
+    def __init__(self, ex: Executor, compiled: CompiledPipeline, inputs: dict[str, Any],
+                 run_id: str, listener: Listener | None) -> None:
+        self.ex = ex
+        self.c = compiled
+        self.inputs = inputs
+        self.run_id = run_id
+        self.listener = listener
+        self.values: dict[str, Any] = {}  # output name -> value (absent = not yet / missing)
+        self.missing_why: dict[str, str] = {}
+        self.results = {sid: StepResult(sid) for sid in compiled.order}
+        self.limit = asyncio.Semaphore(ex.max_concurrency)
+        self.ctx = lambda sid: CallContext(compiled.name, run_id, sid, ex.dry_run)
+
+    # -- scope -----------------------------------------------------------------------------
+    def scope(self, name: str) -> Any:
+        if name == "input":
+            return self.inputs
+        return self.values.get(name, MISSING)
+
+    def jinja_names(self) -> dict[str, Any]:
+        return {"input": self.inputs, **{k: v for k, v in self.values.items()
+                                         if v is not MISSING}}
+
+    def _emit(self, r: StepResult) -> None:
+        if self.listener:
+            self.listener(r)
+
+    # -- the schedule ----------------------------------------------------------------------
+    async def execute(self) -> RunResult:
+        started = time.time()
+        t0 = time.perf_counter()
+        g = self.c.graph
+        waiting = {sid: g.in_degree(sid) for sid in self.c.order}
+        tasks: dict[asyncio.Task[None], str] = {}
+        error: dict[str, Any] | None = None
+
+        def start(sid: str) -> None:
+            tasks[asyncio.create_task(self._step(sid), name=sid)] = sid
+
+        for sid in self.c.order:
+            if waiting[sid] == 0:
+                start(sid)
+        while tasks:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                sid = tasks.pop(task)
+                exc = task.exception()
+                if exc is not None and error is None:
+                    error = {"step": sid, "type": type(exc).__name__,
+                             "message": self.results[sid].error or str(exc)}
+                if error is None:
+                    for succ in g.successors(sid):
+                        waiting[succ] -= 1
+                        if waiting[succ] == 0:
+                            start(succ)
+            if error is not None and tasks:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for sid in tasks.values():
+                    self.results[sid].status = "cancelled"
+                    self._emit(self.results[sid])
+                tasks.clear()
+        if error is not None:
+            for r in self.results.values():
+                if r.status == "waiting":
+                    r.status = "cancelled"
+        output = None if error else self._output()
+        return RunResult(self.run_id, self.c.name, "failed" if error else "succeeded", output,
+                         self.results, (time.perf_counter() - t0) * 1000,
+                         inputs_hash(self.inputs), self.ex.dry_run, error, started)
+
+    def _output(self) -> Any:
+        spec = self.c.output
+        if spec is None:  # every step's result that no other step read
+            return {self.c.node(s).step.output_name: self.values.get(
+                self.c.node(s).step.output_name) for s in self.c.order
+                if self.c.graph.out_degree(s) == 0
+                and self.values.get(self.c.node(s).step.output_name, MISSING) is not MISSING}
+        if isinstance(spec, dict):
+            return {k: self._value_of(t) for k, t in spec.items()}
+        return self._value_of(spec)
+
+    def _value_of(self, template: Template) -> Any:
+        ref = single_reference(template.text)
+        if ref is not None:
+            return resolve_ref(ref, self.scope)
+        return render(template, self.scope, self.jinja_names())
+
+    # -- one step --------------------------------------------------------------------------
+    async def _step(self, sid: str) -> None:
+        node = self.c.node(sid)
+        step = node.step
+        r = self.results[sid]
+        t0 = time.perf_counter()
+        try:
+            reason = self._skip_reason(node)
+            if reason is not None:
+                r.status, r.skip_reason = "skipped", reason
+                self.missing_why[step.output_name] = f"step '{sid}' was skipped: {reason}"
+                self._emit(r)
+                return
+            r.status = "running"
+            self._emit(r)
+            async with self.limit:
+                if self.ex.global_limit is not None:
+                    async with self.ex.global_limit:
+                        output = await self._attempts(node, r)
+                else:
+                    output = await self._attempts(node, r)
+        except asyncio.CancelledError:
+            r.latency_ms = (time.perf_counter() - t0) * 1000
+            raise
+        except Exception as exc:
+            r.latency_ms = (time.perf_counter() - t0) * 1000
+            r.status = "failed"
+            r.error = r.error or _describe(exc)
+            self._emit(r)
+            if step.on_error == "continue":
+                self.missing_why[step.output_name] = f"step '{sid}' failed: {r.error}"
+                return
+            raise
+        r.latency_ms = (time.perf_counter() - t0) * 1000
+        r.status, r.output = "done", output
+        self.values[step.output_name] = output
+        self._emit(r)
+
+    def _skip_reason(self, node: StepNode) -> str | None:
+        """Why the step is skipped, or None if it runs. A read of a missing value without a
+        fallback skips the step (`on_missing: skip`) or fails it."""
+        step = node.step
+        for ref, _kind in node.refs:
+            try:
+                resolve_ref(ref, self.scope)
+            except Missing as m:
+                names = [a.root for a in ref.alts if hasattr(a, "root")]
+                why = "; ".join(self.missing_why.get(n, f"'{n}' has no value") for n in names)
+                if step.on_missing == "skip":
+                    return f"it reads {m} which is missing ({why})"
+                raise StepFailed(f"'{m}' is missing ({why})") from None
+        if node.condition is not None:
+            try:
+                holds = bool(evaluate(node.condition, self.scope))
+            except EvalError as exc:
+                raise StepFailed(f"condition `{step.when}` could not be evaluated: {exc}"
+                                 ) from None
+            if not holds:
+                return f"condition `{step.when}` was false"
+        elif step.when is False:
+            return "condition is false"
+        return None
+
+    async def _attempts(self, node: StepNode, r: StepResult) -> Any:
+        step = node.step
+        for attempt in range(step.retries + 1):
+            r.attempts = attempt + 1
+            try:
+                if step.timeout:
+                    async with asyncio.timeout(step.timeout):
+                        return await self._execute(node, r)
+                return await self._execute(node, r)
+            except TimeoutError:
+                err: Exception = StepFailed(f"timed out after {step.timeout:g} s")
+            except (FlowcError, StepFailed) as exc:
+                err = exc
+            if attempt < step.retries:
+                r.error = None
+                await asyncio.sleep(min(8.0, 0.2 * 2 ** attempt))
+                continue
+            r.error = _describe(err)
+            raise err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _execute(self, node: StepNode, r: StepResult) -> Any:
+        step = node.step
+        if isinstance(step, LLMStep):
+            return await self._llm(node, step, r)
+        assert isinstance(step, MCPToolStep)
+        if self.ex.tools is None:
+            raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")
+        args = self._params(step.params)
+        r.tool_calls += 1
+        res = await self.ex.tools.call_tool(step.server, step.tool, args, step.timeout)
+        if res.is_error:
+            raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
+        return res.structured if res.structured is not None else res.text
+
+    def _params(self, value: Any) -> Any:
+        if isinstance(value, str):
+            ref = single_reference(value)
+            if ref is not None:
+                return resolve_ref(ref, self.scope)  # keeps its type
+            if "${" in value:
+                return render(parse_template(value), self.scope, self.jinja_names())
+            return value
+        if isinstance(value, dict):
+            return {k: self._params(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._params(v) for v in value]
+        return value
+
+    async def _llm(self, node: StepNode, step: LLMStep, r: StepResult) -> Any:
+        names = self.jinja_names()
+        messages: list[dict[str, Any]] = []
+        if step.system is not None:
+            messages.append({"role": "system",
+                             "content": render(node.templates["system"], self.scope, names)})
+        messages.append({"role": "user",
+                         "content": render(node.templates["prompt"], self.scope, names)})
+        req: dict[str, Any] = {"model": step.model, "messages": messages}
+        if step.temperature is not None:
+            req["temperature"] = step.temperature
+        if step.max_tokens is not None:
+            req["max_tokens"] = step.max_tokens
+        rf = step.response_format
+        if rf is not None and rf.type != "text":
+            req["response_format"] = (
+                {"type": "json_object"} if rf.type == "json_object" else
+                {"type": "json_schema", "json_schema": {"name": rf.name, "schema": rf.schema_,
+                                                        "strict": rf.strict}})
+        tools: list[dict[str, Any]] = []
+        if step.tools:
+            if self.ex.tools is None:
+                raise StepFailed("the step offers MCP tools but no MCP servers are configured")
+            tools = await self.ex.tools.function_tools(step.tool_refs)
+            req["tools"] = tools
+        offered = {t["function"]["name"] for t in tools}
+        calls = 0
+        while True:
+            out = await self.ex.models.complete(req, ctx=self.ctx(step.id))
+            r.model_calls += 1
+            r.tokens += out.usage.total_tokens
+            r.cost = None if r.cost is None or out.cost is None else r.cost + out.cost
+            message = out.body["choices"][0]["message"]
+            tool_calls = message.get("tool_calls") or []
+            if not tool_calls:
+                break
+            if calls + len(tool_calls) > step.max_tool_calls:
+                raise StepFailed(f"the model asked for more than max_tool_calls="
+                                 f"{step.max_tool_calls} tool calls")
+            req["messages"] = [*req["messages"], message]
+            for call in tool_calls:
+                calls += 1
+                r.tool_calls += 1
+                req["messages"].append(await self._tool_message(call, offered))
+        content = message.get("content") or ""
+        if rf is not None and rf.type != "text":
+            try:
+                return json.loads(content)
+            except ValueError:
+                raise StepFailed(f"model {step.model} did not answer with JSON: "
+                                 f"{content[:200]!r}") from None
+        return content
+
+    async def _tool_message(self, call: dict[str, Any], offered: set[str]) -> dict[str, Any]:
+        """Run one tool call the model asked for; the answer (or error) goes back to it.
+        Only the tools the step offered can be called."""
+        from runtime.mcp.tools import split_function_name
+
+        assert self.ex.tools is not None
+        fn = call.get("function") or {}
+        try:
+            if fn.get("name") not in offered:
+                raise StepFailed(f"tool '{fn.get('name')}' was not offered to the model")
+            server, tool = split_function_name(fn.get("name", ""))
+            args = json.loads(fn.get("arguments") or "{}")
+            res = await self.ex.tools.call_tool(server, tool, args)
+            text = res.text if res.structured is None else json.dumps(res.structured)
+            content = ("error: " + text) if res.is_error else text
+        except (ValueError, FlowcError, StepFailed) as exc:
+            content = f"error: {exc}"
+        return {"role": "tool", "tool_call_id": call.get("id"), "content": content}
+
+
+def _describe(exc: BaseException) -> str:
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__

@@ -1,0 +1,1 @@
+"""MCP: sessions with the servers in flowc.yaml, discovery, and tool calls."""

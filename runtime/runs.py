@@ -1,0 +1,25 @@
+"""Run records: what happened in a run, kept so `flowc runs` and `GET /v1/runs/{id}` can
+show it afterwards (including why each skipped step was skipped)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from runtime.executor import RunResult
+from runtime.ledger.store import Ledger
+
+
+def run_row(result: RunResult) -> dict[str, Any]:
+    started = datetime.fromtimestamp(result.started_at, UTC).replace(tzinfo=None)
+    finished = datetime.fromtimestamp(result.started_at + result.latency_ms / 1000,
+                                      UTC).replace(tzinfo=None)
+    return {"id": result.run_id, "workflow_name": result.workflow,
+            "inputs_hash": result.inputs_hash, "status": result.status,
+            "started_at": started, "finished_at": finished, "latency_ms": result.latency_ms,
+            "dry_run": result.dry_run, "record": result.to_dict()}
+
+
+def save(ledger: Ledger | None, result: RunResult) -> None:
+    if ledger is not None:
+        ledger.record_run(run_row(result))
