@@ -78,10 +78,11 @@ ledger:
 """
 
 
-def start_server(project: Path, env: dict[str, str], port: int) -> subprocess.Popen:
+def start_server(project: Path, env: dict[str, str], port: int, *extra: str
+                 ) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.cli", "serve", "--port", str(port),
-         "--log-level", "warning"],
+         "--log-level", "warning", *extra],
         cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         start_new_session=True)
     url = f"http://127.0.0.1:{port}"
