@@ -123,7 +123,7 @@ def test_timeouts_and_a_server_that_crashes_mid_call(tmp_path):
 
     async def go():
         m = MCPManager({"ev": everything(marker)}, tmp_path)
-        with pytest.raises(StepFailed, match="timed out after 0.5 s"):
+        with pytest.raises(StepFailed, match=r"timed out after 0\.5 s"):
             await m.call_tool("ev", "trigger-long-running-operation",
                               {"duration": 5, "steps": 5}, timeout=0.5)
         still = await m.call_tool("ev", "echo", {"message": "after timeout"})
@@ -170,7 +170,7 @@ def test_unknown_servers_cannot_be_reached(tmp_path):
         finally:
             await m.close()
 
-    with pytest.raises(StepFailed, match="is not in flowc.yaml"):
+    with pytest.raises(StepFailed, match=r"is not in flowc\.yaml"):
         run_async(go())
 
 

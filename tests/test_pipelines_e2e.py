@@ -179,8 +179,8 @@ def test_cli_run_records_into_the_ledger_the_server_holds(served):
     url, project, env, _ = served
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "run",
                         str(ROOT / "pipelines" / "research.yaml"), "-i", "topic=Queues",
-                        "--config", "flowc.yaml", "--json"], cwd=project, env=env, capture_output=True, text=True,
-                       timeout=120)
+                        "--config", "flowc.yaml", "--json"], cwd=project, env=env,
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["status"] == "succeeded"
