@@ -33,6 +33,7 @@ from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.server")
 SERVER_FILE = Path(".flowc") / "server.json"
+DASHBOARD = Path(__file__).parent / "dashboard" / "index.html"
 
 
 @dataclass
@@ -132,6 +133,18 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
         except (ValueError, RequestError) as exc:
             return error_response(RequestError(str(exc)))
         return Response(orjson.dumps(data, default=str), media_type="application/json")
+
+    @app.get("/v1/costs/dashboard")
+    async def _dashboard_data(since: str | None = None, until: str | None = None) -> Response:
+        try:
+            data = await asyncio.to_thread(reports.dashboard, rt().ledger.select, since, until)
+        except ValueError as exc:
+            return error_response(RequestError(str(exc)))
+        return Response(orjson.dumps(data, default=str), media_type="application/json")
+
+    @app.get("/dashboard")
+    async def _dashboard() -> Response:
+        return Response(DASHBOARD.read_bytes(), media_type="text/html; charset=utf-8")
 
     @app.get("/v1/costs/export.csv")
     async def _export(since: str | None = None, until: str | None = None) -> Response:

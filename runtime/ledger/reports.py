@@ -111,3 +111,40 @@ def _fmt(v: Any) -> str:
 
 def _numeric(s: str) -> bool:
     return s.replace(".", "", 1).replace("-", "", 1).isdigit()
+
+
+def dashboard(select: Select, since: str | None = None, until: str | None = None
+              ) -> dict[str, Any]:
+    """Everything the dashboard draws, in one round trip."""
+    where, params = _where(since, until)
+
+    def rows(sql: str) -> list[dict[str, Any]]:
+        columns, data = select(sql, params)
+        return [dict(zip(columns, r, strict=True)) for r in data]
+
+    model = GROUPS["model"]
+    daily = rows(f"""SELECT ts::DATE AS day, count(*) AS calls,
+                     coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd
+                     FROM requests {where} GROUP BY 1 ORDER BY 1""")
+    by_model = rows(f"""SELECT {model} AS model, count(*) AS calls,
+                        coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                        coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                        sum(cost_usd) AS cost_usd,
+                        quantile_cont(latency_ms, 0.5) AS p50_ms
+                        FROM requests {where} GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST""")
+    by_workflow = rows(f"""SELECT {GROUPS['workflow']} AS workflow, count(*) AS calls,
+                           coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd
+                           FROM requests {where} GROUP BY 1 ORDER BY cost_usd DESC NULLS LAST""")
+    overall = rows(f"""SELECT count(*) AS calls, count(*) FILTER (WHERE NOT success) AS errors,
+                       coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd,
+                       quantile_cont(latency_ms, 0.5) AS p50_ms,
+                       quantile_cont(latency_ms, 0.9) AS p90_ms,
+                       quantile_cont(latency_ms, 0.99) AS p99_ms
+                       FROM requests {where}""")[0]
+    latest = rows(f"""SELECT ts, coalesce(workflow_name, '') AS workflow,
+                      coalesce(step_id, '') AS step, model, provider, served_model,
+                      total_tokens, cost_usd, latency_ms, success, error
+                      FROM requests {where} ORDER BY ts DESC LIMIT 25""")
+    overall["error_rate"] = (overall["errors"] / overall["calls"]) if overall["calls"] else 0.0
+    return {"overall": overall, "daily": daily, "by_model": by_model,
+            "by_workflow": by_workflow, "latest": latest}

@@ -1,0 +1,260 @@
+"""The cost ledger: exact prices, the SQL guard, no lost rows across a graceful restart under
+load, the CLI and HTTP reports, and the dashboard rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from flowc.config import PriceOverride
+from runtime.ledger.pricing import price
+from runtime.ledger.store import CallRecord, Ledger, SQLRefused, connect, run_select
+from runtime.providers import Usage
+from tests.conftest import start_server, stop_server
+from tests.fakes import FakeServer, anthropic_text, free_port, openai_text
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+# -- prices ------------------------------------------------------------------------------------
+def test_openai_price_with_cached_tokens():
+    # gpt-4o-mini: $0.15 input, $0.075 cached input, $0.60 output per 1M tokens.
+    # prompt_tokens includes the cached ones; completion includes reasoning.
+    usage = Usage(prompt_tokens=10_000, completion_tokens=2_000, cached_tokens=4_000,
+                  reasoning_tokens=500)
+    cost, source = price("openai", "gpt-4o-mini", usage)
+    assert cost == Decimal("6000") * Decimal("0.15") / 10**6 + Decimal("4000") * \
+        Decimal("0.075") / 10**6 + Decimal("2000") * Decimal("0.60") / 10**6
+    assert cost == Decimal("0.0024")
+    assert source.startswith("genai-prices")
+
+
+def test_anthropic_price_with_cache_writes_and_reads():
+    # claude-sonnet-4-5: $3 input, $3.75 5-minute cache write, $0.30 cache read, $15 output.
+    usage = Usage(prompt_tokens=100 + 1_000 + 2_000, completion_tokens=20, cached_tokens=2_000,
+                  cache_write_tokens=1_000)
+    cost, _ = price("anthropic", "claude-sonnet-4-5", usage)
+    assert cost == Decimal("0.0003") + Decimal("0.00375") + Decimal("0.0006") + \
+        Decimal("0.0003")
+
+
+def test_ollama_is_free_unless_priced_and_unknown_models_are_null(caplog):
+    usage = Usage(prompt_tokens=1_000_000, completion_tokens=1_000_000)
+    assert price("ollama", "qwen2.5:7b", usage)[0] == Decimal(0)
+    overrides = {"ollama/qwen2.5:7b": PriceOverride(input=Decimal("0.10"),
+                                                    output=Decimal("0.40"))}
+    assert price("ollama", "qwen2.5:7b", usage, overrides) == (Decimal("0.50"), "flowc.yaml")
+    with caplog.at_level("WARNING"):
+        cost, source = price("openai", "gpt-unreleased-x", usage)
+    assert (cost, source) == (None, "unpriced")
+    assert "no price for openai/gpt-unreleased-x" in caplog.text
+
+
+# -- the store and its SQL guard -----------------------------------------------------------------
+def test_rows_are_batched_and_readable(tmp_path):
+    ledger = Ledger(tmp_path / "l.duckdb", flush_interval=0.1)
+    for i in range(2500):
+        ledger.record(CallRecord(model="fast", provider="openai", served_model="gpt-4o-mini",
+                                 success=i % 10 != 0, latency_ms=float(i),
+                                 prompt_tokens=10, completion_tokens=5,
+                                 cost_usd=Decimal("0.000004500")))
+    ledger.flush()
+    _cols, rows = ledger.select("SELECT count(*), sum(cost_usd), count(*) FILTER (WHERE "
+                               "NOT success), min(total_tokens) FROM requests")
+    assert rows == [(2500, Decimal("0.011250000"), 250, 15)]
+    ledger.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "DELETE FROM requests",
+    "INSERT INTO requests (id, ts, success) VALUES ('x', now(), true)",
+    "DROP TABLE requests",
+    "UPDATE requests SET cost_usd = 0",
+    "COPY requests TO '/tmp/stolen.csv'",
+    "ATTACH '/tmp/other.db' AS other",
+    "SET enable_external_access = true",
+    "SELECT 1; DELETE FROM requests",
+])
+def test_user_sql_cannot_write(tmp_path, sql):
+    ledger = Ledger(tmp_path / "l.duckdb")
+    with pytest.raises((SQLRefused, duckdb.Error)):
+        ledger.select(sql)
+    ledger.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM '/etc/passwd'",
+    "SELECT * FROM read_text('/etc/hostname')",
+    "SELECT * FROM glob('/*')",
+])
+def test_user_sql_cannot_read_files(tmp_path, sql):
+    ledger = Ledger(tmp_path / "l.duckdb")
+    with pytest.raises(duckdb.Error):
+        ledger.select(sql)
+    ledger.close()
+    con = connect(tmp_path / "l.duckdb", read_only=True)  # the CLI's path when no server runs
+    with pytest.raises(duckdb.Error):
+        run_select(con, sql)
+    con.close()
+
+
+def test_migrations_are_named_and_applied_once(tmp_path):
+    Ledger(tmp_path / "l.duckdb").close()
+    con = connect(tmp_path / "l.duckdb")
+    names = [r[0] for r in con.execute("SELECT name FROM schema_migrations ORDER BY 1").fetchall()]
+    assert names == ["0001_requests", "0002_workflows", "0003_runs"]
+    cols = {r[0] for r in con.execute("DESCRIBE requests").fetchall()}
+    assert {"id", "ts", "workflow_name", "model", "prompt_tokens", "completion_tokens",
+            "total_tokens", "cost_usd", "latency_ms", "success", "error"} <= cols
+    con.close()
+
+
+# -- the server holding the ledger -------------------------------------------------------------
+@pytest.fixture
+def served_ledger(tmp_path):
+    (tmp_path / "flowc.yaml").write_text(
+        "models:\n  fast: openai/gpt-4o-mini\n  smart: anthropic/claude-sonnet-4-5\n"
+        "ledger:\n  flush_interval: 1.0\n")
+    fakes = {k: FakeServer(k).start() for k in ("openai", "anthropic")}
+    env = {**os.environ, "OPENAI_BASE_URL": fakes["openai"].url + "/v1",
+           "ANTHROPIC_BASE_URL": fakes["anthropic"].url, "OPENAI_API_KEY": "k",
+           "ANTHROPIC_API_KEY": "k", "PYTHONPATH": str(ROOT)}
+    yield tmp_path, env, fakes
+    for f in fakes.values():
+        f.stop()
+
+
+def _fire(url: str, n: int, results: list[int]) -> None:
+    with httpx.Client(timeout=30) as c:
+        for i in range(n):
+            try:
+                r = c.post(url + "/v1/chat/completions", json={
+                    "model": "fast", "messages": [{"role": "user", "content": f"m{i}"}]})
+                results.append(r.status_code)
+            except httpx.HTTPError:
+                results.append(0)
+
+
+def test_graceful_restart_under_load_loses_no_row(served_ledger):
+    project, env, _ = served_ledger
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(project, env, port)
+    results: list[int] = []
+    threads = [threading.Thread(target=_fire, args=(url, 60, results)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)  # mid-load, with rows still waiting for the 1 s flush
+    # uvicorn finishes the requests in flight, runs shutdown (the ledger drains), then
+    # re-raises the signal: exit status -SIGTERM after a clean shutdown.
+    assert stop_server(proc) in (0, -signal.SIGTERM)
+    for t in threads:
+        t.join()
+    answered = results.count(200)
+    assert answered > 0
+    proc = start_server(project, env, port)  # again: the same ledger file
+    rows = httpx.post(url + "/v1/costs/sql", json={
+        "sql": "SELECT count(*) FROM requests WHERE success"}).json()["rows"]
+    stop_server(proc)
+    assert rows[0][0] == answered  # every answered request is on the books
+
+
+def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
+    project, env, fakes = served_ledger
+    fakes["openai"].then(openai_text("a", prompt_tokens=1000, completion_tokens=100))
+    fakes["anthropic"].then(anthropic_text("b", input_tokens=1000, output_tokens=100))
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(project, env, port)
+    for model in ("fast", "smart"):
+        httpx.post(url + "/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+    time.sleep(1.5)
+    summary = httpx.get(url + "/v1/costs/summary", params={"by": "model"}).json()
+    by = {r["key"]: Decimal(r["cost_usd"]) for r in summary["rows"]}
+    assert by == {"openai/gpt-4o-mini-2024-07-18": Decimal("0.000210000"),
+                  "anthropic/claude-sonnet-4-5-20250929": Decimal("0.004500000")}
+    export = httpx.get(url + "/v1/costs/export.csv", params={"since": "2000-01-01"}).text
+    table = list(csv.DictReader(io.StringIO(export)))
+    assert len(table) == 2 and {r["provider"] for r in table} == {"openai", "anthropic"}
+    # the CLI, while the server holds the ledger
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--by", "model"],
+                       cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "2 calls, 2200 tokens, $0.004710" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--sql",
+                        "DELETE FROM requests"], cwd=project, env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 1 and "only SELECT queries are allowed" in r.stderr
+    stop_server(proc)
+    # and with no server: the file is opened read-only
+    out = project / "costs.csv"
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--csv", str(out)],
+                       cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "wrote 2 rows" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--since", "nope"],
+                       cwd=project, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "--since must be a date" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is installed by .ci/run")
+def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
+    from playwright.sync_api import sync_playwright
+
+    project, env, fakes = served_ledger
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(project, env, port)
+    try:
+        fakes["openai"].then(*[openai_text("x", prompt_tokens=900, completion_tokens=300)] * 3)
+        fakes["anthropic"].then(anthropic_text("y", input_tokens=2000, output_tokens=400))
+        for model in ("fast", "fast", "fast", "smart"):
+            httpx.post(url + "/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+        httpx.post(url + "/v1/chat/completions", json={
+            "model": "nope", "messages": [{"role": "user", "content": "x"}]}, timeout=10)
+        time.sleep(1.5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shot = ARTIFACTS / "dashboard.png"
+        with sync_playwright() as p:
+            browser = p.chromium.launch(
+                executable_path=shutil.which("chromium"),
+                args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                      "--disable-component-update", "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            external: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith(url) else
+                    external.append(r.url))
+            page.goto(url + "/dashboard")
+            page.wait_for_selector("body[data-ready=true]", timeout=15000)
+            tokens = page.eval_on_selector_all(
+                "#chart-tokens rect", "els => els.map(e => [e.dataset.label, +e.dataset.value])")
+            daily = page.eval_on_selector_all("#chart-daily rect", "els => els.length")
+            calls = page.inner_text("#kpi-calls")
+            rows = page.eval_on_selector_all("#latest tr", "els => els.length")
+            page.screenshot(path=str(shot), full_page=True)
+            browser.close()
+        print(f"dashboard screenshot: {shot}")
+        assert external == []  # no CDN: it works with no internet
+        assert ["openai/gpt-4o-mini-2024-07-18", 2700] in tokens  # 3 x 900 prompt tokens
+        assert ["openai/gpt-4o-mini-2024-07-18", 900] in tokens  # 3 x 300 completion
+        assert ["anthropic/claude-sonnet-4-5-20250929", 2000] in tokens
+        assert daily == 1 and calls == "4" and rows == 1 + 4
+        assert shot.stat().st_size > 10_000
+    finally:
+        stop_server(proc)
