@@ -21,6 +21,7 @@ from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
 from runtime import runs
 from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
+from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.openai_api import chat_completions, error_response, models_list
 from runtime.gateway.routing import Router
@@ -106,6 +107,10 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Response:
         return await chat_completions(request, rt().caller)
+
+    @app.post("/v1/messages")
+    async def _messages(request: Request) -> Response:
+        return await anthropic_messages(request, rt().caller)
 
     @app.get("/v1/models")
     async def _models() -> Response:

@@ -395,3 +395,89 @@ def test_every_call_is_in_the_ledger_and_costs_cli_reads_it_while_serving(gw):
     assert str(before + 2) in r.stdout
     r = gw.flowc("costs", "--by", "model")
     assert "openai/gpt-4o-mini-2024-07-18" in r.stdout
+
+
+# -- the Anthropic-compatible endpoint ---------------------------------------------------------
+def anthropic_client(gw):
+    import anthropic
+
+    return anthropic.Anthropic(base_url=gw.url, api_key="anything", max_retries=0)
+
+
+def test_anthropic_sdk_against_messages_served_by_openai(gw):
+    gw.openai.then(openai_text("Hola.", prompt_tokens=12, completion_tokens=3))
+    msg = anthropic_client(gw).messages.create(
+        model="openai/gpt-4o-mini", max_tokens=100, system="Answer in Spanish.",
+        messages=[{"role": "user", "content": "Hello"}])
+    assert msg.content[0].type == "text" and msg.content[0].text == "Hola."
+    assert msg.stop_reason == "end_turn"
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (12, 3)
+    sent = gw.openai.requests[-1].body
+    assert sent["messages"] == [{"role": "system", "content": "Answer in Spanish."},
+                                {"role": "user", "content": [{"type": "text",
+                                                              "text": "Hello"}]}]
+    assert sent["max_tokens"] == 100
+
+
+def test_anthropic_sdk_tool_use_round_trip_served_by_anthropic(gw):
+    gw.anthropic.then(anthropic_tool_use("get_weather", {"city": "Rome"}))
+    tools = [{"name": "get_weather", "description": "Weather",
+              "input_schema": WEATHER_TOOL["function"]["parameters"]}]
+    msg = anthropic_client(gw).messages.create(
+        model="claude-sonnet-4-5", max_tokens=200, tools=tools,
+        messages=[{"role": "user", "content": "Weather in Rome?"}])
+    assert msg.stop_reason == "tool_use"
+    use = next(b for b in msg.content if b.type == "tool_use")
+    assert (use.name, use.input) == ("get_weather", {"city": "Rome"})
+    # the tool result goes back through the gateway as Anthropic expects it upstream
+    anthropic_client(gw).messages.create(
+        model="claude-sonnet-4-5", max_tokens=200, tools=tools, messages=[
+            {"role": "user", "content": "Weather in Rome?"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": use.id,
+                                               "name": "get_weather", "input": use.input}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id,
+                                          "content": "21 degrees"}]}])
+    upstream = gw.anthropic.requests[-1].body["messages"]
+    assert upstream[1]["content"][0] == {"type": "tool_use", "id": use.id,
+                                         "name": "get_weather", "input": {"city": "Rome"}}
+    assert upstream[2]["content"][0] == {"type": "tool_result", "tool_use_id": use.id,
+                                         "content": "21 degrees"}
+
+
+def test_anthropic_sdk_streaming_text_and_tools(gw):
+    gw.ollama.then(ollama_text("streamed from ollama", prompt_eval_count=9, eval_count=4))
+    with anthropic_client(gw).messages.stream(
+            model="local", max_tokens=50,
+            messages=[{"role": "user", "content": "hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text.strip() == "streamed from ollama"
+    assert final.usage.output_tokens == 4 and final.stop_reason == "end_turn"
+
+    args = {"city": "Kyoto", "unit": "celsius"}
+    gw.anthropic.then(anthropic_tool_use("get_weather", args))
+    with anthropic_client(gw).messages.stream(
+            model="smart", max_tokens=50, tools=[{
+                "name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}],
+            messages=[{"role": "user", "content": "weather?"}]) as stream:
+        final = stream.get_final_message()
+    use = next(b for b in final.content if b.type == "tool_use")
+    assert use.input == args and final.stop_reason == "tool_use"
+
+
+def test_anthropic_errors_use_anthropics_shape(gw):
+    import anthropic
+
+    with pytest.raises(anthropic.NotFoundError) as exc:
+        anthropic_client(gw).messages.create(model="nope", max_tokens=5,
+                                             messages=[{"role": "user", "content": "x"}])
+    assert exc.value.body["error"]["type"] == "not_found_error"
+    r = httpx.post(gw.url + "/v1/messages", json={
+        "model": "fast", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400
+    assert r.json() == {"type": "error", "error": {"type": "invalid_request_error",
+                                                   "message": "max_tokens: field required"}}
+    r = httpx.post(gw.url + "/v1/messages", json={
+        "model": "fast", "max_tokens": 5, "top_k": 3,
+        "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 400 and "'top_k' is not supported" in r.json()["error"]["message"]
