@@ -80,6 +80,8 @@ class PriceOverride(_Strict):
 
 
 class LedgerConfig(_Strict):
+    enabled: bool = Field(default=True,
+                          description="Record model calls (off only for measuring overhead).")
     path: str = Field(default=".flowc/ledger.duckdb",
                       description="The cost ledger (DuckDB), relative to the project.")
     flush_interval: float = Field(

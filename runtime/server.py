@@ -23,6 +23,7 @@ from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
 from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.calls import ModelCaller
+from runtime.gateway.hotpath import HotPaths
 from runtime.gateway.openai_api import chat_completions, error_response, models_list
 from runtime.gateway.routing import Router
 from runtime.inputs import InputError
@@ -61,8 +62,9 @@ class Runtime:
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
+        calls_ledger = ledger if config.ledger.enabled else None
         return cls(config, project_dir, providers, router, ledger,
-                   ModelCaller(config, providers, router, ledger),
+                   ModelCaller(config, providers, router, calls_ledger),
                    MCPManager(config.mcp_servers, project_dir), registry,
                    asyncio.Semaphore(256))
 
@@ -79,7 +81,8 @@ class Runtime:
 
 
 def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | None = None,
-               env: Mapping[str, str] | None = None, public_url: str | None = None) -> FastAPI:
+               env: Mapping[str, str] | None = None, public_url: str | None = None
+               ) -> HotPaths:
     state: dict[str, Runtime] = {}
 
     @contextlib.asynccontextmanager
@@ -103,14 +106,6 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
 
     def rt() -> Runtime:
         return state["rt"]
-
-    @app.post("/v1/chat/completions")
-    async def _chat(request: Request) -> Response:
-        return await chat_completions(request, rt().caller)
-
-    @app.post("/v1/messages")
-    async def _messages(request: Request) -> Response:
-        return await anthropic_messages(request, rt().caller)
 
     @app.get("/v1/models")
     async def _models() -> Response:
@@ -260,7 +255,9 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
             default=str), media_type="application/json")
 
     app.state.runtime = state
-    return app
+    # POST /v1/chat/completions and /v1/messages bypass FastAPI (see runtime/gateway/hotpath.py)
+    return HotPaths(app, lambda: rt().caller, {"/v1/chat/completions": chat_completions,
+                                               "/v1/messages": anthropic_messages})
 
 
 async def _reachable(url: str, timeout: float = 1.0) -> bool:

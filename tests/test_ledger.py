@@ -258,3 +258,23 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
         assert shot.stat().st_size > 10_000
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize(("provider", "model"), [
+    ("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"),
+    ("anthropic", "claude-3-5-haiku-latest"), ("openai", "o3-mini")])
+def test_fast_prices_match_the_library_for_any_usage(provider, model):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from runtime.ledger.pricing import _library_price
+
+    @given(st.integers(0, 400_000), st.integers(0, 50_000), st.integers(0, 100_000),
+           st.integers(0, 100_000))
+    @settings(max_examples=60, deadline=None)
+    def check(plain, cached, writes, output):
+        usage = Usage(prompt_tokens=plain + cached + writes, completion_tokens=output,
+                      cached_tokens=cached, cache_write_tokens=writes)
+        assert price(provider, model, usage)[0] == _library_price(provider, model, usage)
+
+    check()

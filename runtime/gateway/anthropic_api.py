@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from runtime.gateway.calls import ModelCaller
@@ -153,12 +152,10 @@ def from_openai(body: dict[str, Any], usage: Usage) -> dict[str, Any]:
             "stop_sequence": None, "usage": _usage(usage)}
 
 
-async def messages(request: Request, caller: ModelCaller) -> Response:
-    t0 = time.perf_counter()
+async def messages(raw: bytes, tags: str | None, caller: ModelCaller, t0: float) -> Response:
     try:
-        body = parse_body(await request.body())
+        body = parse_body(raw)
         req = to_openai(body)
-        tags = request.headers.get("x-flowc-tags")
         if body.get("stream"):
             out = await caller.stream(req, tags=tags)
             headers = flowc_headers(out.target.provider, out.target.model, None,

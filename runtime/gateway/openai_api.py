@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from runtime.gateway.calls import ModelCaller
@@ -54,12 +53,12 @@ def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
     return h
 
 
-async def chat_completions(request: Request, caller: ModelCaller) -> Response:
-    t0 = time.perf_counter()
+async def chat_completions(raw: bytes, tags: str | None, caller: ModelCaller,
+                           t0: float) -> Response:
+    """``t0`` is when the request arrived (for `x-flowc-overhead-ms`)."""
     try:
-        body = parse_body(await request.body())
+        body = parse_body(raw)
         validate_chat(body)
-        tags = request.headers.get("x-flowc-tags")
         if body.get("stream"):
             return await _stream(body, tags, caller, t0)
         out = await caller.complete(body, tags=tags)

@@ -19,11 +19,11 @@ per-row inserts manage ~1,000 rows/s while an appender fed by one writer thread 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -128,7 +128,13 @@ class Ledger:
         self.path = Path(path)
         self.inbox = self.path.with_name(self.path.name + ".inbox")
         self.flush_interval = flush_interval
-        self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        # deque.append is atomic: the request path only appends; the writer wakes once per
+        # interval (or when a batch is full), never once per row.
+        self._pending: collections.deque[CallRecord] = collections.deque()
+        self._wake = threading.Event()
+        self._flushed = threading.Condition()
+        self._generation = 0  # flushes completed
+        self._closing = False
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()  # guards the connection between writer and readers
         try:
@@ -148,15 +154,18 @@ class Ledger:
         return self._con is not None
 
     def record(self, call: CallRecord) -> None:
-        """Queue one row (thread-safe, never blocks)."""
-        self._queue.put(call.row())
+        """Queue one row (thread-safe, never blocks; converted to a row by the writer)."""
+        self._pending.append(call)
+        if len(self._pending) >= _BATCH:
+            self._wake.set()
 
     def close(self) -> None:
         """Write everything queued, then stop."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
+        self._closing = True
+        self._wake.set()
         self._thread.join()
         if self._con is not None:
             with self._lock:
@@ -185,9 +194,11 @@ class Ledger:
 
     def flush(self) -> None:
         """Block until every row queued so far is written (for tests and shutdown)."""
-        done = threading.Event()
-        self._queue.put(("__flush__", done))  # type: ignore[arg-type]
-        done.wait()
+        with self._flushed:
+            target = self._generation + 1
+            self._wake.set()
+            self._flushed.wait_for(lambda: self._generation >= target + 1 or self._closed,
+                                   timeout=60)
 
     # -- reading (owner only) --------------------------------------------------------------
     def select(self, sql: str, params: Sequence[Any] = ()
@@ -205,51 +216,26 @@ class Ledger:
             cur = self._con.cursor()
             try:
                 return cur.execute(sql, list(params)).fetchall()
-            except duckdb.Error:
-                raise
             finally:
                 cur.close()
 
     # -- the writer thread -----------------------------------------------------------------
     def _run(self) -> None:
-        batch: list[tuple[Any, ...]] = []
-        waiters: list[threading.Event] = []
-        deadline = time.monotonic() + self.flush_interval
-        stop = False
-        while not stop:
-            timeout = max(0.0, deadline - time.monotonic())
-            try:
-                item = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                item = ()
-            if item is None:
-                stop = True
-            elif item and item[0] == "__flush__":
-                waiters.append(item[1])  # type: ignore[arg-type]
-            elif item:
-                batch.append(item)
-                if len(batch) < _BATCH:
-                    continue
-            if batch or waiters or stop or time.monotonic() >= deadline:
-                while True:  # take whatever else is already queued
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if more is None:
-                        stop = True
-                    elif more and more[0] == "__flush__":
-                        waiters.append(more[1])  # type: ignore[arg-type]
-                    else:
-                        batch.append(more)
-                self._write(batch)
-                batch = []
-                if self.owner:
-                    self._ingest_inbox()
-                for w in waiters:
-                    w.set()
-                waiters = []
-                deadline = time.monotonic() + self.flush_interval
+        while True:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            stopping = self._closing
+            batch = []
+            while self._pending:
+                batch.append(self._pending.popleft().row())
+            self._write(batch)
+            if self.owner:
+                self._ingest_inbox()
+            with self._flushed:
+                self._generation += 1
+                self._flushed.notify_all()
+            if stopping and not self._pending:
+                return
 
     def _write(self, rows: list[tuple[Any, ...]]) -> None:
         if not rows:

@@ -222,10 +222,14 @@ class Endpoint:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            # No cookie jar, no decompression work we do not need: this is the hot path.
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30),
+                connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30,
+                                               ttl_dns_cache=300),
+                cookie_jar=aiohttp.DummyCookieJar(),
                 json_serialize=lambda o: orjson.dumps(o).decode(),
                 skip_auto_headers=("User-Agent",),
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
             )
         return self._session
 
@@ -244,7 +248,6 @@ class Endpoint:
             async with self.session().post(
                 self.url(path), data=orjson.dumps(payload),
                 headers={"content-type": "application/json", **self.headers, **headers},
-                timeout=aiohttp.ClientTimeout(total=self.timeout),
             ) as resp:
                 body = await resp.read()
                 return resp.status, resp.headers, body, (time.perf_counter() - t0) * 1000

@@ -1,0 +1,164 @@
+"""The gateway's own cost, side by side with Portkey's gateway, in one run.
+
+Starts a loopback upstream that answers instantly (Node), `flowc serve` (one uvicorn worker,
+uvloop + httptools) with the ledger on and off, and Portkey's gateway (Node, from npm), then
+drives each with wrk: requests/s and p99 at concurrency 32, p50 at concurrency 1 (added p50 =
+through the gateway minus straight to the upstream). Writes the table into
+docs/benchmarks.md. Needs `wrk` (apt-get install wrk) and `npm install` in
+benchmarks/gateway/; everything listens on 127.0.0.1 and stops by itself.
+
+    python benchmarks/bench_gateway.py [--duration 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+GW = HERE / "gateway"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- gateway:begin -->", "<!-- gateway:end -->"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    with_signal = getattr(os, "killpg", None)
+    try:
+        if with_signal:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wrk(url: str, model: str, conns: int, seconds: int, headers: dict[str, str]) -> dict:
+    script = (HERE / "gateway" / "post.lua").read_text().replace("MODEL", model)
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(script)
+    cmd = ["wrk", "-t", "1" if conns == 1 else "2", "-c", str(conns), "-d", f"{seconds}s",
+           "--latency", "-s", f.name]
+    for k, v in headers.items():
+        cmd += ["-H", f"{k}: {v}"]
+    out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 30)
+    os.unlink(f.name)
+    text = out.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", text).group(1)) for p in ("50", "99")}
+    return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
+            "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def _ms(value: str) -> float:
+    num = float(re.match(r"[\d.]+", value).group())
+    unit = value[len(str(re.match(r"[\d.]+", value).group())):]
+    return num * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    if not (GW / "node_modules" / "@portkey-ai" / "gateway").exists():
+        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"],
+                       cwd=GW, check=True)
+    procs: list[subprocess.Popen] = []
+    rows = []
+    try:
+        up_port = free_port()
+        procs.append(start(["node", "upstream.mjs"], {**os.environ, "PORT": str(up_port)}, GW))
+        upstream = f"http://127.0.0.1:{up_port}"
+        wait_http(upstream)
+        direct = wrk(upstream + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, {})
+        direct32 = wrk(upstream + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, {})
+        rows.append(("upstream alone (reference)", direct32, direct, 0.0))
+
+        for label, ledger in (("flowc (ledger on)", True), ("flowc (ledger off)", False)):
+            with tempfile.TemporaryDirectory() as project:
+                Path(project, "flowc.yaml").write_text(
+                    f"ledger:\n  enabled: {str(ledger).lower()}\n")
+                port = free_port()
+                env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1",
+                       "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
+                p = start([sys.executable, "-m", "runtime.cli", "serve", "--port", str(port),
+                           "--log-level", "warning"], env, Path(project))
+                procs.append(p)
+                url = f"http://127.0.0.1:{port}"
+                wait_http(url + "/health")
+                wrk(url + "/v1/chat/completions", "openai/gpt-4o-mini", 8, 2, {})  # warm up
+                c1 = wrk(url + "/v1/chat/completions", "openai/gpt-4o-mini", 1, args.duration,
+                         {})
+                c32 = wrk(url + "/v1/chat/completions", "openai/gpt-4o-mini", 32,
+                          args.duration, {})
+                rows.append((label, c32, c1, c1["p50"] - direct["p50"]))
+                stop(p)
+                procs.remove(p)
+
+        pk_port = free_port()
+        procs.append(start(["node", "portkey.mjs", str(pk_port)], dict(os.environ), GW))
+        pk = f"http://127.0.0.1:{pk_port}"
+        wait_http(pk)
+        pk_headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": upstream + "/v1"}
+        wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 8, 2, pk_headers)
+        c1 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, pk_headers)
+        c32 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, pk_headers)
+        rows.append(("Portkey gateway 1.15.2 (Node)", c32, c1, c1["p50"] - direct["p50"]))
+    finally:
+        for p in procs:
+            stop(p)
+
+    table = ["| | req/s at c=32 | p99 at c=32 (ms) | p50 at c=1 (ms) | added p50 (ms) | errors |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for label, c32, c1, added in rows:
+        table.append(f"| {label} | {c32['rps']:,.0f} | {c32['p99']:.2f} | {c1['p50']:.3f} | "
+                     f"{added:+.3f} | {c32['errors'] + c1['errors']} |")
+    text = "\n".join(table)
+    print(text)
+    doc = DOC.read_text()
+    block = f"{BEGIN}\n{text}\n\nMeasured {time.strftime('%Y-%m-%d')}, {args.duration} s per " \
+            f"run, with `python benchmarks/bench_gateway.py`.\n{END}"
+    if BEGIN in doc:
+        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), block, doc, flags=re.S)
+    else:
+        doc += "\n" + block + "\n"
+    DOC.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
