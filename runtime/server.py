@@ -104,6 +104,14 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     app = FastAPI(title="flowc", version="0.1.0", lifespan=lifespan, docs_url="/docs",
                   redoc_url=None)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # A bug still answers in the API's error shape; the traceback goes to the log.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}",
+                                       "type": "api_error", "param": None, "code": None}},
+                            status_code=500)
+
     def rt() -> Runtime:
         return state["rt"]
 

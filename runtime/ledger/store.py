@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -40,6 +40,7 @@ from runtime.ledger.schema import REQUEST_COLUMNS, migrate
 
 log = logging.getLogger("flowc.ledger")
 _BATCH = 1000
+_CHUNK = 500
 _SAFE_CONFIG = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
@@ -78,16 +79,23 @@ class CallRecord:
     run_id: str | None = None
     step_id: str | None = None
     id: str = ""
-    ts: datetime | None = None
+    ts: float = field(default_factory=time.time)  # when the call ended (epoch seconds)
 
-    def row(self) -> tuple[Any, ...]:
-        values = {
-            **self.__dict__,
-            "id": self.id or uuid.uuid4().hex,
-            "ts": self.ts or datetime.now(UTC).replace(tzinfo=None),
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-        return tuple(values[c] for c in REQUEST_COLUMNS)
+    def row(self, default_id: str = "") -> tuple[Any, ...]:
+        """The row in REQUEST_COLUMNS order (built on the writer thread, not the caller's).
+        The cost goes in as text: DuckDB reads it exactly, and ~1.7x faster than a
+        Decimal."""
+        return (
+            self.id or default_id or uuid.uuid4().hex,
+            datetime.fromtimestamp(self.ts, UTC).replace(tzinfo=None),
+            self.workflow_name, self.run_id, self.step_id, self.model, self.provider,
+            self.served_model, self.prompt_tokens, self.completion_tokens,
+            self.prompt_tokens + self.completion_tokens, self.cached_tokens,
+            self.cache_write_tokens, self.reasoning_tokens,
+            None if self.cost_usd is None else str(self.cost_usd), self.price_source,
+            self.latency_ms, self.ttft_ms, self.success, self.error, self.error_class,
+            self.route, self.stream, self.dry_run,
+        )
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
@@ -134,6 +142,8 @@ class Ledger:
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._generation = 0  # flushes completed
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"  # row ids: this writer + a sequence
+        self._seq = 0
         self._closing = False
         self._con: duckdb.DuckDBPyConnection | None = None
         self._lock = threading.Lock()  # guards the connection between writer and readers
@@ -227,7 +237,8 @@ class Ledger:
             stopping = self._closing
             batch = []
             while self._pending:
-                batch.append(self._pending.popleft().row())
+                self._seq += 1
+                batch.append(self._pending.popleft().row(f"{self._id_prefix}{self._seq:x}"))
             self._write(batch)
             if self.owner:
                 self._ingest_inbox()
@@ -242,10 +253,14 @@ class Ledger:
             return
         try:
             if self._con is not None:
-                with self._lock:
-                    appender = self._con.appender("requests")
-                    appender.append_rows(rows)
-                    appender.flush()
+                # Small chunks, yielding the GIL between them: one big append holds it long
+                # enough to stall the server's event loop.
+                for i in range(0, len(rows), _CHUNK):
+                    with self._lock:
+                        appender = self._con.appender("requests")
+                        appender.append_rows(rows[i:i + _CHUNK])
+                        appender.flush()
+                    time.sleep(0)
             else:
                 self._write_segment(rows)
         except Exception:  # the writer must survive a bad batch; the rows are logged
