@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up flowc on this machine and run the main job on the bundled example pipelines:
-# check every pipeline like CI would, then draw the research pipeline's DAG.
+# check every pipeline like CI would, draw the research pipeline's DAG, and run it in
+# dry-run mode (deterministic stand-ins for model and tool calls: no keys, no network, $0).
 set -euo pipefail
 cd "$(dirname "$0")"
 if ! command -v dot >/dev/null 2>&1; then
@@ -17,3 +18,4 @@ if command -v dot >/dev/null 2>&1; then
 else
   flowc graph pipelines/research.yaml -o research.dot
 fi
+flowc run --dry-run pipelines/research.yaml --input topic="AI middleware patterns"
