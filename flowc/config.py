@@ -8,13 +8,15 @@ Desktop, Cursor and VS Code, so existing entries can be pasted in.
 from __future__ import annotations
 
 import json
+import re
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_NAME = "flowc.yaml"
+_SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,40}")
 TOOL_CACHE = Path(".flowc") / "mcp-tools.json"
 
 #: Providers flowc knows without configuration, and the bare model prefixes that imply one.
@@ -134,6 +136,17 @@ class ProjectConfig(_Strict):
     prices: dict[str, PriceOverride] = Field(
         default_factory=dict, description="provider/model -> price per 1M tokens.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+
+    @field_validator("mcp_servers")
+    @classmethod
+    def _server_names(cls, servers: dict[str, MCPServerConfig]) -> dict[str, MCPServerConfig]:
+        # Tools reach models as `server__tool`: a server name may not contain `__`, and
+        # keeps to the characters every provider accepts in function names.
+        for name in servers:
+            if not _SERVER_NAME.fullmatch(name) or "__" in name:
+                raise ValueError(f"MCP server name '{name}' must use letters, digits, '-' "
+                                 "and single '_' only")
+        return servers
 
     # -- model names -----------------------------------------------------------------------
     @property

@@ -289,3 +289,47 @@ def test_tool_step_error_fails_with_the_tools_message(tmp_path):
     assert out.status == "failed" and out.error["step"] == "now"
     assert out.error["message"].startswith("tool time.get_current_time failed: Error executing "
                                            "tool get_current_time: Invalid timezone")
+
+
+def test_cancelling_a_run_cancels_its_tool_calls(tmp_path):
+    marker = f"flowc-cancel-{os.getpid()}-{time.time_ns()}"
+    config = ProjectConfig.model_validate({
+        "models": {"m": "openai/gpt-4o-mini"},
+        "mcpServers": {"ev": everything(marker).model_dump()}})
+    compiled = compile_source(textwrap.dedent("""\
+        name: cancel
+        steps:
+          - id: long
+            type: mcp_tool
+            server: ev
+            tool: trigger-long-running-operation
+            params: {duration: 20, steps: 4}
+          - {id: bad, type: mcp_tool, server: ev, tool: no-such-tool}
+        output: {a: "${long}", b: "${bad}"}
+        """), "c.yaml", Project(config=config)).compiled
+    assert compiled is not None
+
+    async def go():
+        mcp = MCPManager(config.mcp_servers, tmp_path)
+        try:
+            t0 = time.perf_counter()
+            out = await Executor(None, mcp).run(compiled, {})  # type: ignore[arg-type]
+            elapsed = time.perf_counter() - t0
+            echo = await mcp.call_tool("ev", "echo", {"message": "still here"})
+            return out, elapsed, echo
+        finally:
+            await mcp.close()
+
+    out, elapsed, echo = run_async(go())
+    assert out.status == "failed" and out.error["step"] == "bad"
+    assert out.steps["long"].status == "cancelled"
+    assert elapsed < 10  # the 20 s call did not hold the run
+    assert echo.text == "Echo: still here"  # the session survives the cancelled call
+
+
+def test_server_names_that_would_clash_in_tool_names_are_refused(tmp_path):
+    (tmp_path / "flowc.yaml").write_text("mcpServers:\n  my__srv: {command: x}\n")
+    project = Project.load(tmp_path / "flowc.yaml")
+    assert [d.message for d in project.diagnostics] == [
+        "invalid 'mcpServers': MCP server name 'my__srv' must use letters, digits, '-' and "
+        "single '_' only"]

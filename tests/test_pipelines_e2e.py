@@ -193,3 +193,13 @@ def test_cli_run_records_into_the_ledger_the_server_holds(served):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "runs"], cwd=project, env=env,
                        capture_output=True, text=True, timeout=60)
     assert out["run_id"] in r.stdout
+
+
+def test_mcp_discovery_over_http(served):
+    url, *_ = served
+    servers = httpx.get(url + "/v1/mcp/servers", timeout=60).json()["servers"]
+    assert servers == [{"name": "brave-search", "ok": True, "error": None, "tools": 1},
+                       {"name": "time", "ok": True, "error": None, "tools": 2}]
+    tools = httpx.get(url + "/v1/mcp/tools", timeout=60).json()["tools"]
+    assert {(t["server"], t["name"]) for t in tools} == {
+        ("brave-search", "web_search"), ("time", "get_current_time"), ("time", "convert_time")}
