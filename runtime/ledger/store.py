@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 
 from runtime.ledger.schema import REQUEST_COLUMNS, migrate
 
@@ -127,6 +128,63 @@ def run_select(con: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] =
         return columns, rel.fetchall()
     finally:
         cur.close()
+
+
+# A batch goes in as columns (numpy arrays that DuckDB scans natively): ~4x faster than
+# DuckDB's row appender, which converts every Python value on its own. The cost travels as
+# text and is cast to DECIMAL in the database: exact, and faster than Decimal objects.
+_INSERT = """
+    INSERT INTO requests SELECT
+        id, make_timestamp(ts_us), workflow_name, run_id, step_id, model, provider,
+        served_model, prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+        cached_tokens, cache_write_tokens, reasoning_tokens, CAST(cost AS DECIMAL(18, 9)),
+        price_source, latency_ms, CAST(ttft_ms AS DOUBLE), success, CAST(error AS VARCHAR),
+        CAST(error_class AS VARCHAR), CAST(route AS VARCHAR), stream, dry_run
+    FROM batch"""
+_TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_model",
+         "price_source", "error", "error_class", "route")
+_INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+         "reasoning_tokens")
+
+
+def _to_columns(batch: list[CallRecord], ids: list[str]) -> dict[str, Any]:
+    cols: dict[str, Any] = {
+        "id": np.array(ids, dtype=object),
+        "ts_us": np.fromiter((int(r.ts * 1_000_000) for r in batch), np.int64, len(batch)),
+        "cost": np.array([None if r.cost_usd is None else str(r.cost_usd) for r in batch],
+                         dtype=object),
+        "latency_ms": np.fromiter((r.latency_ms for r in batch), np.float64, len(batch)),
+        "ttft_ms": np.array([r.ttft_ms for r in batch], dtype=object),
+    }
+    for name in _TEXT:
+        cols[name] = np.array([getattr(r, name) for r in batch], dtype=object)
+    for name in _INTS:
+        cols[name] = np.fromiter((getattr(r, name) for r in batch), np.int64, len(batch))
+    for name in ("success", "stream", "dry_run"):
+        cols[name] = np.fromiter((getattr(r, name) for r in batch), np.bool_, len(batch))
+    return cols
+
+
+def _from_table(t: dict[str, Any]) -> dict[str, Any]:
+    """Columns read back from a segment, in the shape `_insert` takes."""
+    cols = {name: t[name] for name in (*_TEXT, *_INTS, "id", "latency_ms", "success",
+                                       "stream", "dry_run")}
+    cols["ts_us"] = t["ts"].astype("datetime64[us]").astype(np.int64)
+    cols["cost"] = np.array(t["cost_text"].tolist(), dtype=object)  # exact, as text
+    cols["ttft_ms"] = np.array([None if v != v else v for v in t["ttft_ms"].tolist()],
+                               dtype=object)
+    for name in _TEXT:
+        cols[name] = np.array([None if v is None or v != v else v
+                               for v in t[name].tolist()], dtype=object)
+    return cols
+
+
+def _insert(con: duckdb.DuckDBPyConnection, columns: dict[str, Any]) -> None:
+    con.register("batch", columns)
+    try:
+        con.execute(_INSERT)
+    finally:
+        con.unregister("batch")
 
 
 class Ledger:
@@ -230,16 +288,25 @@ class Ledger:
                 cur.close()
 
     # -- the writer thread -----------------------------------------------------------------
+    def _columns(self, batch: list[CallRecord]) -> dict[str, Any]:
+        ids = []
+        for r in batch:
+            self._seq += 1
+            ids.append(r.id or f"{self._id_prefix}{self._seq:x}")
+        return _to_columns(batch, ids)
+
     def _run(self) -> None:
         while True:
             self._wake.wait(self.flush_interval)
             self._wake.clear()
             stopping = self._closing
-            batch = []
+            # Chunks, with a GIL hand-off between them: converting one large batch holds the
+            # GIL long enough to stall the server's event loop.
             while self._pending:
-                self._seq += 1
-                batch.append(self._pending.popleft().row(f"{self._id_prefix}{self._seq:x}"))
-            self._write(batch)
+                batch = [self._pending.popleft()
+                         for _ in range(min(_CHUNK, len(self._pending)))]
+                self._write(self._columns(batch))
+                time.sleep(0)
             if self.owner:
                 self._ingest_inbox()
             with self._flushed:
@@ -248,25 +315,19 @@ class Ledger:
             if stopping and not self._pending:
                 return
 
-    def _write(self, rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
+    def _write(self, columns: dict[str, Any]) -> None:
+        if not len(columns["id"]):
             return
         try:
             if self._con is not None:
-                # Small chunks, yielding the GIL between them: one big append holds it long
-                # enough to stall the server's event loop.
-                for i in range(0, len(rows), _CHUNK):
-                    with self._lock:
-                        appender = self._con.appender("requests")
-                        appender.append_rows(rows[i:i + _CHUNK])
-                        appender.flush()
-                    time.sleep(0)
+                with self._lock:
+                    _insert(self._con, columns)
             else:
-                self._write_segment(rows)
+                self._write_segment(columns)
         except Exception:  # the writer must survive a bad batch; the rows are logged
-            log.exception("ledger: could not write %d rows", len(rows))
+            log.exception("ledger: could not write %d rows", len(columns["id"]))
 
-    def _write_segment(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_segment(self, columns: dict[str, Any]) -> None:
         """A Parquet file the owner will ingest (written to a temp name, then renamed)."""
         name = f"{time.time_ns()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp = self.inbox / f".{name}.tmp"
@@ -274,9 +335,7 @@ class Ledger:
         mem = duckdb.connect()
         try:
             migrate(mem)
-            appender = mem.appender("requests")
-            appender.append_rows(rows)
-            appender.flush()
+            _insert(mem, columns)
             mem.execute(f"COPY requests TO '{tmp}' (FORMAT parquet)")
         finally:
             mem.close()
@@ -299,13 +358,14 @@ class Ledger:
         try:
             for f in files:
                 try:
-                    rows = mem.execute(
-                        f"SELECT {', '.join(REQUEST_COLUMNS)} FROM read_parquet(?)",
-                        [str(f)]).fetchall()
+                    got = mem.execute(
+                        f"SELECT {', '.join(REQUEST_COLUMNS)}, "
+                        "CAST(cost_usd AS VARCHAR) AS cost_text FROM read_parquet(?)",
+                        [str(f)]).fetchnumpy()
                 except duckdb.Error:
                     log.exception("ledger: unreadable segment %s left in place", f)
                     continue
-                self._write(rows)
+                self._write(_from_table(got))
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
         finally:
