@@ -481,3 +481,44 @@ def test_anthropic_errors_use_anthropics_shape(gw):
         "model": "fast", "max_tokens": 5, "top_k": 3,
         "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "'top_k' is not supported" in r.json()["error"]["message"]
+
+
+# -- more of the surface -----------------------------------------------------------------------
+def test_provider_keys_never_reach_clients_or_the_ledger(gw):
+    gw.openai.then(http_error(401, "Incorrect API key provided: sk-test-openai. You can find "
+                                   "your API key at https://platform.openai.com."))
+    with pytest.raises(openai.AuthenticationError) as exc:
+        client(gw).chat.completions.create(model="fast",
+                                           messages=[{"role": "user", "content": "x"}])
+    assert "sk-test" not in exc.value.message and "[redacted]" in exc.value.message
+    rows = ledger_rows(gw, "error LIKE '%redacted%'")
+    assert rows and not gw.sql("SELECT 1 FROM requests WHERE error LIKE '%sk-test%'")
+
+
+def test_image_parts_reach_each_provider_in_its_own_format(gw):
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    parts = [{"type": "text", "text": "What is this?"},
+             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
+    client(gw).chat.completions.create(model="smart",
+                                       messages=[{"role": "user", "content": parts}])
+    assert gw.anthropic.requests[-1].body["messages"][0]["content"] == [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                     "data": png}}]
+    client(gw).chat.completions.create(model="local",
+                                       messages=[{"role": "user", "content": parts}])
+    assert gw.ollama.requests[-1].body["messages"][0] == {
+        "role": "user", "content": "What is this?", "images": [png]}
+    client(gw).chat.completions.create(model="fast",
+                                       messages=[{"role": "user", "content": parts}])
+    assert gw.openai.requests[-1].body["messages"][0]["content"] == parts
+
+
+def test_ollama_streamed_tool_calls(gw):
+    gw.ollama.then(ollama_tool_call("get_weather", {"city": "Quito"}))
+    chunks = list(client(gw).chat.completions.create(
+        model="local", stream=True, tools=[WEATHER_TOOL],
+        messages=[{"role": "user", "content": "Weather in Quito?"}]))
+    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [json.loads(tc.function.arguments) for tc in calls] == [{"city": "Quito"}]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"

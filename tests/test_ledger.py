@@ -278,3 +278,20 @@ def test_fast_prices_match_the_library_for_any_usage(provider, model):
         assert price(provider, model, usage)[0] == _library_price(provider, model, usage)
 
     check()
+
+
+def test_a_hard_kill_loses_at_most_the_last_flush_interval(served_ledger):
+    project, env, _ = served_ledger
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = start_server(project, env, port)
+    results: list[int] = []
+    _fire(url, 40, results)
+    time.sleep(2.5)  # more than the 1 s flush interval since the last answered request
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    proc = start_server(project, env, port)  # the WAL replays on open
+    rows = httpx.post(url + "/v1/costs/sql", json={
+        "sql": "SELECT count(*) FROM requests"}).json()["rows"]
+    stop_server(proc)
+    assert results.count(200) == 40 and rows[0][0] == 40

@@ -100,10 +100,15 @@ def _library_price(provider: str, model: str, usage: Usage) -> Decimal:
 
 def price_per_million(provider: str, model: str,
                       overrides: dict[str, PriceOverride] | None = None) -> Decimal | None:
-    """Input + output price per 1M tokens (for routing by cost), or None if unknown."""
-    cost, _ = price(provider, model, Usage(prompt_tokens=1_000_000,
-                                           completion_tokens=1_000_000), overrides)
-    return cost
+    """Base input + output price per 1M tokens (for routing by cost), or None if unknown.
+    Long-context tiers are left out: they say nothing about a typical request."""
+    override = (overrides or {}).get(f"{provider}/{model}")
+    if override is not None:
+        return override.input + override.output
+    if provider in FREE_PROVIDERS:
+        return Decimal(0)
+    rates = _flat_rates(provider, model)
+    return None if rates is None else rates.input + rates.output
 
 
 def _provider_id(provider: str) -> str | None:

@@ -286,9 +286,17 @@ class Endpoint:
                                 + raw[:200].decode("utf-8", errors="replace")) from None
 
     def error(self, status: int, headers: Any, raw: bytes) -> UpstreamError:
-        message, body = error_message(self.name, status, raw)
+        message, body = error_message(self.name, status, self.redact(raw))
         return UpstreamError(self.name, status, message,
                              retry_after=retry_after_seconds(headers), body=body)
+
+    def redact(self, raw: bytes) -> bytes:
+        """Providers echo keys in some errors ("Incorrect API key provided: sk-..."): a key
+        never leaves flowc, not even back to the client that did not send it."""
+        if self.api_key and len(self.api_key) >= 8:
+            raw = raw.replace(self.api_key.encode(), b"[redacted]")
+            raw = raw.replace(self.api_key[:8].encode(), b"[redacted]")
+        return raw
 
 
 async def sse_events(resp: aiohttp.ClientResponse, provider: str
