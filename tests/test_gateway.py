@@ -496,7 +496,8 @@ def test_provider_keys_never_reach_clients_or_the_ledger(gw):
 
 
 def test_image_parts_reach_each_provider_in_its_own_format(gw):
-    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    png = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kg"
+           "AAAABJRU5ErkJggg==")
     parts = [{"type": "text", "text": "What is this?"},
              {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}]
     client(gw).chat.completions.create(model="smart",
