@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
@@ -67,12 +67,14 @@ class StepResult:
     attempts: int = 0
     model_calls: int = 0
     tool_calls: int = 0
+    calls: list[dict[str, Any]] = field(default_factory=list)  # each model and tool call
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "status": self.status, "latency_ms": round(self.latency_ms, 1),
                 "cost": None if self.cost is None else float(self.cost),
                 "tokens": self.tokens, "attempts": self.attempts,
                 "model_calls": self.model_calls, "tool_calls": self.tool_calls,
+                "calls": self.calls,
                 "error": self.error, "skip_reason": self.skip_reason}
 
 
@@ -324,8 +326,7 @@ class _Run:
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")
         args = self._params(step.params)
-        r.tool_calls += 1
-        res = await self.ex.tools.call_tool(step.server, step.tool, args, step.timeout)
+        res = await self._call_tool(r, step.server, step.tool, args, step.timeout)
         if res.is_error:
             raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
         return res.structured if res.structured is not None else res.text
@@ -372,8 +373,14 @@ class _Run:
         offered = {t["function"]["name"] for t in tools}
         calls = 0
         while True:
+            t0 = time.perf_counter()
             out = await self.ex.models.complete(req, ctx=self.ctx(step.id))
             r.model_calls += 1
+            r.calls.append({"kind": "model", "provider": out.target.provider,
+                            "model": out.body.get("model") or out.target.model,
+                            "tokens": out.usage.total_tokens,
+                            "cost": None if out.cost is None else float(out.cost),
+                            "ms": round((time.perf_counter() - t0) * 1000, 1)})
             r.tokens += out.usage.total_tokens
             r.cost = None if r.cost is None or out.cost is None else r.cost + out.cost
             message = out.body["choices"][0]["message"]
@@ -386,8 +393,7 @@ class _Run:
             req["messages"] = [*req["messages"], message]
             for call in tool_calls:
                 calls += 1
-                r.tool_calls += 1
-                req["messages"].append(await self._tool_message(call, offered))
+                req["messages"].append(await self._tool_message(r, call, offered))
         content = message.get("content") or ""
         if rf is not None and rf.type != "text":
             try:
@@ -397,7 +403,26 @@ class _Run:
                                  f"{content[:200]!r}") from None
         return content
 
-    async def _tool_message(self, call: dict[str, Any], offered: set[str]) -> dict[str, Any]:
+    async def _call_tool(self, r: StepResult, server: str, tool: str, args: dict[str, Any],
+                         timeout: float | None = None) -> ToolResult:
+        """Call one MCP tool and record the call in the step's result."""
+        assert self.ex.tools is not None
+        t0 = time.perf_counter()
+        record: dict[str, Any] = {"kind": "tool", "server": server, "tool": tool}
+        r.tool_calls += 1
+        r.calls.append(record)
+        try:
+            res = await self.ex.tools.call_tool(server, tool, args, timeout)
+        except Exception as exc:
+            record.update(ok=False, error=_describe(exc))
+            raise
+        finally:
+            record["ms"] = round((time.perf_counter() - t0) * 1000, 1)
+        record.update(ok=not res.is_error, error=res.text[:500] if res.is_error else None)
+        return res
+
+    async def _tool_message(self, r: StepResult, call: dict[str, Any], offered: set[str]
+                            ) -> dict[str, Any]:
         """Run one tool call the model asked for; the answer (or error) goes back to it.
         Only the tools the step offered can be called."""
         from runtime.mcp.tools import split_function_name
@@ -409,7 +434,7 @@ class _Run:
                 raise StepFailed(f"tool '{fn.get('name')}' was not offered to the model")
             server, tool = split_function_name(fn.get("name", ""))
             args = json.loads(fn.get("arguments") or "{}")
-            res = await self.ex.tools.call_tool(server, tool, args)
+            res = await self._call_tool(r, server, tool, args)
             text = res.text if res.structured is None else json.dumps(res.structured)
             content = ("error: " + text) if res.is_error else text
         except (ValueError, FlowcError, StepFailed) as exc:

@@ -228,6 +228,10 @@ def test_llm_step_calls_a_tool_the_model_asks_for(tmp_path):
     assert out.output["plan"] == "Meet at 10:00 Paris / 04:00 New York."
     assert isinstance(out.output["home_is_dst"], bool)
     assert out.steps["plan"].model_calls == 2 and out.steps["plan"].tool_calls == 1
+    kinds = [(c["kind"], c.get("tool") or c.get("provider"), c.get("ok", True))
+             for c in out.steps["plan"].calls]
+    assert kinds == [("model", "openai", True), ("tool", "convert_time", True),
+                     ("model", "openai", True)]  # every call, in order, in the run record
     assert starts == 1  # three tool calls, one server
     first, second = (r.body for r in fake.requests)
     assert [t["function"]["name"] for t in first["tools"]] == ["time__convert_time"]
@@ -262,6 +266,11 @@ def test_mcp_list_writes_the_cache_check_uses(tmp_path):
     assert r.returncode == 1
     assert "p.yaml:7:24: error: params.timezone: 3 is not of type 'string' " \
            "(tool 'time.get_current_time') [tool-params]" in r.stdout
+    (tmp_path / ".flowc" / "mcp-tools.json").unlink()
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "check", "--live", "p.yaml"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "[tool-params]" in r.stdout  # --live rebuilt the cache
+    assert (tmp_path / ".flowc" / "mcp-tools.json").exists()
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "mcp", "call", "time",
                         "get_current_time", "--arg", "timezone=Asia/Tokyo"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=60)

@@ -203,3 +203,53 @@ def test_mcp_discovery_over_http(served):
     tools = httpx.get(url + "/v1/mcp/tools", timeout=60).json()["tools"]
     assert {(t["server"], t["name"]) for t in tools} == {
         ("brave-search", "web_search"), ("time", "get_current_time"), ("time", "convert_time")}
+
+
+INPUTS = {
+    "research.yaml": {"topic": "Queues"},
+    "support-triage.yaml": {"ticket": "The API returns 500", "depth": 3},
+    "translate-fanout.yaml": {"text": "Good night"},
+    "invoice-extract.yaml": {"email": "Invoice INV-9", "today": "2026-11-26"},
+    "meeting-planner.yaml": {"guest": "Asia/Tokyo"},
+}
+INVOICE = {"vendor": "ACME", "invoice_number": "INV-9", "amount": 10.0, "currency": "EUR",
+           "due_date": "2026-01-01", "line_items": []}
+
+
+def structured(rec):
+    """The loopback model answers structured requests with JSON of the right shape."""
+    rf = rec.body.get("response_format") or {}
+    name = (rf.get("json_schema") or {}).get("name")
+    if name == "triage":
+        return openai_text('{"label": "technical", "urgency": 2}')(rec)
+    if name == "invoice":
+        return openai_text(json.dumps(INVOICE))(rec)
+    return openai_text()(rec)
+
+
+@pytest.mark.parametrize("pipeline", sorted(INPUTS))
+def test_every_pipeline_runs_from_the_cli_with_its_ledger_rows(served, tmp_path, pipeline):
+    _, _, env, fakes = served
+    (tmp_path / "flowc.yaml").write_text(CONFIG)  # a project with no server running
+    fakes["openai"].then(*[structured] * 8)
+    args = [a for k, v in INPUTS[pipeline].items() for a in ("-i", f"{k}={v}")]
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run",
+                        str(ROOT / "pipelines" / pipeline), *args, "--config", "flowc.yaml",
+                        "--json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == "succeeded"
+    steps = out["metrics"]["steps"]
+    model_calls = sum(s["model_calls"] for s in steps)
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--json", "--sql",
+                        f"SELECT step_id, success, cost_usd FROM requests "
+                        f"WHERE run_id = '{out['run_id']}'"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60)
+    rows = json.loads(r.stdout)
+    assert len(rows) == model_calls and all(row["success"] for row in rows)
+    by_step = {s["id"]: s for s in steps}
+    for row in rows:  # each row belongs to a step of this run that called a model
+        assert by_step[row["step_id"]]["model_calls"] >= 1
+    total = sum(float(row["cost_usd"]) for row in rows if row["cost_usd"] is not None)
+    assert out["metrics"]["total_cost_usd"] == pytest.approx(total)
