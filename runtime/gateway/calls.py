@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from flowc.config import ProjectConfig
 from runtime.gateway.routing import Plan, Router, Traits
@@ -25,6 +25,7 @@ from runtime.providers import (
 )
 
 log = logging.getLogger("flowc.gateway")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -108,45 +109,51 @@ class ModelCaller:
         return self.router.plan(Traits.of(req, tags))
 
     # -- calls -----------------------------------------------------------------------------
-    async def complete(self, req: dict[str, Any], *, tags: str | None = None,
-                       ctx: CallContext = NO_CONTEXT) -> Outcome:
-        requested = str(req.get("model", ""))
-        plan = self.plan(req, tags)
+    async def _attempt(self, plan: Plan, requested: str, ctx: CallContext, stream: bool,
+                       call: Callable[[Target], Awaitable[T]]) -> tuple[Target, T]:
+        """``call`` each target in the plan's order, retrying what is worth retrying; every
+        failed attempt is a ledger row."""
         last: Exception | None = None
         for target in plan.targets:
             attempt = 0
             while True:
                 t0 = time.perf_counter()
                 try:
-                    result = await self.providers.complete(target, req)
-                except UpstreamError as err:
+                    return target, await call(target)
+                except FlowcError as err:
                     ms = (time.perf_counter() - t0) * 1000
-                    self._record(requested, target, None, ok=False, latency_ms=ms,
-                                 usage=None, ctx=ctx, rule=plan.rule, stream=False, error=err)
+                    self._record(requested, target, None, ok=False, latency_ms=ms, usage=None,
+                                 ctx=ctx, rule=plan.rule, stream=stream, error=err)
+                    if not isinstance(err, UpstreamError) or not err.retryable:
+                        raise  # the request is wrong, or the provider said no for good
                     last = err
-                    if not err.retryable:
-                        raise
                     delay = self._delay(attempt, err)
                     if delay is None:
                         break
                     log.info("retrying %s in %.2fs after %s", target, delay, err.message)
                     await asyncio.sleep(delay)
                     attempt += 1
-                    continue
-                except FlowcError as err:  # the request is wrong for this provider
-                    ms = (time.perf_counter() - t0) * 1000
-                    self._record(requested, target, None, ok=False, latency_ms=ms,
-                                 usage=None, ctx=ctx, rule=plan.rule, stream=False, error=err)
-                    raise
-                ms = (time.perf_counter() - t0) * 1000
-                served = result.body.get("model") or target.model
-                cost = self._record(requested, target, served, ok=True, latency_ms=ms,
-                                    usage=result.usage, ctx=ctx, rule=plan.rule, stream=False)
-                return Outcome(result.body, target, result.usage, cost, result.upstream_ms,
-                               plan.rule)
             log.info("falling back from %s after %s", target, last)
         assert last is not None
         raise last
+
+    async def complete(self, req: dict[str, Any], *, tags: str | None = None,
+                       ctx: CallContext = NO_CONTEXT) -> Outcome:
+        requested = str(req.get("model", ""))
+        plan = self.plan(req, tags)
+        t0 = time.perf_counter()
+
+        async def call(target: Target) -> Any:
+            nonlocal t0
+            t0 = time.perf_counter()
+            return await self.providers.complete(target, req)
+
+        target, result = await self._attempt(plan, requested, ctx, False, call)
+        ms = (time.perf_counter() - t0) * 1000
+        served = result.body.get("model") or target.model
+        cost = self._record(requested, target, served, ok=True, latency_ms=ms,
+                            usage=result.usage, ctx=ctx, rule=plan.rule, stream=False)
+        return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule)
 
     async def stream(self, req: dict[str, Any], *, tags: str | None = None,
                      ctx: CallContext = NO_CONTEXT) -> StreamOutcome:
@@ -154,36 +161,18 @@ class ModelCaller:
         that, an error ends the stream (its bytes already reached the client)."""
         requested = str(req.get("model", ""))
         plan = self.plan(req, tags)
-        last: Exception | None = None
-        for target in plan.targets:
-            attempt = 0
-            while True:
-                state = StreamState()
-                chunks = self.providers.stream(target, req, state)
-                try:
-                    first = await chunks.__anext__()
-                except StopAsyncIteration:
-                    first = None
-                except UpstreamError as err:
-                    ms = (time.perf_counter() - state.started) * 1000
-                    self._record(requested, target, None, ok=False, latency_ms=ms, usage=None,
-                                 ctx=ctx, rule=plan.rule, stream=True, error=err)
-                    last = err
-                    if not err.retryable:
-                        raise
-                    delay = self._delay(attempt, err)
-                    if delay is None:
-                        break
-                    await asyncio.sleep(delay)
-                    attempt += 1
-                    continue
-                except FlowcError as err:
-                    self._record(requested, target, None, ok=False, latency_ms=0, usage=None,
-                                 ctx=ctx, rule=plan.rule, stream=True, error=err)
-                    raise
-                return self._stream_outcome(requested, target, plan, state, first, chunks, ctx)
-        assert last is not None
-        raise last
+
+        async def call(target: Target) -> Any:
+            state = StreamState()
+            chunks = self.providers.stream(target, req, state)
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            return state, chunks, first
+
+        target, (state, chunks, first) = await self._attempt(plan, requested, ctx, True, call)
+        return self._stream_outcome(requested, target, plan, state, first, chunks, ctx)
 
     def _stream_outcome(self, requested: str, target: Target, plan: Plan, state: StreamState,
                         first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]],
