@@ -18,10 +18,9 @@ def did_you_mean(word: str, options: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def suggest(word: str, options: Iterable[str]) -> str:
-    """'; did you mean 'x'?' or ''."""
-    m = did_you_mean(word, options)
-    return f"; did you mean '{m}'?" if m else ""
+def suggest(hint: str | None) -> str:
+    """The tail of a message for a likely typo: "; did you mean 'x'?" (or nothing)."""
+    return f"; did you mean '{hint}'?" if hint else ""
 
 
 def field_names(model: type[BaseModel]) -> list[str]:
@@ -89,7 +88,7 @@ def report_validation_error(
             allowed = fields_at(loc[:-1])
             hint = did_you_mean(name, allowed)
             out.add("unknown-field", f"unknown {what} '{name}'"
-                    + (f"; did you mean '{hint}'?" if hint else ""),
+                    + suggest(hint),
                     span.start, span.end,
                     help=f"allowed fields: {', '.join(sorted(allowed))}" if not hint else None)
         elif kind == "missing":

@@ -23,7 +23,7 @@ from flowc.expr import (
     evaluate,
     references,
 )
-from flowc.validate import did_you_mean
+from flowc.validate import did_you_mean, suggest
 
 
 def check_conditions(ctx: Context) -> None:
@@ -132,7 +132,7 @@ class _Checker:
         if fn is None:
             hint = did_you_mean(node.name, FUNCTIONS)
             self._error("unknown-function", f"unknown function '{node.name}'"
-                        + (f"; did you mean '{hint}'?" if hint else ""), node,
+                        + suggest(hint), node,
                         help=f"functions: {', '.join(sorted(FUNCTIONS))}")
             return T.ANY
         if len(arg_types) != len(fn.params):

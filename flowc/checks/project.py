@@ -8,7 +8,7 @@ from flowc import types as T
 from flowc.context import Context, StepInfo
 from flowc.expr import single_reference
 from flowc.model import LLMStep, MCPToolStep
-from flowc.validate import did_you_mean
+from flowc.validate import did_you_mean, suggest
 
 _SAMPLES: dict[str, Any] = {
     "string": "", "integer": 0, "number": 0.5, "boolean": False, "object": {}, "array": [],
@@ -36,13 +36,13 @@ def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
         provider = step.model.partition("/")[0]
         hint = did_you_mean(provider, config.provider_names)
         ctx.out.add("unknown-model", f"unknown provider '{provider}' in model '{step.model}'"
-                    + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                    + suggest(hint), span.start, span.end,
                     help=f"providers: {', '.join(config.provider_names)}")
         return
     hint = did_you_mean(step.model, config.models)
     aliases = ", ".join(sorted(config.models)) or "none defined"
     ctx.out.add("unknown-model", f"unknown model '{step.model}'"
-                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                + suggest(hint), span.start, span.end,
                 help=f"use an alias from flowc.yaml ({aliases}) or provider/model, "
                      "e.g. openai/gpt-4o-mini")
 
@@ -54,7 +54,7 @@ def _server_known(ctx: Context, server: str, path: tuple[Any, ...]) -> bool:
     hint = did_you_mean(server, ctx.config.mcp_servers)
     known = ", ".join(sorted(ctx.config.mcp_servers)) or "none"
     ctx.out.add("unknown-mcp-server", f"unknown MCP server '{server}'"
-                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                + suggest(hint), span.start, span.end,
                 help=f"servers in flowc.yaml `mcpServers`: {known}")
     return False
 
@@ -68,7 +68,7 @@ def _tool_known(ctx: Context, server: str, tool: str, path: tuple[Any, ...],
     start, end = span or (s.start, s.end)
     hint = did_you_mean(tool, tools)
     ctx.out.add("unknown-tool", f"MCP server '{server}' has no tool '{tool}'"
-                + (f"; did you mean '{hint}'?" if hint else ""), start, end,
+                + suggest(hint), start, end,
                 help=f"its tools: {', '.join(sorted(tools))}")
     return False
 

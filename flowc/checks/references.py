@@ -11,7 +11,7 @@ from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, ref
 from flowc.model import LLMStep, MCPToolStep
 from flowc.source import Span
 from flowc.template import jinja_names, parse_template
-from flowc.validate import did_you_mean
+from flowc.validate import did_you_mean, suggest
 
 
 def collect_uses(ctx: Context) -> None:
@@ -133,7 +133,7 @@ def resolve_uses(ctx: Context) -> None:
                 span = ctx.source.span_of((*ctx.step_path(info.step.id), "needs", idx))
                 hint = did_you_mean(need, ctx.steps)
                 ctx.out.add("unknown-step", f"`needs` names unknown step '{need}'"
-                            + (f"; did you mean '{hint}'?" if hint else ""),
+                            + suggest(hint),
                             span.start, span.end)
     for use in ctx.output_uses:
         _resolve(ctx, use)
@@ -184,7 +184,7 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
             hint = did_you_mean(str(name), ctx.inputs)
             declared = ", ".join(ctx.inputs) or "none"
             out.add("undefined-input", f"undefined input '{name}'"
-                    + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end,
+                    + suggest(hint), span.start, span.end,
                     help=None if hint else f"declared inputs: {declared}")
             return None
         return _walk(ctx, T.Type(ctx.inputs[name].type), path, 1, span)
@@ -200,7 +200,7 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
             return None
         hint = did_you_mean(path.root, [*ctx.producers, "input"])
         out.add("undefined-reference", f"undefined reference '{path.root}': no step produces it"
-                + (f"; did you mean '{hint}'?" if hint else ""), span.start, span.end)
+                + suggest(hint), span.start, span.end)
         return None
     return _walk(ctx, ctx.output_types.get(path.root, T.ANY), path, 0, span)
 
@@ -228,7 +228,7 @@ def _walk(ctx: Context, t: T.Type, path: Path, start: int, span: Span) -> T.Type
                 hint = did_you_mean(seg, t.field_names)
                 ctx.out.add("unknown-field-path",
                             f"'{shown}' has no field '{seg}'"
-                            + (f"; did you mean '{hint}'?" if hint else ""),
+                            + suggest(hint),
                             span.start, span.end,
                             help=f"its fields are: {', '.join(t.field_names) or 'none'}")
                 return None

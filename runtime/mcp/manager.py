@@ -26,7 +26,7 @@ from typing import Any
 
 from flowc.config import TOOL_CACHE, MCPServerConfig
 from runtime.executor import StepFailed, ToolResult
-from runtime.mcp.tools import function_name, function_tool
+from runtime.mcp.tools import function_tool
 
 log = logging.getLogger("flowc.mcp")
 _ENV_REF = re.compile(r"\$\{env\.([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -216,15 +216,6 @@ class MCPManager:
                     raise StepFailed(f"MCP server '{server}' has no tool '{name}'")
                 out.append(function_tool(server, name, t.description, t.input_schema))
         return out
-
-    def allowed_functions(self, refs: list[str]) -> set[str]:
-        names = set()
-        for ref in refs:
-            server, _, tool = ref.partition(".")
-            s = self.sessions.get(server)
-            for name in (sorted(s.tools or {}) if tool == "*" and s else [tool]):
-                names.add(function_name(server, name))
-        return names
 
     async def discover(self, timeout: float = 15.0) -> dict[str, dict[str, Any]]:
         """Every server's tools, concurrently, each within ``timeout``; a dead server is

@@ -18,7 +18,6 @@ Errors, drawn once:
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -322,10 +321,6 @@ async def sse_events(resp: aiohttp.ClientResponse, provider: str
         raise UpstreamTimeout(provider, 0) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         raise UpstreamUnavailable(provider, f"stream cut off: {type(exc).__name__}") from None
-
-
-def env_key(name: str | None) -> str | None:
-    return os.environ.get(name) if name else None
 
 
 async def close_all(endpoints: list[Endpoint]) -> None:
