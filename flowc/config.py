@@ -137,6 +137,15 @@ class ProjectConfig(_Strict):
         default_factory=dict, description="provider/model -> price per 1M tokens.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
 
+    @model_validator(mode="after")
+    def _providers_have_urls(self) -> ProjectConfig:
+        for name, provider in self.providers.items():
+            if name not in BUILTIN_PROVIDERS and not provider.base_url:
+                builtin = ", ".join(BUILTIN_PROVIDERS)
+                raise ValueError(f"provider '{name}' needs a base_url (only {builtin} have "
+                                 "a default)")
+        return self
+
     @field_validator("mcp_servers")
     @classmethod
     def _server_names(cls, servers: dict[str, MCPServerConfig]) -> dict[str, MCPServerConfig]:

@@ -15,7 +15,7 @@ import click
 
 from flowc.cli import cli
 from flowc.compiler import Project
-from flowc.config import CONFIG_NAME, ProjectConfig, find_config
+from flowc.config import CONFIG_NAME, TOOL_CACHE, ProjectConfig, ToolCatalog, find_config
 from flowc.report import format_text
 
 
@@ -227,7 +227,9 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
 
     cfg_path = config or find_config(file)
     cfg, project_dir = load_project(cfg_path)
-    result = compile_file(file, Project.load(cfg_path) if cfg_path else Project())
+    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE)) if cfg_path \
+        else Project()
+    result = compile_file(file, project)
     if result.compiled is None:
         click.echo(format_text(result.errors), err=True, nl=False)
         raise click.ClickException(f"{file} does not compile ({len(result.errors)} errors)")

@@ -195,3 +195,13 @@ def test_compiler_never_crashes_on_any_document(doc):
 def test_compiler_never_crashes_on_any_text(text):
     result = compile_source(text, "fuzz.yaml")
     assert result.compiled is None or not result.errors
+
+
+def test_a_named_provider_without_a_url_is_a_config_error(tmp_path):
+    cfg = tmp_path / "flowc.yaml"
+    cfg.write_text("providers:\n  groq: {api_key_env: GROQ_API_KEY}\n")
+    project = Project.load(cfg)
+    assert project.config is None
+    assert [(d.rule, d.message) for d in project.diagnostics] == [
+        ("invalid-value", "invalid value: provider 'groq' needs a base_url (only openai, "
+                          "anthropic, ollama have a default)")]

@@ -82,9 +82,7 @@ class Providers:
                 kind = base.kind  # `providers: {anthropic: {base_url: ...}}` keeps its format
             else:
                 kind = "openai" if pc.kind == "openai_compatible" else pc.kind
-            url = pc.base_url or (base.base_url if base else None)
-            if url is None:
-                raise ValueError(f"provider '{name}' needs a base_url")
+            url = pc.base_url or (base.base_url if base else "")  # checked by ProjectConfig
             key = env.get(pc.api_key_env) if pc.api_key_env else (base.api_key if base else None)
             self.endpoints[name] = Endpoint(name, kind, url, key, pc.timeout)
 
