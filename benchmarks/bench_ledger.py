@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=10_000_000)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(Path(tmp) / "ingest.duckdb", flush_interval=1.0)
+        ledger = Ledger(Path(tmp) / "ingest.duckdb", flush_interval=1.0, in_process=False)
         rate, lag = asyncio.run(ingest(ledger, args.rows))
         ledger.close()
         print(f"ingest: {rate:,.0f} rows/s from 50 concurrent writers, "

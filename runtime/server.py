@@ -57,7 +57,9 @@ class Runtime:
               env: Mapping[str, str] | None = None) -> Runtime:
         providers = Providers(config, env)
         router = Router(config, providers)
-        ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval)
+        # The server keeps the ledger file in a child process (see runtime/ledger/store.py).
+        ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval,
+                        in_process=False)
         registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE)))
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
