@@ -158,9 +158,14 @@ _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_mode
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens")
 _BOOLS = ("success", "stream", "dry_run")
-# What travels from the request path to the writer: a CallRecord's fields as a plain tuple.
+# What travels from the request path to the store: a CallRecord's fields as a plain tuple,
+# the cost as text (pickling a Decimal costs ~2.6 µs, its text ~0.2 µs).
 _FIELDS = ("id", "ts", "cost_usd", "latency_ms", "ttft_ms", *_TEXT, *_INTS, *_BOOLS)
-_fields_of = operator.attrgetter(*_FIELDS)
+_rest_of = operator.attrgetter(*_FIELDS[3:])
+
+
+def _fields_of(r: CallRecord) -> tuple[Any, ...]:
+    return (r.id, r.ts, None if r.cost_usd is None else str(r.cost_usd), *_rest_of(r))
 
 
 def _columns(rows: list[tuple[Any, ...]], next_id: Callable[[], str]) -> dict[str, Any]:
@@ -169,7 +174,7 @@ def _columns(rows: list[tuple[Any, ...]], next_id: Callable[[], str]) -> dict[st
     cols: dict[str, Any] = {
         "id": np.array([i or next_id() for i in c["id"]], dtype=object),
         "ts_us": (np.array(c["ts"], dtype=np.float64) * 1_000_000).astype(np.int64),
-        "cost": np.array([None if v is None else str(v) for v in c["cost_usd"]], dtype=object),
+        "cost": np.array(c["cost_usd"], dtype=object),  # text or None
         "latency_ms": np.array(c["latency_ms"], dtype=np.float64),
         "ttft_ms": np.array(c["ttft_ms"], dtype=object),
     }
