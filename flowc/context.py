@@ -16,7 +16,6 @@ from flowc.template import Template
 from flowc.types import Type
 
 Step = LLMStep | MCPToolStep
-OUTPUT = None  # the consumer of the pipeline's `output:`
 
 
 @dataclass(frozen=True)

@@ -76,14 +76,6 @@ class SourceFile:
         line = bisect.bisect_right(self._line_starts, offset) - 1
         return Position(line + 1, offset - self._line_starts[line] + 1)
 
-    def line_text(self, line: int) -> str:
-        """The text of a 1-based line, without its newline."""
-        if line < 1 or line > len(self._line_starts):
-            return ""
-        start = self._line_starts[line - 1]
-        end = self.text.find("\n", start)
-        return self.text[start : end if end >= 0 else len(self.text)].rstrip("\r")
-
     def span_of(self, path: Path, *, key: bool = False) -> Span:
         """The span of the value at ``path`` (or of its key), falling back to the nearest
         enclosing value that has one."""

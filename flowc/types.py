@@ -44,7 +44,6 @@ NUMBER = Type("number")
 BOOLEAN = Type("boolean")
 NULL = Type("null")
 OBJECT = Type("object")
-ARRAY = Type("array", items=ANY)
 
 
 def from_json_schema(schema: Any, _depth: int = 0) -> Type:

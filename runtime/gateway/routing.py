@@ -100,19 +100,18 @@ class Router:
                     [f"no rule matched; '{traits.model}' resolves to {target}"])
 
     def explain(self, traits: Traits) -> list[str]:
+        """Why each rule does or does not match, then the plan the matching one makes."""
         lines = []
         for route in self.config.routes:
             why = self._mismatch(route, traits)
             if why is None:
-                plan = self._plan_route(route)
                 lines.append(f"rule '{route.name}' matches")
-                lines.extend("  " + r for r in plan.reasons)
-                lines.append("  order: " + " -> ".join(map(str, plan.targets)))
-                return lines
+                break
             lines.append(f"rule '{route.name}' does not match: {why}")
         plan = self.plan(traits)
-        lines.extend(plan.reasons)
-        lines.append("order: " + " -> ".join(map(str, plan.targets)))
+        indent = "  " if plan.rule else ""
+        lines.extend(indent + r for r in plan.reasons)
+        lines.append(indent + "order: " + " -> ".join(map(str, plan.targets)))
         return lines
 
     @staticmethod

@@ -33,7 +33,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -87,21 +86,6 @@ class CallRecord:
     id: str = ""
     ts: float = field(default_factory=time.time)  # when the call ended (epoch seconds)
 
-    def row(self, default_id: str = "") -> tuple[Any, ...]:
-        """The row in REQUEST_COLUMNS order (built on the writer thread, not the caller's).
-        The cost goes in as text: DuckDB reads it exactly, and ~1.7x faster than a
-        Decimal."""
-        return (
-            self.id or default_id or uuid.uuid4().hex,
-            datetime.fromtimestamp(self.ts, UTC).replace(tzinfo=None),
-            self.workflow_name, self.run_id, self.step_id, self.model, self.provider,
-            self.served_model, self.prompt_tokens, self.completion_tokens,
-            self.prompt_tokens + self.completion_tokens, self.cached_tokens,
-            self.cache_write_tokens, self.reasoning_tokens,
-            None if self.cost_usd is None else str(self.cost_usd), self.price_source,
-            self.latency_ms, self.ttft_ms, self.success, self.error, self.error_class,
-            self.route, self.stream, self.dry_run,
-        )
 
 
 def connect(path: Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
