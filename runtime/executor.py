@@ -332,13 +332,9 @@ class _Run:
         return res.structured if res.structured is not None else res.text
 
     def _params(self, value: Any) -> Any:
+        """Tool params with references filled in (a lone reference keeps its type)."""
         if isinstance(value, str):
-            ref = single_reference(value)
-            if ref is not None:
-                return resolve_ref(ref, self.scope)  # keeps its type
-            if "${" in value:
-                return render(parse_template(value), self.scope, self.jinja_names())
-            return value
+            return self._value_of(parse_template(value)) if "${" in value else value
         if isinstance(value, dict):
             return {k: self._params(v) for k, v in value.items()}
         if isinstance(value, list):
