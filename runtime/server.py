@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -91,6 +92,11 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = Runtime.start(config, project_dir, pipelines, env)
         state["rt"] = rt
+        # What exists now lives as long as the server. Frozen, it leaves the collector's
+        # generations: a full collection (about once a second under load) then walks only
+        # what requests create, instead of ~95k start-up objects (~23 ms, a p99 stall).
+        gc.collect()
+        gc.freeze()
         server_file = project_dir / SERVER_FILE
         if public_url:
             server_file.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,12 @@ from pathlib import Path
 import duckdb
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowc.config import PriceOverride
 from runtime.ledger.pricing import price
+from runtime.ledger.schema import MIGRATIONS
 from runtime.ledger.store import CallRecord, Ledger, SQLRefused, connect, run_select
 from runtime.providers import Usage
 from tests.conftest import start_server, stop_server
@@ -79,6 +82,75 @@ def test_rows_are_batched_and_readable(tmp_path):
     ledger.close()
 
 
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "child-process"])
+def test_rows_from_many_threads_all_land_once(tmp_path, in_process):
+    ledger = Ledger(tmp_path / "l.duckdb", flush_interval=0.05, in_process=in_process)
+    per_thread = 1_237  # not a multiple of a frame: partial frames are sealed by the writer
+
+    def work(t: int) -> None:
+        for i in range(per_thread):
+            ledger.record(CallRecord(model=f"m{t}", provider="openai", served_model="x",
+                                     success=True, latency_ms=1.0, prompt_tokens=i,
+                                     cost_usd=Decimal(i) / 1000, run_id=f"run-{t}-{i}"))
+            if i == per_thread // 2:
+                ledger.flush()  # a flush while others keep recording
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    ledger.flush()
+    _, rows = ledger.select("SELECT model, count(*), count(DISTINCT run_id), "
+                            "count(DISTINCT id), sum(prompt_tokens), sum(cost_usd) "
+                            "FROM requests GROUP BY model ORDER BY model")
+    n = per_thread
+    expected_cost = Decimal(n * (n - 1) // 2) / 1000
+    assert rows == [(f"m{t}", n, n, n, n * (n - 1) // 2, expected_cost) for t in range(4)]
+    ledger.close()
+
+
+_text = st.one_of(st.none(), st.text(max_size=40))
+
+
+_record = st.builds(
+    CallRecord, model=st.text(max_size=30), provider=_text, served_model=_text,
+    success=st.booleans(), latency_ms=st.floats(0, 1e7),
+    prompt_tokens=st.integers(0, 2**31 - 1), completion_tokens=st.integers(0, 2**31 - 1),
+    cached_tokens=st.integers(0, 2**31 - 1), cache_write_tokens=st.integers(0, 2**31 - 1),
+    reasoning_tokens=st.integers(0, 2**31 - 1),
+    cost_usd=st.one_of(st.none(), st.decimals(0, 10**8, places=9)), price_source=_text,
+    ttft_ms=st.one_of(st.none(), st.floats(0, 1e7)), error=_text, error_class=_text,
+    route=_text, stream=st.booleans(), dry_run=st.booleans(), workflow_name=_text,
+    run_id=_text, step_id=_text)
+_NAMES = ("model", "provider", "served_model", "success", "latency_ms", "prompt_tokens",
+          "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+          "cost_usd", "price_source", "ttft_ms", "error", "error_class", "route", "stream",
+          "dry_run", "workflow_name", "run_id", "step_id")
+
+
+def test_every_field_reads_back_as_recorded(tmp_path):
+    ledger = Ledger(tmp_path / "l.duckdb")
+
+    @settings(max_examples=60, deadline=None)
+    @given(records=st.lists(_record, min_size=1, max_size=30))
+    def check(records: list[CallRecord]) -> None:
+        ledger.execute("DELETE FROM requests")
+        for r in records:
+            ledger.record(r)
+        ledger.flush()
+        _, rows = ledger.select(f"SELECT {', '.join(_NAMES)}, prompt_tokens + "
+                                "completion_tokens - total_tokens, epoch_us(ts) FROM requests")
+        expected = [(*(getattr(r, n) for n in _NAMES), 0, int(r.ts * 1_000_000))
+                    for r in records]
+        assert sorted(rows, key=repr) == sorted(expected, key=repr)
+
+    try:
+        check()
+    finally:
+        ledger.close()
+
+
 @pytest.mark.parametrize("sql", [
     "DELETE FROM requests",
     "INSERT INTO requests (id, ts, success) VALUES ('x', now(), true)",
@@ -117,11 +189,33 @@ def test_migrations_are_named_and_applied_once(tmp_path):
     Ledger(tmp_path / "l.duckdb").close()
     con = connect(tmp_path / "l.duckdb")
     names = [r[0] for r in con.execute("SELECT name FROM schema_migrations ORDER BY 1").fetchall()]
-    assert names == ["0001_requests", "0002_workflows", "0003_runs"]
+    assert names == ["0001_requests", "0002_workflows", "0003_runs", "0004_bigint_tokens"]
     cols = {r[0] for r in con.execute("DESCRIBE requests").fetchall()}
     assert {"id", "ts", "workflow_name", "model", "prompt_tokens", "completion_tokens",
             "total_tokens", "cost_usd", "latency_ms", "success", "error"} <= cols
     con.close()
+
+
+def test_a_ledger_from_an_older_schema_is_migrated_with_its_rows(tmp_path):
+    path = tmp_path / "l.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE schema_migrations (name VARCHAR PRIMARY KEY, "
+                "applied_at TIMESTAMP DEFAULT now())")
+    for name, sql in MIGRATIONS[:3]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations (name) VALUES (?)", [name])
+    con.execute("INSERT INTO requests (id, ts, model, prompt_tokens, completion_tokens, "
+                "total_tokens, success) VALUES ('old', TIMESTAMP '2026-01-02', 'fast', 7, 3, "
+                "10, true)")
+    con.close()
+    ledger = Ledger(path)
+    ledger.record(CallRecord(model="big", provider="openai", served_model="x", success=True,
+                             latency_ms=1.0, prompt_tokens=2**31 - 1, completion_tokens=5))
+    ledger.flush()
+    _, rows = ledger.select("SELECT id, model, total_tokens FROM requests ORDER BY ts")
+    assert [r[1:] for r in rows] == [("fast", 10), ("big", 2**31 + 4)]
+    assert rows[0][0] == "old"
+    ledger.close()
 
 
 # -- the server holding the ledger -------------------------------------------------------------

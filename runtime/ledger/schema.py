@@ -59,6 +59,12 @@ MIGRATIONS: list[tuple[str, str]] = [
             dry_run BOOLEAN,
             record JSON                        -- per-step results, skip reasons, output
         )"""),
+    # A call's token counts can pass 2**31 summed (prompt + completion into total_tokens);
+    # an INTEGER overflow failed the whole batch the row was in.
+    ("0004_bigint_tokens", ";".join(
+        f"ALTER TABLE requests ALTER COLUMN {c} TYPE BIGINT"
+        for c in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
+                  "cache_write_tokens", "reasoning_tokens"))),
 ]
 
 
