@@ -7,8 +7,8 @@ per-row inserts manage ~1,000 rows/s while an appender fed by one writer thread 
 
 - `record()` only queues the row: it never blocks the request path. Every 500th row seals
   the waiting rows into a frame (pickled columns, ~0.3 ms); see `record()` for why there.
-- One writer thread sends every sealed frame when one is ready, and seals and sends the
-  rest once per `flush_interval` (1 s), to the store that owns the file. A graceful close
+- One writer thread sends sealed frames, four at a time, and seals and sends the rest once
+  per `flush_interval` (1 s), to the store that owns the file. A graceful close
   drains everything; a hard kill loses at most one interval. In the server the store is a
   child process (`_ProcessStore`): turning frames into numpy columns and inserting them
   runs on the child's GIL, not the event loop's, and the child gathers what arrives within
@@ -50,6 +50,7 @@ from runtime.ledger.schema import REQUEST_COLUMNS, migrate
 
 log = logging.getLogger("flowc.ledger")
 _FRAME = 500  # rows sealed into one frame (~0.3 ms of the recording thread's time)
+_WAKE_FRAMES = 4  # sealed frames that wake the writer (each wake is a GIL hand-off)
 _CHILD_ROWS = 20_000  # rows the child gathers from the pipe into one insert, at most
 _GATHER = 0.05  # seconds the child waits for more rows before inserting
 _SAFE_CONFIG = {
@@ -148,10 +149,9 @@ _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_mode
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens")
 _BOOLS = ("success", "stream", "dry_run")
-# What travels from the request path to the store: a batch of CallRecords as columns
-# (`Columns`: one sequence per name in `_FIELDS`), with the cost as text. Reading the fields
-# and transposing them both run in C (~0.8 µs a row against ~1.6 for a tuple per row built
-# in Python), and pickling a Decimal costs ~2.6 µs where its text costs ~0.1.
+# A row waits as the tuple of its record's `_FIELDS` (read by an attrgetter, in C); a frame
+# travels as `Columns` (one sequence per name, transposed in C) with the cost as text:
+# pickling a Decimal costs ~2.6 µs, its text ~0.1.
 _FIELDS = ("id", "ts", "cost_usd", "latency_ms", "ttft_ms", *_TEXT, *_INTS, *_BOOLS)
 _fields_of = operator.attrgetter(*_FIELDS)
 Columns = dict[str, Sequence[Any]]
@@ -484,7 +484,8 @@ class Ledger:
                 return
             rows, self._rows = self._rows, []
         self._frames.append(_frame(rows))
-        self._wake.set()
+        if len(self._frames) >= _WAKE_FRAMES:
+            self._wake.set()
 
     def close(self) -> None:
         """Write everything queued, then stop."""
