@@ -48,9 +48,9 @@ GATEWAY_CONFIG = """\
 models:
   local: ollama/qwen2.5:7b
   fast: openai/gpt-4o-mini
-  smart: anthropic/claude-sonnet-4-5
+  smart: anthropic/claude-sonnet-4-6
 fallbacks:
-  openai/gpt-4o: [anthropic/claude-sonnet-4-5]
+  openai/gpt-4o: [anthropic/claude-sonnet-4-6]
 retry:
   attempts: 2
   backoff: 0.05
@@ -62,16 +62,16 @@ routes:
   - name: cheap-tagged
     match: {model: auto, tags: [cheap]}
     strategy: cheapest
-    targets: [anthropic/claude-sonnet-4-5, openai/gpt-4o-mini]
+    targets: [anthropic/claude-sonnet-4-6, openai/gpt-4o-mini]
   - name: tools-to-openai
     match: {model: auto, needs_tools: true}
     targets: [openai/gpt-4o-mini]
   - name: auto
     match: {model: auto}
     strategy: best
-    targets: [openai/gpt-4o-mini, anthropic/claude-sonnet-4-5]
+    targets: [openai/gpt-4o-mini, anthropic/claude-sonnet-4-6]
 quality:
-  anthropic/claude-sonnet-4-5: 0.9
+  anthropic/claude-sonnet-4-6: 0.9
   openai/gpt-4o-mini: 0.7
 ledger:
   flush_interval: 0.2

@@ -221,7 +221,7 @@ def dropped() -> Action:
 # -- Anthropic ---------------------------------------------------------------------------------
 def anthropic_text(text: str = "Hi! My name is Claude.", *, input_tokens: int = 2095,
                    output_tokens: int = 503, cache_write: int = 0, cache_read: int = 0,
-                   model: str = "claude-sonnet-4-5-20250929") -> Action:
+                   model: str = "claude-sonnet-4-6") -> Action:
     def act(rec: Recorded) -> Any:
         if rec.body.get("stream"):
             return anthropic_stream([("text", text)], input_tokens=input_tokens,
@@ -242,7 +242,7 @@ def anthropic_tool_use(name: str, tool_input: dict[str, Any],
             return anthropic_stream([("tool_use", (tool_id, name, tool_input))],
                                     stop_reason="tool_use")(rec)
         return {"id": "msg_01Aq9w938a90dw8q", "type": "message", "role": "assistant",
-                "model": "claude-sonnet-4-5-20250929",
+                "model": "claude-sonnet-4-6",
                 "content": [{"type": "text", "text": "I'll check that for you."},
                             {"type": "tool_use", "id": tool_id, "name": name,
                              "input": tool_input}],
@@ -254,7 +254,7 @@ def anthropic_tool_use(name: str, tool_input: dict[str, Any],
 
 def anthropic_stream(blocks: list[tuple[str, Any]], *, input_tokens: int = 25,
                      output_tokens: int = 15, stop_reason: str = "end_turn",
-                     model: str = "claude-sonnet-4-5-20250929") -> Action:
+                     model: str = "claude-sonnet-4-6") -> Action:
     """Blocks are ("text", str) or ("tool_use", (id, name, input)); tool inputs stream as
     several input_json_delta pieces, as the API sends them."""
     def act(rec: Recorded) -> Any:

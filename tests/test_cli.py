@@ -152,7 +152,7 @@ def test_graph_renders_svg_with_graphviz(tmp_path):
     svg = html.unescape(out.read_text())
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg
     for text in ("search", "summarize", "report", "brave-search.web_search",
-                 "claude-sonnet-4-5", "search_results", "final_report"):
+                 "claude-sonnet-4-6", "search_results", "final_report"):
         assert text in svg
 
 

@@ -28,7 +28,7 @@ def test_research_example_compiles_to_a_typed_dag():
     assert g.edges["search", "summarize"]["vars"] == ["search_results"]
     assert g.edges["summarize", "report"]["vars"] == ["summary"]
     report = c.node("report")
-    assert report.step.model == "claude-sonnet-4-5"
+    assert report.step.model == "claude-sonnet-4-6"
     assert report.reads == ("summary",)
     assert report.output_type == T.STRING
     assert c.node("search").step.params == {"query": "${input.topic}", "count": 5}
@@ -96,7 +96,7 @@ def test_resolve_model_follows_aliases_and_bare_names():
          "providers": {"groq": {"base_url": "http://127.0.0.1:9/v1"}}})
     assert config.resolve_model("fast") == ("ollama", "qwen2.5:7b")
     assert config.resolve_model("gpt-4o-mini") == ("openai", "gpt-4o-mini")
-    assert config.resolve_model("claude-sonnet-4-5") == ("anthropic", "claude-sonnet-4-5")
+    assert config.resolve_model("claude-sonnet-4-6") == ("anthropic", "claude-sonnet-4-6")
     assert config.resolve_model("groq/llama-3.1-8b") == ("groq", "llama-3.1-8b")
     assert config.resolve_model("nope/x") is None
     assert config.resolve_model("mystery") is None

@@ -114,7 +114,7 @@ def test_anthropic_through_the_openai_sdk(gw):
     gw.anthropic.then(anthropic_text("Bonjour.", input_tokens=100, output_tokens=20,
                                      cache_write=1000, cache_read=2000))
     raw = client(gw).chat.completions.with_raw_response.create(
-        model="claude-sonnet-4-5", stop=["END"],
+        model="claude-sonnet-4-6", stop=["END"],
         messages=[{"role": "system", "content": "Answer in French."},
                   {"role": "user", "content": "Hello"}])
     out = raw.parse()
@@ -122,7 +122,7 @@ def test_anthropic_through_the_openai_sdk(gw):
     assert sent.path == "/v1/messages"
     assert sent.headers["x-api-key"] == "sk-ant-test"
     assert sent.headers["anthropic-version"] == "2023-06-01"
-    assert sent.body == {"model": "claude-sonnet-4-5", "system": "Answer in French.",
+    assert sent.body == {"model": "claude-sonnet-4-6", "system": "Answer in French.",
                          "messages": [{"role": "user",
                                        "content": [{"type": "text", "text": "Hello"}]}],
                          "max_tokens": 4096, "stop_sequences": ["END"]}
@@ -131,7 +131,7 @@ def test_anthropic_through_the_openai_sdk(gw):
     # billed input = input + cache writes + cache reads; reads are the cached tokens
     assert out.usage.prompt_tokens == 3100 and out.usage.completion_tokens == 20
     assert out.usage.prompt_tokens_details.cached_tokens == 2000
-    # claude-sonnet-4-5: $3 input, $3.75 cache write (5 min), $0.30 cache read, $15 output
+    # claude-sonnet-4-6: $3 input, $3.75 cache write (5 min), $0.30 cache read, $15 output
     expected = (100 * 3 + 1000 * 3.75 + 2000 * 0.30 + 20 * 15) / 1e6
     assert float(raw.headers["x-flowc-cost-usd"]) == pytest.approx(expected, abs=1e-12)
 
@@ -216,7 +216,7 @@ def test_anthropic_stream_usage_is_recorded(gw):
         model="smart", stream=True, messages=[{"role": "user", "content": "hi"}]) if c.choices)
     assert text.strip() == "streamed words here"
     rows = ledger_rows(gw, "provider = 'anthropic' AND stream")
-    assert rows[-1][:5] == ["anthropic", "claude-sonnet-4-5-20250929", True, 40, 7]
+    assert rows[-1][:5] == ["anthropic", "claude-sonnet-4-6", True, 40, 7]
 
 
 def test_anthropic_refuses_what_it_cannot_honour(gw):
@@ -304,7 +304,7 @@ def test_server_errors_fall_back_to_the_next_model(gw):
     raw = client(gw).chat.completions.with_raw_response.create(
         model="openai/gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert raw.headers["x-flowc-provider"] == "anthropic"
-    assert raw.parse().model == "claude-sonnet-4-5-20250929"
+    assert raw.parse().model == "claude-sonnet-4-6"
     assert len(gw.openai.requests) == 3  # first try + 2 retries, then the fallback
 
 
@@ -371,7 +371,7 @@ def test_routes_explain(gw):
     r = gw.flowc("routes", "explain", "--model", "auto", "--tags", "cheap")
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[:2] == ["rule 'cheap-tagged' matches", "  strategy cheapest"]
-    assert "order: openai/gpt-4o-mini -> anthropic/claude-sonnet-4-5" in r.stdout
+    assert "order: openai/gpt-4o-mini -> anthropic/claude-sonnet-4-6" in r.stdout
 
 
 def test_models_health_and_ready(gw):
@@ -424,14 +424,14 @@ def test_anthropic_sdk_tool_use_round_trip_served_by_anthropic(gw):
     tools = [{"name": "get_weather", "description": "Weather",
               "input_schema": WEATHER_TOOL["function"]["parameters"]}]
     msg = anthropic_client(gw).messages.create(
-        model="claude-sonnet-4-5", max_tokens=200, tools=tools,
+        model="claude-sonnet-4-6", max_tokens=200, tools=tools,
         messages=[{"role": "user", "content": "Weather in Rome?"}])
     assert msg.stop_reason == "tool_use"
     use = next(b for b in msg.content if b.type == "tool_use")
     assert (use.name, use.input) == ("get_weather", {"city": "Rome"})
     # the tool result goes back through the gateway as Anthropic expects it upstream
     anthropic_client(gw).messages.create(
-        model="claude-sonnet-4-5", max_tokens=200, tools=tools, messages=[
+        model="claude-sonnet-4-6", max_tokens=200, tools=tools, messages=[
             {"role": "user", "content": "Weather in Rome?"},
             {"role": "assistant", "content": [{"type": "tool_use", "id": use.id,
                                                "name": "get_weather", "input": use.input}]},

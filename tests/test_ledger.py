@@ -47,10 +47,10 @@ def test_openai_price_with_cached_tokens():
 
 
 def test_anthropic_price_with_cache_writes_and_reads():
-    # claude-sonnet-4-5: $3 input, $3.75 5-minute cache write, $0.30 cache read, $15 output.
+    # claude-sonnet-4-6: $3 input, $3.75 5-minute cache write, $0.30 cache read, $15 output.
     usage = Usage(prompt_tokens=100 + 1_000 + 2_000, completion_tokens=20, cached_tokens=2_000,
                   cache_write_tokens=1_000)
-    cost, _ = price("anthropic", "claude-sonnet-4-5", usage)
+    cost, _ = price("anthropic", "claude-sonnet-4-6", usage)
     assert cost == Decimal("0.0003") + Decimal("0.00375") + Decimal("0.0006") + \
         Decimal("0.0003")
 
@@ -222,7 +222,7 @@ def test_a_ledger_from_an_older_schema_is_migrated_with_its_rows(tmp_path):
 @pytest.fixture
 def served_ledger(tmp_path):
     (tmp_path / "flowc.yaml").write_text(
-        "models:\n  fast: openai/gpt-4o-mini\n  smart: anthropic/claude-sonnet-4-5\n"
+        "models:\n  fast: openai/gpt-4o-mini\n  smart: anthropic/claude-sonnet-4-6\n"
         "ledger:\n  flush_interval: 1.0\n")
     fakes = {k: FakeServer(k).start() for k in ("openai", "anthropic")}
     env = {**os.environ, "OPENAI_BASE_URL": fakes["openai"].url + "/v1",
@@ -282,7 +282,7 @@ def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
     summary = httpx.get(url + "/v1/costs/summary", params={"by": "model"}).json()
     by = {r["key"]: Decimal(r["cost_usd"]) for r in summary["rows"]}
     assert by == {"openai/gpt-4o-mini-2024-07-18": Decimal("0.000210000"),
-                  "anthropic/claude-sonnet-4-5-20250929": Decimal("0.004500000")}
+                  "anthropic/claude-sonnet-4-6": Decimal("0.004500000")}
     export = httpx.get(url + "/v1/costs/export.csv", params={"since": "2000-01-01"}).text
     table = list(csv.DictReader(io.StringIO(export)))
     assert len(table) == 2 and {r["provider"] for r in table} == {"openai", "anthropic"}
@@ -347,7 +347,7 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
         assert external == []  # no CDN: it works with no internet
         assert ["openai/gpt-4o-mini-2024-07-18", 2700] in tokens  # 3 x 900 prompt tokens
         assert ["openai/gpt-4o-mini-2024-07-18", 900] in tokens  # 3 x 300 completion
-        assert ["anthropic/claude-sonnet-4-5-20250929", 2000] in tokens
+        assert ["anthropic/claude-sonnet-4-6", 2000] in tokens
         assert daily == 1 and calls == "4" and rows == 1 + 4
         assert shot.stat().st_size > 10_000
     finally:
@@ -355,7 +355,7 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
 
 
 @pytest.mark.parametrize(("provider", "model"), [
-    ("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-5"),
+    ("openai", "gpt-4o-mini"), ("openai", "gpt-4o"), ("anthropic", "claude-sonnet-4-6"),
     ("anthropic", "claude-3-5-haiku-latest"), ("openai", "o3-mini")])
 def test_fast_prices_match_the_library_for_any_usage(provider, model):
     from hypothesis import given, settings

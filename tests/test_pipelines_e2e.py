@@ -22,7 +22,7 @@ CONFIG = f"""\
 models:
   local: ollama/qwen2.5:7b
   fast: openai/gpt-4o-mini
-  smart: anthropic/claude-sonnet-4-5
+  smart: anthropic/claude-sonnet-4-6
 ledger:
   flush_interval: 0.2
 mcpServers:
@@ -93,7 +93,7 @@ def test_research_pipeline_over_http(served):
     steps = {s["id"]: s for s in out["metrics"]["steps"]}
     assert [s["status"] for s in steps.values()] == ["done", "done", "done"]
     assert steps["search"]["cost"] == 0 and steps["search"]["tool_calls"] == 1
-    # claude-sonnet-4-5: 300 * $3/1M + 200 * $15/1M; the local model is $0
+    # claude-sonnet-4-6: 300 * $3/1M + 200 * $15/1M; the local model is $0
     assert steps["report"]["cost"] == pytest.approx(0.0039)
     assert out["metrics"]["total_cost_usd"] == pytest.approx(0.0039)
     summarize = fakes["ollama"].requests[-1].body["messages"][0]["content"]

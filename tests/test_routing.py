@@ -33,8 +33,8 @@ def test_zero_config_resolves_prefixed_and_bare_names():
     r = router({})
     assert r.plan(traits("openai/gpt-4o-mini")).targets == [Target("openai", "gpt-4o-mini")]
     assert r.plan(traits("gpt-4o")).targets == [Target("openai", "gpt-4o")]
-    assert r.plan(traits("claude-sonnet-4-5")).targets == [
-        Target("anthropic", "claude-sonnet-4-5")]
+    assert r.plan(traits("claude-sonnet-4-6")).targets == [
+        Target("anthropic", "claude-sonnet-4-6")]
     assert r.plan(traits("ollama/qwen2.5:7b")).targets == [Target("ollama", "qwen2.5:7b")]
     with pytest.raises(RequestError) as exc:
         r.plan(traits("llama3"))
@@ -44,7 +44,7 @@ def test_zero_config_resolves_prefixed_and_bare_names():
 ROUTES = {
     "routes": [{"name": "r", "match": {"model": "auto"}, "strategy": "fastest",
                 "targets": ["openai/gpt-4o", "openai/gpt-4o-mini",
-                            "anthropic/claude-sonnet-4-5"]}],
+                            "anthropic/claude-sonnet-4-6"]}],
 }
 
 
@@ -53,10 +53,10 @@ def test_fastest_uses_observed_latency_and_unknown_goes_last():
     for ms in (900, 1000, 1100):
         latency.add(Target("openai", "gpt-4o"), ms)
     for ms in (300, 350, 400):
-        latency.add(Target("anthropic", "claude-sonnet-4-5"), ms)
+        latency.add(Target("anthropic", "claude-sonnet-4-6"), ms)
     plan = router(ROUTES, latency).plan(traits())
     assert [str(t) for t in plan.targets] == [
-        "anthropic/claude-sonnet-4-5", "openai/gpt-4o", "openai/gpt-4o-mini"]
+        "anthropic/claude-sonnet-4-6", "openai/gpt-4o", "openai/gpt-4o-mini"]
 
 
 def test_constraints_drop_targets_and_say_why():
@@ -70,7 +70,7 @@ def test_constraints_drop_targets_and_say_why():
     assert [str(t) for t in plan.targets] == ["openai/gpt-4o-mini"]
     explained = "\n".join(r.explain(traits()))
     assert "openai/gpt-4o dropped: p50 5000 ms > 2000 ms" in explained
-    assert "anthropic/claude-sonnet-4-5 dropped: price per 1M tokens $18.00 > $15" in explained
+    assert "anthropic/claude-sonnet-4-6 dropped: price per 1M tokens $18.00 > $15" in explained
 
 
 def test_no_target_left_is_a_503_naming_the_route():
@@ -84,7 +84,7 @@ def test_no_target_left_is_a_503_naming_the_route():
 def test_rules_match_in_order_and_fallbacks_follow():
     config = {"routes": [
         {"name": "tagged", "match": {"model": "auto", "tags": ["eu"]},
-         "targets": ["anthropic/claude-sonnet-4-5"]},
+         "targets": ["anthropic/claude-sonnet-4-6"]},
         {"name": "rest", "match": {"model": "auto"}, "targets": ["openai/gpt-4o"]}],
         "fallbacks": {"openai/gpt-4o": ["ollama/qwen2.5:7b"]}}
     r = router(config)
