@@ -79,6 +79,8 @@ class PriceOverride(_Strict):
     output: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
     cache_write: Decimal | None = Field(default=None, ge=0)
+    cache_write_1h: Decimal | None = Field(
+        default=None, ge=0, description="1-hour cache writes (default: `cache_write`).")
 
 
 class LedgerConfig(_Strict):

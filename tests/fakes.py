@@ -221,7 +221,9 @@ def dropped() -> Action:
 # -- Anthropic ---------------------------------------------------------------------------------
 def anthropic_text(text: str = "Hi! My name is Claude.", *, input_tokens: int = 2095,
                    output_tokens: int = 503, cache_write: int = 0, cache_read: int = 0,
-                   model: str = "claude-sonnet-4-6") -> Action:
+                   cache_write_1h: int = 0, model: str = "claude-sonnet-4-6") -> Action:
+    """`cache_write` counts every cache write; `cache_write_1h` says how many were for an
+    hour (the API splits them in `usage.cache_creation`)."""
     def act(rec: Recorded) -> Any:
         if rec.body.get("stream"):
             return anthropic_stream([("text", text)], input_tokens=input_tokens,
@@ -231,7 +233,10 @@ def anthropic_text(text: str = "Hi! My name is Claude.", *, input_tokens: int = 
                 "stop_reason": "end_turn", "stop_sequence": None,
                 "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens,
                           "cache_creation_input_tokens": cache_write,
-                          "cache_read_input_tokens": cache_read}}
+                          "cache_read_input_tokens": cache_read,
+                          "cache_creation": {
+                              "ephemeral_5m_input_tokens": cache_write - cache_write_1h,
+                              "ephemeral_1h_input_tokens": cache_write_1h}}}
     return act
 
 

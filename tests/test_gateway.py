@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from decimal import Decimal
 
 import httpx
 import openai
@@ -134,6 +135,24 @@ def test_anthropic_through_the_openai_sdk(gw):
     # claude-sonnet-4-6: $3 input, $3.75 cache write (5 min), $0.30 cache read, $15 output
     expected = (100 * 3 + 1000 * 3.75 + 2000 * 0.30 + 20 * 15) / 1e6
     assert float(raw.headers["x-flowc-cost-usd"]) == pytest.approx(expected, abs=1e-12)
+
+
+def test_anthropic_one_hour_cache_writes_are_priced_recorded_and_passed_on(gw):
+    gw.anthropic.then(anthropic_text("Oui.", input_tokens=100, output_tokens=20,
+                                     cache_write=3000, cache_write_1h=2000))
+    msg = anthropic_client(gw).messages.with_raw_response.create(
+        model="claude-sonnet-4-6", max_tokens=50, messages=[{"role": "user", "content": "Hi"}])
+    usage = msg.parse().usage
+    assert (usage.input_tokens, usage.cache_creation_input_tokens) == (100, 3000)
+    assert (usage.cache_creation.ephemeral_5m_input_tokens,
+            usage.cache_creation.ephemeral_1h_input_tokens) == (1000, 2000)
+    # claude-sonnet-4-6 per 1M: $3 input, $3.75 5-minute write, $6 1-hour write, $15 output
+    expected = Decimal(100 * 3 + 1000 * Decimal("3.75") + 2000 * 6 + 20 * 15) / 1_000_000
+    assert Decimal(msg.headers["x-flowc-cost-usd"]) == expected
+    time.sleep(0.5)
+    row = gw.sql("SELECT cache_write_tokens, cache_write_1h_tokens, cost_usd FROM requests "
+                 "ORDER BY ts DESC LIMIT 1")[0]
+    assert row[:2] == [3000, 2000] and Decimal(str(row[2])) == expected
 
 
 def test_anthropic_tool_use_maps_to_tool_calls_not_stop(gw):

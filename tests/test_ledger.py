@@ -26,6 +26,7 @@ from runtime.ledger.pricing import price
 from runtime.ledger.schema import MIGRATIONS
 from runtime.ledger.store import CallRecord, Ledger, SQLRefused, connect, run_select
 from runtime.providers import Usage
+from runtime.providers.anthropic import usage_of
 from tests.conftest import start_server, stop_server
 from tests.fakes import FakeServer, anthropic_text, free_port, openai_text
 
@@ -53,6 +54,24 @@ def test_anthropic_price_with_cache_writes_and_reads():
     cost, _ = price("anthropic", "claude-sonnet-4-6", usage)
     assert cost == Decimal("0.0003") + Decimal("0.00375") + Decimal("0.0006") + \
         Decimal("0.0003")
+
+
+def test_anthropic_one_hour_cache_writes_cost_twice_the_input_rate():
+    # claude-sonnet-4-6: 5-minute writes $3.75 (1.25x $3), 1-hour writes $6 (2x), per 1M.
+    usage = usage_of({"input_tokens": 100, "output_tokens": 20,
+                      "cache_creation_input_tokens": 3_000, "cache_read_input_tokens": 0,
+                      "cache_creation": {"ephemeral_5m_input_tokens": 1_000,
+                                         "ephemeral_1h_input_tokens": 2_000}})
+    assert (usage.prompt_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == \
+        (3_100, 3_000, 2_000)
+    cost, _ = price("anthropic", "claude-sonnet-4-6", usage)
+    assert cost == Decimal("0.0003") + Decimal("0.00375") + Decimal("0.012") + \
+        Decimal("0.0003")
+    overrides = {"anthropic/claude-sonnet-4-6": PriceOverride(
+        input=Decimal(1), output=Decimal(2), cache_write=Decimal("1.5"),
+        cache_write_1h=Decimal(3))}
+    assert price("anthropic", "claude-sonnet-4-6", usage, overrides)[0] == \
+        (100 * 1 + 1_000 * Decimal("1.5") + 2_000 * 3 + 20 * 2) / Decimal(1_000_000)
 
 
 def test_ollama_is_free_unless_priced_and_unknown_models_are_null(caplog):
@@ -118,13 +137,14 @@ _record = st.builds(
     success=st.booleans(), latency_ms=st.floats(0, 1e7),
     prompt_tokens=st.integers(0, 2**31 - 1), completion_tokens=st.integers(0, 2**31 - 1),
     cached_tokens=st.integers(0, 2**31 - 1), cache_write_tokens=st.integers(0, 2**31 - 1),
-    reasoning_tokens=st.integers(0, 2**31 - 1),
+    reasoning_tokens=st.integers(0, 2**31 - 1), cache_write_1h_tokens=st.integers(0, 2**31 - 1),
     cost_usd=st.one_of(st.none(), st.decimals(0, 10**8, places=9)), price_source=_text,
     ttft_ms=st.one_of(st.none(), st.floats(0, 1e7)), error=_text, error_class=_text,
     route=_text, stream=st.booleans(), dry_run=st.booleans(), workflow_name=_text,
     run_id=_text, step_id=_text)
 _NAMES = ("model", "provider", "served_model", "success", "latency_ms", "prompt_tokens",
           "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens",
+          "cache_write_1h_tokens",
           "cost_usd", "price_source", "ttft_ms", "error", "error_class", "route", "stream",
           "dry_run", "workflow_name", "run_id", "step_id")
 
@@ -189,7 +209,8 @@ def test_migrations_are_named_and_applied_once(tmp_path):
     Ledger(tmp_path / "l.duckdb").close()
     con = connect(tmp_path / "l.duckdb")
     names = [r[0] for r in con.execute("SELECT name FROM schema_migrations ORDER BY 1").fetchall()]
-    assert names == ["0001_requests", "0002_workflows", "0003_runs", "0004_bigint_tokens"]
+    assert names == ["0001_requests", "0002_workflows", "0003_runs", "0004_bigint_tokens",
+                     "0005_cache_write_1h"]
     cols = {r[0] for r in con.execute("DESCRIBE requests").fetchall()}
     assert {"id", "ts", "workflow_name", "model", "prompt_tokens", "completion_tokens",
             "total_tokens", "cost_usd", "latency_ms", "success", "error"} <= cols
@@ -364,11 +385,13 @@ def test_fast_prices_match_the_library_for_any_usage(provider, model):
     from runtime.ledger.pricing import _library_price
 
     @given(st.integers(0, 400_000), st.integers(0, 50_000), st.integers(0, 100_000),
-           st.integers(0, 100_000))
+           st.integers(0, 100_000), st.integers(0, 100_000))
     @settings(max_examples=60, deadline=None)
-    def check(plain, cached, writes, output):
+    def check(plain, cached, writes_5m, writes_1h, output):
+        writes = writes_5m + writes_1h
         usage = Usage(prompt_tokens=plain + cached + writes, completion_tokens=output,
-                      cached_tokens=cached, cache_write_tokens=writes)
+                      cached_tokens=cached, cache_write_tokens=writes,
+                      cache_write_1h_tokens=writes_1h)
         assert price(provider, model, usage)[0] == _library_price(provider, model, usage)
 
     check()

@@ -124,11 +124,14 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- response ----------------------------------------------------------------------------------
-def _usage(u: Usage) -> dict[str, int]:
+def _usage(u: Usage) -> dict[str, Any]:
     return {"input_tokens": u.prompt_tokens - u.cached_tokens - u.cache_write_tokens,
             "output_tokens": u.completion_tokens,
             "cache_creation_input_tokens": u.cache_write_tokens,
-            "cache_read_input_tokens": u.cached_tokens}
+            "cache_read_input_tokens": u.cached_tokens,
+            "cache_creation": {
+                "ephemeral_5m_input_tokens": u.cache_write_tokens - u.cache_write_1h_tokens,
+                "ephemeral_1h_input_tokens": u.cache_write_1h_tokens}}
 
 
 def from_openai(body: dict[str, Any], usage: Usage) -> dict[str, Any]:

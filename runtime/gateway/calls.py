@@ -86,6 +86,7 @@ class ModelCaller:
                 latency_ms=latency_ms, prompt_tokens=u.prompt_tokens,
                 completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens,
+                cache_write_1h_tokens=u.cache_write_1h_tokens,
                 cost_usd=cost, price_source=source, ttft_ms=ttft_ms,
                 error=str(getattr(error, "message", error)) if error else None,
                 error_class=type(error).__name__ if error else None, route=rule,

@@ -33,9 +33,12 @@ def price(provider: str, model: str, usage: Usage,
     override = (overrides or {}).get(f"{provider}/{model}")
     if override is not None:
         plain = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
+        write = override.cache_write if override.cache_write is not None else override.input
+        hour = usage.cache_write_1h_tokens
         cost = (_per_million(plain, override.input, override.input)
                 + _per_million(usage.cached_tokens, override.cached_input, override.input)
-                + _per_million(usage.cache_write_tokens, override.cache_write, override.input)
+                + _per_million(usage.cache_write_tokens - hour, write, write)
+                + _per_million(hour, override.cache_write_1h, write)
                 + _per_million(usage.completion_tokens, override.output, override.output))
         return cost, "flowc.yaml"
     if provider in FREE_PROVIDERS:
@@ -61,20 +64,25 @@ class _Rates:
             tiers = getattr(value, "tiers", None) or ()
             return min((t.start for t in tiers), default=float("inf"))
 
-        fields = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "output_mtok")
+        fields = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok",
+                  "output_mtok")
         values = [getattr(mp, f, None) for f in fields]
-        self.input, self.cache_read, self.cache_write, self.output = (
+        self.input, self.cache_read, self.cache_write, self.cache_write_1h, self.output = (
             base(v) or Decimal(0) for v in values)
         if values[1] is None:
             self.cache_read = self.input
         if values[2] is None:
             self.cache_write = self.input
+        if values[3] is None:
+            self.cache_write_1h = self.cache_write
         self.tier_start = min(tier(v) for v in values)
 
     def cost(self, u: Usage) -> Decimal:
         plain = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens
+        hour = u.cache_write_1h_tokens
         return (plain * self.input + u.cached_tokens * self.cache_read
-                + u.cache_write_tokens * self.cache_write
+                + (u.cache_write_tokens - hour) * self.cache_write
+                + hour * self.cache_write_1h
                 + u.completion_tokens * self.output) / _MILLION
 
 
@@ -90,10 +98,14 @@ def _flat_rates(provider: str, model: str) -> _Rates | None:
 
 def _library_price(provider: str, model: str, usage: Usage) -> Decimal:
     calc = genai_prices.calc_price(
-        genai_prices.Usage(input_tokens=usage.prompt_tokens,
-                           cache_read_tokens=usage.cached_tokens or None,
-                           cache_write_tokens=usage.cache_write_tokens or None,
-                           output_tokens=usage.completion_tokens),
+        genai_prices.Usage(
+            input_tokens=usage.prompt_tokens,
+            cache_read_tokens=usage.cached_tokens or None,
+            cache_write_tokens=usage.cache_write_tokens or None,
+            cache_write_5m_tokens=(usage.cache_write_tokens - usage.cache_write_1h_tokens
+                                   if usage.cache_write_1h_tokens else None),
+            cache_write_1h_tokens=usage.cache_write_1h_tokens or None,
+            output_tokens=usage.completion_tokens),
         model, provider_id=_provider_id(provider))
     return calc.total_price
 

@@ -9,6 +9,7 @@ REQUEST_COLUMNS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
     "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source", "latency_ms",
     "ttft_ms", "success", "error", "error_class", "route", "stream", "dry_run",
+    "cache_write_1h_tokens",
 )
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -65,6 +66,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         f"ALTER TABLE requests ALTER COLUMN {c} TYPE BIGINT"
         for c in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
                   "cache_write_tokens", "reasoning_tokens"))),
+    # Of cache_write_tokens, those written for one hour (Anthropic bills 2x base input
+    # against 1.25x for 5 minutes). NULL on rows recorded before this migration.
+    ("0005_cache_write_1h", "ALTER TABLE requests ADD COLUMN cache_write_1h_tokens BIGINT"),
 ]
 
 

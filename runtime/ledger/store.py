@@ -79,6 +79,7 @@ class CallRecord:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0  # of cache_write_tokens
     cost_usd: Decimal | None = None
     price_source: str | None = None
     ttft_ms: float | None = None
@@ -142,12 +143,13 @@ _INSERT = """
         served_model, prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
         cached_tokens, cache_write_tokens, reasoning_tokens, CAST(cost AS DECIMAL(18, 9)),
         price_source, latency_ms, CAST(ttft_ms AS DOUBLE), success, CAST(error AS VARCHAR),
-        CAST(error_class AS VARCHAR), CAST(route AS VARCHAR), stream, dry_run
+        CAST(error_class AS VARCHAR), CAST(route AS VARCHAR), stream, dry_run,
+        cache_write_1h_tokens
     FROM batch"""
 _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_model",
          "price_source", "error", "error_class", "route")
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
-         "reasoning_tokens")
+         "reasoning_tokens", "cache_write_1h_tokens")
 _BOOLS = ("success", "stream", "dry_run")
 # A row waits as the tuple of its record's `_FIELDS` (read by an attrgetter, in C); a frame
 # travels as `Columns` (one sequence per name, transposed in C) with the cost as text:

@@ -213,13 +213,16 @@ def _tool_choice(choice: Any, parallel: bool | None) -> dict[str, Any] | None:
 
 # -- response ----------------------------------------------------------------------------------
 def usage_of(u: dict[str, Any] | None) -> Usage:
-    """Anthropic's `input_tokens` excludes cache writes and reads; billed input is the sum."""
+    """Anthropic's `input_tokens` excludes cache writes and reads; billed input is the sum.
+    `cache_creation` splits the writes by lifetime (1-hour writes cost more)."""
     u = u or {}
     writes = int(u.get("cache_creation_input_tokens") or 0)
     reads = int(u.get("cache_read_input_tokens") or 0)
+    hour = int((u.get("cache_creation") or {}).get("ephemeral_1h_input_tokens") or 0)
     return Usage(prompt_tokens=int(u.get("input_tokens") or 0) + writes + reads,
                  completion_tokens=int(u.get("output_tokens") or 0),
-                 cached_tokens=reads, cache_write_tokens=writes)
+                 cached_tokens=reads, cache_write_tokens=writes,
+                 cache_write_1h_tokens=min(hour, writes))
 
 
 def to_openai(msg: dict[str, Any], json_mode: bool) -> dict[str, Any]:

@@ -36,7 +36,9 @@ class Usage:
 
     ``prompt_tokens`` is every input token billed (cache reads and writes included, as in
     OpenAI's accounting); ``cached_tokens`` and ``cache_write_tokens`` say how many of them
-    were cache reads and writes. ``completion_tokens`` includes ``reasoning_tokens``.
+    were cache reads and writes, and ``cache_write_1h_tokens`` how many of the writes were
+    for one hour (Anthropic bills those at 2x base input, 5-minute writes at 1.25x).
+    ``completion_tokens`` includes ``reasoning_tokens``.
     """
 
     prompt_tokens: int = 0
@@ -44,6 +46,7 @@ class Usage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
