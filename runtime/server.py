@@ -8,9 +8,10 @@ import gc
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
@@ -31,7 +32,7 @@ from runtime.inputs import InputError
 from runtime.ledger import reports
 from runtime.ledger.store import Ledger, SQLRefused
 from runtime.mcp.manager import MCPManager
-from runtime.providers import Providers, RequestError
+from runtime.providers import FlowcError, Providers, RequestError
 from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.server")
@@ -140,22 +141,26 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
         return JSONResponse({"status": "ready" if ok else "unavailable",
                              "providers": providers}, status_code=200 if ok else 503)
 
+    @app.exception_handler(FlowcError)
+    async def _flowc_error(request: Request, exc: FlowcError) -> Response:
+        return error_response(exc)
+
+    async def report(make: Callable[..., Any], *args: Any) -> Any:
+        """A ledger report, off the event loop; a bad filter is the caller's 400."""
+        try:
+            return await asyncio.to_thread(make, rt().ledger.select, *args)
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
     @app.get("/v1/costs/summary")
     async def _summary(since: str | None = None, until: str | None = None,
                        by: str = "day") -> Response:
-        try:
-            data = await asyncio.to_thread(reports.summary, rt().ledger.select, since, until,
-                                           by)
-        except (ValueError, RequestError) as exc:
-            return error_response(RequestError(str(exc)))
+        data = await report(reports.summary, since, until, by)
         return Response(orjson.dumps(data, default=str), media_type="application/json")
 
     @app.get("/v1/costs/dashboard")
     async def _dashboard_data(since: str | None = None, until: str | None = None) -> Response:
-        try:
-            data = await asyncio.to_thread(reports.dashboard, rt().ledger.select, since, until)
-        except ValueError as exc:
-            return error_response(RequestError(str(exc)))
+        data = await report(reports.dashboard, since, until)
         return Response(orjson.dumps(data, default=str), media_type="application/json")
 
     @app.get("/dashboard")
@@ -164,10 +169,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
 
     @app.get("/v1/costs/export.csv")
     async def _export(since: str | None = None, until: str | None = None) -> Response:
-        try:
-            text = await asyncio.to_thread(reports.export_csv, rt().ledger.select, since, until)
-        except ValueError as exc:
-            return error_response(RequestError(str(exc)))
+        text = await report(reports.export_csv, since, until)
         return Response(text, media_type="text/csv",
                         headers={"content-disposition": 'attachment; filename="costs.csv"'})
 

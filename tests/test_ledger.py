@@ -307,6 +307,12 @@ def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
     export = httpx.get(url + "/v1/costs/export.csv", params={"since": "2000-01-01"}).text
     table = list(csv.DictReader(io.StringIO(export)))
     assert len(table) == 2 and {r["provider"] for r in table} == {"openai", "anthropic"}
+    # a bad filter is the caller's 400, in the API's error shape
+    for path, params, words in (("/v1/costs/summary", {"by": "colour"}, "must be one of"),
+                                ("/v1/costs/export.csv", {"since": "nope"}, "must be a date"),
+                                ("/v1/costs/dashboard", {"until": "x"}, "must be a date")):
+        r = httpx.get(url + path, params=params)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     # the CLI, while the server holds the ledger
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--by", "model"],
                        cwd=project, env=env, capture_output=True, text=True, timeout=60)

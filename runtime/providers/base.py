@@ -18,8 +18,9 @@ Errors, drawn once:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -242,37 +243,38 @@ class Endpoint:
     def url(self, path: str) -> str:
         return self.base_url.rstrip("/") + path
 
-    async def post(self, path: str, payload: dict[str, Any], headers: dict[str, str]
-                   ) -> tuple[int, Any, bytes, float]:
-        """POST JSON; returns status, headers, body and the upstream time in ms."""
-        t0 = time.perf_counter()
+    def _post(self, path: str, payload: dict[str, Any], headers: dict[str, str],
+              **options: Any) -> Any:
+        return self.session().post(
+            self.url(path), data=orjson.dumps(payload),
+            headers={"content-type": "application/json", **self.headers, **headers}, **options)
+
+    @contextlib.contextmanager
+    def _failures(self) -> Iterator[None]:
+        """aiohttp's failures as the provider's: a timeout, or no usable connection."""
         try:
-            async with self.session().post(
-                self.url(path), data=orjson.dumps(payload),
-                headers={"content-type": "application/json", **self.headers, **headers},
-            ) as resp:
-                body = await resp.read()
-                return resp.status, resp.headers, body, (time.perf_counter() - t0) * 1000
+            yield
         except TimeoutError:
             raise UpstreamTimeout(self.name, self.timeout) from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(self.name, type(exc).__name__) from None
 
+    async def post(self, path: str, payload: dict[str, Any], headers: dict[str, str]
+                   ) -> tuple[int, Any, bytes, float]:
+        """POST JSON; returns status, headers, body and the upstream time in ms."""
+        t0 = time.perf_counter()
+        with self._failures():
+            async with self._post(path, payload, headers) as resp:
+                body = await resp.read()
+                return resp.status, resp.headers, body, (time.perf_counter() - t0) * 1000
+
     async def open_stream(self, path: str, payload: dict[str, Any], headers: dict[str, str]
                           ) -> aiohttp.ClientResponse:
         """POST and return the open response once its status is known (caller closes it).
         The timeout bounds the wait for headers and each read, not the whole stream."""
-        try:
-            resp = await self.session().post(
-                self.url(path), data=orjson.dumps(payload),
-                headers={"content-type": "application/json", **self.headers, **headers},
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout,
-                                              sock_read=self.timeout),
-            )
-        except TimeoutError:
-            raise UpstreamTimeout(self.name, self.timeout) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+        with self._failures():
+            resp = await self._post(path, payload, headers, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.timeout, sock_read=self.timeout))
         if resp.status >= 400:
             raw = await resp.read()
             resp.release()
