@@ -165,7 +165,7 @@ def _build(ctx: Context, path: str) -> CompiledPipeline:
             step=info.step, condition=info.condition, templates=dict(info.templates),
             reads=tuple(reads), refs=tuple((u.ref, u.kind) for u in info.uses),
             output_type=ctx.output_types[info.step.output_name],
-            runs=info.runs, skip_reason=info.skip_reason)
+            runs=info.runs, skip_reason=info.skip_reason, params=info.params)
     index = {sid: info.index for sid, info in ctx.steps.items()}
     order = tuple(nx.lexicographical_topological_sort(g, key=index.__getitem__))
     raw_out = pipeline.output

@@ -34,6 +34,7 @@ class StepInfo:
     step: Step
     uses: list[Use] = field(default_factory=list)
     templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
+    params: Any = None  # an mcp_tool step's params, templated strings parsed
     condition: Node | None = None
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"

@@ -29,6 +29,7 @@ class StepNode:
     output_type: Type
     runs: Literal["always", "maybe", "never"]  # as far as the compiler can tell
     skip_reason: str | None = None
+    params: Any = None  # an mcp_tool step's params, each templated string a parsed Template
 
 
 @dataclass(frozen=True)

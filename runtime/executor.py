@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from flowc.expr import MISSING, EvalError, Missing, evaluate, resolve_ref, single_reference
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep
-from flowc.template import Template, parse_template, render
+from flowc.template import Template, render
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
 from runtime.providers import FlowcError
@@ -325,16 +325,17 @@ class _Run:
         assert isinstance(step, MCPToolStep)
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")
-        args = self._params(step.params)
+        args = self._params(node.params)
         res = await self._call_tool(r, step.server, step.tool, args, step.timeout)
         if res.is_error:
             raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
         return res.structured if res.structured is not None else res.text
 
     def _params(self, value: Any) -> Any:
-        """Tool params with references filled in (a lone reference keeps its type)."""
-        if isinstance(value, str):
-            return self._value_of(parse_template(value)) if "${" in value else value
+        """Tool params with references filled in (a lone reference keeps its type); the
+        compiler parsed them (`StepNode.params`)."""
+        if isinstance(value, Template):
+            return self._value_of(value)
         if isinstance(value, dict):
             return {k: self._params(v) for k, v in value.items()}
         if isinstance(value, list):

@@ -288,7 +288,11 @@ def test_dry_run_is_deterministic_and_free(tmp_path):
             prompt: classify this
             response_format:
               schema: {type: object, properties: {label: {type: string, enum: [a, b]}}}
-          - {id: t, type: mcp_tool, server: s, tool: x, params: {q: "${c.label}"}}
+          - id: t
+            type: mcp_tool
+            server: s
+            tool: x
+            params: {q: "${c.label}", deep: {q: "label ${c.label}", n: [1, "${c}", plain]}}
         output: {c: "${c}", t: "${t}"}
         """)
 
@@ -302,7 +306,11 @@ def test_dry_run_is_deterministic_and_free(tmp_path):
         return result, rows[1]
 
     result, rows = asyncio.run(go())
-    assert result.output == {"c": {"label": "a"}, "t": '[dry-run] s.x({"q": "a"})'}
+    assert result.output["c"] == {"label": "a"}
+    echoed = result.output["t"].removeprefix("[dry-run] s.x(").removesuffix(")")
+    # nested params are filled in; a lone reference keeps its type
+    assert json.loads(echoed) == {"q": "a", "deep": {"q": "label a",
+                                                     "n": [1, {"label": "a"}, "plain"]}}
     assert result.dry_run and result.to_dict()["dry_run"] is True
     assert rows == [("dry-run", 0, True, 4)]  # "classify this": 13 chars -> 4 tokens
     assert sample({"type": "object", "properties": {"n": {"type": "integer"}}}) == {"n": 0}

@@ -10,7 +10,7 @@ from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
 from flowc.model import LLMStep, MCPToolStep
 from flowc.source import Span
-from flowc.template import jinja_names, parse_template
+from flowc.template import Template, jinja_names, parse_template
 from flowc.validate import did_you_mean, suggest
 
 
@@ -23,9 +23,11 @@ def collect_uses(ctx: Context) -> None:
             for name in ("prompt", "system"):
                 text = getattr(step, name)
                 if text is not None:
-                    _scan_template(ctx, info, (*base, name), text)
+                    template = _scan_template(ctx, info, (*base, name), text)
+                    if template is not None:
+                        info.templates[name] = template
         elif isinstance(step, MCPToolStep):
-            _scan_params(ctx, info, (*base, "params"), step.params)
+            info.params = _scan_params(ctx, info, (*base, "params"), step.params)
         if isinstance(step.when, str):
             _parse_condition(ctx, info, (*base, "when"), step.when)
         elif isinstance(step.when, bool):
@@ -34,7 +36,8 @@ def collect_uses(ctx: Context) -> None:
 
 
 def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
-                   text: str, kind: str = "data") -> None:
+                   text: str, kind: str = "data") -> Template | None:
+    """Record the template's references; returns it parsed, or None if it cannot be."""
     template = parse_template(text)
     consumer = info.step.id if info else None
     for part in template.parts:
@@ -60,29 +63,27 @@ def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
             at = ctx.value_span(path, text, offset, offset + 1)
             ctx.out.add("template-syntax", f"invalid Jinja2 template: {exc.message}",
                         at.start, at.end)
-            return
+            return None
         for name in sorted(names):
             m = re.search(r"\b" + re.escape(name) + r"\b", text)
             off = m.start() if m else 0
             span = ctx.value_span(path, text, off, off + len(name))
             use = Use(consumer, Ref((Path(name),)), span, kind)  # type: ignore[arg-type]
             (info.uses if info else ctx.output_uses).append(use)
-        if info is not None:
-            info.templates[path[-1]] = template
-        return
-    if info is not None:
-        info.templates[path[-1]] = template
+    return template
 
 
-def _scan_params(ctx: Context, info: StepInfo, path: tuple[Any, ...], value: Any) -> None:
+def _scan_params(ctx: Context, info: StepInfo, path: tuple[Any, ...], value: Any) -> Any:
+    """Record the params' references; returns the params with each string that holds a
+    reference parsed into a Template, so the runtime never parses them."""
     if isinstance(value, str):
-        _scan_template(ctx, info, path, value)
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _scan_params(ctx, info, (*path, k), v)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _scan_params(ctx, info, (*path, i), v)
+        template = _scan_template(ctx, info, path, value)
+        return template if template is not None and "${" in value else value
+    if isinstance(value, dict):
+        return {k: _scan_params(ctx, info, (*path, k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scan_params(ctx, info, (*path, i), v) for i, v in enumerate(value)]
+    return value
 
 
 def _parse_condition(ctx: Context, info: StepInfo, path: tuple[Any, ...], text: str) -> None:
