@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
 
@@ -169,6 +170,44 @@ def test_every_field_reads_back_as_recorded(tmp_path):
         check()
     finally:
         ledger.close()
+
+
+@pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "child-process"])
+def test_a_run_record_is_written_after_its_calls(tmp_path, in_process):
+    ledger = Ledger(tmp_path / "l.duckdb", flush_interval=30, in_process=in_process)
+    for step in ("a", "b", "c"):
+        ledger.record(CallRecord(model="m", provider="openai", served_model="x", success=True,
+                                 latency_ms=1.0, run_id="r1", step_id=step))
+    ledger.record_run({"id": "r1", "workflow_name": "w", "inputs_hash": None,
+                       "status": "succeeded", "started_at": datetime(2026, 11, 26),
+                       "finished_at": datetime(2026, 11, 26), "latency_ms": 1.0,
+                       "dry_run": False, "record": {}})
+    # no flush, and the interval is long: the rows went ahead of the run record
+    _, rows = ledger.select("SELECT count(*) FROM requests WHERE run_id = 'r1'")
+    assert rows == [(3,)]
+    ledger.close()
+
+
+def test_segments_from_an_older_flowc_are_taken_in(tmp_path):
+    path = tmp_path / "l.duckdb"
+    inbox = tmp_path / "l.duckdb.inbox"
+    inbox.mkdir()
+    mem = duckdb.connect()
+    mem.execute("CREATE TABLE schema_migrations (name VARCHAR, applied_at TIMESTAMP)")
+    for _name, sql in MIGRATIONS[:4]:  # before cache_write_1h_tokens existed
+        mem.execute(sql)
+    mem.execute("INSERT INTO requests (id, ts, model, prompt_tokens, completion_tokens, "
+                "total_tokens, cost_usd, success) VALUES ('seg-1', TIMESTAMP '2026-11-01', "
+                "'fast', 5, 6, 11, 0.25, true)")
+    mem.execute(f"COPY requests TO '{inbox / '1-old.parquet'}' (FORMAT parquet)")
+    mem.close()
+    ledger = Ledger(path)
+    ledger.flush()
+    _, rows = ledger.select("SELECT id, total_tokens, cost_usd, cache_write_1h_tokens "
+                            "FROM requests")
+    ledger.close()
+    assert rows == [("seg-1", 11, Decimal("0.250000000"), 0)]
+    assert list(inbox.iterdir()) == []
 
 
 @pytest.mark.parametrize("sql", [

@@ -273,7 +273,9 @@ class _Store:
                       row["dry_run"], json.dumps(row["record"], default=str)])
 
     def ingest(self, inbox: Path) -> None:
-        """Take in what other processes left in the inbox (run records and row segments)."""
+        """Take in what other processes left in the inbox: row segments, then run records
+        (a run is written after its rows, there as here)."""
+        self._ingest_segments(sorted(inbox.glob("*.parquet")))
         for run_file in sorted(inbox.glob("run-*.json")):
             try:
                 self.insert_run(json.loads(run_file.read_text()))
@@ -281,7 +283,8 @@ class _Store:
                 log.exception("ledger: run record %s left in place", run_file)
                 continue
             run_file.unlink(missing_ok=True)
-        files = sorted(inbox.glob("*.parquet"))
+
+    def _ingest_segments(self, files: list[Path]) -> None:
         if not files:
             return
         # The ledger itself has file access disabled: segments are read by a separate,
@@ -290,10 +293,16 @@ class _Store:
         try:
             for f in files:
                 try:
+                    # A segment from an older flowc lacks the newer columns; token counts
+                    # it lacks (or left NULL) read as 0.
+                    have = {d[0] for d in mem.execute("SELECT * FROM read_parquet(?) LIMIT 0",
+                                                      [str(f)]).description or ()}
+                    columns = ", ".join(
+                        (f"coalesce({c}, 0) AS {c}" if c in have else f"0 AS {c}")
+                        if c in _INTS else c for c in REQUEST_COLUMNS)
                     got = mem.execute(
-                        f"SELECT {', '.join(REQUEST_COLUMNS)}, "
-                        "CAST(cost_usd AS VARCHAR) AS cost_text FROM read_parquet(?)",
-                        [str(f)]).fetchnumpy()
+                        f"SELECT {columns}, CAST(cost_usd AS VARCHAR) AS cost_text "
+                        "FROM read_parquet(?)", [str(f)]).fetchnumpy()
                     self.insert_rows(_segment_columns(got))
                 except duckdb.Error:
                     log.exception("ledger: segment %s left in place", f)
@@ -502,7 +511,9 @@ class Ledger:
 
     def record_run(self, row: dict[str, Any]) -> None:
         """Store a run record (see runtime/runs.py); written at once, or to the inbox when
-        another process holds the ledger."""
+        another process holds the ledger. The run's calls are written first: a run that
+        can be read has all its rows on the books (this waits for one writer pass)."""
+        self.flush()
         if self._store is not None:
             try:
                 self._store.insert_run(row)
