@@ -494,9 +494,15 @@ class Ledger:
             if len(self._rows) < _FRAME:
                 return
             rows, self._rows = self._rows, []
-        self._frames.append(_frame(rows))
+        self._seal(rows)
         if len(self._frames) >= _WAKE_FRAMES:
             self._wake.set()
+
+    def _seal(self, rows: list[tuple[Any, ...]]) -> None:
+        try:
+            self._frames.append(_frame(rows))
+        except Exception:  # never fail the request that happened to record the 500th row
+            log.exception("ledger: could not seal %d rows", len(rows))
 
     def close(self) -> None:
         """Write everything queued, then stop."""
@@ -565,7 +571,7 @@ class Ledger:
             with self._rows_lock:
                 rows, self._rows = self._rows, []
             if rows:
-                self._frames.append(_frame(rows))
+                self._seal(rows)
             frames = [self._frames.popleft() for _ in range(len(self._frames))]
             if frames:
                 self._write(frames)
