@@ -23,24 +23,13 @@ _MILLION = Decimal(1_000_000)
 FREE_PROVIDERS = ("ollama",)
 
 
-def _per_million(tokens: int, price: Decimal | None, fallback: Decimal) -> Decimal:
-    return Decimal(tokens) * (price if price is not None else fallback) / _MILLION
-
-
 def price(provider: str, model: str, usage: Usage,
           overrides: dict[str, PriceOverride] | None = None) -> tuple[Decimal | None, str]:
     """``(cost in USD or None, price source)``."""
     override = (overrides or {}).get(f"{provider}/{model}")
     if override is not None:
-        plain = usage.prompt_tokens - usage.cached_tokens - usage.cache_write_tokens
-        write = override.cache_write if override.cache_write is not None else override.input
-        hour = usage.cache_write_1h_tokens
-        cost = (_per_million(plain, override.input, override.input)
-                + _per_million(usage.cached_tokens, override.cached_input, override.input)
-                + _per_million(usage.cache_write_tokens - hour, write, write)
-                + _per_million(hour, override.cache_write_1h, write)
-                + _per_million(usage.completion_tokens, override.output, override.output))
-        return cost, "flowc.yaml"
+        return _Rates(override.input, override.cached_input, override.cache_write,
+                      override.cache_write_1h, override.output).cost(usage), "flowc.yaml"
     if provider in FREE_PROVIDERS:
         return Decimal(0), f"{provider}: local, unpriced"
     rates = _flat_rates(provider, model)
@@ -53,10 +42,22 @@ def price(provider: str, model: str, usage: Usage,
 
 
 class _Rates:
-    """A model's base prices per 1M tokens, below its first long-context tier. Looking the
-    model up in genai-prices costs ~0.4 ms a call; this keeps it off the request path."""
+    """A model's prices per 1M tokens (below its first long-context tier, if it has tiers).
+    A cache read or write with no price of its own costs what plain input does; a 1-hour
+    write with none costs what a 5-minute write does."""
 
-    def __init__(self, mp: object) -> None:
+    def __init__(self, input: Decimal, cache_read: Decimal | None,
+                 cache_write: Decimal | None, cache_write_1h: Decimal | None,
+                 output: Decimal, tier_start: float = float("inf")) -> None:
+        self.input, self.output, self.tier_start = input, output, tier_start
+        self.cache_read = input if cache_read is None else cache_read
+        self.cache_write = input if cache_write is None else cache_write
+        self.cache_write_1h = self.cache_write if cache_write_1h is None else cache_write_1h
+
+    @classmethod
+    def of_library(cls, mp: object) -> _Rates:
+        """From genai-prices' model price. Looking a model up there costs ~0.4 ms a call;
+        these rates are cached per model to keep that off the request path."""
         def base(value: object) -> Decimal | None:
             return getattr(value, "base", value)  # type: ignore[return-value]
 
@@ -67,15 +68,9 @@ class _Rates:
         fields = ("input_mtok", "cache_read_mtok", "cache_write_mtok", "cache_write_1h_mtok",
                   "output_mtok")
         values = [getattr(mp, f, None) for f in fields]
-        self.input, self.cache_read, self.cache_write, self.cache_write_1h, self.output = (
-            base(v) or Decimal(0) for v in values)
-        if values[1] is None:
-            self.cache_read = self.input
-        if values[2] is None:
-            self.cache_write = self.input
-        if values[3] is None:
-            self.cache_write_1h = self.cache_write
-        self.tier_start = min(tier(v) for v in values)
+        inp, read, write, write_1h, out = (base(v) for v in values)
+        return cls(inp or Decimal(0), read, write, write_1h, out or Decimal(0),
+                   min(tier(v) for v in values))
 
     def cost(self, u: Usage) -> Decimal:
         plain = u.prompt_tokens - u.cached_tokens - u.cache_write_tokens
@@ -93,7 +88,7 @@ def _flat_rates(provider: str, model: str) -> _Rates | None:
                                        model, provider_id=_provider_id(provider))
     except LookupError:
         return None
-    return _Rates(calc.model_price)
+    return _Rates.of_library(calc.model_price)
 
 
 def _library_price(provider: str, model: str, usage: Usage) -> Decimal:

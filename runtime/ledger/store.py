@@ -531,7 +531,7 @@ class Ledger:
         tmp.rename(self.inbox / f"run-{row['id']}.json")
 
     def flush(self) -> None:
-        """Block until every row queued so far is written (for tests and shutdown)."""
+        """Block until every row queued so far is written (runs, tests, shutdown)."""
         with self._flushed:
             target = self._started + 1  # the next pass to start sees everything queued
             self._sync = True
