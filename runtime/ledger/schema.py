@@ -9,8 +9,9 @@ REQUEST_COLUMNS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
     "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source", "latency_ms",
     "ttft_ms", "success", "error", "error_class", "route", "stream", "dry_run",
-    "cache_write_1h_tokens",
+    "cache_write_1h_tokens", "status", "usage_estimated", "clamped",
 )
+STATUSES = ("ok", "error", "cancelled")
 
 MIGRATIONS: list[tuple[str, str]] = [
     ("0001_requests", """
@@ -69,6 +70,19 @@ MIGRATIONS: list[tuple[str, str]] = [
     # Of cache_write_tokens, those written for one hour (Anthropic bills 2x base input
     # against 1.25x for 5 minutes). NULL on rows recorded before this migration.
     ("0005_cache_write_1h", "ALTER TABLE requests ADD COLUMN cache_write_1h_tokens BIGINT"),
+    # status: ok | error | cancelled (a call cut off by a step timeout, a cancelled sibling
+    # or a client that went away; `success` stays, true exactly when status is ok).
+    # usage_estimated: the token counts (and so the cost) are an estimate, not the
+    # provider's report (a stream cut before its usage event, an answer without usage).
+    # clamped: a value could not be stored as given (a cost past DECIMAL(18, 9), a count
+    # past BIGINT) and was stored clamped rather than losing the row.
+    ("0006_status_estimates", ";".join([
+        "ALTER TABLE requests ADD COLUMN status VARCHAR",
+        "ALTER TABLE requests ADD COLUMN usage_estimated BOOLEAN DEFAULT false",
+        "ALTER TABLE requests ADD COLUMN clamped BOOLEAN DEFAULT false",
+        "UPDATE requests SET status = CASE WHEN success THEN 'ok' ELSE 'error' END, "
+        "usage_estimated = false, clamped = false",
+    ])),
 ]
 
 

@@ -80,6 +80,8 @@ class CallRecord:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_1h_tokens: int = 0  # of cache_write_tokens
+    status: str | None = None  # ok | error | cancelled; None: from `success`
+    usage_estimated: bool = False  # token counts estimated, not reported by the provider
     cost_usd: Decimal | None = None
     price_source: str | None = None
     ttft_ms: float | None = None
@@ -144,13 +146,15 @@ _INSERT = """
         cached_tokens, cache_write_tokens, reasoning_tokens, CAST(cost AS DECIMAL(18, 9)),
         price_source, latency_ms, CAST(ttft_ms AS DOUBLE), success, CAST(error AS VARCHAR),
         CAST(error_class AS VARCHAR), CAST(route AS VARCHAR), stream, dry_run,
-        cache_write_1h_tokens
+        cache_write_1h_tokens,
+        coalesce(CAST(status AS VARCHAR), CASE WHEN success THEN 'ok' ELSE 'error' END),
+        usage_estimated, false
     FROM batch"""
 _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_model",
-         "price_source", "error", "error_class", "route")
+         "price_source", "error", "error_class", "route", "status")
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens", "cache_write_1h_tokens")
-_BOOLS = ("success", "stream", "dry_run")
+_BOOLS = ("success", "stream", "dry_run", "usage_estimated")
 # A row waits as the tuple of its record's `_FIELDS` (read by an attrgetter, in C); a frame
 # travels as `Columns` (one sequence per name, transposed in C) with the cost as text:
 # pickling a Decimal costs ~2.6 µs, its text ~0.1.
@@ -212,6 +216,18 @@ def _columns(c: Columns, new_ids: Callable[[int], list[str]]) -> dict[str, Any]:
     for name in _BOOLS:
         cols[name] = np.array(c[name], dtype=np.bool_)
     return cols
+
+
+def _segment_column(name: str, have: set[str]) -> str:
+    """How a segment's column is read: one from an older flowc may lack it, or hold NULL
+    token counts (read as 0)."""
+    if name in _INTS:
+        return f"coalesce({name}, 0) AS {name}" if name in have else f"0 AS {name}"
+    if name in have:
+        return name
+    if name in _BOOLS:
+        return f"false AS {name}"
+    return f"NULL AS {name}"
 
 
 def _segment_columns(t: dict[str, Any]) -> Columns:
@@ -297,9 +313,7 @@ class _Store:
                     # it lacks (or left NULL) read as 0.
                     have = {d[0] for d in mem.execute("SELECT * FROM read_parquet(?) LIMIT 0",
                                                       [str(f)]).description or ()}
-                    columns = ", ".join(
-                        (f"coalesce({c}, 0) AS {c}" if c in have else f"0 AS {c}")
-                        if c in _INTS else c for c in REQUEST_COLUMNS)
+                    columns = ", ".join(_segment_column(c, have) for c in REQUEST_COLUMNS)
                     got = mem.execute(
                         f"SELECT {columns}, CAST(cost_usd AS VARCHAR) AS cost_text "
                         "FROM read_parquet(?)", [str(f)]).fetchnumpy()
