@@ -2,7 +2,6 @@
 
 import html
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+
+from tests.tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "pipelines"
@@ -144,8 +145,8 @@ def test_graph_writes_dot_with_labels(tmp_path):
     assert "deep -> __output__ [label=deep_answer]" in dot
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz is installed by .ci/run")
 def test_graph_renders_svg_with_graphviz(tmp_path):
+    require("dot")
     out = tmp_path / "research.svg"
     r = flowc("graph", PIPELINES / "research.yaml", "-o", out, cwd=ROOT)
     assert r.returncode == 0, r.stderr

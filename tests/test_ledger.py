@@ -30,6 +30,7 @@ from runtime.providers import Usage
 from runtime.providers.anthropic import usage_of
 from tests.conftest import start_server, stop_server
 from tests.fakes import FakeServer, anthropic_text, free_port, openai_text
+from tests.tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -372,8 +373,8 @@ def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
     assert r.returncode == 1 and "--since must be a date" in r.stderr
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is installed by .ci/run")
 def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
+    require("chromium")
     from playwright.sync_api import sync_playwright
 
     project, env, fakes = served_ledger

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,15 +24,15 @@ from runtime.ledger.store import Ledger
 from runtime.mcp.manager import MCPManager
 from runtime.providers import Providers
 from tests.fakes import FakeServer, free_port, openai_text, wait_until
+from tests.tools import EVERYTHING, require
 
 ROOT = Path(__file__).resolve().parent.parent
-EVERYTHING = ROOT / "tests" / "mcp" / "node_modules" / "@modelcontextprotocol" / \
-    "server-everything" / "dist" / "index.js"
 TIME = MCPServerConfig(command="mcp-server-time", args=["--local-timezone", "UTC"])
 
-pytestmark = pytest.mark.skipif(
-    not EVERYTHING.exists() or shutil.which("mcp-server-time") is None,
-    reason="the MCP servers are installed by .ci/run (npm install in tests/mcp, pip)")
+
+@pytest.fixture(autouse=True, scope="module")
+def _servers_installed() -> None:
+    require("node", "mcp-server-time", files=(EVERYTHING,))
 
 
 def everything(*extra: str, **kw) -> MCPServerConfig:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from tests.conftest import start_server, stop_server
 from tests.fakes import FakeServer, anthropic_text, free_port, openai_text, wait_until
+from tests.tools import require
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = f"""\
@@ -34,8 +34,10 @@ mcpServers:
     args: ["--local-timezone", "UTC"]
 """
 
-pytestmark = pytest.mark.skipif(shutil.which("mcp-server-time") is None,
-                                reason="mcp-server-time is installed by .ci/run")
+
+@pytest.fixture(autouse=True, scope="module")
+def _servers_installed() -> None:
+    require("mcp-server-time")
 
 
 @pytest.fixture(scope="module")
