@@ -1,8 +1,9 @@
 """`flowc check` speed on generated pipelines of growing size.
 
 Each pipeline is a realistic mix: chains, fan-out/fan-in joins, conditional branches with
-`??` fallbacks, structured outputs read by field path. Prints a Markdown table; run with
-`python benchmarks/bench_check.py` (add `--sizes 1000,10000` to choose sizes).
+`??` fallbacks, structured outputs read by field path, and MCP tool steps (one for every
+four steps) whose params are checked against the tool's input schema. Prints a Markdown
+table; run with `python benchmarks/bench_check.py` (`--sizes 1000,10000` chooses sizes).
 """
 
 from __future__ import annotations
@@ -17,12 +18,38 @@ import time
 from pathlib import Path
 
 from flowc import compile_source
+from flowc.compiler import Project
+
+# The project the generated pipelines are checked in: one MCP server with its tools' schemas
+# declared, so checking needs no server running.
+CONFIG = """\
+mcpServers:
+  time:
+    command: mcp-server-time
+    tools:
+      get_current_time:
+        inputSchema:
+          type: object
+          properties: {timezone: {type: string}}
+          required: [timezone]
+        outputSchema:
+          type: object
+          properties: {timezone: {type: string}, datetime: {type: string}}
+          required: [timezone, datetime]
+"""
 
 
 def generate(n: int) -> str:
     lines = ["name: generated", "inputs:", "  topic: {type: string}",
              "  depth: {type: integer, default: 1}", "steps:"]
     for i in range(n):
+        tool = i % 4 == 1  # a tool step before this one, read by it
+        if tool:
+            lines.append(f"  - id: t{i}")
+            lines.append("    type: mcp_tool")
+            lines.append("    server: time")
+            lines.append("    tool: get_current_time")
+            lines.append('    params: {timezone: "${input.topic}"}')
         lines.append(f"  - id: s{i}")
         lines.append("    type: llm")
         lines.append("    model: gpt-4o-mini")
@@ -34,7 +61,8 @@ def generate(n: int) -> str:
             lines.append("      schema: {type: object, properties: "
                          "{label: {type: string}, score: {type: number}}}")
         elif kind == 1:
-            lines.append(f"    prompt: Continue ${{s{i - 1}.label}} with score ${{s{i - 1}.score}}")
+            lines.append(f"    prompt: Continue ${{s{i - 1}.label}} with score ${{s{i - 1}.score}}"
+                         f" at ${{t{i}.datetime}}")
         elif kind == 2:
             lines.append(f'    when: ${{input.depth}} > 2 and ${{s{i - 2}.label}} == "x"')
             lines.append(f"    prompt: Branch on ${{s{i - 1}}}")
@@ -46,10 +74,13 @@ def generate(n: int) -> str:
 
 def measure(n: int, repeats: int) -> tuple[float, int]:
     text = generate(n)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "flowc.yaml").write_text(CONFIG)
+        project = Project.load(Path(tmp) / "flowc.yaml")
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        result = compile_source(text, "generated.yaml")
+        result = compile_source(text, "generated.yaml", project)
         times.append(time.perf_counter() - t0)
     assert result.compiled is not None and not result.diagnostics, result.diagnostics[:3]
     return statistics.median(times), len(result.diagnostics)
@@ -60,6 +91,7 @@ def measure_cli(n: int, repeats: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "generated.yaml"
         path.write_text(generate(n))
+        (Path(tmp) / "flowc.yaml").write_text(CONFIG)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -125,6 +125,36 @@ def test_discovery_cache_supplies_tool_schemas(tmp_path):
     assert "5 is not of type 'string'" in result.diagnostics[0].message
 
 
+def test_every_step_calling_a_tool_gets_its_own_params_findings(tmp_path):
+    """Validation results are shared between steps whose params have the same shape: each
+    step must still get its own findings, at its own position."""
+    (tmp_path / "flowc.yaml").write_text(textwrap.dedent("""\
+        mcpServers:
+          time:
+            command: mcp-server-time
+            tools:
+              get_current_time:
+                inputSchema:
+                  type: object
+                  properties: {timezone: {type: string}}
+                  required: [timezone]
+        """))
+    steps = [("a", "{timezone: UTC}"), ("b", "{timezone: 5}"), ("c", "{timezone: UTC}"),
+             ("d", "{timezone: 7}"), ("e", "{}")]
+    body = "".join(f"  - id: {sid}\n    type: mcp_tool\n    server: time\n"
+                   f"    tool: get_current_time\n    params: {params}\n"
+                   for sid, params in steps)
+    reads = " ".join("${" + sid + "}" for sid, _ in steps)
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(f"name: t\nsteps:\n{body}output: \"{reads}\"\n")
+    result = compile_file(pipeline)
+    assert [(d.rule, d.line, d.message.split(" (")[0]) for d in result.diagnostics] == [
+        ("tool-params", 12, "params.timezone: 5 is not of type 'string'"),
+        ("tool-params", 22, "params.timezone: 7 is not of type 'string'"),
+        ("tool-params", 27, "params: 'timezone' is a required property"),
+    ]
+
+
 def test_references_in_block_scalars_point_at_their_own_line_and_column():
     src = textwrap.dedent("""\
         name: pos
