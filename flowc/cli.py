@@ -71,18 +71,31 @@ def check(paths: tuple[Path, ...], fmt: str, strict: bool, ignore: tuple[str, ..
     files = pipeline_files(paths)
     projects: dict[Path | None, Project] = {}
     diags: list[Diagnostic] = []
+    crashed: list[Path] = []
     for f in files:
         key = config or find_config(f)
-        if key not in projects:
-            projects[key] = Project.load(key)
-            diags.extend(d for d in projects[key].diagnostics if d.rule not in ignored)
-        diags.extend(compile_file(f, projects[key], ignored).diagnostics)
+        try:
+            if key not in projects:
+                projects[key] = Project.load(key)
+                diags.extend(d for d in projects[key].diagnostics if d.rule not in ignored)
+            diags.extend(compile_file(f, projects[key], ignored).diagnostics)
+        except Exception as exc:  # a bug in flowc, not a finding: CI must tell them apart
+            crashed.append(f)
+            click.echo(f"{f}: internal error: {type(exc).__name__}: {exc}"[:2000], err=True)
     diags.sort()
     click.echo(FORMATS[fmt](diags), nl=False)
-    if fmt == "text":
+    if fmt == "text" and not crashed:
         click.echo(summary_line(diags, len(files)), err=bool(diags))
+    if crashed:
+        click.echo(f"flowc could not check {len(crashed)} file(s): this is a bug in flowc, "
+                   "not in your pipeline. Please report it with the file that triggers it.",
+                   err=True)
+        _hard_exit(EXIT_INTERNAL)
     failed = any(d.severity is Severity.ERROR or strict for d in diags)
     _hard_exit(1 if failed else 0)
+
+
+EXIT_INTERNAL = 3  # flowc itself failed (exit 1 means findings, 2 a usage error)
 
 
 def _hard_exit(code: int) -> None:

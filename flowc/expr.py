@@ -125,6 +125,7 @@ _TOKEN = re.compile(r"""
   | (?P<op>\$\{|\?\?|==|!=|<=|>=|[<>(){}\[\],.])
 """, re.VERBOSE)
 _MAX_DEPTH = 100
+_MAX_NUMBER = 100  # characters in a number literal
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,10 @@ class _Parser:
     def literal(self) -> Literal | None:
         t = self.tok
         if t.kind == "number":
+            if len(t.text) > _MAX_NUMBER:  # int() refuses past 4,300 digits, and no sane
+                raise ExprSyntaxError(  # condition needs a fraction of that
+                    f"number literal is too long ({len(t.text)} characters; at most "
+                    f"{_MAX_NUMBER})", t.start)
             self.next()
             value: Any = float(t.text) if any(c in t.text for c in ".eE") else int(t.text)
             return Literal(value, (t.start, t.end))

@@ -6,6 +6,8 @@ These models are the single definition of the language: the compiler validates a
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +34,21 @@ class InputSpec(_Strict):
         return self.default is None if self.required is None else self.required
 
 
+@functools.lru_cache(maxsize=256)
+def json_schema_problem(schema_json: str) -> str | None:
+    """Why a schema (as JSON text: a cache key) is not valid JSON Schema, or None. Checked
+    once per distinct schema: pipelines repeat the same few."""
+    import jsonschema  # only where a pipeline declares a schema
+
+    schema = json.loads(schema_json)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.absolute_path)
+        return f"not a valid JSON Schema: schema{at}: {exc.message}"
+    return None
+
+
 class ResponseFormat(_Strict):
     """Structured output: `json_object` (any JSON object) or `json_schema` (with `schema`)."""
 
@@ -39,6 +56,15 @@ class ResponseFormat(_Strict):
     name: str = Field(default="output", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
     strict: bool = True
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        if schema is not None:
+            problem = json_schema_problem(json.dumps(schema, sort_keys=True, default=str))
+            if problem:
+                raise ValueError(problem)
+        return schema
 
     @model_validator(mode="after")
     def _schema_matches_type(self) -> ResponseFormat:

@@ -20,6 +20,20 @@ def _source_line(path: str, line: int, cache: dict[str, list[str]]) -> str:
     return lines[line - 1] if 0 < line <= len(lines) else ""
 
 
+_EXCERPT = 120  # characters of a long source line shown around the finding
+
+
+def _excerpt(text: str, col: int) -> tuple[str, int]:
+    """A long line cut to a window around ``col`` (marked with "..."), and where ``col``
+    falls in it: a finding on a minified or generated line must not print all of it."""
+    if len(text) <= _EXCERPT:
+        return text, col
+    start = max(0, min(col - 1 - _EXCERPT // 4, len(text) - _EXCERPT))
+    head = "..." if start else ""
+    tail = "..." if start + _EXCERPT < len(text) else ""
+    return head + text[start : start + _EXCERPT] + tail, col - start + len(head)
+
+
 def format_text(diags: Iterable[Diagnostic], sources: dict[str, str] | None = None) -> str:
     """``path:line:col: severity: message [rule]``, the source line with a caret under the
     problem, and ``help:`` when there is a suggestion."""
@@ -30,10 +44,11 @@ def format_text(diags: Iterable[Diagnostic], sources: dict[str, str] | None = No
         text = _source_line(d.path, d.line, cache)
         if text:
             width = max(1, (d.end_col - d.col) if d.end_line == d.line else len(text) - d.col + 1)
+            text, col = _excerpt(text, d.col)
             gutter = f"{d.line:>4} | "
             out.append(gutter + text)
-            out.append(" " * (len(gutter) - 2) + "| " + " " * (d.col - 1) + "^" + "~" * (
-                min(width, max(1, len(text) - d.col + 1)) - 1))
+            out.append(" " * (len(gutter) - 2) + "| " + " " * (col - 1) + "^" + "~" * (
+                min(width, max(1, len(text) - col + 1)) - 1))
         if d.help:
             out.append(f"     = help: {d.help}")
     return "\n".join(out) + ("\n" if out else "")

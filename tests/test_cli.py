@@ -178,3 +178,45 @@ def test_config_schema_validates_the_project_config():
     errors = jsonschema.Draft202012Validator(schema).iter_errors(
         yaml.safe_load((ROOT / "flowc.yaml").read_text()))
     assert not list(errors)
+
+
+def test_a_crash_inside_the_checker_exits_3_not_1(tmp_path):
+    """CI must tell "flowc found problems" (1) from "flowc itself failed" (3). No input
+    should crash the checker, so the crash is forced here, in the real command."""
+    (tmp_path / "ok.yaml").write_text(WARN)
+    boom = ("import flowc.cli as c\n"
+            "def boom(*a, **k): raise RuntimeError('simulated bug')\n"
+            "c.compile_file = boom\n"
+            "c.main()\n")
+    r = subprocess.run([sys.executable, "-c", boom, "check", "ok.yaml"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3
+    assert "ok.yaml: internal error: RuntimeError: simulated bug" in r.stderr
+    assert "bug in flowc" in r.stderr and "All checks passed" not in r.stdout + r.stderr
+
+
+def test_a_schema_that_is_not_json_schema_is_a_finding(tmp_path):
+    (tmp_path / "p.yaml").write_text(
+        "name: p\nsteps:\n  - id: a\n    type: llm\n    model: gpt-4o\n    prompt: hi\n"
+        "    response_format:\n      schema: {type: object, properties: {l: {enum: 5}}}\n"
+        "output: ${a}\n")
+    r = flowc("check", "p.yaml", cwd=tmp_path)
+    assert r.returncode == 1
+    assert ("p.yaml:8:15: error: invalid 'response_format.schema': not a valid JSON Schema: "
+            "schema.properties.l.enum: 5 is not of type 'array' [invalid-value]") in r.stdout
+
+
+def test_a_huge_number_in_a_condition_is_a_finding_and_long_lines_are_cut(tmp_path):
+    digits = "9" * 5000
+    (tmp_path / "p.yaml").write_text(
+        "name: p\ninputs:\n  n: {type: integer}\nsteps:\n  - id: a\n    type: llm\n"
+        f"    model: gpt-4o\n    when: ${{input.n}} > {digits}\n    prompt: hi\n"
+        "output: ${a ?? ''}\n")
+    r = flowc("check", "p.yaml", cwd=tmp_path)
+    assert r.returncode == 1
+    assert ("p.yaml:8:24: error: invalid condition: number literal is too long "
+            "(5000 characters; at most 100) [condition-syntax]") in r.stdout
+    excerpt = next(line for line in r.stdout.splitlines() if line.startswith("   8 | "))
+    caret = r.stdout.splitlines()[r.stdout.splitlines().index(excerpt) + 1]
+    assert len(excerpt) < 200 and excerpt.endswith("...")
+    assert excerpt[caret.index("^")] == "9" and excerpt[caret.index("^") - 2] == ">"
