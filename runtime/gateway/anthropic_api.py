@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from runtime.gateway.calls import ModelCaller
-from runtime.gateway.openai_api import flowc_headers, parse_body
+from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body
 from runtime.providers import FlowcError, RequestError, Usage
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -163,8 +163,8 @@ async def messages(raw: bytes, tags: str | None, caller: ModelCaller, t0: float)
             out = await caller.stream(req, tags=tags)
             headers = flowc_headers(out.target.provider, out.target.model, None,
                                     (out.state.started - t0) * 1000, out.rule)
-            return StreamingResponse(_events(out.chunks, body["model"]),
-                                     media_type="text/event-stream", headers=headers)
+            headers["cache-control"] = "no-cache"
+            return GatewayStream(_events(out.chunks, body["model"]), out.close, headers)
         done = await caller.complete(req, tags=tags)
     except FlowcError as err:
         return error_response(err)

@@ -16,16 +16,19 @@ from runtime.gateway.routing import Plan, Router, Traits
 from runtime.ledger.pricing import price
 from runtime.ledger.store import CallRecord, Ledger
 from runtime.providers import (
-    FlowcError,
     Providers,
     StreamState,
     Target,
     UpstreamError,
     Usage,
 )
+from runtime.providers.base import estimate_usage
 
 log = logging.getLogger("flowc.gateway")
 T = TypeVar("T")
+# The ledger's `error` for a call cut off from our side; its error_class is CancelledError.
+CANCELLED = ("cancelled before the answer was complete (a step timeout, a failed sibling "
+             "step, a client that went away, or shutdown)")
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,14 @@ class StreamOutcome:
     target: Target
     rule: str | None
     state: StreamState
-    finish: Any = field(default=None)  # called once the stream ends: records the ledger row
+    # Ends the call if the HTTP layer never read the stream to its end (a client that went
+    # away, shutdown): the ledger row is written either way, exactly once.
+    close: Callable[[], Awaitable[None]] = field(default=None)  # type: ignore[assignment]
+
+
+def _served(body: dict[str, Any], target: Target) -> str:
+    model = body.get("model")
+    return model if isinstance(model, str) and model else target.model
 
 
 class ModelCaller:
@@ -70,9 +80,12 @@ class ModelCaller:
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, requested: str, target: Target | None, served: str | None, *,
-                ok: bool, latency_ms: float, usage: Usage | None, ctx: CallContext,
-                rule: str | None, stream: bool, error: Exception | None = None,
+                status: str, latency_ms: float, usage: Usage | None, ctx: CallContext,
+                rule: str | None, stream: bool, error: BaseException | None = None,
                 ttft_ms: float | None = None) -> Decimal | None:
+        """One ledger row. ``status``: ok | error | cancelled. A cost is never $0 for want
+        of a count: without ``usage`` it is NULL; an estimated usage is priced and marked."""
+        ok = status == "ok"
         cost, source = (None, None)
         if usage is not None and target is not None:
             cost, source = price(target.provider, target.model, usage, self.config.prices)
@@ -83,16 +96,22 @@ class ModelCaller:
             self.ledger.record(CallRecord(
                 model=requested, provider=target.provider if target else None,
                 served_model=served or (target.model if target else None), success=ok,
+                status=status, usage_estimated=u.estimated,
                 latency_ms=latency_ms, prompt_tokens=u.prompt_tokens,
                 completion_tokens=u.completion_tokens, cached_tokens=u.cached_tokens,
                 cache_write_tokens=u.cache_write_tokens, reasoning_tokens=u.reasoning_tokens,
                 cache_write_1h_tokens=u.cache_write_1h_tokens,
                 cost_usd=cost, price_source=source, ttft_ms=ttft_ms,
-                error=str(getattr(error, "message", error)) if error else None,
-                error_class=type(error).__name__ if error else None, route=rule,
+                error=self._describe(error) if error is not None else None,
+                error_class=type(error).__name__ if error is not None else None, route=rule,
                 stream=stream, dry_run=ctx.dry_run, workflow_name=ctx.workflow_name,
                 run_id=ctx.run_id, step_id=ctx.step_id))
         return cost
+
+    def _describe(self, error: BaseException) -> str:
+        """An error's text for the ledger and the log, with every provider key cut out
+        (a failure path: the adapters already redact, this is the last line)."""
+        return self.providers.redact_text(str(getattr(error, "message", None) or error))
 
     def _delay(self, attempt: int, err: UpstreamError) -> float | None:
         """Seconds to wait before retrying the same target, or None to move on."""
@@ -110,31 +129,46 @@ class ModelCaller:
         return self.router.plan(Traits.of(req, tags))
 
     # -- calls -----------------------------------------------------------------------------
-    async def _attempt(self, plan: Plan, requested: str, ctx: CallContext, stream: bool,
-                       call: Callable[[Target], Awaitable[T]]) -> tuple[Target, T]:
+    async def _attempt(self, plan: Plan, requested: str, req: dict[str, Any], ctx: CallContext,
+                       stream: bool, call: Callable[[Target], Awaitable[T]]
+                       ) -> tuple[Target, T]:
         """``call`` each target in the plan's order, retrying what is worth retrying; every
-        failed attempt is a ledger row."""
-        last: Exception | None = None
-        for target in plan.targets:
+        attempt that does not return is a ledger row (error, or cancelled)."""
+        last: UpstreamError | None = None
+        for i, target in enumerate(plan.targets):
             attempt = 0
             while True:
                 t0 = time.perf_counter()
                 try:
                     return target, await call(target)
-                except FlowcError as err:
+                except asyncio.CancelledError:
+                    # Cut off from our side while the provider works on it: the prompt
+                    # reached it, what it answered is unknown.
+                    self._record(requested, target, None, status="cancelled",
+                                 latency_ms=(time.perf_counter() - t0) * 1000,
+                                 usage=estimate_usage(req, 0), ctx=ctx, rule=plan.rule,
+                                 stream=stream, error=asyncio.CancelledError(CANCELLED))
+                    raise
+                except Exception as err:
                     ms = (time.perf_counter() - t0) * 1000
-                    self._record(requested, target, None, ok=False, latency_ms=ms, usage=None,
-                                 ctx=ctx, rule=plan.rule, stream=stream, error=err)
+                    self._record(requested, target, None, status="error", latency_ms=ms,
+                                 usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err)
                     if not isinstance(err, UpstreamError) or not err.retryable:
                         raise  # the request is wrong, or the provider said no for good
                     last = err
                     delay = self._delay(attempt, err)
                     if delay is None:
                         break
-                    log.info("retrying %s in %.2fs after %s", target, delay, err.message)
+                    log.info("retrying %s in %.2fs after %s", target, delay,
+                             self._describe(err))
                     await asyncio.sleep(delay)
                     attempt += 1
-            log.info("falling back from %s after %s", target, last)
+            if i + 1 < len(plan.targets):
+                log.warning("%s failed (%s): falling back to %s", target,
+                            self._describe(last), plan.targets[i + 1])
+            else:
+                log.warning("%s failed (%s): giving up, no fallback left", target,
+                            self._describe(last))
         assert last is not None
         raise last
 
@@ -149,11 +183,11 @@ class ModelCaller:
             t0 = time.perf_counter()
             return await self.providers.complete(target, req)
 
-        target, result = await self._attempt(plan, requested, ctx, False, call)
+        target, result = await self._attempt(plan, requested, req, ctx, False, call)
         ms = (time.perf_counter() - t0) * 1000
-        served = result.body.get("model") or target.model
-        cost = self._record(requested, target, served, ok=True, latency_ms=ms,
-                            usage=result.usage, ctx=ctx, rule=plan.rule, stream=False)
+        cost = self._record(requested, target, _served(result.body, target), status="ok",
+                            latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
+                            stream=False)
         return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule)
 
     async def stream(self, req: dict[str, Any], *, tags: str | None = None,
@@ -168,39 +202,60 @@ class ModelCaller:
             chunks = self.providers.stream(target, req, state)
             try:
                 first = await chunks.__anext__()
-            except StopAsyncIteration:
-                first = None
+            except StopAsyncIteration:  # a 200 with no events is no answer
+                raise UpstreamError(target.provider, 502,
+                                    "the stream ended before any event") from None
             return state, chunks, first
 
-        target, (state, chunks, first) = await self._attempt(plan, requested, ctx, True, call)
-        return self._stream_outcome(requested, target, plan, state, first, chunks, ctx)
+        target, (state, chunks, first) = await self._attempt(plan, requested, req, ctx, True,
+                                                             call)
+        return self._stream_outcome(requested, req, target, plan, state, first, chunks, ctx)
 
-    def _stream_outcome(self, requested: str, target: Target, plan: Plan, state: StreamState,
-                        first: dict[str, Any] | None, chunks: AsyncIterator[dict[str, Any]],
-                        ctx: CallContext) -> StreamOutcome:
+    def _stream_outcome(self, requested: str, req: dict[str, Any], target: Target, plan: Plan,
+                        state: StreamState, first: dict[str, Any],
+                        chunks: AsyncIterator[dict[str, Any]], ctx: CallContext
+                        ) -> StreamOutcome:
         outcome = StreamOutcome(chunks, target, plan.rule, state)
-        served: list[str] = []
+        recorded = False
+
+        def record(status: str, error: BaseException | None) -> None:
+            """The stream's row: the provider's usage when it ended normally with one;
+            otherwise what it reported so far and an estimate of the rest, marked."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            usage = state.usage
+            if usage is None or status != "ok":
+                usage = estimate_usage(req, state.out_chars, usage or state.partial)
+            self._record(requested, target, _served(first, target), status=status,
+                         latency_ms=(time.perf_counter() - state.started) * 1000,
+                         usage=usage, ctx=ctx, rule=plan.rule, stream=True, error=error,
+                         ttft_ms=state.first_token_ms)
 
         async def replay() -> AsyncIterator[dict[str, Any]]:
-            error: Exception | None = None
+            status, error = "ok", None
             try:
-                if first is not None:
-                    served.append(first.get("model") or target.model)
-                    yield first
+                yield first
                 async for c in chunks:
                     yield c
+            except (asyncio.CancelledError, GeneratorExit):
+                status, error = "cancelled", asyncio.CancelledError(CANCELLED)
+                raise
             except Exception as exc:  # recorded, then passed on to the HTTP layer
-                error = exc
+                status, error = "error", exc
                 raise
             finally:
-                ms = (time.perf_counter() - state.started) * 1000
-                ok = error is None and state.usage is not None
-                if error is None and state.usage is None:
-                    error = RuntimeError("stream ended before the provider reported usage")
-                self._record(requested, target, served[0] if served else None, ok=ok,
-                             latency_ms=ms, usage=state.usage, ctx=ctx, rule=plan.rule,
-                             stream=True, error=error, ttft_ms=state.first_token_ms)
+                record(status, error)
                 await chunks.aclose()  # type: ignore[attr-defined]
 
-        outcome.chunks = replay()
+        replayed = replay()
+
+        async def close() -> None:
+            await replayed.aclose()  # a replay cut short records itself as cancelled
+            record("cancelled", asyncio.CancelledError(CANCELLED))  # one never started
+            await chunks.aclose()  # type: ignore[attr-defined]
+
+        outcome.chunks = replayed
+        outcome.close = close
         return outcome

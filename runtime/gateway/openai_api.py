@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -12,6 +12,24 @@ from starlette.responses import Response, StreamingResponse
 
 from runtime.gateway.calls import ModelCaller
 from runtime.providers import FlowcError, RequestError
+
+
+class GatewayStream(StreamingResponse):
+    """A streamed answer whose model call is ended, and its ledger row written, however the
+    response ends: read to the end, the client gone (a `cancelled` row with the tokens so
+    far), or the server shutting down."""
+
+    def __init__(self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]],
+                 headers: dict[str, str]) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._close()
 
 
 def error_response(err: FlowcError, headers: dict[str, str] | None = None) -> Response:
@@ -94,7 +112,7 @@ async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
         except asyncio.CancelledError:
             raise
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return GatewayStream(events(), out.close, headers)
 
 
 def models_list(caller: ModelCaller) -> Response:

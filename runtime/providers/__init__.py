@@ -114,5 +114,13 @@ class Providers:
         ep, adapter = self._adapter(target)
         return adapter.stream(ep, request, target.model, state)
 
+    def redact_text(self, text: str) -> str:
+        """``text`` with every configured provider key cut out (for error text: the ledger's
+        `error` column and the log)."""
+        for ep in self.endpoints.values():
+            if ep.api_key:
+                text = ep.redact_text(text)
+        return text
+
     async def close(self) -> None:
         await close_all(list(self.endpoints.values()))

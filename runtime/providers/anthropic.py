@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from runtime.providers.base import (
+    SHAPE_ERRORS,
     ChatResult,
     Endpoint,
     RequestError,
@@ -24,6 +25,8 @@ from runtime.providers.base import (
     UnsupportedFeature,
     UpstreamError,
     Usage,
+    answer_chars,
+    estimate_usage,
     sse_events,
 )
 
@@ -225,7 +228,10 @@ def usage_of(u: dict[str, Any] | None) -> Usage:
                  cache_write_1h_tokens=min(hour, writes))
 
 
-def to_openai(msg: dict[str, Any], json_mode: bool) -> dict[str, Any]:
+def to_openai(msg: dict[str, Any], json_mode: bool, usage: Usage | None = None
+              ) -> dict[str, Any]:
+    """A Messages API answer as a chat.completion (``usage`` when it is not the answer's own,
+    an estimate for an answer without one)."""
     text, calls = [], []
     for block in msg.get("content") or ():
         kind = block.get("type")
@@ -246,7 +252,7 @@ def to_openai(msg: dict[str, Any], json_mode: bool) -> dict[str, Any]:
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
-    usage = usage_of(msg.get("usage"))
+    usage = usage or usage_of(msg.get("usage"))
     return {
         "id": "chatcmpl-" + str(msg.get("id", "")),
         "object": "chat.completion",
@@ -264,7 +270,19 @@ async def complete(ep: Endpoint, req: dict[str, Any], model: str) -> ChatResult:
     if status >= 400:
         raise ep.error(status, headers, raw)
     msg = ep.parse(raw)
-    return ChatResult(to_openai(msg, json_mode), usage_of(msg.get("usage")), ms)
+    try:
+        if not isinstance(msg, dict) or not isinstance(msg.get("content"), list):
+            raise TypeError("not a message object")
+        if msg.get("usage") is None:
+            body = to_openai(msg, json_mode)
+            usage = estimate_usage(req, answer_chars(body))
+            body["usage"] = usage.to_openai()
+        else:
+            usage = usage_of(msg["usage"])
+            body = to_openai(msg, json_mode, usage)
+    except SHAPE_ERRORS as exc:
+        raise ep.malformed(raw, str(exc)) from None
+    return ChatResult(body, usage, ms)
 
 
 async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamState
@@ -281,14 +299,18 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                      "logprobs": None}]}
 
+    started = stopped = False
+    data = b""
     try:
-        async for event, data in sse_events(resp, ep.name):
+        async for event, data in sse_events(resp, ep):
             ev = ep.parse(data)
             kind = ev.get("type") or event
             if kind == "message_start":
                 msg = ev.get("message") or {}
                 base.update(id="chatcmpl-" + str(msg.get("id", "")), model=msg.get("model"))
                 raw_usage = dict(msg.get("usage") or {})
+                state.partial = usage_of(raw_usage)  # the input is counted from the start
+                started = True
                 yield chunk({"role": "assistant", "content": ""})
             elif kind == "content_block_start":
                 block = ev.get("content_block") or {}
@@ -302,15 +324,18 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                         "function": {"name": block.get("name"), "arguments": ""}}]})
                 elif block.get("type") == "text" and block.get("text") and not json_mode:
                     state.mark_token()
+                    state.out_chars += len(block["text"])
                     yield chunk({"content": block["text"]})
             elif kind == "content_block_delta":
                 delta = ev.get("delta") or {}
                 dtype = delta.get("type")
                 if dtype == "text_delta" and not json_mode:
                     state.mark_token()
+                    state.out_chars += len(delta.get("text", ""))
                     yield chunk({"content": delta.get("text", "")})
                 elif dtype == "input_json_delta":
                     part = delta.get("partial_json", "")
+                    state.out_chars += len(part)
                     if json_mode:
                         state.mark_token()
                         yield chunk({"content": part})
@@ -326,8 +351,10 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
             elif kind == "message_delta":
                 raw_usage.update({k: v for k, v in (ev.get("usage") or {}).items()
                                   if v is not None})
+                state.partial = usage_of(raw_usage)
                 reason = (ev.get("delta") or {}).get("stop_reason")
                 if reason:
+                    stopped = True
                     finish = FINISH.get(reason, "stop")
                     state.finish_reason = "stop" if json_mode and finish == "tool_calls" \
                         else finish
@@ -336,10 +363,16 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                 status = _ERROR_STATUS.get(err.get("type", ""), 500)
                 raise UpstreamError(ep.name, status, err.get("message", "stream error"))
             elif kind == "message_stop":
+                stopped = True
                 break
+        if not started or not stopped:
+            raise UpstreamError(ep.name, 502, "the stream ended before " + (
+                "message_stop" if started else "message_start"))
         usage = usage_of(raw_usage)
         state.usage = usage
         yield chunk({}, state.finish_reason or "stop")
         yield {**base, "choices": [], "usage": usage.to_openai()}
+    except SHAPE_ERRORS as exc:  # an event of the wrong shape
+        raise ep.malformed(data, str(exc)) from None
     finally:
         resp.release()

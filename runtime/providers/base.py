@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -39,7 +40,8 @@ class Usage:
     OpenAI's accounting); ``cached_tokens`` and ``cache_write_tokens`` say how many of them
     were cache reads and writes, and ``cache_write_1h_tokens`` how many of the writes were
     for one hour (Anthropic bills those at 2x base input, 5-minute writes at 1.25x).
-    ``completion_tokens`` includes ``reasoning_tokens``.
+    ``completion_tokens`` includes ``reasoning_tokens``. ``estimated``: some counts are
+    estimates (`estimate_usage`), not the provider's report.
     """
 
     prompt_tokens: int = 0
@@ -48,6 +50,7 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    estimated: bool = False
 
     @property
     def total_tokens(self) -> int:
@@ -65,6 +68,8 @@ class Usage:
 
     @classmethod
     def from_openai(cls, u: dict[str, Any] | None) -> Usage:
+        """OpenAI's usage object; a wrong-shaped one raises (TypeError, ValueError,
+        AttributeError), which the adapters report as a malformed answer."""
         if not u:
             return cls()
         p = u.get("prompt_tokens_details") or {}
@@ -77,6 +82,68 @@ class Usage:
         )
 
 
+# -- estimates -----------------------------------------------------------------------------------
+# When a provider does not say what a call used (a stream cut before its usage event, an
+# answer without `usage`), the ledger records an estimate, marked `usage_estimated`: about
+# four characters a token, of the request's text (message contents, tool-call arguments,
+# tool definitions) and of the answer's text (content and tool-call arguments) as far as it
+# came. Counts the provider did report are kept (Anthropic's `message_start` input tokens).
+# No tokenizer: the exact ones download their vocabularies at run time.
+CHARS_PER_TOKEN = 4
+
+
+def tokens_of(chars: int) -> int:
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def _text_chars(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content)
+    n = 0
+    for part in content if isinstance(content, list) else ():
+        if isinstance(part, dict) and isinstance(part.get("text"), str):
+            n += len(part["text"])
+    return n
+
+
+def request_chars(req: dict[str, Any]) -> int:
+    """The characters of an (OpenAI-form) request's text, for estimates."""
+    n = 0
+    for msg in req.get("messages") or ():
+        if not isinstance(msg, dict):
+            continue
+        n += _text_chars(msg.get("content"))
+        for call in msg.get("tool_calls") or ():
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                n += len(str(fn.get("arguments") or ""))
+    if req.get("tools"):
+        n += len(orjson.dumps(req["tools"], default=str))
+    return n
+
+
+def answer_chars(body: dict[str, Any]) -> int:
+    """The characters of an OpenAI chat.completion's answer, for estimates."""
+    n = 0
+    for choice in body.get("choices") or ():
+        message = choice.get("message") or {}
+        n += _text_chars(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            n += len(str((call.get("function") or {}).get("arguments") or ""))
+    return n
+
+
+def estimate_usage(req: dict[str, Any], out_chars: int, known: Usage | None = None) -> Usage:
+    """What a call used, as far as can be told: the counts the provider reported (``known``),
+    the rest estimated from the request's and the answer's text. Marked ``estimated``."""
+    known = known or Usage()
+    return Usage(prompt_tokens=known.prompt_tokens or tokens_of(request_chars(req)),
+                 completion_tokens=max(known.completion_tokens, tokens_of(out_chars)),
+                 cached_tokens=known.cached_tokens, cache_write_tokens=known.cache_write_tokens,
+                 reasoning_tokens=known.reasoning_tokens,
+                 cache_write_1h_tokens=known.cache_write_1h_tokens, estimated=True)
+
+
 @dataclass
 class ChatResult:
     body: dict[str, Any]  # an OpenAI chat.completion
@@ -86,10 +153,14 @@ class ChatResult:
 
 @dataclass
 class StreamState:
-    """Filled in while a stream runs; read when it ends (usage may stay empty when a stream
-    is cut off before its last event)."""
+    """Filled in while a stream runs; read when it ends. ``usage`` is the provider's final
+    report and stays None when the stream ends without one (cut off, or a server that does
+    not send it); then ``partial`` (counts reported so far, e.g. Anthropic's `message_start`)
+    and ``out_chars`` (the answer's text so far) make the estimate."""
 
     usage: Usage | None = None
+    partial: Usage | None = None
+    out_chars: int = 0
     finish_reason: str | None = None
     first_token_ms: float | None = None
     upstream_ms: float = 0.0
@@ -170,6 +241,11 @@ class UpstreamUnavailable(UpstreamError):
         super().__init__(provider, 502, f"connection failed ({detail})")
 
 
+# What a wrong-shaped answer raises while it is read (a list where an object belongs, a
+# string where a count does): the adapters turn these into `Endpoint.malformed`.
+SHAPE_ERRORS = (AttributeError, TypeError, KeyError, ValueError, IndexError)
+
+
 def retry_after_seconds(headers: Any) -> float | None:
     """`Retry-After` as seconds (it may be a number or an HTTP date)."""
     value = headers.get("retry-after-ms")
@@ -188,6 +264,34 @@ def retry_after_seconds(headers: Any) -> float | None:
             return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
         except (TypeError, ValueError):
             return None
+
+
+def _key_redactor(key: str) -> Callable[[bytes, bool], bytes]:
+    """How one provider key is cut out of text (see `Endpoint.redact`)."""
+    k = key.encode()
+    mark = b"[redacted]"
+    if len(k) >= 8:
+        prefix = k[:8]
+
+        def long_key(raw: bytes, masked: bool) -> bytes:
+            raw = raw.replace(k, mark)
+            return raw.replace(prefix, mark) if masked else raw
+        return long_key
+    # A short key is also an ordinary string ("k", "test", "EMPTY"): rewriting every
+    # occurrence would mangle text. It is cut where it stands as a token of its own (not
+    # inside a longer word) in error text, and in answers only where it stands as a
+    # credential: after `Bearer` or an api-key label, as an echoed header would show it.
+    word = rb"(?<![A-Za-z0-9_\-])" + re.escape(k) + rb"(?![A-Za-z0-9_\-])"
+    token = re.compile(word)
+    credential = re.compile(rb"(?i)(bearer\s+|api[-_]?key[\"']?\s*[:=]\s*[\"']?)" + word)
+
+    def short_key(raw: bytes, masked: bool) -> bytes:
+        if k not in raw:
+            return raw
+        if masked:
+            return token.sub(mark, raw)
+        return credential.sub(lambda m: m.group(1) + mark, raw)
+    return short_key
 
 
 def error_message(provider: str, status: int, raw: bytes) -> tuple[str, Any]:
@@ -222,6 +326,8 @@ class Endpoint:
     timeout: float = 60.0
     headers: dict[str, str] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _redactor: tuple[str | None, Callable[[bytes, bool], bytes] | None] = field(
+        default=(None, None), repr=False)
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -282,30 +388,54 @@ class Endpoint:
         return resp
 
     def parse(self, raw: bytes) -> Any:
-        """The JSON of a provider's answer; a malformed body is the provider's failure."""
+        """The JSON of a provider's answer (with the key cut out, should the provider echo
+        it); a malformed body is the provider's failure."""
+        if self.api_key:
+            raw = self.redact(raw, masked=False)
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise UpstreamError(self.name, 502, "malformed response body: "
-                                + raw[:200].decode("utf-8", errors="replace")) from None
+            raise self.malformed(raw, "not JSON") from None
+
+    def malformed(self, raw: bytes | Any, what: str) -> UpstreamError:
+        """A 200 answer flowc cannot read (not JSON, or JSON of the wrong shape): the
+        provider failed (502), so the call is retried or falls back like any 5xx."""
+        if not isinstance(raw, bytes):
+            raw = orjson.dumps(raw, default=str)
+        text = self.redact(raw)[:300].decode("utf-8", errors="replace")  # cut, then trim
+        return UpstreamError(self.name, 502, f"malformed response body ({what}): {text}")
 
     def error(self, status: int, headers: Any, raw: bytes) -> UpstreamError:
         message, body = error_message(self.name, status, self.redact(raw))
         return UpstreamError(self.name, status, message,
                              retry_after=retry_after_seconds(headers), body=body)
 
-    def redact(self, raw: bytes) -> bytes:
-        """Providers echo keys in some errors ("Incorrect API key provided: sk-..."): a key
-        never leaves flowc, not even back to the client that did not send it."""
-        if self.api_key and len(self.api_key) >= 8:
-            raw = raw.replace(self.api_key.encode(), b"[redacted]")
-            raw = raw.replace(self.api_key[:8].encode(), b"[redacted]")
-        return raw
+    def redact(self, raw: bytes, masked: bool = True) -> bytes:
+        """Providers echo keys in some errors ("Incorrect API key provided: sk-...") and a
+        broken upstream may echo the request's headers: a key never leaves flowc, not even
+        back to the client that did not send it. A key of 8 characters or more is cut out
+        wherever it appears; with ``masked`` (error text) so is its first 8 characters, the
+        part providers show of a key they mask ("sk-proj-****abcd"). A shorter key: see
+        `_key_redactor`."""
+        key = self.api_key
+        if not key:
+            return raw
+        cached_key, redactor = self._redactor
+        if cached_key != key or redactor is None:
+            redactor = _key_redactor(key)
+            self._redactor = (key, redactor)
+        return redactor(raw, masked)
+
+    def redact_text(self, text: str) -> str:
+        return self.redact(text.encode()).decode("utf-8", errors="replace") \
+            if self.api_key else text
 
 
-async def sse_events(resp: aiohttp.ClientResponse, provider: str
+async def sse_events(resp: aiohttp.ClientResponse, ep: Endpoint
                      ) -> AsyncIterator[tuple[str | None, bytes]]:
-    """Server-Sent Events as ``(event, data)``; a dropped connection is an upstream error."""
+    """Server-Sent Events as ``(event, data)``; a dropped connection is an upstream error,
+    and so is a wait longer than the endpoint's timeout for the next line."""
+    provider = ep.name
     event: str | None = None
     data: list[bytes] = []
     try:
@@ -319,11 +449,11 @@ async def sse_events(resp: aiohttp.ClientResponse, provider: str
             if line.startswith(b"data:"):
                 data.append(line[5:].lstrip(b" "))
             elif line.startswith(b"event:"):
-                event = line[6:].strip().decode()
+                event = line[6:].strip().decode("utf-8", errors="replace")
         if data:
             yield event, b"\n".join(data)
     except TimeoutError:
-        raise UpstreamTimeout(provider, 0) from None
+        raise UpstreamTimeout(provider, ep.timeout) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         raise UpstreamUnavailable(provider, f"stream cut off: {type(exc).__name__}") from None
 

@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from runtime.providers.base import (
+    SHAPE_ERRORS,
     ChatResult,
     Endpoint,
     RequestError,
@@ -26,6 +27,8 @@ from runtime.providers.base import (
     UpstreamTimeout,
     UpstreamUnavailable,
     Usage,
+    answer_chars,
+    estimate_usage,
 )
 
 _HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
@@ -107,9 +110,19 @@ def build_request(req: dict[str, Any], model: str, stream: bool) -> dict[str, An
     return body
 
 
-def usage_of(body: dict[str, Any]) -> Usage:
-    return Usage(prompt_tokens=int(body.get("prompt_eval_count") or 0),
-                 completion_tokens=int(body.get("eval_count") or 0))
+def usage_of(body: dict[str, Any], estimate: Usage | None = None) -> Usage:
+    """`prompt_eval_count` / `eval_count`; Ollama leaves a count out at times (the prompt
+    count when the prompt was cached): then ``estimate``'s count stands in, marked."""
+    prompt, completion = body.get("prompt_eval_count"), body.get("eval_count")
+    if estimate is not None and (prompt is None or completion is None):
+        return Usage(prompt_tokens=estimate.prompt_tokens if prompt is None else int(prompt),
+                     completion_tokens=estimate.completion_tokens if completion is None
+                     else int(completion), estimated=True)
+    return Usage(prompt_tokens=int(prompt or 0), completion_tokens=int(completion or 0))
+
+
+def _counted(body: dict[str, Any]) -> bool:
+    return "prompt_eval_count" in body and "eval_count" in body
 
 
 def _tool_calls(message: dict[str, Any], start: int = 0) -> list[dict[str, Any]]:
@@ -131,7 +144,7 @@ def _finish(body: dict[str, Any], had_tools: bool) -> str:
     return "length" if body.get("done_reason") == "length" else "stop"
 
 
-def to_openai(body: dict[str, Any]) -> dict[str, Any]:
+def to_openai(body: dict[str, Any], usage: Usage | None = None) -> dict[str, Any]:
     message = body.get("message") or {}
     calls = _tool_calls(message)
     out_msg: dict[str, Any] = {"role": "assistant", "content": message.get("content") or None,
@@ -145,7 +158,7 @@ def to_openai(body: dict[str, Any]) -> dict[str, Any]:
         "model": body.get("model"),
         "choices": [{"index": 0, "message": out_msg, "finish_reason": _finish(body, bool(calls)),
                      "logprobs": None}],
-        "usage": usage_of(body).to_openai(),
+        "usage": (usage or usage_of(body)).to_openai(),
     }
 
 
@@ -154,7 +167,16 @@ async def complete(ep: Endpoint, req: dict[str, Any], model: str) -> ChatResult:
     if status >= 400:
         raise ep.error(status, headers, raw)
     body = ep.parse(raw)
-    return ChatResult(to_openai(body), usage_of(body), ms)
+    try:
+        if not isinstance(body, dict) or not isinstance(body.get("message"), dict):
+            raise TypeError("not a chat response object")
+        out = to_openai(body)
+        usage = usage_of(body, None if _counted(body)
+                         else estimate_usage(req, answer_chars(out)))
+        out["usage"] = usage.to_openai()
+    except SHAPE_ERRORS as exc:
+        raise ep.malformed(raw, str(exc)) from None
+    return ChatResult(out, usage, ms)
 
 
 async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamState
@@ -169,32 +191,55 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
         return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
                                      "logprobs": None}]}
 
+    started: list[bool] = []  # the role chunk goes out with the first line, not before
+
+    def read(line: bytes) -> list[dict[str, Any]]:
+        """The chunks one line of the stream makes."""
+        nonlocal n_tools
+        body = ep.parse(line)
+        if not isinstance(body, dict):
+            raise TypeError("not a chat response object")
+        if body.get("error"):
+            raise UpstreamError(ep.name, 500, str(body["error"]))
+        out = []
+        if not started:
+            started.append(True)
+            out.append(chunk({"role": "assistant", "content": ""}))
+        base["model"] = body.get("model") or base["model"]
+        message = body.get("message") or {}
+        content = message.get("content")
+        if content:
+            state.mark_token()
+            state.out_chars += len(content)
+            out.append(chunk({"content": content}))
+        calls = _tool_calls(message, n_tools)
+        if calls:
+            state.mark_token()
+            n_tools += len(calls)
+            state.out_chars += sum(len(c["function"]["arguments"]) for c in calls)
+            out.append(chunk({"tool_calls": calls}))
+        if body.get("done"):
+            state.usage = usage_of(body, None if _counted(body)
+                                   else estimate_usage(req, state.out_chars))
+            state.finish_reason = _finish(body, n_tools > 0)
+            out.append(chunk({}, state.finish_reason))
+            out.append({**base, "choices": [], "usage": state.usage.to_openai()})
+        return out
+
     try:
-        yield chunk({"role": "assistant", "content": ""})
         async for raw in resp.content:
             line = raw.strip()
             if not line:
                 continue
-            body = ep.parse(line)
-            if body.get("error"):
-                raise UpstreamError(ep.name, 500, str(body["error"]))
-            base["model"] = body.get("model") or base["model"]
-            message = body.get("message") or {}
-            if message.get("content"):
-                state.mark_token()
-                yield chunk({"content": message["content"]})
-            calls = _tool_calls(message, n_tools)
-            if calls:
-                state.mark_token()
-                n_tools += len(calls)
-                yield chunk({"tool_calls": calls})
-            if body.get("done"):
-                state.usage = usage_of(body)
-                state.finish_reason = _finish(body, n_tools > 0)
-                yield chunk({}, state.finish_reason)
-                yield {**base, "choices": [], "usage": state.usage.to_openai()}
+            try:
+                chunks = read(line)
+            except SHAPE_ERRORS as exc:
+                raise ep.malformed(line, str(exc)) from None
+            for c in chunks:
+                yield c
+            if state.usage is not None:
                 return
-        raise UpstreamUnavailable(ep.name, "stream ended before its final line")
+        raise UpstreamError(ep.name, 502, "the stream ended before its final line")
     except TimeoutError:
         raise UpstreamTimeout(ep.name, ep.timeout) from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
