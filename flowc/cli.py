@@ -114,11 +114,15 @@ def _hard_exit(code: int) -> None:
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def graph(file: Path, output: Path | None, no_legend: bool, config: Path | None) -> None:
     """Draw a pipeline's DAG with Graphviz."""
-    from flowc.render import to_dot
+    from flowc.render import EDGE_LABELS_UP_TO, to_dot
 
     result = _compile_or_exit(file, _project_for(config, file))
     assert result.compiled is not None
     dot = to_dot(result.compiled, legend=not no_legend)
+    if len(result.compiled.order) > EDGE_LABELS_UP_TO:
+        click.echo(f"note: {len(result.compiled.order)} steps: edges are drawn without labels "
+                   f"past {EDGE_LABELS_UP_TO} steps, to keep Graphviz's layout time down",
+                   err=True)
     if output is None:
         click.echo(dot.source, nl=False)
         return

@@ -1,8 +1,15 @@
 """Drawing a compiled pipeline with Graphviz.
 
-Shapes and colours by step type; the model or tool on each node; edges labelled with the
-variable they carry; edges a `when:` reads labelled with the condition; steps that may be
-skipped drawn dashed, steps that never run greyed out. A legend explains the marks.
+Shapes and colours by step type; the model or tool on each node, with its condition and the
+inputs it reads; one edge per pair of steps, labelled with the names it carries (bold when
+the consumer's `when:` reads one); steps that may be skipped drawn dashed, steps that never
+run greyed out. A legend explains the marks.
+
+Drawn to stay readable and fast in `dot` as pipelines grow: the input node has edges only to
+steps that read nothing else, and only when there are at most `INPUT_EDGES` of them; every
+other step lists the inputs it reads. An edge from the input node to every step that reads
+an input made a 6-step pipeline 3,000 px wide, and a 200-step one took `dot` minutes: long
+edges across many ranks are what its crossing minimisation chokes on.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
 _CONDITION = {"color": "#b45309", "fontcolor": "#b45309", "style": "bold"}
 _MAX_LABEL = 72
+INPUT_EDGES = 8  # input-node edges drawn at most (see the module docstring)
+EDGE_LABELS_UP_TO = 1500  # steps: past this, edge labels (each one a node to `dot`) are left out
 INPUT_NODE, OUTPUT_NODE = "__input__", "__output__"
 
 
@@ -36,10 +45,15 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
     dot.attr(rankdir="TB", fontname="Helvetica", label=compiled.name, labelloc="t")
     dot.attr("node", fontname="Helvetica", fontsize="11")
     dot.attr("edge", fontname="Helvetica", fontsize="9", color="#374151")
+    labels = len(compiled.order) <= EDGE_LABELS_UP_TO
     if compiled.inputs or any(_input_names(compiled.node(s).refs, None)
                               for s in compiled.order):
-        dot.node(INPUT_NODE, "input", **_INPUT)
+        names = "\n".join(f"{k}: {v.type}" for k, v in compiled.inputs.items())
+        dot.node(INPUT_NODE, "input" + (f"\n{names}" if names else ""), **_INPUT)
 
+    roots = [s for s in compiled.order if compiled.graph.in_degree(s) == 0
+             and _input_names(compiled.node(s).refs, None)]
+    input_edges = set(roots) if len(roots) <= INPUT_EDGES else set()
     for sid in compiled.order:
         node = compiled.node(sid)
         step = node.step
@@ -49,6 +63,11 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
         label = f"{sid}\n[{step.type}] {detail}"
         if step.output and step.output != sid:
             label += f"\n→ {step.output}"
+        if step.when is not None:
+            label += f"\nwhen {_short(str(step.when))}"
+        inputs = sorted(_input_names(node.refs, None))
+        if inputs and sid not in input_edges:
+            label += f"\nreads input.{', input.'.join(inputs)}"
         if node.runs == "maybe":
             attrs["style"] += ",dashed"
             label += "\n(may be skipped)"
@@ -56,22 +75,18 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
             attrs.update(style="filled,dotted", fillcolor="#e5e7eb", fontcolor="#6b7280")
             label += "\n(never runs)"
         dot.node(sid, label, tooltip=node.skip_reason or "", **attrs)
-        condition = _short(str(step.when))
-        for name in sorted(_input_names(node.refs, "data")):
-            dot.edge(INPUT_NODE, sid, label=f"input.{name}")
-        for name in sorted(_input_names(node.refs, "condition")):
-            dot.edge(INPUT_NODE, sid, label=f"input.{name}\nwhen {condition}", **_CONDITION)
+        if sid in input_edges:
+            style = _CONDITION if _input_names(node.refs, "condition") else {}
+            dot.edge(INPUT_NODE, sid, label=f"input.{', input.'.join(inputs)}"
+                     if labels else None, **style)
 
     for producer, consumer, data in compiled.graph.edges(data=True):
-        variables, conds = data.get("vars", []), data.get("conditions", [])
-        if conds:
-            condition = _short(str(compiled.node(consumer).step.when))
-            dot.edge(producer, consumer, label=f"{', '.join(sorted(set(conds)))}\n"
-                     f"when {condition}", **_CONDITION)
-        if variables:
-            dot.edge(producer, consumer, label=", ".join(variables))
-        if data.get("order") and not variables and not conds:
-            dot.edge(producer, consumer, label="needs", style="dotted")
+        names = sorted({*data.get("vars", []), *data.get("conditions", [])})
+        style = _CONDITION if data.get("conditions") else {}
+        if names:
+            dot.edge(producer, consumer, label=", ".join(names) if labels else None, **style)
+        elif data.get("order"):
+            dot.edge(producer, consumer, label="needs" if labels else None, style="dotted")
 
     if compiled.output is not None:
         dot.node(OUTPUT_NODE, "output", **_OUTPUT)
@@ -109,4 +124,4 @@ def _legend(dot: graphviz.Digraph) -> None:
         maybe["style"] += ",dashed"
         lg.node("__legend_maybe", "may be skipped", **maybe)
         lg.edge("__legend_llm", "__legend_mcp", label="data")
-        lg.edge("__legend_mcp", "__legend_maybe", label="when …", **_CONDITION)
+        lg.edge("__legend_mcp", "__legend_maybe", label="read in when", **_CONDITION)

@@ -134,15 +134,37 @@ def test_graph_writes_dot_with_labels(tmp_path):
     r = flowc("graph", PIPELINES / "support-triage.yaml", "-o", out, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     dot = out.read_text()
-    # the branch edge carries the variable and the condition; data edges the variable
-    assert ('classify -> deep [label="classify\nwhen ${input.depth} > 2 and '
-            '${classify.label} == \\"technical\\""') in dot
-    assert 'classify -> quick [label="classify\nwhen not (${input.depth} > 2 and' in dot
+    # one edge per pair of steps, bold when the consumer's condition reads it; the step
+    # shows its condition and the inputs it reads
+    assert 'classify -> deep [label=classify color="#b45309"' in dot
+    assert dot.count("classify -> deep") == 1
     assert '__input__ -> classify [label="input.ticket"]' in dot
-    assert 'deep [label="deep\n[llm] smart\n→ deep_answer\n(may be skipped)"' in dot
+    assert ('deep [label="deep\n[llm] smart\n→ deep_answer\nwhen ${input.depth} > 2 and '
+            '${classify.label} == \\"technical\\"\nreads input.depth, input.ticket\n'
+            '(may be skipped)"') in dot
+    assert dot.count("__input__ ->") == 1  # not fanned out to every step that reads it
     assert 'style="rounded,filled,dashed"' in dot
     assert "__output__ [label=output" in dot
     assert "deep -> __output__ [label=deep_answer]" in dot
+
+
+def test_graph_of_a_large_pipeline_keeps_the_input_fan_out_out_of_the_layout(tmp_path):
+    """Edges from the input node to many steps deep in the graph made `dot` run for minutes
+    on 200 steps; past a few, the steps list the inputs they read instead."""
+    require("dot")
+    steps = "".join(f"  - {{id: t{i}, type: llm, model: gpt-4o, prompt: '${{input.q}}'}}\n"
+                    f"  - {{id: s{i}, type: llm, model: gpt-4o, prompt: "
+                    f"'${{t{i}}} ${{s{i - 1}}}'}}\n".replace(" ${s-1}", "")
+                    for i in range(150))
+    (tmp_path / "big.yaml").write_text(
+        f"name: big\ninputs:\n  q: {{type: string}}\nsteps:\n{steps}output: ${{s149}}\n")
+    r = flowc("graph", "big.yaml", "-o", "big.dot", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    dot = (tmp_path / "big.dot").read_text()
+    assert "__input__ ->" not in dot and 't7 [label="t7\n[llm] gpt-4o\nreads input.q"' in dot
+    r = flowc("graph", "big.yaml", "-o", "big.svg", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "<svg" in (tmp_path / "big.svg").read_text()
 
 
 def test_graph_renders_svg_with_graphviz(tmp_path):
