@@ -48,6 +48,7 @@ RULES: dict[str, Rule] = {
         Rule("type-mismatch", _E, "an operation on values whose types cannot work together"),
         Rule("unknown-function", _E, "a condition calls a function that does not exist"),
         Rule("unknown-field-path", _E, "a field path into a value whose schema lacks the field"),
+        Rule("not-in-enum", _E, "a literal compared with a value whose schema's enum lacks it"),
         Rule("maybe-skipped", _E, "a read of a maybe-skipped value with no fallback"),
         Rule("unknown-model", _E, "a model that is neither an alias nor a known provider model"),
         Rule("unknown-mcp-server", _E, "an MCP server that flowc.yaml does not define"),

@@ -146,7 +146,9 @@ def _tokenize(text: str) -> list[_Tok]:
         if m is None:
             ch = text[pos]
             hint = ""
-            if ch == "=":
+            if text.startswith(("=>", "=<"), pos):
+                hint = f"; did you mean '{text[pos + 1]}='?"
+            elif ch == "=":
                 hint = "; use '==' to compare"
             elif ch in "&|!":
                 hint = "; use 'and', 'or', 'not'"

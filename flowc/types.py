@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("string", "integer", "number", "boolean", "object", "array", "null", "any")
@@ -11,11 +11,13 @@ KINDS = ("string", "integer", "number", "boolean", "object", "array", "null", "a
 @dataclass(frozen=True)
 class Type:
     """``kind`` is a JSON Schema type or ``any``. Objects may know their ``fields`` (then a
-    path to any other field is an error); arrays may know their ``items``."""
+    path to any other field is an error); arrays may know their ``items``; a scalar from a
+    schema's ``enum`` knows its ``values`` (a detail: types still compare by shape)."""
 
     kind: str
     fields: tuple[tuple[str, Type], ...] | None = None
     items: Type | None = None
+    values: tuple[Any, ...] | None = field(default=None, compare=False)
 
     def field(self, name: str) -> Type | None:
         for key, t in self.fields or ():
@@ -68,7 +70,10 @@ def from_json_schema(schema: Any, _depth: int = 0) -> Type:
     if kind == "array":
         return Type("array", items=from_json_schema(schema.get("items"), _depth + 1))
     if kind in KINDS:
-        return Type(kind)
+        enum = schema.get("enum")
+        values = tuple(enum) if isinstance(enum, list) and enum and all(
+            isinstance(v, str | int | float | bool) or v is None for v in enum) else None
+        return Type(kind, values=values)
     return ANY
 
 
@@ -100,6 +105,10 @@ def join(types: list[Type]) -> Type:
         return NULL
     first = known[0]
     if all(t == first for t in known):
+        if any(t.values != first.values for t in known):  # either side's values may come
+            values = None if any(t.values is None for t in known) else tuple(
+                dict.fromkeys(v for t in known for v in t.values or ()))
+            return Type(first.kind, first.fields, first.items, values)
         return first
     if all(t.is_numeric for t in known):
         return NUMBER

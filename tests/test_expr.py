@@ -45,6 +45,9 @@ def test_reference_paths_and_coalesce():
 
 @pytest.mark.parametrize(("text", "offset", "message"), [
     ("${a} = 1", 5, "unexpected character '='; use '==' to compare"),
+    ("${a} => 1", 5, "unexpected character '='; did you mean '>='?"),
+    ("${a} =< 1", 5, "unexpected character '='; did you mean '<='?"),
+    ("${a} > " + "9" * 5000, 7, "number literal is too long (5000 characters; at most 100)"),
     ("${a} && ${b}", 5, "unexpected character '&'; use 'and', 'or', 'not'"),
     ("${a} >", 6, "unexpected end of expression"),
     ("(${a} > 1", 9, "unexpected end of expression"),

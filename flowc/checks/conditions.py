@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from typing import Any
 
 from flowc import types as T
@@ -109,7 +110,30 @@ class _Checker:
                 f"cannot compare {self._operand(node.left, left)} with "
                 f"{self._operand(node.right, right)} using '{node.op}'",
                 node, help=self._compare_help(node, left, right))
+        else:
+            self._check_enum(node, left, right)
         return T.BOOLEAN
+
+    def _check_enum(self, node: Compare, left: T.Type, right: T.Type) -> None:
+        """A literal compared with a value whose schema lists its values must be one of
+        them: `== "tecnical"` against `enum: [technical, ...]` is never true."""
+        pairs: list[tuple[Node, T.Type, Node]] = []
+        if node.op in ("==", "!="):
+            pairs = [(node.left, left, node.right), (node.right, right, node.left)]
+        elif node.op in ("in", "not in") and isinstance(node.right, ListExpr):
+            pairs = [(node.left, left, item) for item in node.right.items]
+        for ref, t, other in pairs:
+            if t.values is None or not isinstance(other, Literal):
+                continue
+            if any(other.value == v and isinstance(other.value, bool) == isinstance(v, bool)
+                   for v in t.values):
+                continue
+            shown = ", ".join(json.dumps(v) for v in t.values)
+            hint = did_you_mean(str(other.value), [str(v) for v in t.values])
+            self._error("not-in-enum",
+                        f"{json.dumps(other.value)} is not a value {self._describe(ref)} can "
+                        f"have" + (f"; did you mean {json.dumps(hint)}?" if hint else ""),
+                        other, help=f"its schema's enum: {shown}")
 
     def _operand(self, node: Node, t: T.Type) -> str:
         if isinstance(node, Ref) and len(node.alts) == 1 and isinstance(node.alts[0], Path):
