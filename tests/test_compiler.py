@@ -235,3 +235,18 @@ def test_a_named_provider_without_a_url_is_a_config_error(tmp_path):
     assert [(d.rule, d.message) for d in project.diagnostics] == [
         ("invalid-value", "invalid value: provider 'groq' needs a base_url (only openai, "
                           "anthropic, ollama have a default)")]
+
+
+def test_a_misspelt_field_does_not_add_a_false_unused_step_warning():
+    """Step b's `promt` read ${a}; with the field unknown nothing is known of what b reads,
+    so calling a unused would be a guess (and a wrong one)."""
+    src = textwrap.dedent("""\
+        name: t
+        steps:
+          - {id: a, type: llm, model: gpt-4o, prompt: hi}
+          - {id: b, type: llm, model: gpt-4o, promt: "${a}"}
+          - {id: c, type: llm, model: gpt-4o, prompt: "${b}"}
+        output: ${c}
+        """)
+    result = compile_source(src, "t.yaml")
+    assert [d.rule for d in result.diagnostics] == ["unknown-field"]

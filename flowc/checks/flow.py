@@ -166,8 +166,8 @@ def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str
 
 def check_usage(ctx: Context) -> None:
     """Warn about outputs nobody reads and steps that do not contribute to the output."""
-    if not ctx.acyclic:
-        return
+    if not ctx.acyclic or ctx.unchecked_outputs or ctx.partial:
+        return  # a step with errors may read anything: warnings here would be guesses
     read: set[str] = set()
     for info in ctx.steps.values():
         for use in info.uses:
