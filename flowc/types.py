@@ -77,6 +77,28 @@ def from_json_schema(schema: Any, _depth: int = 0) -> Type:
     return ANY
 
 
+# The MCP SDKs send a tool's plain return value (a string, a number, a list) as structured
+# content wrapped in an object with the single field `result`, and declare that wrapper as
+# the tool's output schema. flowc treats such a tool as returning the value itself, at
+# compile time (its type) and at run time (its value), so `${search}` is the search text.
+WRAPPED_RESULT = "result"
+
+
+def is_wrapped_result(value: Any) -> bool:
+    """Whether a tool's structured content (or output schema's properties) is the wrapper."""
+    return isinstance(value, dict) and list(value) == [WRAPPED_RESULT]
+
+
+def of_tool_output(schema: Any) -> Type:
+    """The static type of an MCP tool's result, from its output schema (None: its text)."""
+    if not schema:
+        return STRING
+    props = schema.get("properties") if isinstance(schema, dict) else None
+    if is_wrapped_result(props):
+        return from_json_schema(props[WRAPPED_RESULT])
+    return from_json_schema(schema)
+
+
 def _kind_of_value(value: Any) -> str:
     if value is None:
         return "null"

@@ -24,6 +24,7 @@ from flowc.expr import MISSING, EvalError, Missing, evaluate, resolve_ref, singl
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep
 from flowc.template import Template, render
+from flowc.types import WRAPPED_RESULT, is_wrapped_result
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
 from runtime.providers import FlowcError
@@ -329,7 +330,11 @@ class _Run:
         res = await self._call_tool(r, step.server, step.tool, args, step.timeout)
         if res.is_error:
             raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
-        return res.structured if res.structured is not None else res.text
+        if res.structured is None or node.output_type.kind == "string":
+            return res.text  # typed as text: the tool's text, whatever else it sent
+        if is_wrapped_result(res.structured) and node.output_type.field(WRAPPED_RESULT) is None:
+            return res.structured[WRAPPED_RESULT]  # a plain value, as the compiler typed it
+        return res.structured
 
     def _params(self, value: Any) -> Any:
         """Tool params with references filled in (a lone reference keeps its type); the

@@ -1,5 +1,6 @@
 """The compiler's API: the compiled DAG, project config, positions, and never crashing."""
 
+import json
 import textwrap
 from pathlib import Path
 
@@ -250,3 +251,26 @@ def test_a_misspelt_field_does_not_add_a_false_unused_step_warning():
         """)
     result = compile_source(src, "t.yaml")
     assert [d.rule for d in result.diagnostics] == ["unknown-field"]
+
+
+def test_a_tool_whose_output_schema_wraps_a_plain_value_is_typed_as_the_value(tmp_path):
+    """The MCP SDKs send a plain return value as {"result": value} and declare that wrapper
+    as the output schema; the step's result is the value (the runtime unwraps it too)."""
+    (tmp_path / "flowc.yaml").write_text("mcpServers:\n  s: {command: search-server}\n")
+    (tmp_path / ".flowc").mkdir()
+    (tmp_path / ".flowc" / "mcp-tools.json").write_text(json.dumps({"servers": {"s": {
+        "ok": True, "tools": [{"name": "count", "inputSchema": {"type": "object"},
+                               "outputSchema": {"type": "object", "title": "countOutput",
+                                                "properties": {"result": {"type": "integer"}},
+                                                "required": ["result"]}}]}}}))
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(textwrap.dedent("""\
+        name: t
+        steps:
+          - {id: n, type: mcp_tool, server: s, tool: count}
+          - {id: a, type: llm, model: gpt-4o, prompt: "${n.result}", when: "${n} > 2"}
+        output: ${a ?? n}
+        """))
+    result = compile_file(pipeline)
+    assert [(d.rule, d.message) for d in result.diagnostics] == [
+        ("unknown-field-path", "'n' is an integer: it has no field 'result'")]

@@ -99,7 +99,10 @@ def test_research_pipeline_over_http(served):
     assert steps["report"]["cost"] == pytest.approx(0.0039)
     assert out["metrics"]["total_cost_usd"] == pytest.approx(0.0039)
     summarize = fakes["ollama"].requests[-1].body["messages"][0]["content"]
-    assert "Result about AI middleware patterns" in summarize  # the MCP tool's output
+    # the MCP tool's output, as the text the compiler typed it as (the server's SDK also
+    # sends it as structured content, {"result": ...}, which must not leak into the prompt)
+    assert "\n1. Result about AI middleware patterns: https://example.org/0\n" in summarize
+    assert '"result"' not in summarize
     report_prompt = fakes["anthropic"].requests[-1].body["messages"][0]["content"][0]["text"]
     assert "3-paragraph report on AI middleware patterns" in report_prompt
     assert ledger_steps(url, out["run_id"]) == [

@@ -258,6 +258,5 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
     if ctx.catalog is not None:
         tools = ctx.catalog.tools_of(step.server)
         if tools is not None and step.tool in tools:
-            schema = tools[step.tool].output_schema
-            return T.from_json_schema(schema) if schema else T.STRING
+            return T.of_tool_output(tools[step.tool].output_schema)
     return T.ANY
