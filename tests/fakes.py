@@ -44,6 +44,7 @@ class FakeServer:
     port: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
+    _handling: set[asyncio.Task[Any]] = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -74,11 +75,22 @@ class FakeServer:
 
     def stop(self) -> None:
         if self._loop and self._runner:
+            for task in list(self._handling):  # hanging answers end with the server
+                self._loop.call_soon_threadsafe(task.cancel)
             fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
             fut.result(5)
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handling.add(task)
+        try:
+            return await self._answer(request)
+        finally:
+            self._handling.discard(task)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw) if raw else {}
@@ -142,7 +154,9 @@ def _sse(data: Any) -> bytes:
 
 
 def openai_stream_text(text: str, prompt_tokens: int = 19, completion_tokens: int = 10,
-                       model: str = "gpt-4o-mini-2024-07-18") -> Action:
+                       model: str = "gpt-4o-mini-2024-07-18", *, usage: bool = True
+                       ) -> Action:
+    """``usage=False``: a server that leaves the usage chunk out even when asked."""
     def act(rec: Recorded) -> Any:
         async def write(resp: web.StreamResponse, _req: web.Request) -> None:
             base = {"id": "chatcmpl-123", "object": "chat.completion.chunk",
@@ -157,7 +171,7 @@ def openai_stream_text(text: str, prompt_tokens: int = 19, completion_tokens: in
             await resp.write(_sse({**base, "choices": [{"index": 0, "delta": {},
                                                         "logprobs": None,
                                                         "finish_reason": "stop"}]}))
-            if (rec.body.get("stream_options") or {}).get("include_usage"):
+            if usage and (rec.body.get("stream_options") or {}).get("include_usage"):
                 await resp.write(_sse({**base, "choices": [], "usage": {
                     "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                     "total_tokens": prompt_tokens + completion_tokens}}))
@@ -215,6 +229,135 @@ def dropped() -> Action:
     """Accept the request, then close the connection without an answer."""
     async def act(rec: Recorded) -> Any:
         raise ConnectionResetError  # aiohttp closes the transport
+    return act
+
+
+# -- faults ------------------------------------------------------------------------------------
+# Upstreams that misbehave, for every wire format: no answer, a connection reset in the
+# middle of the body, bytes that are not JSON, JSON of the wrong shape, streams that end
+# early or carry no event at all, and bodies that echo the request's credentials.
+def hang(seconds: float = 10.0) -> Action:
+    """Accept the request and send nothing (then drop the connection after ``seconds``)."""
+    async def act(rec: Recorded) -> Any:
+        await asyncio.sleep(seconds)
+        raise ConnectionResetError
+    return act
+
+
+def raw_body(body: bytes, *, status: int = 200, content_type: str = "application/json"
+             ) -> Action:
+    def act(rec: Recorded) -> Any:
+        return web.Response(body=body, status=status, content_type=content_type)
+    return act
+
+
+def json_body(value: Any, *, status: int = 200) -> Action:
+    """Any JSON value as the answer (a list, an object of the wrong shape, ...)."""
+    return raw_body(json.dumps(value).encode(), status=status)
+
+
+def garbage() -> Action:
+    """A 200 whose body is bytes that are neither JSON nor UTF-8."""
+    return raw_body(bytes(range(256)) * 2, content_type="application/octet-stream")
+
+
+class _Cut(Exception):
+    pass
+
+
+class _Writes:
+    """A stream response that lets ``limit`` writes through, then raises `_Cut`."""
+
+    def __init__(self, resp: web.StreamResponse, limit: int) -> None:
+        self.resp, self.limit, self.count = resp, limit, 0
+
+    async def write(self, data: bytes) -> None:
+        if self.count >= self.limit:
+            raise _Cut
+        self.count += 1
+        await self.resp.write(data)
+
+
+def cut(action: Action, after: int, how: str = "reset", seconds: float = 10.0) -> Action:
+    """``action``'s answer, cut after ``after`` writes (stream events, or for a plain answer
+    half its body): ``reset`` drops the connection mid-body, ``end`` ends the body cleanly
+    there (a truncated stream; ``after=0``: a 200 with no events), ``stall`` goes silent
+    for ``seconds`` and then drops it."""
+    def act(rec: Recorded) -> Any:
+        result = action(rec)
+        if isinstance(result, web.StreamResponse):
+            raise TypeError("cut() needs an answer body or a stream writer")
+        if not callable(result):  # a plain answer: send the first half of its JSON
+            body = json.dumps(result).encode()
+
+            async def plain(resp: web.StreamResponse, _req: web.Request) -> None:
+                await resp.write(body[:len(body) // 2])
+            writer = plain
+        else:
+            writer = result
+
+        async def write(resp: web.StreamResponse, request: web.Request) -> None:
+            try:
+                await writer(_Writes(resp, after), request)  # type: ignore[arg-type]
+                if after == 0 or not callable(result):
+                    raise _Cut
+            except _Cut:
+                if how == "end":
+                    return
+                if how == "stall":
+                    await asyncio.sleep(seconds)
+                if request.transport is not None:
+                    request.transport.close()
+        return write
+    return act
+
+
+def empty_stream() -> Action:
+    """A 200 stream with no events at all."""
+    def act(rec: Recorded) -> Any:
+        async def write(resp: web.StreamResponse, _req: web.Request) -> None:
+            return None
+        return write
+    return act
+
+
+def credential(rec: Recorded) -> str:
+    """The credential header the request carried, as an echoing server would show it."""
+    if "authorization" in rec.headers:
+        return "Authorization: " + rec.headers["authorization"]
+    return "x-api-key: " + rec.headers.get("x-api-key", "")
+
+
+def echo_key(kind: str, where: str) -> Action:
+    """An upstream (``kind``: its wire format, openai for any other name) that echoes the
+    request's credentials: ``text`` a 200 body that is not
+    JSON, ``error`` a 401 in the provider's error shape, ``sse`` a stream whose first event
+    is not JSON, ``stream_error`` a stream whose error event quotes it, ``content`` a valid
+    answer whose text does."""
+    def act(rec: Recorded) -> Any:
+        echoed = credential(rec)
+        if where == "text":
+            return web.Response(text=f"<html>bad gateway; you sent {echoed}</html>")
+        if where == "error":
+            return http_error(401, f"Incorrect API key provided: {echoed}", kind=kind)(rec)
+        if where == "content":
+            return {"anthropic": anthropic_text, "ollama": ollama_text}.get(
+                kind, openai_text)(f"you sent {echoed}")(rec)
+
+        async def write(resp: web.StreamResponse, _req: web.Request) -> None:
+            if where == "sse":
+                await resp.write(f"data: you sent {echoed}\n\n".encode())
+            elif kind == "anthropic":
+                await resp.write(b"event: error\ndata: " + json.dumps({
+                    "type": "error", "error": {"type": "overloaded_error",
+                                               "message": f"you sent {echoed}"}}).encode()
+                    + b"\n\n")
+            elif kind == "ollama":
+                await resp.write(json.dumps({"error": f"you sent {echoed}"}).encode() + b"\n")
+            else:
+                await resp.write(_sse({"error": {"message": f"you sent {echoed}",
+                                                 "type": "server_error"}}))
+        return write
     return act
 
 

@@ -16,7 +16,6 @@ from runtime.providers.base import (
     Endpoint,
     StreamState,
     UpstreamError,
-    UpstreamUnavailable,
     Usage,
     answer_chars,
     estimate_usage,
@@ -113,6 +112,6 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                 raise ep.malformed(data, str(exc)) from None
             yield chunk
         if not done and state.finish_reason is None:
-            raise UpstreamUnavailable(ep.name, "stream cut off: it ended before [DONE]")
+            raise UpstreamError(ep.name, 502, "the stream ended before [DONE]")
     finally:
         resp.release()
