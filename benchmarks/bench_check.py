@@ -58,7 +58,7 @@ def generate(n: int) -> str:
             after = f" after ${{s{i - 1}}}" if i else ""
             lines.append(f"    prompt: Start on ${{input.topic}}{after}")
             lines.append("    response_format:")
-            lines.append("      schema: {type: object, properties: "
+            lines.append("      schema: {type: object, required: [label, score], properties: "
                          "{label: {type: string}, score: {type: number}}}")
         elif kind == 1:
             lines.append(f"    prompt: Continue ${{s{i - 1}.label}} with score ${{s{i - 1}.score}}"

@@ -18,6 +18,7 @@ class Type:
     fields: tuple[tuple[str, Type], ...] | None = None
     items: Type | None = None
     values: tuple[Any, ...] | None = field(default=None, compare=False)
+    optional: frozenset[str] = field(default=frozenset(), compare=False)  # not `required`
 
     def field(self, name: str) -> Type | None:
         for key, t in self.fields or ():
@@ -64,8 +65,11 @@ def from_json_schema(schema: Any, _depth: int = 0) -> Type:
     if kind == "object":
         props = schema.get("properties")
         if isinstance(props, dict):
+            required = schema.get("required")
+            required = set(map(str, required)) if isinstance(required, list) else set()
             return Type("object", fields=tuple(
-                (str(k), from_json_schema(v, _depth + 1)) for k, v in props.items()))
+                (str(k), from_json_schema(v, _depth + 1)) for k, v in props.items()),
+                optional=frozenset(str(k) for k in props if str(k) not in required))
         return OBJECT
     if kind == "array":
         return Type("array", items=from_json_schema(schema.get("items"), _depth + 1))
@@ -130,11 +134,27 @@ def join(types: list[Type]) -> Type:
         if any(t.values != first.values for t in known):  # either side's values may come
             values = None if any(t.values is None for t in known) else tuple(
                 dict.fromkeys(v for t in known for v in t.values or ()))
-            return Type(first.kind, first.fields, first.items, values)
+            return Type(first.kind, first.fields, first.items, values,
+                        frozenset().union(*(t.optional for t in known)))
+        if any(t.optional != first.optional for t in known):
+            return Type(first.kind, first.fields, first.items, first.values,
+                        frozenset().union(*(t.optional for t in known)))
         return first
     if all(t.is_numeric for t in known):
         return NUMBER
     return ANY
+
+
+def optional_field(t: Type, segments: tuple[str | int, ...]) -> str | None:
+    """The first field along ``segments`` that the schema does not require, if any."""
+    for seg in segments:
+        if isinstance(seg, int):
+            t = t.items or ANY
+            continue
+        if seg in t.optional:
+            return seg
+        t = t.field(seg) or ANY
+    return None
 
 
 def comparable(a: Type, b: Type, op: str) -> bool:

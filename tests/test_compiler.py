@@ -54,6 +54,7 @@ def test_structured_output_fields_are_typed():
                 properties:
                   label: {type: string}
                   scores: {type: array, items: {type: number}}
+                required: [label, scores]
           - id: use
             type: llm
             model: gpt-4o-mini
@@ -67,6 +68,41 @@ def test_structured_output_fields_are_typed():
     assert c.node("classify").output_type.field("label") == T.STRING
     assert c.graph.edges["classify", "use"]["conditions"] == ["classify"]
     assert c.node("use").runs == "maybe"
+
+
+def test_a_field_the_schema_does_not_require_is_a_maybe_missing_read():
+    """A model may leave out a field its schema does not require: reading it needs a
+    fallback, like a value whose step may be skipped."""
+    src = textwrap.dedent("""\
+        name: optional
+        steps:
+          - id: extract
+            type: llm
+            model: gpt-4o-mini
+            prompt: extract
+            response_format:
+              schema:
+                type: object
+                properties:
+                  vendor: {type: string}
+                  note: {type: string}
+                  total: {type: object, properties: {amount: {type: number}}}
+                required: [vendor, total]
+          - id: use
+            type: llm
+            model: gpt-4o-mini
+            when: ${extract.total.amount} > 0
+            prompt: ${extract.vendor} ${extract.note ?? "no note"} ${extract.note}
+        output: ${use ?? extract.vendor}
+        """)
+    result = compile_source(src, "optional.yaml")
+    assert [(d.rule, d.line, d.col, d.message) for d in result.diagnostics] == [
+        ("maybe-skipped", 18, 11, "'extract.total.amount' may be missing when step 'use' "
+         "reads it: field 'amount' is not in its schema's `required`, so the model may "
+         "leave it out"),
+        ("maybe-skipped", 19, 60, "'extract.note' may be missing when step 'use' reads it: "
+         "field 'note' is not in its schema's `required`, so the model may leave it out"),
+    ]
 
 
 def test_needs_orders_steps_that_share_no_data():

@@ -155,6 +155,7 @@ def test_structured_output_feeds_conditions_and_fields(openai_fake, tmp_path):
               schema:
                 type: object
                 properties: {label: {type: string}, urgency: {type: integer}}
+                required: [label, urgency]
           - id: escalate
             type: llm
             model: m
@@ -287,7 +288,8 @@ def test_dry_run_is_deterministic_and_free(tmp_path):
             model: m
             prompt: classify this
             response_format:
-              schema: {type: object, properties: {label: {type: string, enum: [a, b]}}}
+              schema: {type: object, properties: {label: {type: string, enum: [a, b]}},
+                       required: [label]}
           - id: t
             type: mcp_tool
             server: s

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from flowc import types as T
 from flowc.context import Context, Use
 from flowc.expr import Literal, Node, Not, Path
 
@@ -134,6 +135,9 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
             name = "input." + str(alt.segments[0]) if alt.segments else "input"
         else:
             avail, name = status.get(alt.root, "always"), alt.root
+            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            if avail == "always" and absent is not None:
+                avail, name = "maybe", str(alt)
         if avail == "always":
             return "always", culprits
         culprits.append(name)
@@ -146,13 +150,24 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
     return best, culprits
 
 
+def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
+    for alt in use.ref.alts:
+        if isinstance(alt, Path) and str(alt) == name:
+            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            if absent is not None:
+                return (f"field '{absent}' is not in its schema's `required`, so the model "
+                        "may leave it out")
+    return None
+
+
 def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str, str],
                       avail: str) -> None:
     if not names:
         return
     why = "; ".join(
         f"optional input '{n[6:]}' has no default" if n.startswith("input.")
-        else reason.get(n, f"the producer of '{n}' may be skipped") for n in names)
+        else reason.get(n) or _optional_reason(ctx, use, n)
+        or f"the producer of '{n}' may be skipped" for n in names)
     name = " ?? ".join(names)
     alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))
     where = "the pipeline output" if use.consumer is None else f"step '{use.consumer}'"
