@@ -46,7 +46,7 @@ class Project:
         try:
             raw = load_yaml(source)
         except YamlError as exc:
-            out.add("yaml-syntax", exc.message, exc.offset)
+            out.add(exc.rule, exc.message, exc.offset, exc.end, exc.help)
             return cls(config_path=str(config_path), diagnostics=out.results())
         for key, offset in source.duplicate_keys:
             out.add("duplicate-key", f"duplicate key '{key}' in mapping", offset)
@@ -117,7 +117,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
     try:
         raw = load_yaml(source)
     except YamlError as exc:
-        out.add("yaml-syntax", exc.message, exc.offset)
+        out.add(exc.rule, exc.message, exc.offset, exc.end, exc.help)
         return CompileResult(path, out.results(ignore), None)
     for key, offset in source.duplicate_keys:
         out.add("duplicate-key", f"duplicate key '{key}' in mapping", offset,

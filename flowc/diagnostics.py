@@ -30,6 +30,8 @@ RULES: dict[str, Rule] = {
     r.code: r
     for r in [
         Rule("yaml-syntax", _E, "the file is not valid YAML"),
+        Rule("yaml-alias", _E, "a YAML alias that repeats too much when expanded, or itself"),
+        Rule("yaml-nesting", _E, "YAML collections nested too deeply"),
         Rule("duplicate-key", _E, "a mapping repeats a key"),
         Rule("invalid-document", _E, "the file is not a mapping of pipeline fields"),
         Rule("unknown-field", _E, "a field the language does not define"),

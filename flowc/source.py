@@ -8,6 +8,7 @@ span in the file, so every diagnostic can point at the right line and column.
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any, NamedTuple
@@ -22,6 +23,16 @@ except AttributeError:  # pragma: no cover - PyYAML built without libyaml
 Path = tuple[str | int, ...]
 _STR_TAG = "tag:yaml.org,2002:str"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+#: What aliases may add to a file when expanded (the values and the text of the values they
+#: repeat), and how deeply collections may nest. Past either, the file is refused at the
+#: offending alias or collection: a few hundred bytes of nested aliases expand to a billion
+#: values, and a deep enough nesting overflows the YAML library's stack.
+MAX_ALIAS_VALUES = 100_000
+MAX_ALIAS_TEXT = 10_000_000
+MAX_DEPTH = 64
+_LEADING = re.compile(rf"^[ \t?:-]{{{MAX_DEPTH // 4}}}", re.MULTILINE)
+_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 @dataclass(frozen=True)
@@ -39,12 +50,17 @@ class Span(NamedTuple):  # a NamedTuple: files have tens of thousands, built fas
 
 
 class YamlError(Exception):
-    """The file is not valid YAML."""
+    """The file is not valid YAML (``rule`` yaml-syntax), or goes past the loader's limits
+    (yaml-alias, yaml-nesting)."""
 
-    def __init__(self, message: str, offset: int) -> None:
+    def __init__(self, message: str, offset: int, rule: str = "yaml-syntax",
+                 end: int | None = None, help: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.offset = offset
+        self.rule = rule
+        self.end = end
+        self.help = help
 
 
 @dataclass
@@ -115,6 +131,8 @@ class SourceFile:
 def load_yaml(source: SourceFile) -> Any:
     """Parse ``source.text`` into Python values, filling ``source.values`` and
     ``source.keys``. Raises :class:`YamlError` with the offset of the problem."""
+    if _may_exceed_limits(source.text):
+        _check_limits(source.text)
     loader = _Loader(source.text)
     try:
         node = loader.get_single_node()
@@ -136,6 +154,92 @@ def load_yaml(source: SourceFile) -> Any:
     return builder.build(node, ())
 
 
+def _may_exceed_limits(text: str) -> bool:
+    """Whether :func:`_check_limits` must look (cheap tests): aliases need `&` and `*`; a
+    nesting MAX_DEPTH deep needs flow brackets nested MAX_DEPTH / 4 deep, or a line indented
+    (spaces, `- `, `? `) MAX_DEPTH / 4 deep: each column of indentation holds at most two
+    block levels."""
+    if "&" in text and "*" in text:
+        return True
+    if _LEADING.search(text):
+        return True
+    if text.count("[") + text.count("{") < MAX_DEPTH // 4:
+        return False
+    depth = top = 0
+    for m in _BRACKETS.finditer(text):  # an over-estimate: brackets in strings count too
+        depth = depth + 1 if m.group() in "[{" else max(0, depth - 1)
+        top = max(top, depth)
+    return top >= MAX_DEPTH // 4
+
+
+def _check_limits(text: str) -> None:
+    """Walk the file's YAML events, sizing what every anchor's aliases will repeat, before
+    anything is built. Raises :class:`YamlError` (yaml-alias, yaml-nesting) at the alias or
+    collection that goes past a limit, or at a recursive alias; leaves syntax errors to the
+    loader (it reports them the same way)."""
+    parser = _Loader(text)
+    sizes: dict[str, tuple[int, int]] = {}  # anchor -> (values, text) it stands for
+    open_anchors: set[str] = set()  # anchors of collections not yet closed
+    stack: list[list[Any]] = [[0, 0, None]]  # per open collection: values, text, anchor
+    added_values = added_text = 0
+    try:
+        while True:
+            try:
+                event = parser.get_event()
+            except yaml.YAMLError:
+                return  # the loader reports it, with its position
+            if event is None or isinstance(event, yaml.StreamEndEvent):
+                return
+            if isinstance(event, yaml.DocumentStartEvent):
+                sizes.clear()
+            elif isinstance(event, yaml.ScalarEvent):
+                top = stack[-1]
+                top[0] += 1
+                top[1] += len(event.value)
+                if event.anchor is not None:
+                    sizes[event.anchor] = (1, len(event.value))
+            elif isinstance(event, yaml.CollectionStartEvent):
+                if len(stack) > MAX_DEPTH:
+                    raise YamlError(
+                        f"collections nest more than {MAX_DEPTH} deep", event.start_mark.index,
+                        "yaml-nesting", event.start_mark.index + 1,
+                        "a pipeline needs a few levels; flatten the structure")
+                stack.append([0, 0, event.anchor])
+                if event.anchor is not None:
+                    open_anchors.add(event.anchor)
+            elif isinstance(event, yaml.CollectionEndEvent):
+                values, chars, anchor = stack.pop()
+                stack[-1][0] += values + 1
+                stack[-1][1] += chars
+                if anchor is not None:
+                    sizes[anchor] = (values + 1, chars)
+                    open_anchors.discard(anchor)
+            elif isinstance(event, yaml.AliasEvent):
+                name, at = event.anchor, event.start_mark.index
+                end = event.end_mark.index if event.end_mark else at + 1
+                if name in open_anchors:
+                    raise YamlError(
+                        f"recursive alias: *{name} is inside the value &{name} names", at,
+                        "yaml-alias", end, "an alias can only repeat a value that is complete")
+                if name not in sizes:
+                    continue  # undefined: the loader reports it
+                values, chars = sizes[name]
+                added_values += values
+                added_text += chars
+                stack[-1][0] += values
+                stack[-1][1] += chars
+                if added_values > MAX_ALIAS_VALUES or added_text > MAX_ALIAS_TEXT:
+                    what = (f"{MAX_ALIAS_VALUES} values" if added_values > MAX_ALIAS_VALUES
+                            else f"{MAX_ALIAS_TEXT} characters")
+                    raise YamlError(
+                        f"aliases expand past the limit of {what}: *{name} repeats "
+                        f"{values} values ({added_values} repeated by aliases so far)", at,
+                        "yaml-alias", end,
+                        "write the repeated values out, or repeat them fewer times")
+    finally:
+        parser.dispose()
+
+
 class _Builder:
     def __init__(self, loader: Any, source: SourceFile) -> None:
         self.loader = loader
@@ -151,12 +255,9 @@ class _Builder:
         if cls is yaml.MappingNode:
             out: dict[Any, Any] = {}
             if any(k.tag == _MERGE_TAG for k, _ in node.value):
-                self.loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
+                return self._merged(node, path, out)
             for key_node, value_node in node.value:
-                key = key_node.value if key_node.tag == _STR_TAG else \
-                    self.loader.construct_object(key_node, deep=True)
-                if not isinstance(key, str | int | float | bool) or key is None:
-                    key = str(key)
+                key = self._key(key_node)
                 if key in out:  # YAML says keys are unique; PyYAML would keep the last silently
                     self.source.duplicate_keys.append((str(key), key_node.start_mark.index))
                     continue
@@ -168,8 +269,57 @@ class _Builder:
             return [self.build(item, (*path, i)) for i, item in enumerate(node.value)]
         if node.tag == _STR_TAG:
             return node.value  # the common case, without the constructor's bookkeeping
+        return self._construct(node)
+
+    def _construct(self, node: yaml.Node) -> Any:
         try:
             return self.loader.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark or node.start_mark
             raise YamlError(f"YAML error: {exc.problem}", mark.index) from None
+
+    def _key(self, key_node: yaml.Node) -> Any:
+        key = key_node.value if key_node.tag == _STR_TAG else self._construct(key_node)
+        if not isinstance(key, str | int | float | bool) or key is None:
+            key = str(key)
+        return key
+
+    def _merged(self, node: yaml.MappingNode, path: Path, out: dict[Any, Any]) -> Any:
+        """A mapping with merge keys (`<<: *defaults`, `<<: [*a, *b]`): its own keys
+        override merged ones (only a repeat among its own keys is a duplicate), an earlier
+        mapping in a merge list overrides a later one, as PyYAML does."""
+        pairs, merged = self._pairs(node)
+        chosen: dict[Any, tuple[int, yaml.Node, yaml.Node]] = {}
+        for i, (key_node, value_node) in enumerate(pairs):
+            key = self._key(key_node)
+            if i >= merged and key in chosen and chosen[key][0] >= merged:
+                self.source.duplicate_keys.append((str(key), key_node.start_mark.index))
+                continue
+            chosen[key] = (i, key_node, value_node)
+        for key, (_, key_node, value_node) in chosen.items():
+            child = (*path, key)
+            self.source.keys[child] = Span(key_node.start_mark.index, key_node.end_mark.index)
+            out[key] = self.build(value_node, child)
+        return out
+
+    def _pairs(self, node: yaml.MappingNode) -> tuple[list[tuple[yaml.Node, yaml.Node]], int]:
+        """The mapping's pairs with merge keys resolved: merged pairs first (later ones win),
+        then its own; and how many were merged. Unlike PyYAML's ``flatten_mapping`` the
+        nodes are left as they are (an anchored mapping may be reached again)."""
+        merged: list[tuple[yaml.Node, yaml.Node]] = []
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag != _MERGE_TAG:
+                own.append((key_node, value_node))
+                continue
+            subs = value_node.value if isinstance(value_node, yaml.SequenceNode) else [
+                value_node]
+            flat = []
+            for sub in subs:
+                if not isinstance(sub, yaml.MappingNode):
+                    raise YamlError("YAML error: a merge key (<<) takes a mapping or a list of "
+                                    "mappings", sub.start_mark.index)
+                flat.append(self._pairs(sub)[0])
+            for pairs in reversed(flat):  # the first mapping listed wins: it comes last
+                merged.extend(pairs)
+        return merged + own, len(merged)
