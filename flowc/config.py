@@ -124,6 +124,40 @@ class Route(_Strict):
                                      description="Skip targets slower than this (p50).")
 
 
+class ServerConfig(_Strict):
+    """What `flowc serve` answers, and to whom (see docs/gateway.md, "Who can call it")."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (or host:port) served besides localhost, loopback and IP "
+                    "addresses; '*' for any (behind a proxy that checks Host itself).")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port]) allowed to call the API "
+                    "besides the server's own; they get CORS headers.")
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0,
+                                description="Largest request body, in bytes (413 above).")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            if not h or "/" in h or any(c.isspace() for c in h):
+                raise ValueError(f"allowed_hosts: '{h}' is not a host name (write "
+                                 "example.com or example.com:8080)")
+        return [h.lower() for h in hosts]
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for o in origins:
+            scheme, sep, rest = o.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(f"allowed_origins: '{o}' is not an origin (write "
+                                 "http://host:port, no path; '*' is not allowed)")
+        return [o.lower() for o in origins]
+
+
 class ProjectConfig(_Strict):
     models: dict[str, str] = Field(
         default_factory=dict, description="Aliases: name -> provider/model.")
@@ -138,6 +172,7 @@ class ProjectConfig(_Strict):
     prices: dict[str, PriceOverride] = Field(
         default_factory=dict, description="provider/model -> price per 1M tokens.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
 
     @model_validator(mode="after")
     def _providers_have_urls(self) -> ProjectConfig:

@@ -44,22 +44,55 @@ _config_option = click.option(
               help="Folder of pipelines to serve (default: ./pipelines).")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST",
+              help="Also answer requests for this Host name (or host:port); repeatable. "
+                   "Adds to server.allowed_hosts in flowc.yaml.")
+@click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
+              help="Also accept browser requests from this origin (http://host:port), with "
+                   "CORS headers; repeatable. Adds to server.allowed_origins.")
 def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
-          log_level: str) -> None:
+          log_level: str, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...]
+          ) -> None:
     """Serve the gateway (OpenAI-compatible) and the runtime over HTTP."""
     import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
+    from flowc.config import ServerConfig
     from runtime.server import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     cfg, project_dir = load_project(config)
+    try:  # the same checks as flowc.yaml's
+        ServerConfig(allowed_hosts=list(allow_hosts), allowed_origins=list(allow_origins))
+    except ValidationError as exc:
+        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+        raise click.BadParameter(msg) from None
+    if not _is_loopback(host):
+        click.secho(
+            f"WARNING: flowc is listening on {host}:{port}, which other machines can reach, "
+            "and it has no authentication: anyone who can connect can spend your provider "
+            "API credits, read and query the cost ledger, and register and run pipelines. "
+            "Serve on 127.0.0.1 (the default), or put an authenticating proxy in front.",
+            err=True, fg="red", bold=True)
     url = f"http://{host}:{port}"
     app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
-                     public_url=url)
+                     public_url=url, bind_host=host, allow_hosts=allow_hosts,
+                     allow_origins=allow_origins)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to any interface
 
 
 def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ import gc
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
 from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.calls import ModelCaller
-from runtime.gateway.hotpath import HotPaths
+from runtime.gateway.hotpath import Guard, HotPaths
 from runtime.gateway.openai_api import chat_completions, error_response, models_list
 from runtime.gateway.routing import Router
 from runtime.inputs import InputError
@@ -85,8 +85,11 @@ class Runtime:
 
 
 def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | None = None,
-               env: Mapping[str, str] | None = None, public_url: str | None = None
-               ) -> HotPaths:
+               env: Mapping[str, str] | None = None, public_url: str | None = None,
+               bind_host: str | None = None, allow_hosts: Sequence[str] = (),
+               allow_origins: Sequence[str] = ()) -> HotPaths:
+    """``bind_host`` and ``allow_hosts``/``allow_origins`` (from the command line) add to
+    what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py)."""
     state: dict[str, Runtime] = {}
 
     @contextlib.asynccontextmanager
@@ -258,24 +261,44 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                                      default=str), media_type="application/json")
 
     # -- MCP -------------------------------------------------------------------------------
+    # Listing never starts a server (any web page can make a browser send a GET): it shows
+    # what is known, from running sessions, flowc.yaml and the discovery cache. Starting
+    # the servers to ask them is an explicit POST.
+    def known_servers() -> dict[str, dict[str, Any]]:
+        catalog = ToolCatalog.load(config, project_dir / TOOL_CACHE)
+        return rt().mcp.known(catalog)
+
+    def servers_body(known: dict[str, dict[str, Any]]) -> Response:
+        return Response(orjson.dumps({"servers": [
+            {"name": n, **{k: v for k, v in s.items() if k != "tools"},
+             "tools": None if s["tools"] is None else len(s["tools"])}
+            for n, s in sorted(known.items())]}, default=str), media_type="application/json")
+
     @app.get("/v1/mcp/servers")
     async def _mcp_servers() -> Response:
-        found = await rt().mcp.discover()
-        return Response(orjson.dumps({"servers": [
-            {"name": n, "ok": v["ok"], "error": v.get("error"), "tools": len(v["tools"])}
-            for n, v in sorted(found.items())]}), media_type="application/json")
+        return servers_body(known_servers())
 
     @app.get("/v1/mcp/tools")
     async def _mcp_tools() -> Response:
-        found = await rt().mcp.discover()
         return Response(orjson.dumps({"tools": [
-            {"server": n, **t} for n, v in sorted(found.items()) for t in v["tools"]]},
-            default=str), media_type="application/json")
+            {"server": n, **t} for n, s in sorted(known_servers().items())
+            for t in s["tools"] or ()]}, default=str), media_type="application/json")
+
+    @app.post("/v1/mcp/refresh")
+    async def _mcp_refresh() -> Response:
+        found = await rt().mcp.discover()
+        await asyncio.to_thread(rt().mcp.write_cache, found)
+        return servers_body(known_servers())
 
     app.state.runtime = state
-    # POST /v1/chat/completions and /v1/messages bypass FastAPI (see runtime/gateway/hotpath.py)
+    # Every request passes the guard; POST /v1/chat/completions and /v1/messages then
+    # bypass FastAPI (see runtime/gateway/hotpath.py).
+    guard = Guard(bind_host=bind_host,
+                  allowed_hosts=[*config.server.allowed_hosts, *allow_hosts],
+                  allowed_origins=[*config.server.allowed_origins, *allow_origins],
+                  max_body=config.server.max_body_bytes)
     return HotPaths(app, lambda: rt().caller, {"/v1/chat/completions": chat_completions,
-                                               "/v1/messages": anthropic_messages})
+                                               "/v1/messages": anthropic_messages}, guard)
 
 
 async def _reachable(url: str, timeout: float = 1.0) -> bool:

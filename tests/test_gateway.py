@@ -361,7 +361,8 @@ def test_unknown_model_is_a_404_listing_what_is_available(gw):
 
 
 def test_bad_requests_get_openai_error_objects(gw):
-    r = httpx.post(gw.url + "/v1/chat/completions", content=b"{nope", timeout=5)
+    r = httpx.post(gw.url + "/v1/chat/completions", content=b"{nope", timeout=5,
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "fast"}, timeout=5)
     assert r.json()["error"]["param"] == "messages"

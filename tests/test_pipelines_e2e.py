@@ -202,9 +202,12 @@ def test_cli_run_records_into_the_ledger_the_server_holds(served):
 
 def test_mcp_discovery_over_http(served):
     url, *_ = served
+    # Listing starts nothing (tests/test_hostile_http.py); a refresh asks each server.
+    r = httpx.post(url + "/v1/mcp/refresh", json={}, timeout=60)
+    assert r.status_code == 200, r.text
     servers = httpx.get(url + "/v1/mcp/servers", timeout=60).json()["servers"]
-    assert servers == [{"name": "brave-search", "ok": True, "error": None, "tools": 1},
-                       {"name": "time", "ok": True, "error": None, "tools": 2}]
+    assert [(s["name"], s["ok"], s["error"], s["tools"]) for s in servers] == [
+        ("brave-search", True, None, 1), ("time", True, None, 2)]
     tools = httpx.get(url + "/v1/mcp/tools", timeout=60).json()["tools"]
     assert {(t["server"], t["name"]) for t in tools} == {
         ("brave-search", "web_search"), ("time", "get_current_time"), ("time", "convert_time")}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowc.config import TOOL_CACHE, MCPServerConfig
+from flowc.config import TOOL_CACHE, MCPServerConfig, ToolCatalog
 from runtime.executor import StepFailed, ToolResult
 from runtime.mcp.tools import function_tool
 
@@ -190,6 +190,7 @@ class MCPManager:
         self.project_dir = project_dir
         log_dir = project_dir / ".flowc" / "logs"
         self.sessions = {n: ServerSession(n, c, log_dir) for n, c in servers.items()}
+        self.checked: dict[str, dict[str, Any]] = {}  # the last discovery's outcome
 
     def _session(self, server: str) -> ServerSession:
         s = self.sessions.get(server)
@@ -233,7 +234,32 @@ class MCPManager:
                                     for t in tools.values()]}
 
         pairs = await asyncio.gather(*(one(n, s) for n, s in self.sessions.items()))
+        self.checked = {n: {"ok": v["ok"], "error": v.get("error")} for n, v in pairs}
         return dict(pairs)
+
+    def known(self, catalog: ToolCatalog) -> dict[str, dict[str, Any]]:
+        """What is known of each server without starting one: whether it is running, its
+        tools (from its session, else flowc.yaml or the discovery cache; None when unknown)
+        and the last discovery's outcome (`ok` None when none has run here)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, s in self.sessions.items():
+            tools: list[dict[str, Any]] | None = None
+            source = None
+            if s.tools is not None:
+                source = "session"
+                tools = [{"name": t.name, "description": t.description,
+                          "inputSchema": t.input_schema, "outputSchema": t.output_schema}
+                         for t in s.tools.values()]
+            elif (cached := catalog.tools_of(name)) is not None:
+                source = "flowc.yaml" if s.config.tools is not None else "cache"
+                tools = [{"name": n, "description": t.description,
+                          "inputSchema": t.input_schema, "outputSchema": t.output_schema}
+                         for n, t in cached.items()]
+            checked = self.checked.get(name, {})
+            out[name] = {"transport": "http" if s.config.url is not None else "stdio",
+                         "running": s.alive, "ok": checked.get("ok"),
+                         "error": checked.get("error"), "tools_from": source, "tools": tools}
+        return out
 
     def write_cache(self, found: dict[str, dict[str, Any]]) -> Path:
         path = self.project_dir / TOOL_CACHE
