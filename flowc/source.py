@@ -31,8 +31,8 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 MAX_ALIAS_VALUES = 100_000
 MAX_ALIAS_TEXT = 10_000_000
 MAX_DEPTH = 64
-_LEADING = re.compile(rf"^[ \t?:-]{{{MAX_DEPTH // 4}}}", re.MULTILINE)
-_BRACKETS = re.compile(r"[\[\]{}]")
+_COMPOSER_SAFE_DEPTH = 20_000  # libyaml's composer recurses in C: 40,000 levels were fine
+_LEADING = re.compile(rf"^[ \t?:-]{{{_COMPOSER_SAFE_DEPTH // 2}}}", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -155,21 +155,13 @@ def load_yaml(source: SourceFile) -> Any:
 
 
 def _may_exceed_limits(text: str) -> bool:
-    """Whether :func:`_check_limits` must look (cheap tests): aliases need `&` and `*`; a
-    nesting MAX_DEPTH deep needs flow brackets nested MAX_DEPTH / 4 deep, or a line indented
-    (spaces, `- `, `? `) MAX_DEPTH / 4 deep: each column of indentation holds at most two
-    block levels."""
-    if "&" in text and "*" in text:
-        return True
-    if _LEADING.search(text):
-        return True
-    if text.count("[") + text.count("{") < MAX_DEPTH // 4:
-        return False
-    depth = top = 0
-    for m in _BRACKETS.finditer(text):  # an over-estimate: brackets in strings count too
-        depth = depth + 1 if m.group() in "[{" else max(0, depth - 1)
-        top = max(top, depth)
-    return top >= MAX_DEPTH // 4
+    """Whether :func:`_check_limits` must look before the file is composed: aliases need
+    `&` and `*`; a nesting deep enough to overflow the YAML library's composer (tens of
+    thousands of levels) needs that many flow brackets, or a line indented (spaces, `- `,
+    `? `) half that deep. Shallower nesting past MAX_DEPTH is reported by the builder."""
+    return ("&" in text and "*" in text) or \
+        text.count("[") + text.count("{") >= _COMPOSER_SAFE_DEPTH or \
+        _LEADING.search(text) is not None
 
 
 def _check_limits(text: str) -> None:
@@ -202,8 +194,7 @@ def _check_limits(text: str) -> None:
                 if len(stack) > MAX_DEPTH:
                     raise YamlError(
                         f"collections nest more than {MAX_DEPTH} deep", event.start_mark.index,
-                        "yaml-nesting", event.start_mark.index + 1,
-                        "a pipeline needs a few levels; flatten the structure")
+                        "yaml-nesting", event.start_mark.index + 1, _NESTING_HELP)
                 stack.append([0, 0, event.anchor])
                 if event.anchor is not None:
                     open_anchors.add(event.anchor)
@@ -240,6 +231,9 @@ def _check_limits(text: str) -> None:
         parser.dispose()
 
 
+_NESTING_HELP = "a pipeline needs a few levels; flatten the structure"
+
+
 class _Builder:
     def __init__(self, loader: Any, source: SourceFile) -> None:
         self.loader = loader
@@ -251,6 +245,10 @@ class _Builder:
         if cls is yaml.ScalarNode:
             values[path] = Span(node.start_mark.index, node.end_mark.index, node.style)
         else:
+            if len(path) >= MAX_DEPTH:  # this collection is the one past MAX_DEPTH
+                at = node.start_mark.index
+                raise YamlError(f"collections nest more than {MAX_DEPTH} deep", at,
+                                "yaml-nesting", at + 1, _NESTING_HELP)
             values[path] = Span(node.start_mark.index, node.end_mark.index)
         if cls is yaml.MappingNode:
             out: dict[Any, Any] = {}
