@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from flowc.expr import MISSING, EvalError, Missing, evaluate, resolve_ref, single_reference
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep
-from flowc.template import Template, render
+from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
@@ -218,7 +218,7 @@ class _Run:
                     r.status = "cancelled"
         else:
             error = self._all_failed()
-        output = None if error else self._output()
+        output = None if error else await self._output()
         return RunResult(self.run_id, self.c.name, "failed" if error else "succeeded", output,
                          self.results, (time.perf_counter() - t0) * 1000,
                          inputs_hash(self.inputs), self.ex.dry_run, error, started)
@@ -233,7 +233,7 @@ class _Run:
         return {"step": ran[0].id, "type": "StepFailed",
                 "message": f"every step that ran failed; first '{ran[0].id}': {ran[0].error}"}
 
-    def _output(self) -> Any:
+    async def _output(self) -> Any:
         spec = self.c.output
         if spec is None:  # every step's result that no other step read
             return {self.c.node(s).step.output_name: self.values.get(
@@ -241,14 +241,22 @@ class _Run:
                 if self.c.graph.out_degree(s) == 0
                 and self.values.get(self.c.node(s).step.output_name, MISSING) is not MISSING}
         if isinstance(spec, dict):
-            return {k: self._value_of(t) for k, t in spec.items()}
-        return self._value_of(spec)
+            return {k: await self._value_of(t, "output template") for k, t in spec.items()}
+        return await self._value_of(spec, "output template")
 
-    def _value_of(self, template: Template) -> Any:
+    async def _value_of(self, template: Template, what: str) -> Any:
         ref = single_reference(template.text)
         if ref is not None:
             return resolve_ref(ref, self.scope)
-        return render(template, self.scope, self.jinja_names())
+        return await self._render(template, self.jinja_names(), what)
+
+    async def _render(self, template: Template, names: dict[str, Any], what: str) -> str:
+        """Render off the event loop (Jinja code runs in a worker thread, bounded; a step's
+        `timeout:` cancels it); a template past its limits fails the step."""
+        try:
+            return await render_async(template, self.scope, names)
+        except TemplateLimitError as exc:
+            raise StepFailed(f"{what} {exc}") from None
 
     # -- one step --------------------------------------------------------------------------
     async def _step(self, sid: str) -> None:
@@ -341,7 +349,7 @@ class _Run:
         assert isinstance(step, MCPToolStep)
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")
-        args = self._params(node.params)
+        args = await self._params(node.params, f"params template of step '{step.id}'")
         res = await self._call_tool(r, step.server, step.tool, args, step.timeout)
         if res.is_error:
             raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
@@ -351,25 +359,25 @@ class _Run:
             return res.structured[WRAPPED_RESULT]  # a plain value, as the compiler typed it
         return res.structured
 
-    def _params(self, value: Any) -> Any:
+    async def _params(self, value: Any, what: str) -> Any:
         """Tool params with references filled in (a lone reference keeps its type); the
         compiler parsed them (`StepNode.params`)."""
         if isinstance(value, Template):
-            return self._value_of(value)
+            return await self._value_of(value, what)
         if isinstance(value, dict):
-            return {k: self._params(v) for k, v in value.items()}
+            return {k: await self._params(v, what) for k, v in value.items()}
         if isinstance(value, list):
-            return [self._params(v) for v in value]
+            return [await self._params(v, what) for v in value]
         return value
 
     async def _llm(self, node: StepNode, step: LLMStep, r: StepResult) -> Any:
         names = self.jinja_names()
         messages: list[dict[str, Any]] = []
         if step.system is not None:
-            messages.append({"role": "system",
-                             "content": render(node.templates["system"], self.scope, names)})
-        messages.append({"role": "user",
-                         "content": render(node.templates["prompt"], self.scope, names)})
+            messages.append({"role": "system", "content": await self._render(
+                node.templates["system"], names, f"system template of step '{step.id}'")})
+        messages.append({"role": "user", "content": await self._render(
+            node.templates["prompt"], names, f"prompt template of step '{step.id}'")})
         req: dict[str, Any] = {"model": step.model, "messages": messages}
         if step.temperature is not None:
             req["temperature"] = step.temperature
