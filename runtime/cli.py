@@ -96,10 +96,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
-    """Query the ledger directly, or through the server that holds it."""
+    """Query the ledger directly, or through the server that holds it. The callable takes
+    (sql, params=(), timeout=-1): user SQL stops after FLOWC_SQL_TIMEOUT seconds (through a
+    server, after the server's), flowc's own reports pass timeout=None."""
     import duckdb
 
-    from runtime.ledger.store import connect, is_locked_error, run_select
+    from runtime.ledger.store import connect, default_sql_timeout, is_locked_error, run_select
     from runtime.server import SERVER_FILE
 
     path = project_dir / cfg.ledger.path
@@ -109,10 +111,20 @@ def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
         if not is_locked_error(exc):
             if not path.exists():
                 con = connect(path)  # an empty ledger: create it so queries work
-                return lambda sql, params=(): run_select(con, sql, params)
-            raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
-        return _remote_select(project_dir / SERVER_FILE, path)
-    return lambda sql, params=(): run_select(con, sql, params)
+            else:
+                raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
+        else:
+            return _remote_select(project_dir / SERVER_FILE, path)
+    except duckdb.Error as exc:
+        raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
+    limit = default_sql_timeout()
+
+    def select(sql: str, params: Any = (), timeout: float | None = -1.0
+               ) -> tuple[list[str], list[Any]]:
+        return run_select(con, sql, params, limit if timeout is not None and timeout < 0
+                          else timeout)
+
+    return select
 
 
 def _remote_select(server_file: Path, path: Path) -> Callable[..., Any]:
@@ -120,24 +132,56 @@ def _remote_select(server_file: Path, path: Path) -> Callable[..., Any]:
 
     try:
         url = json.loads(server_file.read_text())["url"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         raise click.ClickException(
             f"the ledger {path} is held by another process, and no flowc server in this "
             "project answers for it") from None
 
-    def select(sql: str, params: Any = ()) -> tuple[list[str], list[Any]]:
+    def select(sql: str, params: Any = (), timeout: float | None = -1.0
+               ) -> tuple[list[str], list[Any]]:
         try:
             r = httpx.post(f"{url}/v1/costs/sql", json={"sql": sql, "params": list(params)},
-                           timeout=60)
+                           timeout=None if timeout is None else 600)
+            body = r.json()
         except httpx.HTTPError as exc:
             raise click.ClickException(f"the flowc server at {url} did not answer: {exc}"
                                        ) from None
-        body = r.json()
+        except ValueError:
+            raise click.ClickException(f"the flowc server at {url} answered {r.status_code} "
+                                       "with a body that is not JSON") from None
         if r.status_code != 200:
-            raise click.ClickException(body["error"]["message"])
+            try:
+                message = body["error"]["message"]
+            except (KeyError, TypeError):
+                message = f"HTTP {r.status_code}"
+            raise click.ClickException(message)
         return body["columns"], [tuple(row) for row in body["rows"]]
 
     return select
+
+
+def _report_select(select: Callable[..., Any]) -> Callable[..., Any]:
+    """flowc's own reports run without the user-SQL time limit."""
+    return lambda sql, params=(): select(sql, params, timeout=None)
+
+
+def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(columns)
+    writer.writerows(rows)
+    text = buf.getvalue()
+    if str(csv_file) == "-":
+        click.echo(text, nl=False)
+        return
+    try:
+        csv_file.write_text(text)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {csv_file}: {exc.strerror}") from None
+    click.echo(f"wrote {len(rows)} rows to {csv_file}", err=True)
 
 
 @cli.command()
@@ -145,38 +189,39 @@ def _remote_select(server_file: Path, path: Path) -> Callable[..., Any]:
 @click.option("--until", help="Up to this date (inclusive) or ISO time.")
 @click.option("--by", type=click.Choice(["day", "model", "workflow", "provider"]),
               default="day", show_default=True)
-@click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table.")
+@click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
+              "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5).")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Export every call in the range to a CSV file ('-' for stdout).")
+              help="Export every call in the range (or the --sql query's result) to a CSV "
+                   "file ('-' for stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
 def costs(since: str | None, until: str | None, by: str, query: str | None,
           csv_file: Path | None, as_json: bool, config: Path | None) -> None:
     """Spend by day, model or workflow; any read-only SQL; CSV export."""
     from runtime.ledger import reports
-    from runtime.ledger.store import SQLRefused
+    from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
     cfg, project_dir = load_project(config)
     select = _ledger_select(cfg, project_dir)
+    report = _report_select(select)
     try:
         if query:
             columns, rows = select(query)
-            if as_json:
+            if csv_file:
+                _write_csv(csv_file, columns, rows)
+            elif as_json:
                 click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows],
                                       default=str, indent=2))
             else:
                 click.echo(reports.table(columns, rows))
             return
         if csv_file:
-            text = reports.export_csv(select, since, until)
-            if str(csv_file) == "-":
-                click.echo(text, nl=False)
-            else:
-                csv_file.write_text(text)
-                click.echo(f"wrote {text.count(chr(10)) - 1} rows to {csv_file}", err=True)
+            columns, rows = reports.export_rows(report, since, until)
+            _write_csv(csv_file, columns, rows)
             return
-        data = reports.summary(select, since, until, by)
-    except (SQLRefused, ValueError) as exc:
+        data = reports.summary(report, since, until, by)
+    except (SQLRefused, QueryTimeout, LedgerUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # DuckDB's message names the problem in the user's SQL
         if type(exc).__module__.startswith(("duckdb", "_duckdb")):

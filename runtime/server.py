@@ -30,7 +30,7 @@ from runtime.gateway.openai_api import chat_completions, error_response, models_
 from runtime.gateway.routing import Router
 from runtime.inputs import InputError
 from runtime.ledger import reports
-from runtime.ledger.store import Ledger, SQLRefused
+from runtime.ledger.store import Ledger, LedgerUnavailable, QueryTimeout, SQLRefused
 from runtime.mcp.manager import MCPManager
 from runtime.providers import FlowcError, Providers, RequestError
 from runtime.workflows import Registry
@@ -141,8 +141,13 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
             _reachable(ep.base_url) for ep in rt().providers.endpoints.values()))
         providers = dict(zip(rt().providers.endpoints, checks, strict=True))
         ok = any(providers.values())
-        return JSONResponse({"status": "ready" if ok else "unavailable",
-                             "providers": providers}, status_code=200 if ok else 503)
+        # Degraded: another process holds the ledger file (an orphan of a killed server);
+        # calls are served and their rows wait in the inbox until this server takes the
+        # file over, but /v1/costs/* cannot answer.
+        ledger = rt().ledger.status()
+        status = "unavailable" if not ok else "ready" if ledger["owner"] else "degraded"
+        return JSONResponse({"status": status, "providers": providers, "ledger": ledger},
+                            status_code=200 if ok else 503)
 
     @app.exception_handler(FlowcError)
     async def _flowc_error(request: Request, exc: FlowcError) -> Response:
@@ -151,9 +156,11 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     async def report(make: Callable[..., Any], *args: Any) -> Any:
         """A ledger report, off the event loop; a bad filter is the caller's 400."""
         try:
-            return await asyncio.to_thread(make, rt().ledger.select, *args)
+            return await asyncio.to_thread(make, rt().ledger.report, *args)
         except ValueError as exc:
             raise RequestError(str(exc)) from None
+        except LedgerUnavailable as exc:
+            raise _ledger_unavailable(exc) from None
 
     @app.get("/v1/costs/summary")
     async def _summary(since: str | None = None, until: str | None = None,
@@ -184,6 +191,10 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                                                     list(body.get("params") or []))
         except SQLRefused as exc:
             return error_response(RequestError(str(exc), code="sql_refused"))
+        except QueryTimeout as exc:
+            return error_response(RequestError(str(exc), code="sql_timeout"))
+        except LedgerUnavailable as exc:
+            return error_response(_ledger_unavailable(exc))
         except Exception as exc:  # a user's SQL error is a 400 with DuckDB's message
             return error_response(RequestError(f"query failed: {exc}", code="sql_error"))
         return Response(orjson.dumps({"columns": columns, "rows": rows}, default=str),
@@ -299,6 +310,12 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                   max_body=config.server.max_body_bytes)
     return HotPaths(app, lambda: rt().caller, {"/v1/chat/completions": chat_completions,
                                                "/v1/messages": anthropic_messages}, guard)
+
+
+def _ledger_unavailable(exc: LedgerUnavailable) -> FlowcError:
+    err = FlowcError(str(exc))
+    err.status, err.code = 503, "ledger_unavailable"
+    return err
 
 
 async def _reachable(url: str, timeout: float = 1.0) -> bool:

@@ -82,10 +82,16 @@ def summary(select: Select, since: str | None = None, until: str | None = None,
     return {"by": by, "rows": out_rows, "totals": totals}
 
 
-def export_csv(select: Select, since: str | None = None, until: str | None = None) -> str:
+def export_rows(select: Select, since: str | None = None, until: str | None = None
+                ) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Every call in the range, every column, oldest first."""
     where, params = _where(since, until)
-    columns, rows = select(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests {where} "
-                           "ORDER BY ts", params)
+    return select(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests {where} ORDER BY ts",
+                  params)
+
+
+def export_csv(select: Select, since: str | None = None, until: str | None = None) -> str:
+    columns, rows = export_rows(select, since, until)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
