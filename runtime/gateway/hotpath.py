@@ -155,6 +155,8 @@ async def _send_error(send: Any, path: str, status: int, code: str, message: str
 def _type_refusal(method: str, path: str, ctype: bytes | None, clen: bytes | None,
                   chunked: bool) -> str | None:
     """Why the body's Content-Type is not accepted, or None when it is."""
+    if ctype == b"application/json":
+        return None
     yaml_ok = method == "PUT" and path.startswith("/v1/workflows/")
     wanted = ("JSON (Content-Type: application/json) or YAML (application/yaml)" if yaml_ok
               else "JSON with 'Content-Type: application/json'")
