@@ -275,6 +275,12 @@ class _Builder:
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark or node.start_mark
             raise YamlError(f"YAML error: {exc.problem}", mark.index) from None
+        except (ValueError, TypeError, IndexError, OverflowError) as exc:
+            # PyYAML's constructors raise plain Python errors for a tagged value they cannot
+            # read (`!!int h`, an empty `!!int`): the file's mistake, not a crash.
+            tag = node.tag.rsplit(":", 1)[-1]
+            raise YamlError(f"YAML error: {node.value!r} is not a valid !!{tag} value",
+                            node.start_mark.index) from None
 
     def _key(self, key_node: yaml.Node) -> Any:
         key = key_node.value if key_node.tag == _STR_TAG else self._construct(key_node)

@@ -559,10 +559,14 @@ def jinja_names(template: Template) -> set[str]:
     ``jinja2.TemplateSyntaxError``."""
     if template.jinja_source is None:
         return set()
-    from jinja2 import meta
+    from jinja2 import TemplateSyntaxError, meta
 
-    ast = jinja_env().parse(template.jinja_source)
-    return {n for n in meta.find_undeclared_variables(ast) if not n.startswith("__flowc_ref_")}
+    try:  # Jinja's parser recurses once per nesting level (1,000 parentheses overflow it)
+        ast = jinja_env().parse(template.jinja_source)
+        names = meta.find_undeclared_variables(ast)
+    except RecursionError:
+        raise TemplateSyntaxError("the template nests too deeply", 1) from None
+    return {n for n in names if not n.startswith("__flowc_ref_")}
 
 
 def to_text(value: Any) -> str:
