@@ -275,7 +275,7 @@ class _Builder:
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark or node.start_mark
             raise YamlError(f"YAML error: {exc.problem}", mark.index) from None
-        except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        except (ValueError, TypeError, IndexError, OverflowError):
             # PyYAML's constructors raise plain Python errors for a tagged value they cannot
             # read (`!!int h`, an empty `!!int`): the file's mistake, not a crash.
             tag = node.tag.rsplit(":", 1)[-1]
