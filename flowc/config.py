@@ -143,7 +143,7 @@ class ServerConfig(_Strict):
     def _hosts(cls, hosts: list[str]) -> list[str]:
         for h in hosts:
             if not h or "/" in h or any(c.isspace() for c in h):
-                raise ValueError(f"allowed_hosts: '{h}' is not a host name (write "
+                raise ValueError(f"'{h}' is not a host name (write "
                                  "example.com or example.com:8080)")
         return [h.lower() for h in hosts]
 
@@ -153,7 +153,7 @@ class ServerConfig(_Strict):
         for o in origins:
             scheme, sep, rest = o.partition("://")
             if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
-                raise ValueError(f"allowed_origins: '{o}' is not an origin (write "
+                raise ValueError(f"'{o}' is not an origin (write "
                                  "http://host:port, no path; '*' is not allowed)")
         return [o.lower() for o in origins]
 

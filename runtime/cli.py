@@ -67,8 +67,10 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
     try:  # the same checks as flowc.yaml's
         ServerConfig(allowed_hosts=list(allow_hosts), allowed_origins=list(allow_origins))
     except ValidationError as exc:
-        msg = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
-        raise click.BadParameter(msg) from None
+        err = exc.errors()[0]
+        flag = "--allow-host" if err["loc"][0] == "allowed_hosts" else "--allow-origin"
+        raise click.BadParameter(str(err["msg"]).removeprefix("Value error, "),
+                                 param_hint=f"'{flag}'") from None
     if not _is_loopback(host):
         click.secho(
             f"WARNING: flowc is listening on {host}:{port}, which other machines can reach, "

@@ -440,3 +440,21 @@ def test_serving_on_every_interface_without_auth_warns_loudly(srv):
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "WARNING: flowc is listening on 0.0.0.0:" in out
     assert "no authentication" in out and "spend your provider API credits" in out
+
+
+def test_a_wildcard_origin_is_refused_in_flowc_yaml_and_on_the_command_line(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def serve(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--port",
+                               str(free_port()), *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    done = serve("--allow-origin", "*")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "Invalid value for '--allow-origin': '*' is not an origin" in done.stderr
+    (tmp_path / "flowc.yaml").write_text('server:\n  allowed_origins: ["*"]\n')
+    done = serve()
+    assert done.returncode == 1 and "Traceback" not in done.stdout + done.stderr
+    assert "flowc.yaml:2:20: error: invalid 'server.allowed_origins': '*' is not an origin" \
+        in done.stdout + done.stderr
