@@ -310,3 +310,30 @@ def test_a_tool_whose_output_schema_wraps_a_plain_value_is_typed_as_the_value(tm
     result = compile_file(pipeline)
     assert [(d.rule, d.message) for d in result.diagnostics] == [
         ("unknown-field-path", "'n' is an integer: it has no field 'result'")]
+
+
+def test_an_if_else_pair_that_may_both_skip_for_a_missing_read_is_no_join():
+    """`when: C` / `when: not (C)` join only when exactly one branch runs: with
+    `on_missing: skip` and C reading a maybe-missing value, both may skip."""
+    src = textwrap.dedent("""\
+        name: m1
+        inputs:
+          depth: {type: integer}
+        steps:
+          - id: a
+            type: llm
+            model: gpt-4o
+            when: ${input.depth} > 1
+            prompt: classify
+          - {id: vip, type: llm, model: gpt-4o, on_missing: skip, when: '${a} == "vip"',
+             prompt: vip}
+          - {id: normal, type: llm, model: gpt-4o, on_missing: skip,
+             when: 'not (${a} == "vip")', prompt: normal}
+        output: ${vip ?? normal}
+        """)
+    result = compile_source(src, "m1.yaml")
+    assert [(d.rule, d.line) for d in result.diagnostics] == [("maybe-skipped", 14)]
+    assert "step 'vip' may be skipped (it has a `when:` condition and reads 'a', which " \
+           "may be missing)" in result.diagnostics[0].message
+    fixed = compile_source(src.replace("${vip ?? normal}", "${vip ?? normal ?? a ?? ''}"))
+    assert fixed.ok, fixed.diagnostics

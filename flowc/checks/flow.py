@@ -73,15 +73,19 @@ def check_skips(ctx: Context) -> None:
             runs, why = "never", "its condition is always false"
         elif info.condition is not None and info.constant is not True:
             runs, why = "maybe", _OWN_CONDITION
+        own_only = True  # skipped by its own condition alone (a guard for if/else joins)
         for use in info.uses:
             avail, missing = _availability(ctx, use, status, guard)
             if avail == "always":
                 continue
             if step.on_missing == "skip":
+                own_only = False
                 if _RANK[avail] > _RANK[runs] or runs == "always":
                     runs = max(runs, avail, key=_RANK.__getitem__)
                     why = f"it reads {_first_path(use)}, which " + (
                         "is never produced" if avail == "never" else "may be missing")
+                elif why == _OWN_CONDITION:
+                    why += f" and reads {_first_path(use)}, which may be missing"
             else:
                 _report_unguarded(ctx, use, missing, reason, avail)
         info.runs = runs  # type: ignore[assignment]
@@ -97,7 +101,7 @@ def check_skips(ctx: Context) -> None:
                                  "(on_error: continue)")
         else:
             status[name] = "always"
-        if runs == "maybe" and why == _OWN_CONDITION and step.on_error != "continue":
+        if runs == "maybe" and own_only and step.on_error != "continue":
             guard[name] = info.condition  # type: ignore[assignment]
         if runs == "never" and info.constant is not False:
             span = ctx.source.span_of((*ctx.step_path(sid), "id"))
