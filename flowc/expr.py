@@ -541,7 +541,9 @@ def _kind(x: Any) -> str:
 
 
 def resolve_path(path: Path, scope: Callable[[str], Any]) -> Any:
-    """The value at ``path``, or ``MISSING`` when the root is missing or a field is absent."""
+    """The value at ``path``, or ``MISSING`` when the root is missing, a field is absent or
+    the value is JSON null (a model told to "use null when absent" means absent, and the
+    compiler types nullable fields as maybe-missing: `${a.x ?? 0}` takes its fallback)."""
     value = scope(path.root)
     for seg in path.segments:
         if value is MISSING or value is None:
@@ -554,7 +556,7 @@ def resolve_path(path: Path, scope: Callable[[str], Any]) -> Any:
             if not isinstance(value, dict) or seg not in value:
                 return MISSING
             value = value[seg]
-    return value
+    return MISSING if value is None else value
 
 
 def resolve_ref(ref: Ref, scope: Callable[[str], Any]) -> Any:

@@ -69,7 +69,8 @@ def from_json_schema(schema: Any, _depth: int = 0) -> Type:
             required = set(map(str, required)) if isinstance(required, list) else set()
             return Type("object", fields=tuple(
                 (str(k), from_json_schema(v, _depth + 1)) for k, v in props.items()),
-                optional=frozenset(str(k) for k in props if str(k) not in required))
+                optional=frozenset(str(k) for k, v in props.items()
+                                   if str(k) not in required or nullable(v)))
         return OBJECT
     if kind == "array":
         return Type("array", items=from_json_schema(schema.get("items"), _depth + 1))
@@ -101,6 +102,22 @@ def of_tool_output(schema: Any) -> Type:
     if is_wrapped_result(props):
         return from_json_schema(props[WRAPPED_RESULT])
     return from_json_schema(schema)
+
+
+def nullable(schema: Any) -> bool:
+    """Whether a schema admits JSON null (which reads as missing: see `resolve_path`)."""
+    if not isinstance(schema, dict):
+        return False
+    kind = schema.get("type")
+    if kind == "null" or (isinstance(kind, list) and "null" in kind):
+        return True
+    if schema.get("nullable") is True:
+        return True
+    enum = schema.get("enum")
+    if isinstance(enum, list) and None in enum:
+        return True
+    return any(nullable(s) for key in ("anyOf", "oneOf")
+               for s in (schema.get(key) if isinstance(schema.get(key), list) else ()))
 
 
 def _kind_of_value(value: Any) -> str:

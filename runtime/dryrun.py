@@ -40,8 +40,27 @@ def sample(schema: Any) -> Any:
     if kind == "object" or "properties" in schema:
         return {k: sample(v) for k, v in (schema.get("properties") or {}).items()}
     if kind == "array":
-        return []
-    return {"string": MARK, "integer": 0, "number": 0, "boolean": False}.get(kind or "")
+        return [sample(schema.get("items"))] * int(schema.get("minItems") or 0)
+    if kind in ("integer", "number"):  # zero, moved into the schema's bounds
+        return _bounded(schema, integer=kind == "integer")
+    if kind == "string":  # the marker, padded to the schema's minimum length
+        return MARK.ljust(int(schema.get("minLength") or 0), "-")
+    return {"boolean": False}.get(kind or "")
+
+
+def _bounded(schema: dict[str, Any], *, integer: bool) -> int | float:
+    value: float = 0
+    low, high = schema.get("minimum"), schema.get("maximum")
+    low_x, high_x = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if isinstance(low, int | float) and value < low:
+        value = math.ceil(low) if integer else low
+    if isinstance(low_x, int | float) and value <= low_x:
+        value = math.floor(low_x) + 1
+    if isinstance(high, int | float) and value > high:
+        value = math.floor(high) if integer else high
+    if isinstance(high_x, int | float) and value >= high_x:
+        value = math.ceil(high_x) - 1
+    return int(value) if integer else value
 
 
 class DryRunModels:

@@ -10,6 +10,7 @@ leaves the step's output missing (`on_error: continue`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +21,16 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
-from flowc.expr import MISSING, EvalError, Missing, evaluate, resolve_ref, single_reference
+from flowc.expr import (
+    MISSING,
+    EvalError,
+    Missing,
+    Path,
+    Ref,
+    evaluate,
+    resolve_ref,
+    single_reference,
+)
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep
 from flowc.template import Template, TemplateLimitError, render_async
@@ -160,7 +170,9 @@ class _Run:
         self.missing_why: dict[str, str] = {}
         self.results = {sid: StepResult(sid) for sid in compiled.order}
         self.limit = asyncio.Semaphore(ex.max_concurrency)
-        self.ctx = lambda sid: CallContext(compiled.name, run_id, sid, ex.dry_run)
+        self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
+            compiled.name, run_id, sid, ex.dry_run,
+            retries=compiled.node(sid).step.retries == 0)
 
     # -- scope -----------------------------------------------------------------------------
     def scope(self, name: str) -> Any:
@@ -218,7 +230,15 @@ class _Run:
                     r.status = "cancelled"
         else:
             error = self._all_failed()
-        output = None if error else await self._output()
+        output = None
+        if error is None:
+            try:
+                output = await self._output()
+            except (Missing, StepFailed, EvalError) as exc:  # a failed run, never a crash
+                error = {"step": None, "type": type(exc).__name__,
+                         "message": "the pipeline output could not be built: "
+                                    + (f"'{exc}' is missing" if isinstance(exc, Missing)
+                                       else str(exc))}
         return RunResult(self.run_id, self.c.name, "failed" if error else "succeeded", output,
                          self.results, (time.perf_counter() - t0) * 1000,
                          inputs_hash(self.inputs), self.ex.dry_run, error, started)
@@ -297,18 +317,14 @@ class _Run:
         self._emit(r)
 
     def _skip_reason(self, node: StepNode) -> str | None:
-        """Why the step is skipped, or None if it runs. A read of a missing value without a
-        fallback skips the step (`on_missing: skip`) or fails it."""
+        """Why the step is skipped, or None if it runs. The condition's reads and the
+        condition come first: a step whose `when:` is false never reads its data (`when:
+        length(${input.docs}) > 1` guards `${input.docs[1]}`). A read of a missing value
+        without a fallback skips the step (`on_missing: skip`) or fails it."""
         step = node.step
-        for ref, _kind in node.refs:
-            try:
-                resolve_ref(ref, self.scope)
-            except Missing as m:
-                names = [a.root for a in ref.alts if hasattr(a, "root")]
-                why = "; ".join(self.missing_why.get(n, f"'{n}' has no value") for n in names)
-                if step.on_missing == "skip":
-                    return f"it reads {m} which is missing ({why})"
-                raise StepFailed(f"'{m}' is missing ({why})") from None
+        reason = self._missing_read(step, [ref for ref, kind in node.refs if kind == "condition"])
+        if reason is not None:
+            return reason
         if node.condition is not None:
             try:
                 holds = bool(evaluate(node.condition, self.scope))
@@ -319,6 +335,18 @@ class _Run:
                 return f"condition `{step.when}` was false"
         elif step.when is False:
             return "condition is false"
+        return self._missing_read(step, [ref for ref, kind in node.refs if kind != "condition"])
+
+    def _missing_read(self, step: LLMStep | MCPToolStep, refs: list[Ref]) -> str | None:
+        for ref in refs:
+            try:
+                resolve_ref(ref, self.scope)
+            except Missing as m:
+                why = "; ".join(self.missing_why.get(a.root, f"'{a}' has no value")
+                                for a in ref.alts if isinstance(a, Path))
+                if step.on_missing == "skip":
+                    return f"it reads {m} which is missing ({why})"
+                raise StepFailed(f"'{m}' is missing ({why})") from None
         return None
 
     async def _attempts(self, node: StepNode, r: StepResult) -> Any:
@@ -399,8 +427,12 @@ class _Run:
         calls = 0
         while True:
             t0 = time.perf_counter()
-            out = await self.ex.models.complete(req, ctx=self.ctx(step.id))
-            r.model_calls += 1
+            try:
+                out = await self.ex.models.complete(req, ctx=self.ctx(step.id))
+            except FlowcError as exc:  # its failed upstream calls count too
+                r.model_calls += getattr(exc, "attempts", 1)
+                raise
+            r.model_calls += out.attempts
             r.calls.append({"kind": "model", "provider": out.target.provider,
                             "model": out.body.get("model") or out.target.model,
                             "tokens": out.usage.total_tokens,
@@ -422,10 +454,15 @@ class _Run:
         content = message.get("content") or ""
         if rf is not None and rf.type != "text":
             try:
-                return json.loads(content)
+                value = json.loads(content)
             except ValueError:
                 raise StepFailed(f"model {step.model} did not answer with JSON: "
                                  f"{content[:200]!r}") from None
+            problem = schema_violation(rf.schema_ or {"type": "object"}, value)
+            if problem is not None:  # the compiler typed what follows by this schema
+                raise StepFailed(f"model {step.model} answered JSON that does not match the "
+                                 f"step's schema: {problem}")
+            return value
         return content
 
     async def _call_tool(self, r: StepResult, server: str, tool: str, args: dict[str, Any],
@@ -465,6 +502,25 @@ class _Run:
         except (ValueError, FlowcError, StepFailed) as exc:
             content = f"error: {exc}"
         return {"role": "tool", "tool_call_id": call.get("id"), "content": content}
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema_json: str) -> Any:
+    import jsonschema
+
+    schema = json.loads(schema_json)
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def schema_violation(schema: dict[str, Any], value: Any) -> str | None:
+    """The first way ``value`` breaks ``schema`` (a structured output's contract), or None.
+    Validators are built once per schema."""
+    validator = _validator(json.dumps(schema, sort_keys=True))
+    err = next(iter(validator.iter_errors(value)), None)
+    if err is None:
+        return None
+    at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+    return f"{at[1:] if at.startswith('.') else at or 'the answer'}: {err.message}"[:500]
 
 
 def _describe(exc: BaseException) -> str:

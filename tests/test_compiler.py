@@ -71,8 +71,9 @@ def test_structured_output_fields_are_typed():
 
 
 def test_a_field_the_schema_does_not_require_is_a_maybe_missing_read():
-    """A model may leave out a field its schema does not require: reading it needs a
-    fallback, like a value whose step may be skipped."""
+    """A model may leave out a field its schema does not require, or send null where the
+    schema allows it (null reads as missing): reading it needs a fallback, like a value
+    whose step may be skipped."""
     src = textwrap.dedent("""\
         name: optional
         steps:
@@ -85,9 +86,9 @@ def test_a_field_the_schema_does_not_require_is_a_maybe_missing_read():
                 type: object
                 properties:
                   vendor: {type: string}
-                  note: {type: string}
+                  note: {type: [string, "null"]}
                   total: {type: object, properties: {amount: {type: number}}}
-                required: [vendor, total]
+                required: [vendor, total, note]
           - id: use
             type: llm
             model: gpt-4o-mini
@@ -98,10 +99,11 @@ def test_a_field_the_schema_does_not_require_is_a_maybe_missing_read():
     result = compile_source(src, "optional.yaml")
     assert [(d.rule, d.line, d.col, d.message) for d in result.diagnostics] == [
         ("maybe-skipped", 18, 11, "'extract.total.amount' may be missing when step 'use' "
-         "reads it: field 'amount' is not in its schema's `required`, so the model may "
-         "leave it out"),
+         "reads it: field 'amount' may be null or left out (its schema allows null, or does "
+         "not list it in `required`)"),
         ("maybe-skipped", 19, 60, "'extract.note' may be missing when step 'use' reads it: "
-         "field 'note' is not in its schema's `required`, so the model may leave it out"),
+         "field 'note' may be null or left out (its schema allows null, or does not list it "
+         "in `required`)"),
     ]
 
 

@@ -143,6 +143,21 @@ def test_translate_fanout_and_invoice_extract(served):
                                             "today": "2026-11-26"})
     assert out["output"]["invoice"] == invoice
     assert out["output"]["reply"] == "Hi! My name is Claude."  # overdue: the reply ran
+    # "Use null when a field is absent": null reads as missing, so `?? 0` holds the
+    # condition false and the reply is skipped, not a comparison crash
+    fakes["openai"].then(openai_text(json.dumps({**invoice, "amount": None})))
+    out = run_http(url, "invoice-extract", {"email": "Invoice INV-7 ...",
+                                            "today": "2026-11-26"})
+    assert out["status"] == "succeeded" and out["output"]["reply"] == ""
+    steps = {s["id"]: s for s in out["metrics"]["steps"]}
+    assert steps["overdue_reply"]["status"] == "skipped"
+    # an answer that breaks the schema fails the step (retries would retry it), with why
+    fakes["openai"].then(openai_text(json.dumps({**invoice, "amount": "120.50"})))
+    out = run_http(url, "invoice-extract", {"email": "Invoice INV-7 ...",
+                                            "today": "2026-11-26"})
+    assert out["status"] == "failed"
+    assert ("answered JSON that does not match the step's schema: amount: '120.50' is not of "
+            "type 'number', 'null'") in out["error"]["message"]
 
 
 def test_meeting_planner_uses_the_time_server(served):

@@ -335,3 +335,77 @@ def test_run_cli_prints_output_and_json(tmp_path):
     assert statuses == {"classify": "done", "deep": "done", "quick": "skipped",
                         "escalate": "skipped"}
     assert "DRY RUN" in r.stderr
+
+
+def test_a_false_condition_skips_the_step_before_its_data_is_read(openai_fake, tmp_path):
+    """`when: length(${input.docs}) > 1` guards `${input.docs[1]}`: with one document the
+    step is skipped for its condition, not failed for a read it would never make."""
+    compiled = compile_yaml("""
+        name: guard
+        inputs:
+          docs: {type: array}
+        steps:
+          - id: second
+            type: llm
+            model: m
+            when: length(${input.docs}) > 1
+            prompt: Summarise ${input.docs[1]}
+        output: ${second ?? "only one"}
+        """)
+    result, rows = run(compiled, {"docs": ["a"]}, fake=openai_fake, tmp_path=tmp_path)
+    assert result.status == "succeeded" and result.output == "only one"
+    assert result.steps["second"].skip_reason == \
+        "condition `length(${input.docs}) > 1` was false"
+    assert rows == [] and openai_fake.requests == []
+
+
+def test_an_answer_that_breaks_its_schema_fails_the_step_and_retries_retry_it(
+        openai_fake, tmp_path):
+    compiled = compile_yaml("""
+        name: strict
+        steps:
+          - id: extract
+            type: llm
+            model: m
+            prompt: extract
+            retries: 1
+            response_format:
+              schema:
+                type: object
+                properties: {amount: {type: number}}
+                required: [amount]
+        output: ${extract.amount}
+        """)
+    openai_fake.then(openai_text(json.dumps({"amount": "12"})),
+                     openai_text(json.dumps({"amount": 12})))
+    result, rows = run(compiled, fake=openai_fake, tmp_path=tmp_path)
+    assert result.status == "succeeded" and result.output == 12
+    assert result.steps["extract"].attempts == 2 and len(rows) == 2
+
+    openai_fake.then(*[openai_text(json.dumps({"total": 12}))] * 2)
+    result, _ = run(compiled, fake=openai_fake, tmp_path=tmp_path)
+    assert result.status == "failed"
+    assert result.error["message"] == ("model m answered JSON that does not match the step's "
+                                       "schema: the answer: 'amount' is a required property")
+
+
+def test_step_retries_replace_the_gateways_instead_of_multiplying_them(openai_fake, tmp_path):
+    """`retries: 2` on a step with the gateway's own retries on: 3 upstream calls, not
+    (2 + 1) x (2 + 1), and the step's record counts every one of them."""
+    global CONFIG
+    saved = CONFIG
+    CONFIG = {**CONFIG, "retry": {"attempts": 2, "backoff": 0.01}}
+    try:
+        compiled = compile_yaml("""
+            name: flaky
+            steps:
+              - {id: a, type: llm, model: m, prompt: a, retries: 2}
+            output: ${a}
+            """)
+        openai_fake.then(*[http_error(500, "boom")] * 9)
+        result, rows = run(compiled, fake=openai_fake, tmp_path=tmp_path)
+    finally:
+        CONFIG = saved
+    assert result.status == "failed"
+    assert len(openai_fake.requests) == 3 and len(rows) == 3
+    assert result.steps["a"].attempts == 3 and result.steps["a"].model_calls == 3

@@ -159,8 +159,8 @@ def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
         if isinstance(alt, Path) and str(alt) == name:
             absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
             if absent is not None:
-                return (f"field '{absent}' is not in its schema's `required`, so the model "
-                        "may leave it out")
+                return (f"field '{absent}' may be null or left out (its schema allows null, "
+                        "or does not list it in `required`)")
     return None
 
 

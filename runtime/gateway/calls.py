@@ -39,6 +39,9 @@ class CallContext:
     run_id: str | None = None
     step_id: str | None = None
     dry_run: bool = False
+    # False when the caller retries itself (a pipeline step with `retries:`): the gateway
+    # then falls back but does not retry a target, so the two never multiply.
+    retries: bool = True
 
 
 NO_CONTEXT = CallContext()
@@ -52,6 +55,7 @@ class Outcome:
     cost: Decimal | None
     upstream_ms: float
     rule: str | None
+    attempts: int = 1  # upstream calls made for it (failed attempts included)
 
 
 @dataclass
@@ -113,10 +117,10 @@ class ModelCaller:
         (a failure path: the adapters already redact, this is the last line)."""
         return self.providers.redact_text(str(getattr(error, "message", None) or error))
 
-    def _delay(self, attempt: int, err: UpstreamError) -> float | None:
+    def _delay(self, attempt: int, err: UpstreamError, ctx: CallContext) -> float | None:
         """Seconds to wait before retrying the same target, or None to move on."""
         r = self.config.retry
-        if attempt >= r.attempts:
+        if attempt >= r.attempts or not ctx.retries:
             return None
         backoff = min(r.max_backoff, r.backoff * (2 ** attempt))
         if err.retry_after is not None:
@@ -131,16 +135,20 @@ class ModelCaller:
     # -- calls -----------------------------------------------------------------------------
     async def _attempt(self, plan: Plan, requested: str, req: dict[str, Any], ctx: CallContext,
                        stream: bool, call: Callable[[Target], Awaitable[T]]
-                       ) -> tuple[Target, T]:
+                       ) -> tuple[Target, T, int]:
         """``call`` each target in the plan's order, retrying what is worth retrying; every
-        attempt that does not return is a ledger row (error, or cancelled)."""
+        attempt that does not return is a ledger row (error, or cancelled). Returns the
+        target that answered, its answer and the number of calls made; a raised error
+        carries that number as ``attempts``."""
         last: UpstreamError | None = None
+        made = 0
         for i, target in enumerate(plan.targets):
             attempt = 0
             while True:
                 t0 = time.perf_counter()
+                made += 1
                 try:
-                    return target, await call(target)
+                    return target, await call(target), made
                 except asyncio.CancelledError:
                     # Cut off from our side while the provider works on it: the prompt
                     # reached it, what it answered is unknown.
@@ -154,9 +162,10 @@ class ModelCaller:
                     self._record(requested, target, None, status="error", latency_ms=ms,
                                  usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err)
                     if not isinstance(err, UpstreamError) or not err.retryable:
+                        err.attempts = made  # type: ignore[attr-defined]
                         raise  # the request is wrong, or the provider said no for good
                     last = err
-                    delay = self._delay(attempt, err)
+                    delay = self._delay(attempt, err, ctx)
                     if delay is None:
                         break
                     log.info("retrying %s in %.2fs after %s", target, delay,
@@ -170,6 +179,7 @@ class ModelCaller:
                 log.warning("%s failed (%s): giving up, no fallback left", target,
                             self._describe(last))
         assert last is not None
+        last.attempts = made  # type: ignore[attr-defined]
         raise last
 
     async def complete(self, req: dict[str, Any], *, tags: str | None = None,
@@ -183,12 +193,13 @@ class ModelCaller:
             t0 = time.perf_counter()
             return await self.providers.complete(target, req)
 
-        target, result = await self._attempt(plan, requested, req, ctx, False, call)
+        target, result, made = await self._attempt(plan, requested, req, ctx, False, call)
         ms = (time.perf_counter() - t0) * 1000
         cost = self._record(requested, target, _served(result.body, target), status="ok",
                             latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
                             stream=False)
-        return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule)
+        return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule,
+                       made)
 
     async def stream(self, req: dict[str, Any], *, tags: str | None = None,
                      ctx: CallContext = NO_CONTEXT) -> StreamOutcome:
@@ -207,8 +218,8 @@ class ModelCaller:
                                     "the stream ended before any event") from None
             return state, chunks, first
 
-        target, (state, chunks, first) = await self._attempt(plan, requested, req, ctx, True,
-                                                             call)
+        target, (state, chunks, first), _ = await self._attempt(plan, requested, req, ctx,
+                                                                True, call)
         return self._stream_outcome(requested, req, target, plan, state, first, chunks, ctx)
 
     def _stream_outcome(self, requested: str, req: dict[str, Any], target: Target, plan: Plan,
