@@ -114,3 +114,6 @@ class DryRunTools:
 
     async def function_tools(self, refs: list[str]) -> list[dict[str, Any]]:
         return []
+
+    async def start(self, server: str) -> None:
+        return None

@@ -60,6 +60,9 @@ class ToolCalls(Protocol):
 
     async def function_tools(self, refs: list[str]) -> list[dict[str, Any]]: ...
 
+    async def start(self, server: str) -> None:
+        """Have the server running (started once, then kept): before a step's timeout."""
+
 
 class StepFailed(Exception):
     pass
@@ -354,6 +357,10 @@ class _Run:
         for attempt in range(step.retries + 1):
             r.attempts = attempt + 1
             try:
+                # A server's cold start (~0.5-2 s for a stdio process) is not the step's
+                # work: it happens before the step's `timeout:` starts counting.
+                for server in self._servers_of(step):
+                    await self.ex.tools.start(server)  # type: ignore[union-attr]
                 if step.timeout:
                     async with asyncio.timeout(step.timeout):
                         return await self._execute(node, r)
@@ -369,6 +376,13 @@ class _Run:
             r.error = _describe(err)
             raise err
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _servers_of(self, step: LLMStep | MCPToolStep) -> list[str]:
+        if self.ex.tools is None:
+            return []
+        if isinstance(step, MCPToolStep):
+            return [step.server]
+        return sorted({ref.partition(".")[0] for ref in step.tool_refs}) if step.tools else []
 
     async def _execute(self, node: StepNode, r: StepResult) -> Any:
         step = node.step

@@ -341,3 +341,27 @@ def test_server_names_that_would_clash_in_tool_names_are_refused(tmp_path):
     assert [d.message for d in project.diagnostics] == [
         "invalid 'mcpServers': MCP server name 'my__srv' must use letters, digits, '-' and "
         "single '_' only"]
+
+
+def test_a_servers_cold_start_does_not_count_against_the_step_timeout(tmp_path):
+    """`timeout:` bounds the tool call; starting the stdio server (~0.5-2 s) comes before
+    it, so a tight timeout on a fast tool holds from a fresh `flowc run`."""
+    (tmp_path / "flowc.yaml").write_text(
+        "mcpServers:\n  time:\n    command: mcp-server-time\n"
+        "    args: [--local-timezone, UTC]\n")
+    (tmp_path / "p.yaml").write_text(textwrap.dedent("""\
+        name: tight
+        steps:
+          - id: now
+            type: mcp_tool
+            server: time
+            tool: get_current_time
+            params: {timezone: UTC}
+            timeout: 0.3
+        output: ${now}
+        """))
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "run", "p.yaml", "--json"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = json.loads(r.stdout)
+    assert out["status"] == "succeeded" and out["output"]["timezone"] == "UTC"

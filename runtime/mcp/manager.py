@@ -203,6 +203,9 @@ class MCPManager:
                         timeout: float | None = None) -> ToolResult:
         return await self._session(server).call(tool, args, timeout)
 
+    async def start(self, server: str) -> None:
+        await self._session(server).ensure()
+
     async def function_tools(self, refs: list[str]) -> list[dict[str, Any]]:
         """The function tools for `server.tool` / `server.*` references."""
         out: list[dict[str, Any]] = []
