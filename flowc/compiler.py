@@ -112,7 +112,8 @@ def compile_source(text: str, path: str = "<pipeline>", project: Project | None 
 
 
 def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> CompileResult:
-    source = SourceFile(path, text)
+    # A byte order mark is invisible in editors; left in, it shifted every column by one.
+    source = SourceFile(path, text.removeprefix("\ufeff"))
     out = Collector(source)
     try:
         raw = load_yaml(source)
@@ -142,12 +143,22 @@ def compile_file(path: str | Path, project: Project | None = None,
                  ignore: frozenset[str] = frozenset()) -> CompileResult:
     p = Path(path)
     try:
-        text = p.read_bytes().decode("utf-8", errors="replace")
+        raw = p.read_bytes()
     except OSError as exc:
         source = SourceFile(str(path), "")
         out = Collector(source)
         out.add("invalid-document", f"cannot read file: {exc.strerror or exc}", 0)
         return CompileResult(str(path), out.results(), None)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:  # YAML is Unicode: say where, don't guess
+        text = raw.decode("utf-8", errors="replace")
+        source = SourceFile(str(path), text)
+        out = Collector(source)
+        at = len(raw[: exc.start].decode("utf-8", errors="replace"))
+        out.add("yaml-syntax", f"the file is not valid UTF-8 (byte 0x{raw[exc.start]:02x})",
+                at, at + 1, help="save it as UTF-8")
+        return CompileResult(str(path), out.results(ignore), None)
     if project is None:
         project = Project.discover(p)
     return compile_source(text, str(path), project, ignore)

@@ -13,7 +13,8 @@ from flowc.diagnostics import RULES, Diagnostic, Severity
 def _source_line(path: str, line: int, cache: dict[str, list[str]]) -> str:
     if path not in cache:
         try:
-            cache[path] = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+            cache[path] = Path(path).read_text(encoding="utf-8-sig",
+                                               errors="replace").splitlines()
         except OSError:
             cache[path] = []
     lines = cache[path]

@@ -143,7 +143,14 @@ def load_yaml(source: SourceFile) -> Any:
             problem = f"{problem} {exc.context}"
             if exc.context_mark and mark and exc.context_mark.line != mark.line:
                 problem += f" that starts on line {exc.context_mark.line + 1}"
-        raise YamlError(f"YAML syntax error: {problem}", mark.index if mark else 0) from None
+        hint = None
+        if (exc.problem or "").startswith("mapping values are not allowed"):
+            hint = ("a value with ': ' in it must be quoted (prompt: \"Answer this: now\") "
+                    "or written as a block (prompt: |, then the text indented below)")
+        elif "found character '\\t'" in (exc.problem or ""):
+            hint = "YAML indents with spaces, not tabs"
+        raise YamlError(f"YAML syntax error: {problem}", mark.index if mark else 0,
+                        help=hint) from None
     except yaml.YAMLError as exc:  # reader errors (bad characters) carry a position too
         raise YamlError(f"YAML error: {exc}", getattr(exc, "position", 0) or 0) from None
     finally:

@@ -242,3 +242,18 @@ def test_a_huge_number_in_a_condition_is_a_finding_and_long_lines_are_cut(tmp_pa
     caret = r.stdout.splitlines()[r.stdout.splitlines().index(excerpt) + 1]
     assert len(excerpt) < 200 and excerpt.endswith("...")
     assert excerpt[caret.index("^")] == "9" and excerpt[caret.index("^") - 2] == ">"
+
+
+def test_encoding_and_yaml_mistakes_are_named_where_they_are(tmp_path):
+    body = "name: x\nsteps:\n  - id: a\n    type: llm\n    model: gpt-4o\n"
+    (tmp_path / "bom.yaml").write_bytes(b"\xef\xbb\xbf" + (body + "    promt: hi\n").encode())
+    (tmp_path / "latin1.yaml").write_bytes((body + "    prompt: caf\xe9\n").encode("latin-1"))
+    (tmp_path / "colon.yaml").write_text(body + "    prompt: Answer this: now\n")
+    r = flowc("check", "bom.yaml", "latin1.yaml", "colon.yaml", cwd=tmp_path)
+    assert r.returncode == 1
+    # a byte order mark does not shift columns
+    assert "bom.yaml:6:5: error: unknown step field 'promt'" in r.stdout
+    assert "latin1.yaml:6:16: error: the file is not valid UTF-8 (byte 0xe9) [yaml-syntax]" \
+        in r.stdout
+    assert "colon.yaml:6:24: error: YAML syntax error: mapping values are not allowed" in r.stdout
+    assert "help: a value with ': ' in it must be quoted" in r.stdout
