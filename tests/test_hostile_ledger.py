@@ -164,7 +164,7 @@ def test_a_bad_memory_setting_falls_back_to_the_default(tmp_path, monkeypatch, c
     with caplog.at_level("WARNING"):
         ledger = Ledger(tmp_path / "l.duckdb")
     try:
-        assert ledger.select("SELECT current_setting('memory_limit')")[1] == [("244.1 MiB",)]
+        assert ledger.select("SELECT current_setting('memory_limit')")[1] == [("953.6 MiB",)]
         assert ledger.sql_timeout == 5.0
     finally:
         ledger.close()

@@ -72,7 +72,7 @@ _GATHER = 0.05  # seconds the child waits for more rows before inserting
 _SQL_TIMEOUT = 5.0  # seconds a user query may run (FLOWC_SQL_TIMEOUT)
 # DuckDB's buffer pool otherwise grows to 80% of RAM, caching the file as it grows
 # (FLOWC_LEDGER_MEMORY_LIMIT); a query that needs more fails with DuckDB's out-of-memory error.
-_MEMORY_LIMIT = "256MB"
+_MEMORY_LIMIT = "1GB"
 _QUERY_THREADS = 2  # user queries running at once in the ledger process
 _RETRY = 1.0  # seconds between attempts to take over a ledger file another process held
 _SAFE_CONFIG = {
@@ -878,7 +878,7 @@ class Ledger:
     ``in_process=False`` (the server's choice) keeps the file in a child process, and, while
     another process holds the file, takes it over as soon as it is free (``take_over``).
     ``sql_timeout`` (seconds, default FLOWC_SQL_TIMEOUT or 5) bounds user queries;
-    ``memory`` (default FLOWC_LEDGER_MEMORY_LIMIT or 256MB) caps DuckDB's memory."""
+    ``memory`` (default FLOWC_LEDGER_MEMORY_LIMIT or 1GB) caps DuckDB's memory."""
 
     def __init__(self, path: str | Path, flush_interval: float = 1.0, *,
                  in_process: bool = True, take_over: bool | None = None,
