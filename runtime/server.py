@@ -254,19 +254,25 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                         media_type="application/json",
                         status_code=200)  # a failed run is a result: see "status", "error"
 
+    async def runs_query(sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+        """Run records live in the ledger file: while another process holds it, a 503."""
+        try:
+            return await asyncio.to_thread(rt().ledger.execute, sql, params)
+        except LedgerUnavailable as exc:
+            raise _ledger_unavailable(exc) from None
+
     @app.get("/v1/runs/{run_id}")
     async def _run_record(run_id: str) -> Response:
-        rows = await asyncio.to_thread(rt().ledger.execute,
-                                       "SELECT record FROM runs WHERE id = ?", [run_id])
+        rows = await runs_query("SELECT record FROM runs WHERE id = ?", [run_id])
         if not rows:
             return error_response(RequestError(f"no run '{run_id}'", status=404))
         return Response(rows[0][0], media_type="application/json")
 
     @app.get("/v1/runs")
     async def _runs(limit: int = 50) -> Response:
-        rows = await asyncio.to_thread(
-            rt().ledger.execute, "SELECT id, workflow_name, status, started_at, latency_ms, "
-            "dry_run FROM runs ORDER BY started_at DESC LIMIT ?", [min(limit, 1000)])
+        rows = await runs_query("SELECT id, workflow_name, status, started_at, latency_ms, "
+                                "dry_run FROM runs ORDER BY started_at DESC LIMIT ?",
+                                [min(limit, 1000)])
         keys = ["run_id", "workflow", "status", "started_at", "latency_ms", "dry_run"]
         return Response(orjson.dumps({"runs": [dict(zip(keys, r, strict=True)) for r in rows]},
                                      default=str), media_type="application/json")

@@ -420,7 +420,8 @@ def test_a_server_that_finds_the_file_held_is_degraded_then_takes_it_over(projec
         ready = httpx.get(url + "/ready").json()
         assert ready["status"] == "degraded" and ready["ledger"]["owner"] is False
         for r in (httpx.get(url + "/v1/costs/summary"), _sql(url, "SELECT 1"),
-                  httpx.get(url + "/v1/costs/export.csv")):
+                  httpx.get(url + "/v1/costs/export.csv"), httpx.get(url + "/v1/runs"),
+                  httpx.get(url + "/v1/runs/some-run")):
             assert r.status_code == 503, r.text
             err = r.json()["error"]
             assert err["code"] == "ledger_unavailable" and "held by another process" in \
