@@ -139,6 +139,14 @@ def load_yaml(source: SourceFile) -> Any:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
+        if "maximum nesting depth" in problem:  # PyYAML >= 6.0.4 stops at 1,000 levels
+            at = _deep_flow_offset(source.text)
+            if at is not None:
+                # The events up to there show which collection is the one past MAX_DEPTH
+                # (block collections count too), as for shallower files.
+                _check_limits(source.text[: at + 1])
+                raise YamlError(f"collections nest more than {MAX_DEPTH} deep", at,
+                                "yaml-nesting", at + 1, _NESTING_HELP) from None
         if exc.context:
             problem = f"{problem} {exc.context}"
             if exc.context_mark and mark and exc.context_mark.line != mark.line:
@@ -159,6 +167,35 @@ def load_yaml(source: SourceFile) -> Any:
         return None
     builder = _Builder(loader, source)
     return builder.build(node, ())
+
+
+def _deep_flow_offset(text: str) -> int | None:
+    """The offset of the first flow bracket nested past MAX_DEPTH, skipping quoted strings
+    and comments. PyYAML 6.0.4's scanner refuses 1,000 levels of `[`/`{` before its parser
+    hands out the events that would show the 65th, so where that is is found here."""
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif ch == "'":
+            i += 1
+            while i < n and (text[i] != "'" or text.startswith("''", i)):
+                i += 2 if text[i] == "'" else 1
+        elif ch == "#" and (i == 0 or text[i - 1] in " \t\n"):
+            i = text.find("\n", i)
+            if i < 0:
+                return None
+        elif ch in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                return i
+        elif ch in "]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return None
 
 
 def _may_exceed_limits(text: str) -> bool:
