@@ -501,6 +501,12 @@ def test_anthropic_errors_use_anthropics_shape(gw):
         "model": "fast", "max_tokens": 5, "top_k": 3,
         "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400 and "'top_k' is not supported" in r.json()["error"]["message"]
+    # a 4xx Anthropic's reference does not list is still invalid_request_error, as it says
+    gw.anthropic.then(http_error(422, "unprocessable"))
+    with pytest.raises(anthropic.UnprocessableEntityError) as exc:
+        anthropic_client(gw).messages.create(model="smart", max_tokens=5,
+                                             messages=[{"role": "user", "content": "x"}])
+    assert exc.value.body["error"]["type"] == "invalid_request_error"
 
 
 # -- more of the surface -----------------------------------------------------------------------

@@ -25,12 +25,20 @@ STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
 _HANDLED = {"model", "messages", "max_tokens", "system", "temperature", "top_p",
             "stop_sequences", "stream", "tools", "tool_choice", "metadata"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                429: "rate_limit_error", 529: "overloaded_error"}
+                402: "billing_error", 403: "permission_error", 404: "not_found_error",
+                413: "request_too_large", 429: "rate_limit_error", 504: "timeout_error",
+                529: "overloaded_error"}
+
+
+def error_type(status: int) -> str:
+    """Anthropic's error type for a status: its reference uses invalid_request_error for
+    any 4xx it does not list (409, 415, 422, ...), api_error for the rest."""
+    return _ERROR_TYPES.get(status) or ("invalid_request_error" if 400 <= status < 500
+                                        else "api_error")
 
 
 def error_response(err: FlowcError) -> Response:
-    etype = _ERROR_TYPES.get(err.status, "api_error")
+    etype = error_type(err.status)
     body = {"type": "error", "error": {"type": etype, "message": err.message}}
     return Response(orjson.dumps(body), status_code=err.status, media_type="application/json")
 
@@ -243,4 +251,4 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIte
         yield _sse("message_stop", {"type": "message_stop"})
     except FlowcError as err:
         yield _sse("error", {"type": "error", "error": {
-            "type": _ERROR_TYPES.get(err.status, "api_error"), "message": err.message}})
+            "type": error_type(err.status), "message": err.message}})
