@@ -58,7 +58,6 @@ class Context:
     ref_types: dict[Ref, Type] = field(default_factory=dict)  # static type of each reference
     graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     acyclic: bool = True
-    validators: dict[tuple[str, str], Any] = field(default_factory=dict)  # per MCP tool
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:

@@ -6,11 +6,11 @@ These models are the single definition of the language: the compiler validates a
 
 from __future__ import annotations
 
-import functools
-import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from flowc.schemas import schema_key, schema_problem
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]*$"
 InputType = Literal["string", "integer", "number", "boolean", "object", "array"]
@@ -34,21 +34,6 @@ class InputSpec(_Strict):
         return self.default is None if self.required is None else self.required
 
 
-@functools.lru_cache(maxsize=256)
-def json_schema_problem(schema_json: str) -> str | None:
-    """Why a schema (as JSON text: a cache key) is not valid JSON Schema, or None. Checked
-    once per distinct schema: pipelines repeat the same few."""
-    import jsonschema  # only where a pipeline declares a schema
-
-    schema = json.loads(schema_json)
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.absolute_path)
-        return f"not a valid JSON Schema: schema{at}: {exc.message}"
-    return None
-
-
 class ResponseFormat(_Strict):
     """Structured output: `json_object` (any JSON object) or `json_schema` (with `schema`)."""
 
@@ -61,7 +46,7 @@ class ResponseFormat(_Strict):
     @classmethod
     def _valid_json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
         if schema is not None:
-            problem = json_schema_problem(json.dumps(schema, sort_keys=True, default=str))
+            problem = schema_problem(schema_key(schema))
             if problem:
                 raise ValueError(problem)
         return schema

@@ -10,7 +10,6 @@ leaves the step's output missing (`on_error: continue`).
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import logging
@@ -33,6 +32,7 @@ from flowc.expr import (
 )
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep
+from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
 from runtime.gateway.calls import CallContext, Outcome
@@ -518,22 +518,14 @@ class _Run:
         return {"role": "tool", "tool_call_id": call.get("id"), "content": content}
 
 
-@functools.lru_cache(maxsize=256)
-def _validator(schema_json: str) -> Any:
-    import jsonschema
-
-    schema = json.loads(schema_json)
-    return jsonschema.validators.validator_for(schema)(schema)
-
-
 def schema_violation(schema: dict[str, Any], value: Any) -> str | None:
     """The first way ``value`` breaks ``schema`` (a structured output's contract), or None.
-    Validators are built once per schema."""
-    validator = _validator(json.dumps(schema, sort_keys=True))
-    err = next(iter(validator.iter_errors(value)), None)
+    The compiler checked the schema itself."""
+    validator = schema_validator(schema_key(schema))
+    err = None if validator is None else next(iter(validator.iter_errors(value)), None)
     if err is None:
         return None
-    at = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.absolute_path)
+    at = json_path(err.absolute_path)
     return f"{at[1:] if at.startswith('.') else at or 'the answer'}: {err.message}"[:500]
 
 

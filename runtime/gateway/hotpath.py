@@ -34,6 +34,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from runtime.gateway.anthropic_api import error_type as anthropic_error_type
 from runtime.gateway.calls import ModelCaller
 
 Handler = Callable[[bytes, str | None, ModelCaller, float], Awaitable[Response]]
@@ -137,9 +138,8 @@ class Guard:
 def error_body(path: str, status: int, code: str, message: str) -> bytes:
     """An error in the shape the client on ``path`` expects."""
     if path.startswith("/v1/messages"):
-        etype = {403: "permission_error", 413: "request_too_large"}.get(
-            status, "invalid_request_error")
-        return orjson.dumps({"type": "error", "error": {"type": etype, "message": message}})
+        return orjson.dumps({"type": "error", "error": {"type": anthropic_error_type(status),
+                                                        "message": message}})
     return orjson.dumps({"error": {"message": message, "type": "invalid_request_error",
                                    "param": None, "code": code}})
 
