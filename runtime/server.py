@@ -23,10 +23,13 @@ from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
 from runtime import runs
 from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
+from runtime.gateway.anthropic_api import count_tokens as anthropic_count_tokens
 from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.calls import ModelCaller
+from runtime.gateway.embeddings_api import embeddings
 from runtime.gateway.hotpath import Guard, HotPaths
 from runtime.gateway.openai_api import chat_completions, error_response, models_list
+from runtime.gateway.responses_api import responses
 from runtime.gateway.routing import Router
 from runtime.inputs import InputError
 from runtime.ledger import reports
@@ -308,14 +311,19 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
         return servers_body(known_servers())
 
     app.state.runtime = state
-    # Every request passes the guard; POST /v1/chat/completions and /v1/messages then
-    # bypass FastAPI (see runtime/gateway/hotpath.py).
+    # Every request passes the guard; POSTs to the model APIs then bypass FastAPI (see
+    # runtime/gateway/hotpath.py).
     guard = Guard(bind_host=bind_host,
                   allowed_hosts=[*config.server.allowed_hosts, *allow_hosts],
                   allowed_origins=[*config.server.allowed_origins, *allow_origins],
                   max_body=config.server.max_body_bytes)
-    return HotPaths(app, lambda: rt().caller, {"/v1/chat/completions": chat_completions,
-                                               "/v1/messages": anthropic_messages}, guard)
+    return HotPaths(app, lambda: rt().caller, {
+        "/v1/chat/completions": chat_completions,
+        "/v1/responses": responses,
+        "/v1/messages": anthropic_messages,
+        "/v1/messages/count_tokens": anthropic_count_tokens,
+        "/v1/embeddings": embeddings,
+    }, guard)
 
 
 def _ledger_unavailable(exc: LedgerUnavailable) -> FlowcError:

@@ -17,6 +17,7 @@ import orjson
 from starlette.responses import Response
 
 from runtime.gateway.calls import ModelCaller
+from runtime.gateway.incoming import Incoming
 from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body
 from runtime.providers import FlowcError, RequestError, Usage
 
@@ -163,9 +164,10 @@ def from_openai(body: dict[str, Any], usage: Usage) -> dict[str, Any]:
             "stop_sequence": None, "usage": _usage(usage)}
 
 
-async def messages(raw: bytes, tags: str | None, caller: ModelCaller, t0: float) -> Response:
+async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
+    tags, t0 = incoming.tags, incoming.t0
     try:
-        body = parse_body(raw)
+        body = parse_body(incoming.body)
         req = to_openai(body)
         if body.get("stream"):
             out = await caller.stream(req, tags=tags)
@@ -252,3 +254,8 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], model: str) -> AsyncIte
     except FlowcError as err:
         yield _sse("error", {"type": "error", "error": {
             "type": error_type(err.status), "message": err.message}})
+
+
+async def count_tokens(incoming: Incoming, caller: ModelCaller) -> Response:
+    """`POST /v1/messages/count_tokens`."""
+    return error_response(RequestError("count_tokens is not served yet", status=404))

@@ -16,6 +16,7 @@ from runtime.gateway.routing import Plan, Router, Traits
 from runtime.ledger.pricing import price
 from runtime.ledger.store import CallRecord, Ledger
 from runtime.providers import (
+    ChatResult,
     Providers,
     StreamState,
     Target,
@@ -46,6 +47,13 @@ class CallContext:
 
 NO_CONTEXT = CallContext()
 
+# How one API sends a request to a target, when it is not the chat completions default: a
+# same-wire call forwarded verbatim, or one translated for the target's wire. ``Send``
+# returns the answer in the client's wire (``ChatResult.body``); ``Open`` yields the stream's
+# items in the client's wire, filling the state (usage, served model) as they pass.
+Send = Callable[[Target], Awaitable[ChatResult]]
+Open = Callable[[Target, StreamState], AsyncIterator[Any]]
+
 
 @dataclass
 class Outcome:
@@ -60,7 +68,7 @@ class Outcome:
 
 @dataclass
 class StreamOutcome:
-    chunks: AsyncIterator[dict[str, Any]]  # the first chunk already read is replayed
+    chunks: AsyncIterator[Any]  # the first chunk already read is replayed
     target: Target
     rule: str | None
     state: StreamState
@@ -183,7 +191,9 @@ class ModelCaller:
         raise last
 
     async def complete(self, req: dict[str, Any], *, tags: str | None = None,
-                       ctx: CallContext = NO_CONTEXT) -> Outcome:
+                       ctx: CallContext = NO_CONTEXT, send: Send | None = None) -> Outcome:
+        """``req`` in any wire served (it is routed and, when a call is cut off, estimated
+        from); ``send`` calls a target, by default with ``req`` as a chat completion."""
         requested = str(req.get("model", ""))
         plan = self.plan(req, tags)
         t0 = time.perf_counter()
@@ -191,6 +201,8 @@ class ModelCaller:
         async def call(target: Target) -> Any:
             nonlocal t0
             t0 = time.perf_counter()
+            if send is not None:
+                return await send(target)
             return await self.providers.complete(target, req)
 
         target, result, made = await self._attempt(plan, requested, req, ctx, False, call)
@@ -202,15 +214,17 @@ class ModelCaller:
                        made)
 
     async def stream(self, req: dict[str, Any], *, tags: str | None = None,
-                     ctx: CallContext = NO_CONTEXT) -> StreamOutcome:
+                     ctx: CallContext = NO_CONTEXT, open: Open | None = None) -> StreamOutcome:
         """Open a stream, retrying and falling back until its first chunk arrives; after
-        that, an error ends the stream (its bytes already reached the client)."""
+        that, an error ends the stream (its bytes already reached the client). ``open``
+        streams from a target, by default ``req`` as a chat completion."""
         requested = str(req.get("model", ""))
         plan = self.plan(req, tags)
 
         async def call(target: Target) -> Any:
             state = StreamState()
-            chunks = self.providers.stream(target, req, state)
+            chunks = (open(target, state) if open is not None
+                      else self.providers.stream(target, req, state))
             try:
                 first = await chunks.__anext__()
             except StopAsyncIteration:  # a 200 with no events is no answer
@@ -223,9 +237,8 @@ class ModelCaller:
         return self._stream_outcome(requested, req, target, plan, state, first, chunks, ctx)
 
     def _stream_outcome(self, requested: str, req: dict[str, Any], target: Target, plan: Plan,
-                        state: StreamState, first: dict[str, Any],
-                        chunks: AsyncIterator[dict[str, Any]], ctx: CallContext
-                        ) -> StreamOutcome:
+                        state: StreamState, first: Any, chunks: AsyncIterator[Any],
+                        ctx: CallContext) -> StreamOutcome:
         outcome = StreamOutcome(chunks, target, plan.rule, state)
         recorded = False
 
@@ -239,12 +252,14 @@ class ModelCaller:
             usage = state.usage
             if usage is None or status != "ok":
                 usage = estimate_usage(req, state.out_chars, usage or state.partial)
-            self._record(requested, target, _served(first, target), status=status,
+            served = state.model or (_served(first, target) if isinstance(first, dict)
+                                     else target.model)
+            self._record(requested, target, served, status=status,
                          latency_ms=(time.perf_counter() - state.started) * 1000,
                          usage=usage, ctx=ctx, rule=plan.rule, stream=True, error=error,
                          ttft_ms=state.first_token_ms)
 
-        async def replay() -> AsyncIterator[dict[str, Any]]:
+        async def replay() -> AsyncIterator[Any]:
             status, error = "ok", None
             try:
                 yield first

@@ -36,8 +36,9 @@ from starlette.responses import Response
 
 from runtime.gateway.anthropic_api import error_type as anthropic_error_type
 from runtime.gateway.calls import ModelCaller
+from runtime.gateway.incoming import Incoming
 
-Handler = Callable[[bytes, str | None, ModelCaller, float], Awaitable[Response]]
+Handler = Callable[["Incoming", ModelCaller], Awaitable[Response]]
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 MAX_BODY = 32 * 1024 * 1024
 # After a 413, up to this much of the rest of the body is read and dropped so the answer
@@ -264,8 +265,9 @@ class HotPaths:
             await self.app(scope, _replay(body, receive), send)
             return
         tags = seen[_TAGS]
-        response = await handler(body, tags.decode("latin-1") if tags is not None else None,
-                                 self.caller(), t0)
+        incoming = Incoming(body, scope["headers"], scope.get("query_string", b""),
+                            tags.decode("latin-1") if tags is not None else None, t0)
+        response = await handler(incoming, self.caller())
         await response(scope, receive, send)
 
     async def _read(self, receive: Any, send: Any, path: str) -> bytes | None:

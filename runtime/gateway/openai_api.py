@@ -11,6 +11,7 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from runtime.gateway.calls import ModelCaller
+from runtime.gateway.incoming import Incoming
 from runtime.providers import FlowcError, RequestError
 
 
@@ -71,11 +72,10 @@ def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
     return h
 
 
-async def chat_completions(raw: bytes, tags: str | None, caller: ModelCaller,
-                           t0: float) -> Response:
-    """``t0`` is when the request arrived (for `x-flowc-overhead-ms`)."""
+async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
+    tags, t0 = incoming.tags, incoming.t0
     try:
-        body = parse_body(raw)
+        body = parse_body(incoming.body)
         validate_chat(body)
         if body.get("stream"):
             return await _stream(body, tags, caller, t0)

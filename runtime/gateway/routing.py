@@ -20,6 +20,9 @@ from flowc.config import ProjectConfig, Route
 from runtime.ledger.pricing import price_per_million
 from runtime.providers import Providers, RequestError, Target
 
+# Image parts in chat completions, Anthropic messages and responses.
+_IMAGE_PARTS = frozenset({"image_url", "image", "input_image"})
+
 
 @dataclass(frozen=True)
 class Traits:
@@ -31,8 +34,14 @@ class Traits:
 
     @classmethod
     def of(cls, req: dict[str, Any], tags_header: str | None = None) -> Traits:
+        """The traits of a request in any wire served: `messages` (chat completions,
+        Anthropic messages) or `input` (responses)."""
         vision, chars = False, 0
-        for msg in req.get("messages") or ():
+        items = req.get("input")
+        if isinstance(items, str):
+            chars += len(items)
+            items = None
+        for msg in items if isinstance(items, list) else req.get("messages") or ():
             content = msg.get("content") if isinstance(msg, dict) else None
             if isinstance(content, str):
                 chars += len(content)
@@ -40,9 +49,11 @@ class Traits:
                 for part in content:
                     if not isinstance(part, dict):
                         continue
-                    if part.get("type") == "image_url":
+                    if part.get("type") in _IMAGE_PARTS:
                         vision = True
-                    chars += len(part.get("text") or "")
+                    text = part.get("text")
+                    if isinstance(text, str):
+                        chars += len(text)
         tags = frozenset(t.strip() for t in (tags_header or "").split(",") if t.strip())
         return cls(str(req.get("model", "")), bool(req.get("tools")), vision, chars, tags)
 

@@ -101,6 +101,10 @@ class Providers:
                 names.add(str(target))
         return sorted(names)
 
+    def endpoint(self, target: Target) -> Endpoint:
+        """The endpoint serving ``target`` (its `kind` says which wire it speaks)."""
+        return self.endpoints[target.provider]
+
     def _adapter(self, target: Target) -> tuple[Endpoint, ModuleType]:
         ep = self.endpoints[target.provider]
         return ep, ADAPTERS[ep.kind]

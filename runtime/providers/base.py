@@ -101,14 +101,27 @@ def _text_chars(content: Any) -> int:
         return len(content)
     n = 0
     for part in content if isinstance(content, list) else ():
-        if isinstance(part, dict) and isinstance(part.get("text"), str):
-            n += len(part["text"])
+        if isinstance(part, dict):
+            if isinstance(part.get("text"), str):
+                n += len(part["text"])
+            elif part.get("type") in ("tool_result", "function_call_output"):
+                n += _text_chars(part.get("content") or part.get("output"))
+            elif part.get("type") in ("tool_use", "function_call"):
+                n += len(str(part.get("input") or part.get("arguments") or ""))
     return n
 
 
 def request_chars(req: dict[str, Any]) -> int:
-    """The characters of an (OpenAI-form) request's text, for estimates."""
-    n = 0
+    """The characters of a request's text, for estimates, in any of the wires served: chat
+    completions (`messages`), Anthropic messages (`system`, content blocks) and responses
+    (`instructions`, `input` items)."""
+    n = _text_chars(req.get("system")) + _text_chars(req.get("instructions"))
+    items = req.get("input")
+    if isinstance(items, str):
+        n += len(items)
+    elif isinstance(items, list):
+        n += _text_chars(items)
+        n += sum(_text_chars(i.get("content")) for i in items if isinstance(i, dict))
     for msg in req.get("messages") or ():
         if not isinstance(msg, dict):
             continue
@@ -164,6 +177,7 @@ class StreamState:
     finish_reason: str | None = None
     first_token_ms: float | None = None
     upstream_ms: float = 0.0
+    model: str | None = None  # the model the provider says answered, when it says
     started: float = field(default_factory=time.perf_counter)
 
     def mark_token(self) -> None:

@@ -1,0 +1,25 @@
+"""What a model API's handler is given: one request, its body already read and bounded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Incoming:
+    """A request to a model API, as its handler gets it: the body already read and bounded,
+    the raw headers (a same-wire call forwards the client's own, e.g. `anthropic-beta`),
+    the query string, `x-flowc-tags`, and when it arrived (for `x-flowc-overhead-ms`)."""
+
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+    query: bytes
+    tags: str | None
+    t0: float
+
+    def header(self, name: bytes) -> str | None:
+        """One header's value (``name`` in lower case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
