@@ -496,7 +496,7 @@ def test_anthropic_errors_use_anthropics_shape(gw):
         "model": "fast", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 400
     assert r.json() == {"type": "error", "error": {"type": "invalid_request_error",
-                                                   "message": "max_tokens: field required"}}
+                                                   "message": "max_tokens: Field required"}}
     r = httpx.post(gw.url + "/v1/messages", json={
         "model": "fast", "max_tokens": 5, "top_k": 3,
         "messages": [{"role": "user", "content": "x"}]})
@@ -549,3 +549,51 @@ def test_ollama_streamed_tool_calls(gw):
     calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     assert [json.loads(tc.function.arguments) for tc in calls] == [{"city": "Quito"}]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_refused_requests_are_on_the_books(gw):
+    """Every request that reaches flowc is a row: one for an unknown model, one with a bad
+    body, each with status `refused` and its error class; no provider is called."""
+    before = len(gw.openai.requests) + len(gw.anthropic.requests)
+    r = httpx.post(gw.url + "/v1/chat/completions", timeout=10, json={
+        "model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.post(gw.url + "/v1/messages", timeout=10, json={
+        "model": "smart", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["type"] == "error"
+    assert len(gw.openai.requests) + len(gw.anthropic.requests) == before
+    rows = ledger_rows(gw, "status = 'refused'")
+    got = gw.sql("SELECT model, provider, status, error_class, cost_usd FROM requests "
+                 "WHERE status = 'refused' ORDER BY ts DESC LIMIT 2")
+    assert len(rows) >= 2
+    assert ["smart", None, "refused", "RequestError", None] in got
+    assert ["no-such-model", None, "refused", "RequestError", None] in got
+
+
+@pytest.mark.parametrize(("path", "body", "status", "message"), [
+    ("/v1/chat/completions", {"model": "fast", "temperature": "hot",
+                              "messages": [{"role": "user", "content": "x"}]}, 400,
+     "Invalid type for 'temperature': expected a decimal, but got a string instead."),
+    ("/v1/chat/completions", {"model": "fast", "max_tokens": -5,
+                              "messages": [{"role": "user", "content": "x"}]}, 400,
+     "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got -5 "
+     "instead."),
+    ("/v1/chat/completions", {"model": "fast", "stream": "yes",
+                              "messages": [{"role": "user", "content": "x"}]}, 400,
+     "Invalid type for 'stream': expected a boolean, but got a string instead."),
+    ("/v1/messages", {"model": "smart", "max_tokens": -5,
+                      "messages": [{"role": "user", "content": "x"}]}, 400,
+     "max_tokens: Input should be greater than or equal to 1"),
+    ("/v1/messages", {"model": "smart", "max_tokens": 10, "temperature": True,
+                      "messages": [{"role": "user", "content": "x"}]}, 400,
+     "temperature: Input should be a valid number"),
+])
+def test_wrong_typed_fields_are_refused_at_the_edge(gw, path, body, status, message):
+    """A wrong-typed standard field is the client's 400, in its provider's words, and no
+    upstream hears of it."""
+    before = [len(f.requests) for f in (gw.openai, gw.anthropic, gw.ollama)]
+    r = httpx.post(gw.url + path, json=body, timeout=10)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["message"] == message
+    assert [len(f.requests) for f in (gw.openai, gw.anthropic, gw.ollama)] == before

@@ -415,7 +415,8 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
         assert ["openai/gpt-4o-mini-2024-07-18", 2700] in tokens  # 3 x 900 prompt tokens
         assert ["openai/gpt-4o-mini-2024-07-18", 900] in tokens  # 3 x 300 completion
         assert ["anthropic/claude-sonnet-4-6", 2000] in tokens
-        assert daily == 1 and calls == "4" and rows == 1 + 4
+        # The request for an unknown model is on the books too, refused (no provider, $0).
+        assert daily == 1 and calls == "5" and rows == 1 + 5
         assert shot.stat().st_size > 10_000
     finally:
         stop_server(proc)

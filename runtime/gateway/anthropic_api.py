@@ -19,6 +19,7 @@ from starlette.responses import Response
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body
+from runtime.gateway.validate import check
 from runtime.providers import FlowcError, RequestError, Usage
 
 STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
@@ -166,8 +167,10 @@ def from_openai(body: dict[str, Any], usage: Usage) -> dict[str, Any]:
 
 async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
     tags, t0 = incoming.tags, incoming.t0
+    body: Any = None
     try:
         body = parse_body(incoming.body)
+        check("messages", body)
         req = to_openai(body)
         if body.get("stream"):
             out = await caller.stream(req, tags=tags)
@@ -177,6 +180,7 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
             return GatewayStream(_events(out.chunks, body["model"]), out.close, headers)
         done = await caller.complete(req, tags=tags)
     except FlowcError as err:
+        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")))
         return error_response(err)
     headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
                             done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,

@@ -103,6 +103,8 @@ class ModelCaller:
             cost, source = price(target.provider, target.model, usage, self.config.prices)
         if ok and target is not None:
             self.router.latency.add(target, latency_ms)
+        if error is not None:
+            error.recorded = True  # type: ignore[attr-defined]  # see `refused`
         if self.ledger is not None:
             u = usage or Usage()
             self.ledger.record(CallRecord(
@@ -119,6 +121,19 @@ class ModelCaller:
                 stream=stream, dry_run=ctx.dry_run, workflow_name=ctx.workflow_name,
                 run_id=ctx.run_id, step_id=ctx.step_id))
         return cost
+
+    def refused(self, req: Any, error: BaseException, *, stream: bool = False,
+                ctx: CallContext = NO_CONTEXT) -> None:
+        """A request refused before any provider answered it (not JSON, a wrong field, an
+        unknown model): a row of its own, status `refused`, so every request that reached
+        flowc is in the ledger. An error already recorded (a provider's answer) is not
+        recorded twice."""
+        if getattr(error, "recorded", False):
+            return
+        model = req.get("model") if isinstance(req, dict) else None
+        self._record(model if isinstance(model, str) else "", None, None, status="refused",
+                     latency_ms=0.0, usage=None, ctx=ctx, rule=None, stream=stream,
+                     error=error)
 
     def _describe(self, error: BaseException) -> str:
         """An error's text for the ledger and the log, with every provider key cut out
@@ -139,6 +154,14 @@ class ModelCaller:
 
     def plan(self, req: dict[str, Any], tags: str | None) -> Plan:
         return self.router.plan(Traits.of(req, tags))
+
+    def _plan_or_refuse(self, req: dict[str, Any], tags: str | None, ctx: CallContext,
+                        stream: bool) -> Plan:
+        try:
+            return self.plan(req, tags)
+        except Exception as err:  # an unknown model, no route: refused, and on the books
+            self.refused(req, err, stream=stream, ctx=ctx)
+            raise
 
     # -- calls -----------------------------------------------------------------------------
     async def _attempt(self, plan: Plan, requested: str, req: dict[str, Any], ctx: CallContext,
@@ -195,7 +218,7 @@ class ModelCaller:
         """``req`` in any wire served (it is routed and, when a call is cut off, estimated
         from); ``send`` calls a target, by default with ``req`` as a chat completion."""
         requested = str(req.get("model", ""))
-        plan = self.plan(req, tags)
+        plan = self._plan_or_refuse(req, tags, ctx, False)
         t0 = time.perf_counter()
 
         async def call(target: Target) -> Any:
@@ -219,7 +242,7 @@ class ModelCaller:
         that, an error ends the stream (its bytes already reached the client). ``open``
         streams from a target, by default ``req`` as a chat completion."""
         requested = str(req.get("model", ""))
-        plan = self.plan(req, tags)
+        plan = self._plan_or_refuse(req, tags, ctx, True)
 
         async def call(target: Target) -> Any:
             state = StreamState()

@@ -12,6 +12,7 @@ from starlette.responses import Response, StreamingResponse
 
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
+from runtime.gateway.validate import check
 from runtime.providers import FlowcError, RequestError
 
 
@@ -49,10 +50,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 
 def validate_chat(body: dict[str, Any]) -> None:
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise RequestError("'model' is required", param="model")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
+    check("chat", body)
+    messages = body["messages"]
+    if not messages:
         raise RequestError("'messages' must be a non-empty array", param="messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in (
@@ -74,6 +74,7 @@ def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
 
 async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
     tags, t0 = incoming.tags, incoming.t0
+    body: Any = None
     try:
         body = parse_body(incoming.body)
         validate_chat(body)
@@ -81,6 +82,7 @@ async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
             return await _stream(body, tags, caller, t0)
         out = await caller.complete(body, tags=tags)
     except FlowcError as err:
+        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")))
         return error_response(err)
     total = (time.perf_counter() - t0) * 1000
     headers = flowc_headers(out.target.provider, out.body.get("model") or out.target.model,
