@@ -1,9 +1,12 @@
-"""The gateway's own cost, side by side with Portkey's gateway, in one run.
+"""The gateway's own cost, side by side with Portkey's gateway and the Python floor, in one run.
 
 Starts a loopback upstream that answers instantly (Node), `flowc serve` (one uvicorn worker,
-uvloop + httptools) with the ledger on and off, and Portkey's gateway (Node, from npm), then
-drives each with wrk: requests/s and p99 at concurrency 32, p50 at concurrency 1 (added p50 =
-through the gateway minus straight to the upstream). Writes the table into
+uvloop + httptools) with the ledger on and off, Portkey's gateway (Node, from npm) and the
+Python floor (benchmarks/gateway/floor.py: a bare ASGI + aiohttp pass-through), then drives
+each with wrk: requests/s and p99 at concurrency 32, p50 at concurrency 1 (added p50 =
+through the gateway minus straight to the upstream). Then each wire flowc serves, same wire
+in and out (chat completions and responses to OpenAI, messages to Anthropic): added p50,
+req/s, and the added time to the first byte of a streamed answer. Writes both tables into
 docs/benchmarks.md. Needs `wrk` (apt-get install wrk) and `npm install` in
 benchmarks/gateway/; everything listens on 127.0.0.1 and stops by itself.
 
@@ -13,11 +16,14 @@ benchmarks/gateway/; everything listens on 127.0.0.1 and stops by itself.
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +37,17 @@ ROOT = HERE.parent
 GW = HERE / "gateway"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- gateway:begin -->", "<!-- gateway:end -->"
+WIRES_BEGIN, WIRES_END = "<!-- wires:begin -->", "<!-- wires:end -->"
+CHAT = {"messages": [{"role": "user", "content": "Say ok."}], "max_tokens": 5}
+# (label, path, model through flowc, body, headers): same wire in and out.
+WIRES = [
+    ("chat completions -> OpenAI", "/v1/chat/completions", "openai/gpt-4o-mini", CHAT,
+     {"authorization": "Bearer sk-bench"}),
+    ("responses -> OpenAI", "/v1/responses", "gpt-4o-mini",
+     {"input": "Say ok.", "max_output_tokens": 16}, {"authorization": "Bearer sk-bench"}),
+    ("messages -> Anthropic", "/v1/messages", "claude-sonnet-4-6", CHAT,
+     {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}),
+]
 
 
 def free_port() -> int:
@@ -65,14 +82,18 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def wrk(url: str, model: str, conns: int, seconds: int, headers: dict[str, str]) -> dict:
-    script = (HERE / "gateway" / "post.lua").read_text().replace("MODEL", model)
+def wrk(url: str, model: str, conns: int, seconds: int, headers: dict[str, str],
+        body: dict | None = None) -> dict:
+    payload = json.dumps({"model": model, **(body or CHAT)})
+    script = "\n".join([
+        'wrk.method = "POST"', 'wrk.headers["Content-Type"] = "application/json"',
+        *(f'wrk.headers["{k}"] = "{v}"' for k, v in
+          {"authorization": "Bearer sk-bench", **headers}.items()),
+        f"wrk.body = [[{payload}]]"])
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     cmd = ["wrk", "-t", "1" if conns == 1 else "2", "-c", str(conns), "-d", f"{seconds}s",
            "--latency", "-s", f.name]
-    for k, v in headers.items():
-        cmd += ["-H", f"{k}: {v}"]
     out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=seconds + 30)
     os.unlink(f.name)
     text = out.stdout
@@ -81,6 +102,59 @@ def wrk(url: str, model: str, conns: int, seconds: int, headers: dict[str, str])
     lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", text).group(1)) for p in ("50", "99")}
     return {"rps": rps, "p50": lat["50"], "p99": lat["99"],
             "errors": int(non2xx.group(1)) if non2xx else 0}
+
+
+def first_byte_ms(base: str, path: str, body: dict, headers: dict[str, str],
+                  n: int = 300) -> float:
+    """Median time from sending a streamed request to its answer's first body byte, over
+    ``n`` sequential requests on one kept-alive connection."""
+    host, port = base.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    payload = json.dumps({**body, "stream": True}).encode()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("POST", path, payload, {"content-type": "application/json", **headers})
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()[:300]
+        resp.read(1)
+        times.append((time.perf_counter() - t0) * 1000)
+        resp.read()
+    conn.close()
+    return statistics.median(times)
+
+
+def bench_wires(upstream: str, seconds: int) -> list[str]:
+    """Each wire, same wire in and out: direct to the upstream, then through flowc."""
+    rows = ["| wire | p50 direct (ms) | p50 via flowc (ms) | added p50 (ms) | req/s via flowc "
+            "at c=32 | added first byte, streamed (ms) |", "|---|---:|---:|---:|---:|---:|"]
+    with tempfile.TemporaryDirectory() as project:
+        Path(project, "flowc.yaml").write_text("ledger:\n  enabled: true\n")
+        port = free_port()
+        env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1", "OPENAI_API_KEY": "sk-bench",
+               "ANTHROPIC_BASE_URL": upstream, "ANTHROPIC_API_KEY": "sk-bench",
+               "PYTHONPATH": str(ROOT)}
+        p = start([sys.executable, "-m", "runtime.cli", "serve", "--port", str(port),
+                   "--log-level", "warning"], env, Path(project))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_http(url + "/health")
+            for label, path, model, body, headers in WIRES:
+                wrk(url + path, model, 8, 2, headers, body)  # warm up
+                direct = wrk(upstream + path, model.rpartition("/")[2], 1, seconds, headers,
+                             body)
+                via = wrk(url + path, model, 1, seconds, headers, body)
+                via32 = wrk(url + path, model, 32, seconds, headers, body)
+                bare = {**body, "model": model.rpartition("/")[2]}
+                ttfb = (first_byte_ms(url, path, {**body, "model": model}, headers)
+                        - first_byte_ms(upstream, path, bare, headers))
+                errors = direct["errors"] + via["errors"] + via32["errors"]
+                rows.append(f"| {label} | {direct['p50']:.3f} | {via['p50']:.3f} | "
+                            f"{via['p50'] - direct['p50']:+.3f} | {via32['rps']:,.0f} | "
+                            f"{ttfb:+.3f} |" + (f" ({errors} errors)" if errors else ""))
+        finally:
+            stop(p)
+    return rows
 
 
 def _ms(value: str) -> float:
@@ -92,6 +166,7 @@ def _ms(value: str) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--print-only", action="store_true", help="do not write the doc")
     args = ap.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk")
@@ -146,6 +221,18 @@ def main() -> None:
         c1 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, pk_headers)
         c32 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, pk_headers)
         rows.append(("Portkey gateway 1.15.2 (Node)", c32, c1, c1["p50"] - direct["p50"]))
+
+        fl_port = free_port()
+        procs.append(start([sys.executable, str(GW / "floor.py"), str(fl_port), upstream],
+                           dict(os.environ), GW))
+        floor = f"http://127.0.0.1:{fl_port}"
+        wait_http(floor)
+        wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 8, 2, {})
+        c1 = wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, {})
+        c32 = wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, {})
+        rows.append(("Python floor (bare ASGI + aiohttp pass-through)", c32, c1,
+                     c1["p50"] - direct["p50"]))
+        wires = bench_wires(upstream, args.duration)
     finally:
         for p in procs:
             stop(p)
@@ -157,7 +244,16 @@ def main() -> None:
                      f"{added:+.3f} | {c32['errors'] + c1['errors']} |")
     text = "\n".join(table)
     print(text)
+    print("\n".join(wires))
+    if args.print_only:
+        return
     doc = DOC.read_text()
+    wires_block = f"{WIRES_BEGIN}\n" + "\n".join(wires) + f"\n{WIRES_END}"
+    if WIRES_BEGIN in doc:
+        doc = re.sub(re.escape(WIRES_BEGIN) + ".*?" + re.escape(WIRES_END), wires_block, doc,
+                     flags=re.S)
+    else:
+        doc = doc.replace(END, END + "\n\n" + wires_block, 1)
     block = f"{BEGIN}\n{text}\n\nMeasured {time.strftime('%Y-%m-%d')}, {args.duration} s per " \
             "run, flowc's rows the better of two alternating runs, with " \
             f"`python benchmarks/bench_gateway.py`.\n{END}"
