@@ -5,11 +5,15 @@ below); image parts become image blocks; assistant `tool_calls` become `tool_use
 `tool` messages `tool_result` blocks; `stop_reason` maps to `finish_reason` (`tool_use` ->
 `tool_calls`, never `stop`); usage counts cache writes and reads into the prompt tokens, as
 Anthropic bills them. `response_format` is honoured by a forced tool whose input schema is
-the requested schema. Fields Anthropic cannot honour are refused, not dropped.
+the requested schema. `reasoning_effort` becomes a thinking budget, and thinking blocks in the
+answer become `reasoning_content`. Fields that only hint (caching keys, metadata, service
+tiers, seeds, penalties) are dropped; what would change the answer's meaning (`n > 1`,
+`logprobs`, `logit_bias`, audio, web search) is refused. The table: docs/wires/messages.md.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -36,13 +40,17 @@ _JSON_TOOL = "json_output"
 FINISH = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
           "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
           "model_context_window_exceeded": "length"}
-# OpenAI request fields this adapter maps; any other field that is set is refused.
-_HANDLED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-            "stop", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls",
-            "response_format", "user", "metadata", "n"}
-_ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500,
+# `reasoning_effort` as a thinking budget (tokens); `none` turns thinking off. The budgets
+# read back through `/v1/messages` -> chat (runtime/gateway/anthropic_api.py) as the same
+# effort, except `minimal`, which reads back as `low`.
+THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384,
+                    "xhigh": 32768}
+# Claude models without extended thinking (3.7 Sonnet and every model since have it).
+_NO_THINKING = re.compile(r"claude-(?:instant|2|3-(?!7))")
+ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500,
                  "invalid_request_error": 400, "authentication_error": 401,
-                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413}
+                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                "billing_error": 402, "timeout_error": 504}
 
 
 def _headers(ep: Endpoint) -> dict[str, str]:
@@ -136,13 +144,51 @@ def _messages(messages: list[dict[str, Any]]) -> tuple[str | None, list[dict[str
     return ("\n\n".join(system) if system else None), out
 
 
-def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[str, Any], bool]:
-    """The Messages API body, and whether `response_format` is served by the forced tool."""
-    extra = sorted(k for k, v in req.items() if k not in _HANDLED and v is not None)
-    if extra:
-        raise UnsupportedFeature("anthropic", f"'{extra[0]}'", extra[0])
+def _refuse_meaning_changers(req: dict[str, Any]) -> None:
+    """Refuse what Anthropic cannot answer as asked (more answers, token probabilities,
+    banned tokens, audio, web search); everything else it has no field for only hints and
+    is dropped (see docs/wires/messages.md)."""
     if req.get("n") not in (None, 1):
         raise UnsupportedFeature("anthropic", "n > 1", "n")
+    if req.get("logprobs") or req.get("top_logprobs"):
+        raise UnsupportedFeature("anthropic", "'logprobs'", "logprobs")
+    if req.get("logit_bias"):
+        raise UnsupportedFeature("anthropic", "'logit_bias'", "logit_bias")
+    modalities = req.get("modalities")
+    if req.get("audio") or (isinstance(modalities, list) and "audio" in modalities):
+        raise UnsupportedFeature("anthropic", "audio output", "audio")
+    if req.get("web_search_options") is not None:
+        raise UnsupportedFeature("anthropic", "'web_search_options'", "web_search_options")
+    if req.get("functions") or req.get("function_call"):
+        raise UnsupportedFeature("anthropic", "'functions' (send them as 'tools')", "functions")
+
+
+def _in_tool_loop(messages: list[dict[str, Any]]) -> bool:
+    """The request answers tool results of an assistant turn that has no thinking block
+    (a chat history cannot carry one): Anthropic refuses thinking there."""
+    for msg in reversed(messages):
+        if msg.get("role") == "tool":
+            continue
+        return msg.get("role") == "assistant" and bool(msg.get("tool_calls"))
+    return False
+
+
+def thinking_budget(req: dict[str, Any], model: str, forced_tool: bool) -> int | None:
+    """The thinking budget `reasoning_effort` asks for, or None when thinking stays off: no
+    effort (or `none`), a model without thinking, a forced tool (Anthropic refuses thinking
+    with one), or a tool loop whose assistant turn has no thinking block to send back."""
+    effort = req.get("reasoning_effort")
+    budget = THINKING_BUDGETS.get(effort) if isinstance(effort, str) else None
+    if budget is None or forced_tool or _NO_THINKING.search(model):
+        return None
+    if _in_tool_loop(req.get("messages") or []):
+        return None
+    return budget
+
+
+def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[str, Any], bool]:
+    """The Messages API body, and whether `response_format` is served by the forced tool."""
+    _refuse_meaning_changers(req)
     system, messages = _messages(req.get("messages") or [])
     body: dict[str, Any] = {
         "model": model,
@@ -158,11 +204,14 @@ def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[s
         body["temperature"] = req["temperature"]
     if req.get("top_p") is not None:
         body["top_p"] = req["top_p"]
+    if isinstance(req.get("top_k"), int):  # not OpenAI's, but sent by clients of vLLM
+        body["top_k"] = req["top_k"]
     stop = req.get("stop")
     if stop:
         body["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if req.get("user"):
-        body["metadata"] = {"user_id": str(req["user"])}
+    user = req.get("user") or req.get("safety_identifier")
+    if user:
+        body["metadata"] = {"user_id": str(user)}
     if stream:
         body["stream"] = True
     if req.get("tools"):
@@ -182,6 +231,17 @@ def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[s
                           "input_schema": schema}]
         body["tool_choice"] = {"type": "tool", "name": _JSON_TOOL}
         json_mode = True
+    forced = json_mode or (choice or {}).get("type") in ("any", "tool")
+    budget = thinking_budget(req, model, forced)
+    if budget is not None:
+        body["thinking"] = {"type": "enabled", "budget_tokens": budget}
+        if body["max_tokens"] <= budget:  # the budget counts toward max_tokens
+            body["max_tokens"] += budget
+        # With thinking on, Anthropic takes temperature 1 only, top_p from 0.95, no top_k.
+        body.pop("temperature", None)
+        body.pop("top_k", None)
+        if body.get("top_p", 1) < 0.95:
+            body.pop("top_p")
     return body, json_mode
 
 
@@ -232,10 +292,12 @@ def to_openai(msg: dict[str, Any], json_mode: bool, usage: Usage | None = None
               ) -> dict[str, Any]:
     """A Messages API answer as a chat.completion (``usage`` when it is not the answer's own,
     an estimate for an answer without one)."""
-    text, calls = [], []
+    text, calls, thinking = [], [], []
     for block in msg.get("content") or ():
         kind = block.get("type")
-        if kind == "text" and not json_mode:  # in JSON mode only the forced tool's input counts
+        if kind == "thinking":  # redacted_thinking has no text to show
+            thinking.append(block.get("thinking") or "")
+        elif kind == "text" and not json_mode:  # in JSON mode only the forced tool's input counts
             text.append(block.get("text", ""))
         elif kind == "tool_use":
             if json_mode and block.get("name") == _JSON_TOOL:
@@ -252,6 +314,8 @@ def to_openai(msg: dict[str, Any], json_mode: bool, usage: Usage | None = None
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
+    if thinking:
+        message["reasoning_content"] = "".join(thinking)
     usage = usage or usage_of(msg.get("usage"))
     return {
         "id": "chatcmpl-" + str(msg.get("id", "")),
@@ -326,6 +390,10 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                     state.mark_token()
                     state.out_chars += len(block["text"])
                     yield chunk({"content": block["text"]})
+                elif block.get("type") == "thinking" and block.get("thinking"):
+                    state.mark_token()
+                    state.out_chars += len(block["thinking"])
+                    yield chunk({"reasoning_content": block["thinking"]})
             elif kind == "content_block_delta":
                 delta = ev.get("delta") or {}
                 dtype = delta.get("type")
@@ -333,6 +401,10 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                     state.mark_token()
                     state.out_chars += len(delta.get("text", ""))
                     yield chunk({"content": delta.get("text", "")})
+                elif dtype == "thinking_delta":
+                    state.mark_token()
+                    state.out_chars += len(delta.get("thinking", ""))
+                    yield chunk({"reasoning_content": delta.get("thinking", "")})
                 elif dtype == "input_json_delta":
                     part = delta.get("partial_json", "")
                     state.out_chars += len(part)
@@ -360,7 +432,7 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
                         else finish
             elif kind == "error":
                 err = ev.get("error") or {}
-                status = _ERROR_STATUS.get(err.get("type", ""), 500)
+                status = ERROR_STATUS.get(err.get("type", ""), 500)
                 raise UpstreamError(ep.name, status, err.get("message", "stream error"))
             elif kind == "message_stop":
                 stopped = True
