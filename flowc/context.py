@@ -25,7 +25,10 @@ class Use:
     consumer: str | None  # step id, or None for the pipeline output
     ref: Ref
     span: Span
-    kind: Literal["data", "condition", "output"]
+    # guarded: a Jinja read whose last part may be missing (`| default(..)`, `is defined`):
+    # typed and checked, never a missing-value finding or a missing read at run time.
+    kind: Literal["data", "condition", "output", "guarded"]
+    jinja: bool = False  # read by Jinja code (`{{ a.b }}`), not a `${...}` reference
 
 
 @dataclass

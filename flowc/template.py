@@ -541,7 +541,7 @@ def _literal(text: str) -> str:
 
 
 def parse_template(text: str) -> Template:
-    """Scan ``text``; Jinja syntax, if any, is parsed later by :func:`jinja_names`."""
+    """Scan ``text``; Jinja syntax, if any, is parsed later by :func:`jinja_reads`."""
     parts = tuple(scan_template(text))
     if not _JINJA_SYNTAX.search(text):
         return Template(text, parts, None)
@@ -554,19 +554,77 @@ def parse_template(text: str) -> Template:
     return Template(text, parts, "".join(pieces))
 
 
-def jinja_names(template: Template) -> set[str]:
-    """Free variable names a Jinja template reads (ours excluded). Raises
-    ``jinja2.TemplateSyntaxError``."""
+# What a read looks like to the checker: the root name and the static fields and indexes
+# after it (`a.label`, `input["x"][0]`), and whether it is guarded against a missing last
+# part (`| default(...)`, `is defined`), which StrictUndefined otherwise makes a failure.
+JinjaRead = tuple[tuple[str | int, ...], bool]
+_GUARD_FILTERS = frozenset({"default", "d"})
+_GUARD_TESTS = frozenset({"defined", "undefined"})
+
+
+def jinja_reads(template: Template) -> list[JinjaRead]:
+    """Each read of a free variable (ours excluded), as the longest static chain of fields
+    and indexes from its root: `{{ a.label }}` reads ``("a", "label")``; a method call
+    reads its receiver (`{{ a.upper() }}` reads ``("a",)``). A root the template also
+    assigns (a loop variable, `set`, a macro argument) is read as a root only: which of the
+    two a chain means depends on where it stands. Raises ``jinja2.TemplateSyntaxError``."""
     if template.jinja_source is None:
-        return set()
-    from jinja2 import TemplateSyntaxError, meta
+        return []
+    from jinja2 import TemplateSyntaxError, meta, nodes
 
     try:  # Jinja's parser recurses once per nesting level (1,000 parentheses overflow it)
         ast = jinja_env().parse(template.jinja_source)
-        names = meta.find_undeclared_variables(ast)
+        free = {n for n in meta.find_undeclared_variables(ast)
+                if not n.startswith("__flowc_ref_")}
     except RecursionError:
         raise TemplateSyntaxError("the template nests too deeply", 1) from None
-    return {n for n in names if not n.startswith("__flowc_ref_")}
+    assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    reads: list[JinjaRead] = []
+
+    def chain(node: nodes.Node) -> tuple[str | int, ...] | None:
+        segments: list[str | int] = []
+        while True:
+            if isinstance(node, nodes.Getattr):
+                segments.append(node.attr)
+            elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const) \
+                    and isinstance(node.arg.value, str | int) \
+                    and not isinstance(node.arg.value, bool):
+                segments.append(node.arg.value)
+            elif isinstance(node, nodes.Name) and node.ctx == "load" and node.name in free:
+                if node.name in assigned:
+                    return (node.name,)
+                return (node.name, *reversed(segments))
+            else:
+                return None
+            node = node.node
+
+    def visit(node: nodes.Node, guarded: bool = False) -> None:
+        if isinstance(node, nodes.Call) and isinstance(node.node, nodes.Getattr):
+            receiver = chain(node.node.node)
+            if receiver is not None:
+                reads.append((receiver, False))
+                for child in (*node.args, *node.kwargs, node.dyn_args, node.dyn_kwargs):
+                    if child is not None:
+                        visit(child)
+                return
+        elif isinstance(node, nodes.Filter | nodes.Test) and node.node is not None:
+            guard = node.name in (_GUARD_FILTERS if isinstance(node, nodes.Filter)
+                                  else _GUARD_TESTS)
+            visit(node.node, guard)
+            for child in (*node.args, *node.kwargs, node.dyn_args, node.dyn_kwargs):
+                if child is not None:
+                    visit(child)
+            return
+        if isinstance(node, nodes.Getattr | nodes.Getitem | nodes.Name):
+            path = chain(node)
+            if path is not None:
+                reads.append((path, guarded))
+                return
+        for child in node.iter_child_nodes():
+            visit(child)
+
+    visit(ast)
+    return reads
 
 
 def to_text(value: Any) -> str:

@@ -276,10 +276,15 @@ class _Run:
     async def _render(self, template: Template, names: dict[str, Any], what: str) -> str:
         """Render off the event loop (Jinja code runs in a worker thread, bounded; a step's
         `timeout:` cancels it); a template past its limits fails the step."""
+        from jinja2 import TemplateError
+
         try:
             return await render_async(template, self.scope, names)
         except TemplateLimitError as exc:
             raise StepFailed(f"{what} {exc}") from None
+        except TemplateError as exc:  # a read `flowc check` cannot see (a loop variable's
+            # field), or a value of another shape than its schema said
+            raise StepFailed(f"{what} failed: {exc}") from None
 
     # -- one step --------------------------------------------------------------------------
     async def _step(self, sid: str) -> None:
@@ -338,7 +343,8 @@ class _Run:
                 return f"condition `{step.when}` was false"
         elif step.when is False:
             return "condition is false"
-        return self._missing_read(step, [ref for ref, kind in node.refs if kind != "condition"])
+        return self._missing_read(step, [ref for ref, kind in node.refs
+                                         if kind not in ("condition", "guarded")])
 
     def _missing_read(self, step: LLMStep | MCPToolStep, refs: list[Ref]) -> str | None:
         for ref in refs:

@@ -409,3 +409,42 @@ def test_step_retries_replace_the_gateways_instead_of_multiplying_them(openai_fa
     assert result.status == "failed"
     assert len(openai_fake.requests) == 3 and len(rows) == 3
     assert result.steps["a"].attempts == 3 and result.steps["a"].model_calls == 3
+
+
+def test_jinja_reads_run_as_checked(openai_fake, tmp_path):
+    """A Jinja read the checker passed runs: an optional field behind `| default(.., true)`
+    renders its default when the model leaves it out; a loop variable's missing field (which
+    the checker cannot see) fails the step with a message, not a traceback."""
+    compiled = compile_yaml("""
+        name: jinja
+        inputs:
+          docs: {type: array}
+        steps:
+          - id: classify
+            type: llm
+            model: m
+            prompt: Classify
+            response_format:
+              schema:
+                type: object
+                properties: {label: {type: string}, note: {type: string}}
+                required: [label]
+          - id: answer
+            type: llm
+            model: m
+            prompt: >-
+              {{ classify.label.upper() }}/{{ classify.note | default("no note", true) }}
+              {% for d in input.docs %}[{{ d.title }}]{% endfor %}
+        output: ${answer}
+        """)
+    openai_fake.then(openai_text('{"label": "billing"}'), openai_text("done"))
+    result, _ = run(compiled, {"docs": [{"title": "a"}]}, fake=openai_fake,
+                    tmp_path=tmp_path)
+    assert result.status == "succeeded", result.error
+    assert openai_fake.requests[-1].body["messages"][-1]["content"] == \
+        "BILLING/no note [a]"
+    openai_fake.then(openai_text('{"label": "billing"}'))
+    result, _ = run(compiled, {"docs": [{"name": "a"}]}, fake=openai_fake, tmp_path=tmp_path)
+    assert result.status == "failed"
+    assert result.steps["answer"].error == (
+        "prompt template of step 'answer' failed: 'dict object' has no attribute 'title'")

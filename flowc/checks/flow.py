@@ -75,6 +75,8 @@ def check_skips(ctx: Context) -> None:
             runs, why = "maybe", _OWN_CONDITION
         own_only = True  # skipped by its own condition alone (a guard for if/else joins)
         for use in info.uses:
+            if use.kind == "guarded":
+                continue
             avail, missing = _availability(ctx, use, status, guard)
             if avail == "always":
                 continue
@@ -108,6 +110,8 @@ def check_skips(ctx: Context) -> None:
             ctx.out.add("unreachable-step", f"step '{sid}' can never run: {why}",
                         span.start, span.end)
     for use in ctx.output_uses:
+        if use.kind == "guarded":
+            continue
         avail, missing = _availability(ctx, use, status, guard)
         if avail != "always":
             _report_unguarded(ctx, use, missing, reason, avail)
@@ -175,7 +179,8 @@ def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str
     name = " ?? ".join(names)
     alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))
     where = "the pipeline output" if use.consumer is None else f"step '{use.consumer}'"
-    fix = f"add a fallback: ${{{alts} ?? <default>}}"
+    fix = (f"add a fallback: {{{{ {alts} | default(<default>, true) }}}}" if use.jinja
+           else f"add a fallback: ${{{alts} ?? <default>}}")
     if use.consumer is not None:
         fix += f", or set `on_missing: skip` on step '{use.consumer}'"
     verb = "is never produced" if avail == "never" else "may be missing"

@@ -10,7 +10,7 @@ from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
 from flowc.model import LLMStep, MCPToolStep
 from flowc.source import Span
-from flowc.template import Template, jinja_names, parse_template
+from flowc.template import Template, jinja_reads, parse_template
 from flowc.validate import did_you_mean, suggest
 
 
@@ -56,7 +56,7 @@ def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
         from jinja2 import TemplateSyntaxError
 
         try:
-            names = jinja_names(template)
+            reads = jinja_reads(template)
         except TemplateSyntaxError as exc:
             lines = text.splitlines(keepends=True)
             offset = sum(len(x) for x in lines[: max(0, (exc.lineno or 1) - 1)])
@@ -64,13 +64,29 @@ def _scan_template(ctx: Context, info: StepInfo | None, path: tuple[Any, ...],
             ctx.out.add("template-syntax", f"invalid Jinja2 template: {exc.message}",
                         at.start, at.end)
             return None
-        for name in sorted(names):
-            m = re.search(r"\b" + re.escape(name) + r"\b", text)
-            off = m.start() if m else 0
-            span = ctx.value_span(path, text, off, off + len(name))
-            use = Use(consumer, Ref((Path(name),)), span, kind)  # type: ignore[arg-type]
-            (info.uses if info else ctx.output_uses).append(use)
+        uses = info.uses if info else ctx.output_uses
+        for (root, *segments), guarded in dict.fromkeys(reads):
+            span = _jinja_span(ctx, path, text, str(root), segments)
+            read = Ref((Path(str(root), tuple(segments)),))
+            if guarded and segments:
+                # `{{ a.x | default(..) }}`: `a` must be there, `x` may be missing.
+                uses.append(Use(consumer, Ref((Path(str(root), tuple(segments[:-1])),)),
+                                span, kind, jinja=True))  # type: ignore[arg-type]
+            uses.append(Use(consumer, read, span, "guarded" if guarded else kind,  # type: ignore[arg-type]
+                            jinja=True))
     return template
+
+
+def _jinja_span(ctx: Context, path: tuple[Any, ...], text: str, root: str,
+                segments: list[str | int]) -> Span:
+    """Where a Jinja read stands: its dotted form when written so, else its root name."""
+    dotted = re.escape(root) + "".join(
+        r"\s*\.\s*" + re.escape(s) if isinstance(s, str) else r"\s*\[\s*" + str(s) + r"\s*\]"
+        for s in segments)
+    m = re.search(r"\b" + dotted + r"\b", text) if segments else None
+    m = m or re.search(r"\b" + re.escape(root) + r"\b", text)
+    start, end = (m.start(), m.end()) if m else (0, len(root))
+    return ctx.value_span(path, text, start, end)
 
 
 def _scan_params(ctx: Context, info: StepInfo, path: tuple[Any, ...], value: Any) -> Any:
