@@ -476,6 +476,7 @@ async def _events(chunks: AsyncIterator[dict[str, Any]], body: dict[str, Any],
     async for chunk in chunks:
         if not started:
             started = True
+            state.model = chunk.get("model") or state.model
             estimate = tokens_of(request_chars(body))
             yield _sse("message_start", {"type": "message_start", "message": {
                 "id": message_id(chunk.get("id")), "type": "message", "role": "assistant",
