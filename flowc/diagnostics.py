@@ -53,6 +53,7 @@ RULES: dict[str, Rule] = {
         Rule("not-in-enum", _E, "a literal compared with a value whose schema's enum lacks it"),
         Rule("maybe-skipped", _E, "a read of a maybe-skipped value with no fallback"),
         Rule("unknown-model", _E, "a model that is neither an alias nor a known provider model"),
+        Rule("unlisted-model", _W, "a provider model the price data does not list (a typo?)"),
         Rule("unknown-mcp-server", _E, "an MCP server that flowc.yaml does not define"),
         Rule("unknown-tool", _E, "a tool the MCP server does not offer"),
         Rule("tool-params", _E, "tool params that violate the tool's input schema"),

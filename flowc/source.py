@@ -319,9 +319,10 @@ class _Builder:
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark or node.start_mark
             raise YamlError(f"YAML error: {exc.problem}", mark.index) from None
-        except (ValueError, TypeError, IndexError, OverflowError):
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
             # PyYAML's constructors raise plain Python errors for a tagged value they cannot
-            # read (`!!int h`, an empty `!!int`): the file's mistake, not a crash.
+            # read (`!!int h`, an empty `!!int`, `!!bool name`): the file's mistake, not a
+            # crash.
             tag = node.tag.rsplit(":", 1)[-1]
             raise YamlError(f"YAML error: {node.value!r} is not a valid !!{tag} value",
                             node.start_mark.index) from None

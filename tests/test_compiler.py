@@ -1,6 +1,9 @@
 """The compiler's API: the compiled DAG, project config, positions, and never crashing."""
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -127,6 +130,47 @@ def test_model_names_are_only_checked_with_a_project_config():
     result = compile_source(src, "m.yaml", Project(config=config, catalog=ToolCatalog()))
     assert [d.rule for d in result.diagnostics] == ["unknown-model"]
     assert result.compiled is None
+
+
+def test_provider_models_the_price_data_does_not_list_are_warnings():
+    """`gpt-4o-minii` and `gpt-5-turbo-ultra` resolve (they look like OpenAI models) but no
+    price list knows them: a warning at the name, unless flowc.yaml declares the model."""
+    src = textwrap.dedent("""\
+        name: m
+        steps:
+          - {id: a, type: llm, model: openai/gpt-4o-minii, prompt: hi}
+          - {id: b, type: llm, model: gpt-5-turbo-ultra, prompt: "${a}"}
+          - {id: c, type: llm, model: claude-sonnet-4-6, prompt: "${b}"}
+          - {id: d, type: llm, model: fast, prompt: "${c}"}
+          - {id: e, type: llm, model: openai/gpt-4o-mini, prompt: "${d}"}
+        output: ${e}
+        """)
+    config = ProjectConfig.model_validate({"models": {"fast": "openai/gpt-4o-mini"}})
+    result = compile_source(src, "m.yaml", Project(config=config, catalog=ToolCatalog()))
+    found = [(d.rule, d.severity, d.line, d.message) for d in result.diagnostics]
+    assert found == [
+        ("unlisted-model", "warning", 3, "the price data lists no openai model 'gpt-4o-minii'"),
+        ("unlisted-model", "warning", 4,
+         "the price data lists no openai model 'gpt-5-turbo-ultra'")]
+    assert result.compiled is not None
+    declared = ProjectConfig.model_validate({
+        "models": {"fast": "openai/gpt-4o-mini", "gpt-5-turbo-ultra": "openai/gpt-5-turbo-ultra"},
+        "prices": {"openai/gpt-4o-minii": {"input": 1, "output": 2}}})
+    result = compile_source(src, "m.yaml", Project(config=declared, catalog=ToolCatalog()))
+    assert result.diagnostics == []
+
+
+def test_the_price_data_is_read_from_a_cache_not_imported(tmp_path):
+    """The library costs ~200 ms to import: after the first check, its model list comes from
+    a cache file and `flowc check` never imports it."""
+    code = ("import sys; from flowc.known_models import price_data_knows; "
+            "print(price_data_knows('openai', 'gpt-4o-minii'), "
+            "'genai_prices' in sys.modules)")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                           text=True, check=True).stdout.split() for _ in range(2)]
+    assert runs == [["False", "True"], ["False", "False"]]
+    assert len(list((tmp_path / "flowc").glob("known-models-genai-prices-*.json"))) == 1
 
 
 def test_resolve_model_follows_aliases_and_bare_names():

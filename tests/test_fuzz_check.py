@@ -23,6 +23,7 @@ CRASHERS = {
     "an empty !!int": STEP.format(extra="    timeout: !!int\n"),
     "a !!int that is not a number": "name: !!int h\nsteps: []\n",
     "a !!binary key": "!!binary i: 1\n",
+    "a !!bool key that is not a boolean": "!!bool name: x\nsteps: []\n",
     "an enum that is not a list": STEP.format(
         extra="    response_format:\n      schema: {type: object, properties: "
               "{l: {type: string, enum: 5}}}\n"),

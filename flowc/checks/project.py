@@ -9,6 +9,7 @@ from flowc.context import Context, StepInfo
 from flowc.expr import single_reference
 from flowc.model import LLMStep, MCPToolStep
 from flowc.schemas import json_path, schema_key, schema_validator
+from flowc.source import Span
 from flowc.validate import did_you_mean, suggest
 
 _SAMPLES: dict[str, Any] = {
@@ -30,9 +31,13 @@ def check_project(ctx: Context) -> None:
 
 def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
     config = ctx.config
-    if config is None or config.resolve_model(step.model) is not None:
+    if config is None:
         return
     span = ctx.source.span_of((*ctx.step_path(step.id), "model"))
+    target = config.resolve_model(step.model)
+    if target is not None:
+        _check_listed(ctx, step.model, target, span)
+        return
     if "/" in step.model:
         provider = step.model.partition("/")[0]
         hint = did_you_mean(provider, config.provider_names)
@@ -46,6 +51,26 @@ def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
                 + suggest(hint), span.start, span.end,
                 help=f"use an alias from flowc.yaml ({aliases}) or provider/model, "
                      "e.g. openai/gpt-4o-mini")
+
+
+def _check_listed(ctx: Context, name: str, target: tuple[str, str], span: Span) -> None:
+    """A provider model written in the pipeline (not an alias flowc.yaml declares) that the
+    price data does not list is likely a typo (`gpt-4o-minii`) or a model too new for the
+    price data: a warning, since the provider may still serve it."""
+    config = ctx.config
+    assert config is not None
+    provider, model = target
+    if name in config.models or f"{provider}/{model}" in config.prices:
+        return
+    from flowc.known_models import price_data_knows
+
+    if price_data_knows(provider, model) is not False:
+        return
+    ctx.out.add("unlisted-model", f"the price data lists no {provider} model '{model}'",
+                span.start, span.end,
+                help="check the spelling; if the model exists, declare it in flowc.yaml "
+                     f"(an alias under `models:`, or its price under `prices: "
+                     f"{{{provider}/{model}: ...}}`) so its calls are priced")
 
 
 def _server_known(ctx: Context, server: str, path: tuple[Any, ...]) -> bool:
