@@ -410,3 +410,29 @@ def test_answers_at_any_offset_of_any_text(text: str, data: st.DataObject) -> No
             found = A.definition(sym, offset)
             if found is not None:
                 assert 0 <= found[0] <= found[1] <= len(text)
+
+
+def test_needs_and_model_values(client: Client, project: Path) -> None:
+    """`needs:` entries complete to step ids and lead to the step; a `model:` value shows
+    what the alias resolves to."""
+    uri = (project / "n.yaml").as_uri()
+    text = PIPELINE.replace("    when: ${classify.urgency} > 2\n",
+                            "    when: ${classify.urgency} > 2\n    needs: [classify]\n", 1)
+    client.open(uri, text)
+    assert client.diagnostics(uri, 1) == []
+    loc = client.at("textDocument/definition", uri, *pos_of(text, "[classify]", 3))
+    assert loc["range"]["start"] == dict(zip(("line", "character"),
+                                             pos_of(text, "classify\n"), strict=True))
+    hover = client.at("textDocument/hover", uri, *pos_of(text, "model: smart", 8))
+    assert hover["contents"]["value"] == (
+        "`smart`: provider `anthropic`, model `claude-sonnet-4-6`")
+    typing = text.replace("needs: [classify]", "needs: [cla", 1)
+    client.change(uri, typing, 2)
+    items = client.at("textDocument/completion", uri, *pos_of(typing, "[cla", 4))["items"]
+    assert [(i["label"], i["detail"]) for i in items] == [
+        ("classify", "step (llm)"), ("answer", "step (llm)")]
+    typing = text.replace("needs: [classify]", "needs:\n      - ans", 1)
+    client.change(uri, typing, 3)
+    items = client.at("textDocument/completion", uri, *pos_of(typing, "- ans", 5))["items"]
+    assert items[1]["textEdit"]["range"]["start"] == dict(zip(
+        ("line", "character"), pos_of(typing, "- ans", 2), strict=True))

@@ -17,7 +17,7 @@ from pathlib import Path
 from flowc import types as T
 from flowc.checks.references import collect_uses, path_type, resolve_uses
 from flowc.checks.structure import check_structure
-from flowc.compiler import Project, compile_source
+from flowc.compiler import Project, _gc_paused, compile_source
 from flowc.config import BUILTIN_PROVIDERS, TOOL_CACHE, ProjectConfig, find_config
 from flowc.context import Context, StepInfo, Use
 from flowc.diagnostics import Collector, Diagnostic
@@ -104,16 +104,17 @@ def symbols(text: str, path: str, project: Project) -> Symbols | None:
     """The compiler's front end (YAML, structure, references) run for its tables; None when
     the text is not a YAML mapping."""
     source = SourceFile(path, text.removeprefix(BOM))
-    try:
-        raw = load_yaml(source)
-    except YamlError:
-        return None
-    if not isinstance(raw, dict):
-        return None
-    ctx = Context(source, Collector(source), raw, project.config, project.catalog)
-    check_structure(ctx)
-    collect_uses(ctx)
-    resolve_uses(ctx)
+    with _gc_paused():  # as the compiler does: its many small objects made the collector slow
+        try:
+            raw = load_yaml(source)
+        except YamlError:
+            return None
+        if not isinstance(raw, dict):
+            return None
+        ctx = Context(source, Collector(source), raw, project.config, project.catalog)
+        check_structure(ctx)
+        collect_uses(ctx)
+        resolve_uses(ctx)
     return Symbols(ctx, 1 if text.startswith(BOM) else 0)
 
 
@@ -122,8 +123,8 @@ def _use_at(sym: Symbols, at: int) -> Use | None:
     best: Use | None = None
     for use in sym.uses:
         s = use.span
-        if s.start <= at <= s.end and (best is None or s.end - s.start < best.span.end -
-                                        best.span.start):
+        if s.start <= at < s.end and (best is None or s.end - s.start < best.span.end -
+                                       best.span.start):
             best = use
     return best
 
@@ -151,7 +152,7 @@ def hover(sym: Symbols, offset: int) -> tuple[str, int, int] | None:
     if use is None:
         return _hover_model(sym, offset)
     spans = _alt_spans(sym, use)
-    here = [x for x in spans if x[1] <= offset - sym.shift <= x[2]] or spans
+    here = [x for x in spans if x[1] <= offset - sym.shift < x[2]] or spans
     parts = [_describe(sym, alt) for alt, _, _ in (here[:1] if len(here) < len(spans)
                                                     else here)]
     if len(use.ref.alts) > 1:
@@ -230,7 +231,7 @@ def _hover_model(sym: Symbols, offset: int) -> tuple[str, int, int] | None:
     for info in sym.ctx.steps.values():
         step = info.step
         span = sym.ctx.source.values.get(("steps", info.index, "model"))
-        if isinstance(step, LLMStep) and span and span.start <= at <= span.end:
+        if isinstance(step, LLMStep) and span and span.start <= at < span.end:
             target = config.resolve_model(step.model)
             text = (f"`{step.model}`: provider `{target[0]}`, model `{target[1]}`" if target
                     else f"`{step.model}`: not a model flowc.yaml or its providers know")
@@ -247,14 +248,14 @@ def definition(sym: Symbols, offset: int) -> tuple[int, int] | None:
     span: Span | None = None
     if use is not None:
         spans = _alt_spans(sym, use)
-        alt = next((a for a, s, e in spans if s <= at <= e), spans[0][0])
+        alt = next((a for a, s, e in spans if s <= at < e), spans[0][0])
         if isinstance(alt, RefPath):
             span = _defined(sym, alt)
     else:
         for info in ctx.steps.values():
             for i, need in enumerate(info.step.needs):
                 s = ctx.source.values.get(("steps", info.index, "needs", i))
-                if s and s.start <= at <= s.end and need in ctx.steps:
+                if s and s.start <= at < s.end and need in ctx.steps:
                     span = _step_span(sym, ctx.steps[need].index)
     if span is None:
         return None
