@@ -16,6 +16,7 @@ back. The table, field by field: docs/wires/messages.md.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 import uuid
@@ -72,7 +73,7 @@ def error_response(err: FlowcError) -> Response:
     headers = None
     retry_after = getattr(err, "retry_after", None)
     if retry_after is not None:
-        headers = {"retry-after": str(max(0, round(retry_after)))}
+        headers = {"retry-after": str(max(0, math.ceil(retry_after)))}
     return Response(orjson.dumps(_error_body(err)), status_code=err.status,
                     media_type="application/json", headers=headers)
 
