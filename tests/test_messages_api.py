@@ -355,6 +355,36 @@ def test_claude_code_request_translated_for_openai(gw):
     assert row[9] is not None and Decimal(str(row[9])) > 0 and row[10] is False
 
 
+def test_openai_cache_reads_come_back_as_cache_reads_and_are_priced(gw):
+    gw.openai.then(openai_text("Sure.", prompt_tokens=3000, completion_tokens=10, cached=2048))
+    raw = claude(gw).messages.with_raw_response.create(
+        model="fast", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
+    usage = raw.parse().usage
+    assert (usage.input_tokens, usage.cache_read_input_tokens,
+            usage.cache_creation_input_tokens, usage.output_tokens) == (952, 2048, 0, 10)
+    assert raw.parse().id == "msg_B9MBs8CjcvOU2jLn4n570S5qMJKcT"
+    # gpt-4o-mini per 1M: $0.15 input, $0.075 cached input, $0.60 output
+    expected = (952 * Decimal("0.15") + 2048 * Decimal("0.075") + 10 * Decimal("0.60")) / 10**6
+    assert Decimal(raw.headers["x-flowc-cost-usd"]) == expected
+    [row] = rows(gw, 1)
+    assert row[4:7] == [3000, 10, 2048] and Decimal(str(row[9])) == expected
+
+
+def test_chat_tool_loop_without_a_thinking_block_leaves_thinking_off(gw):
+    """Answering tool results of a chat history (which cannot carry Claude's signed thinking
+    block) with thinking on is refused by Anthropic: the effort is dropped there."""
+    chat(gw).chat.completions.create(
+        model="smart", reasoning_effort="high",
+        tools=[{"type": "function", "function": {"name": "get_weather",
+                                                 "parameters": WEATHER["input_schema"]}}],
+        messages=[{"role": "user", "content": "Weather in Oslo?"},
+                  {"role": "assistant", "content": None, "tool_calls": [{
+                      "id": "toolu_1", "type": "function",
+                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                  {"role": "tool", "tool_call_id": "toolu_1", "content": "4 degrees"}])
+    assert "thinking" not in gw.anthropic.requests[-1].body
+
+
 def test_thinking_and_effort_map_to_reasoning_effort_for_a_reasoning_model(gw):
     gw.openai.then(openai_reasoning("42.", "Six times seven."))
     msg = claude(gw).messages.create(
