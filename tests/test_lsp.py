@@ -343,6 +343,10 @@ def test_close_clears_the_documents_diagnostics(client: Client, project: Path) -
     assert client.diagnostics(uri, 1)
     client.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
     assert client.diagnostics(uri) == []
+    # a closed (or never opened) document has no answers, and no error either
+    assert client.at("textDocument/hover", uri, 0, 1) is None
+    assert client.at("textDocument/completion", uri, 0, 1) == {"isIncomplete": False,
+                                                                "items": []}
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,9 @@ class FlowcServer(LanguageServer):
 
     async def current(self, uri: str) -> tuple[str, A.Symbols | None]:
         """The document's text and the compiler's tables for it (built once per version)."""
-        doc = self.workspace.get_text_document(uri)
+        doc = self.workspace.text_documents.get(uri)
+        if doc is None:  # not opened: nothing of it is known (it is not read from disk)
+            return "", None
         text, version = doc.source, doc.version
         cached = self.symbols.get(uri)
         if cached is not None and cached[0] == version and cached[1] == text:
