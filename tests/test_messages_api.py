@@ -323,7 +323,7 @@ def test_claude_code_request_translated_for_openai(gw):
         final = stream.get_final_message()
     sent = gw.openai.requests[-1].body
     assert sent == {
-        "model": "gpt-4o-mini", "max_tokens": 32000, "stream": True,
+        "model": "gpt-4o-mini", "max_tokens": 16384, "stream": True,  # its most
         "stream_options": {"include_usage": True},
         "user": hashlib.sha256(CC_USER_ID.encode()).hexdigest(),
         "messages": [
@@ -388,11 +388,13 @@ def test_chat_tool_loop_without_a_thinking_block_leaves_thinking_off(gw):
 def test_thinking_and_effort_map_to_reasoning_effort_for_a_reasoning_model(gw):
     gw.openai.then(openai_reasoning("42.", "Six times seven."))
     msg = claude(gw).messages.create(
-        model="thinker", max_tokens=20000, thinking={"type": "enabled", "budget_tokens": 10000},
+        model="thinker", max_tokens=20000, extra_body={"temperature": 1},
+        thinking={"type": "enabled", "budget_tokens": 10000},
         messages=[{"role": "user", "content": "6*7?"}])
     sent = gw.openai.requests[-1].body
     assert sent["reasoning_effort"] == "medium" and sent["max_completion_tokens"] == 20000
     assert "max_tokens" not in sent and "thinking" not in sent
+    assert "temperature" not in sent  # o-series models take only the default
     assert [b.type for b in msg.content] == ["thinking", "text"]
     assert msg.content[0].thinking == "Six times seven." and msg.content[1].text == "42."
     assert msg.id == "msg_R3as0n1ng"

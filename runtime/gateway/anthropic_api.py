@@ -193,6 +193,15 @@ async def _passthrough(ep: Endpoint, resp: Any, state: StreamState) -> AsyncIter
 _REASONS = re.compile(r"(?:^|[/:])(?:o[1-9](?:$|[-.])|gpt-5(?!-chat)|gpt-oss|codex|"
                       r"deepseek-r1|deepseek-reasoner|qwq|qwen3|magistral|phi4-reasoning|"
                       r"grok-3-mini|grok-4)|thinking", re.I)
+# OpenAI's reasoning models, which also refuse any temperature or top_p but the default.
+_OPENAI_REASONS = re.compile(r"^(?:o[1-9](?:$|[-.])|gpt-5(?!-chat))")
+# The most output tokens OpenAI's models take (its model pages), most specific name first.
+# `max_tokens` is a cap, so one above the model's own is lowered to it instead of the 400
+# OpenAI answers (Claude Code asks for 32,000).
+_MAX_OUTPUT = (("gpt-4o-2024-05-13", 4096), ("gpt-4o", 16384), ("chatgpt-4o", 16384),
+               ("gpt-4.1", 32768), ("gpt-4-turbo", 4096), ("gpt-4-", 4096), ("gpt-4", 8192),
+               ("gpt-3.5", 4096), ("o1-mini", 65536), ("o1", 100000), ("o3", 100000),
+               ("o4", 100000), ("gpt-5", 128000))
 # `output_config.effort` as `reasoning_effort` (OpenAI's highest widely taken level is high).
 _EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}
 
@@ -216,6 +225,15 @@ def reasoning_effort(body: dict[str, Any]) -> str | None:
     if budget < 2 * THINKING_BUDGETS["low"]:
         return "low"
     return "medium" if budget < THINKING_BUDGETS["high"] else "high"
+
+
+def max_output(kind: str, model: str, asked: int) -> int:
+    """``asked``, lowered to the most an OpenAI model can write when flowc knows it."""
+    if kind == "openai":
+        for prefix, limit in _MAX_OUTPUT:
+            if model.startswith(prefix):
+                return min(asked, limit)
+    return asked
 
 
 def _accepts(kind: str, name: str) -> bool:
@@ -365,13 +383,15 @@ def to_openai(body: dict[str, Any], kind: str = "openai", model: str = "") -> di
     thinker = reasons(model)
     # Reasoning models take `max_completion_tokens` only; others (and older
     # OpenAI-compatible servers) know `max_tokens`.
-    req["max_completion_tokens" if thinker else "max_tokens"] = body["max_tokens"]
+    req["max_completion_tokens" if thinker else "max_tokens"] = max_output(
+        kind, model, body["max_tokens"])
     effort = reasoning_effort(body) if thinker else None
     if effort and _accepts(kind, "reasoning_effort"):
         req["reasoning_effort"] = effort
-    for key in ("temperature", "top_p"):
-        if body.get(key) is not None:
-            req[key] = body[key]
+    if kind != "openai" or not _OPENAI_REASONS.search(model):
+        for key in ("temperature", "top_p"):  # sampling hints OpenAI's reasoners refuse
+            if body.get(key) is not None:
+                req[key] = body[key]
     if body.get("top_k") is not None and kind != "openai" and _accepts(kind, "top_k"):
         req["top_k"] = body["top_k"]
     if body.get("stop_sequences"):
