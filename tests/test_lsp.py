@@ -440,3 +440,34 @@ def test_needs_and_model_values(client: Client, project: Path) -> None:
     items = client.at("textDocument/completion", uri, *pos_of(typing, "- ans", 5))["items"]
     assert items[1]["textEdit"]["range"]["start"] == dict(zip(
         ("line", "character"), pos_of(typing, "- ans", 2), strict=True))
+
+
+def test_diagnostics_are_the_findings_flowc_check_prints(client: Client, project: Path) -> None:
+    """Every finding `flowc check --format json` prints for a file (errors and warnings,
+    the project's model check included) is published, at the same place: the CLI's 1-based
+    columns count characters, LSP's count UTF-16 units from 0."""
+    text = PIPELINE.replace("Classify: ${input.ticket}", "Classé 😀: ${input.tickt}", 1) \
+        .replace("model: smart", "model: smrt", 1) \
+        .replace("output:\n  answer: ${answer ?? \"none\"}\n", "when: 1\n")
+    path = project / "many.yaml"
+    path.write_text(text)
+    cli = subprocess.run([sys.executable, "-m", "flowc.cli", "check", "--format", "json", path],
+                         capture_output=True, text=True, cwd=project, timeout=60)
+    printed = json.loads(cli.stdout)
+    assert len({f["rule"] for f in printed}) >= 3, printed
+    client.open(path.as_uri(), text)
+    published = client.diagnostics(path.as_uri(), 1)
+    lines = text.split("\n")
+
+    def lsp(line: int, column: int) -> dict[str, int]:
+        before = lines[line - 1][: column - 1]
+        return {"line": line - 1, "character": len(before.encode("utf-16-le")) // 2}
+
+    assert [(d["code"], d["message"].split("\nhelp: ")[0], d["range"]) for d in published] == [
+        (f["rule"], f["message"], {"start": lsp(f["line"], f["column"]),
+                                   "end": lsp(f["end_line"], f["end_column"])})
+        for f in printed]
+    assert [d["severity"] for d in published] == [
+        1 if f["severity"] == "error" else 2 for f in printed]
+    helps = [f["help"] for f in printed if f["help"]]
+    assert helps and all(any(h in d["message"] for d in published) for h in helps)
