@@ -31,6 +31,8 @@ log = logging.getLogger("flowc.lsp")
 #: not one per keystroke.
 DEBOUNCE_S = 0.15
 
+ConfigFindings = tuple[str, str, list[A.Finding]]  # flowc.yaml's uri, text, findings
+
 _KINDS = {
     "output": L.CompletionItemKind.Variable, "input": L.CompletionItemKind.Variable,
     "field": L.CompletionItemKind.Field, "model": L.CompletionItemKind.Value,
@@ -60,8 +62,7 @@ class FlowcServer(LanguageServer):
         return L.Range(L.Position(*lines.position(start)), L.Position(*lines.position(end)))
 
     # -- checking (on the checker thread) --------------------------------------------------
-    def check(self, uri: str, text: str) -> tuple[list[A.Finding], list[tuple[str, str,
-                                                                              list[A.Finding]]]]:
+    def check(self, uri: str, text: str) -> tuple[list[A.Finding], list[ConfigFindings]]:
         """The document's findings, and those of a flowc.yaml (re)loaded for it."""
         path = _path(uri)
         if path is not None and path.name == CONFIG_NAME:
