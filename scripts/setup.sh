@@ -2,7 +2,9 @@
 # Install flowc into the project's virtual environment (.venv), creating it if needed.
 #   scripts/setup.sh          flowc, plus Graphviz for `flowc graph`
 #   scripts/setup.sh --test   also what the tests need: Chromium, Node.js and npm, the
-#                             Python test dependencies and the npm MCP servers
+#                             Python test dependencies, the npm MCP servers and the real
+#                             clients of the gateway (tests/clients: Claude Code, Codex,
+#                             OpenClaw, the AI SDK; Node 24 for OpenClaw)
 # A virtual environment, because Debian's and Ubuntu's system Python refuse `pip install`
 # (PEP 668, "externally managed environment"). Set PYTHON to choose the interpreter
 # (3.11 or newer; default python3).
@@ -46,4 +48,9 @@ extras=""
 if [ "$test_deps" = 1 ]; then
   # Third-party MCP servers the tests start (@modelcontextprotocol/server-everything).
   npm install --prefix tests/mcp --no-audit --no-fund --loglevel=error
+  # Node 24 from npm's `node` package first: OpenClaw needs Node >= 24.16 and its install
+  # script refuses an older one (Debian's nodejs is 20), so the clients install under it.
+  npm install --prefix tests/clients/node --no-audit --no-fund --loglevel=error
+  PATH="$PWD/tests/clients/node/node_modules/.bin:$PATH" \
+    npm install --prefix tests/clients --no-audit --no-fund --loglevel=error
 fi

@@ -1,0 +1,167 @@
+"""Python agent SDKs pointed at flowc: the OpenAI Agents SDK, LangChain's ChatOpenAI and
+ChatAnthropic, pydantic-ai. Each runs a function tool of its own through the gateway and
+returns a structured answer where the SDK has one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from pydantic import BaseModel
+
+from tests.clients.conftest import Clients
+from tests.clients.upstream import Turn
+
+KEY = "sk-client"
+
+
+class City(BaseModel):
+    name: str
+    population: int
+
+
+PARIS = {"name": "Paris", "population": 2102650}
+
+
+def lookup(city: str) -> str:
+    """Look up facts about a city."""
+    return f"{city} has 2102650 inhabitants (flowc-census)"
+
+
+def lookup_turn(**extra: object) -> Turn:
+    return Turn(tool="lookup", arguments={"city": "Paris"}, **extra)  # type: ignore[arg-type]
+
+
+def reached(clients: Clients) -> bool:
+    return any("flowc-census" in t for t in clients.tool_results())
+
+
+# -- OpenAI Agents SDK -----------------------------------------------------------------------------
+@pytest.fixture
+def agents_client(clients: Clients) -> Iterator[object]:
+    """The Agents SDK's default client, at flowc (its traces, which would go to OpenAI's
+    platform, off)."""
+    import agents
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+    client = AsyncOpenAI(base_url=clients.url + "/v1", api_key=KEY)
+    agents.set_default_openai_client(client, use_for_tracing=False)
+    yield client
+    agents.set_default_openai_api("responses")
+
+
+def run_agents_sdk(clients: Clients, api: str) -> None:
+    import agents
+
+    agents.set_default_openai_api(api)  # "responses" is the SDK's default
+    clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
+    agent = agents.Agent(name="geo", instructions="Answer with facts.", model="gpt-4o-mini",
+                         tools=[agents.function_tool(lookup)])
+    result = agents.Runner.run_sync(agent, "How many people live in Paris?")
+    assert result.final_output == "Paris has about 2.1 million people."
+    assert reached(clients)
+    path = {"responses": "/v1/responses", "chat_completions": "/v1/chat/completions"}[api]
+    assert {r.path for r in clients.gw.openai.requests} == {path}
+    assert {r["model"] for r in clients.ledger()} == {"gpt-4o-mini"}
+
+
+def test_openai_agents_sdk_on_chat_completions(clients: Clients, agents_client) -> None:
+    run_agents_sdk(clients, "chat_completions")
+
+
+# -- LangChain -----------------------------------------------------------------------------------
+def _langchain_round_trip(clients: Clients, model) -> None:
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    lookup_tool = tool(lookup)
+    bound = model.bind_tools([lookup_tool])
+    messages = [HumanMessage("How many people live in Paris?")]
+    first = bound.invoke(messages)
+    assert [c["name"] for c in first.tool_calls] == ["lookup"]
+    messages += [first, ToolMessage(lookup_tool.invoke(first.tool_calls[0]["args"]),
+                                    tool_call_id=first.tool_calls[0]["id"])]
+    final = bound.invoke(messages)
+    assert final.content == "Paris has about 2.1 million people."
+    assert reached(clients)
+
+
+def test_langchain_chat_openai(clients: Clients) -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=clients.url + "/v1", api_key=KEY)
+    clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
+    _langchain_round_trip(clients, model)
+    clients.play(Turn(answer=json.dumps(PARIS)))
+    city = model.with_structured_output(City).invoke("Describe Paris.")
+    assert city == City(**PARIS)
+    assert clients.gw.openai.requests[-1].body["response_format"]["type"] == "json_schema"
+    assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
+        ("gpt-4o-mini", "openai")}
+
+
+@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
+def test_langchain_chat_anthropic(clients: Clients, method: str) -> None:
+    from langchain_anthropic import ChatAnthropic
+
+    model = ChatAnthropic(model="claude-sonnet-4-6", base_url=clients.url, api_key=KEY)
+    clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
+    _langchain_round_trip(clients, model)
+    clients.play(Turn(answer=json.dumps(PARIS), final_tool="City", final_arguments=PARIS))
+    city = model.with_structured_output(City, method=method).invoke("Describe Paris.")
+    assert city == City(**PARIS)
+    assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
+        ("claude-sonnet-4-6", "anthropic")}
+
+
+# -- pydantic-ai ---------------------------------------------------------------------------------
+# flowc model name -> the upstream that serves it (all through chat completions)
+PYDANTIC_MODELS = {"openai/gpt-4o-mini": "openai", "anthropic/claude-sonnet-4-6": "anthropic",
+                   "ollama/qwen2.5:7b": "ollama"}
+
+
+def _pydantic_agent(clients: Clients, model_name: str, output: str):
+    from pydantic_ai import Agent, NativeOutput, ToolOutput
+    from pydantic_ai.models.openai import OpenAIChatModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIChatModel(model_name, provider=OpenAIProvider(
+        base_url=clients.url + "/v1", api_key=KEY))
+    output_type = NativeOutput(City) if output == "native" else ToolOutput(City)
+    return Agent(model, output_type=output_type, tools=[lookup])
+
+
+def run_pydantic_ai(clients: Clients, model_name: str, output: str) -> None:
+    agent = _pydantic_agent(clients, model_name, output)
+    clients.play(lookup_turn(answer=json.dumps(PARIS), final_tool="final_result",
+                             final_arguments=PARIS))
+    result = asyncio.run(agent.run("How many people live in Paris?"))
+    assert result.output == City(**PARIS)
+    assert reached(clients)
+    assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
+        (model_name, PYDANTIC_MODELS[model_name])}
+
+
+@pytest.mark.parametrize(("model_name", "output"), [
+    ("openai/gpt-4o-mini", "native"), ("openai/gpt-4o-mini", "tool"),
+    ("anthropic/claude-sonnet-4-6", "tool"), ("ollama/qwen2.5:7b", "native")])
+def test_pydantic_ai(clients: Clients, model_name: str, output: str) -> None:
+    run_pydantic_ai(clients, model_name, output)
+
+
+def test_pydantic_ai_anthropic_model(clients: Clients) -> None:
+    from pydantic_ai import Agent, ToolOutput
+    from pydantic_ai.models.anthropic import AnthropicModel
+    from pydantic_ai.providers.anthropic import AnthropicProvider
+
+    model = AnthropicModel("claude-sonnet-4-6", provider=AnthropicProvider(
+        base_url=clients.url, api_key=KEY))
+    agent = Agent(model, output_type=ToolOutput(City), tools=[lookup])
+    clients.play(lookup_turn(final_tool="final_result", final_arguments=PARIS))
+    result = asyncio.run(agent.run("How many people live in Paris?"))
+    assert result.output == City(**PARIS)
+    assert reached(clients)
+    assert {r["provider"] for r in clients.ledger()} == {"anthropic"}
