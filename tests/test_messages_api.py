@@ -48,6 +48,8 @@ models:
   fast: openai/gpt-4o-mini
   smart: anthropic/claude-sonnet-4-6
   thinker: openai/o4-mini
+fallbacks:
+  anthropic/claude-opus-4-1: [openai/gpt-4o-mini]
 providers:
   openai: {timeout: 5}
   anthropic: {timeout: 5}
@@ -306,6 +308,27 @@ def test_the_endpoint_key_is_cut_out_of_verbatim_answers(gw):
                                      messages=[{"role": "user", "content": "x"}])
     assert "sk-ant-endpoint-key" not in msg.content[0].text
     assert "[redacted]" in msg.content[0].text
+
+
+def test_a_failed_anthropic_call_falls_back_to_openai_translated(gw):
+    """Each target is called its own way within one request: verbatim to Anthropic, which
+    is overloaded (retried, then given up), then translated to the fallback on OpenAI."""
+    overloaded = anthropic_error(529, "overloaded_error", "Overloaded")
+    gw.anthropic.then(overloaded, overloaded)
+    gw.openai.then(openai_text("From the fallback.", prompt_tokens=14, completion_tokens=4))
+    raw = claude(gw).messages.with_raw_response.create(
+        model="anthropic/claude-opus-4-1", max_tokens=50, thinking={"type": "adaptive"},
+        messages=[{"role": "user", "content": "hi"}])
+    msg = raw.parse()
+    assert msg.content[0].text == "From the fallback." and msg.id.startswith("msg_")
+    assert raw.headers["x-flowc-provider"] == "openai"
+    assert json.loads(gw.anthropic.wire[-1].raw)["model"] == "claude-opus-4-1"
+    assert gw.openai.requests[-1].body["messages"] == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    got = rows(gw, 3, "provider, status, error_class")
+    assert got == [["anthropic", "error", "UpstreamError"], ["anthropic", "error",
+                                                             "UpstreamError"],
+                   ["openai", "ok", None]]
 
 
 # -- across wires: to OpenAI and Ollama ----------------------------------------------------------
