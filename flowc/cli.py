@@ -1,4 +1,4 @@
-"""The compiler's commands: `flowc check`, `flowc graph`, `flowc schema`.
+"""The compiler's commands: `flowc check`, `flowc cost`, `flowc graph`, `flowc schema`.
 
 Exit codes: 0 clean (warnings allowed unless --strict), 1 findings, 2 usage error.
 """
@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,6 +20,9 @@ from flowc.config import CONFIG_NAME, ProjectConfig, find_config
 from flowc.diagnostics import RULES, Diagnostic, Severity
 from flowc.model import Pipeline
 from flowc.report import FORMATS, format_text, summary_line
+
+if TYPE_CHECKING:
+    from flowc.cost import History, RunCost
 
 PIPELINE_SUFFIXES = (".yaml", ".yml")
 
@@ -64,26 +69,38 @@ def cli() -> None:
               help="Rules to ignore (repeatable).")
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help=f"Project config (default: the nearest {CONFIG_NAME}).")
+@click.option("--cost", "cost", is_flag=True,
+              help="Also print each pipeline's worst-case cost per step and per run "
+                   "(and the ledger's average where it has one).")
 def check(paths: tuple[Path, ...], fmt: str, strict: bool, ignore: tuple[str, ...],
-          config: Path | None) -> None:
+          config: Path | None, cost: bool = False) -> None:
     """Check pipeline files (and folders of them) without running anything."""
     ignored = _parse_rules(ignore)
     files = pipeline_files(paths)
     projects: dict[Path | None, Project] = {}
     diags: list[Diagnostic] = []
     crashed: list[Path] = []
+    costs: list[str] = []
     for f in files:
         key = config or find_config(f)
         try:
             if key not in projects:
                 projects[key] = Project.load(key)
                 diags.extend(d for d in projects[key].diagnostics if d.rule not in ignored)
-            diags.extend(compile_file(f, projects[key], ignored).diagnostics)
+            result = compile_file(f, projects[key], ignored)
+            diags.extend(result.diagnostics)
+            if cost and result.compiled is None and all(
+                    d.rule in BUDGET_RULES for d in result.errors):  # still show why
+                result = compile_file(f, projects[key], ignored | BUDGET_RULES)
+            if cost and result.compiled is not None:
+                costs.append(f"{f}: " + _cost_text(result, projects[key], key))
         except Exception as exc:  # a bug in flowc, not a finding: CI must tell them apart
             crashed.append(f)
             click.echo(f"{f}: internal error: {type(exc).__name__}: {exc}"[:2000], err=True)
     diags.sort()
     click.echo(FORMATS[fmt](diags), nl=False)
+    for text in costs:  # machine-readable formats keep stdout to themselves
+        click.echo(text, nl=False, err=fmt != "text")
     if fmt == "text" and not crashed:
         click.echo(summary_line(diags, len(files)), err=bool(diags))
     if crashed:
@@ -93,6 +110,32 @@ def check(paths: tuple[Path, ...], fmt: str, strict: bool, ignore: tuple[str, ..
         _hard_exit(EXIT_INTERNAL)
     failed = any(d.severity is Severity.ERROR or strict for d in diags)
     _hard_exit(1 if failed else 0)
+
+
+# Where `flowc cost` and `check --cost` find the ledger's history: set by the runtime's CLI
+# (the compiler never imports the runtime). Called with the config's path and the config.
+CostHistory = Callable[[Path | None, ProjectConfig | None], "History | None"]
+_cost_history: CostHistory | None = None
+BUDGET_RULES = frozenset({"over-budget", "unbounded-cost"})
+
+
+def set_cost_history(source: CostHistory | None) -> None:
+    global _cost_history
+    _cost_history = source
+
+
+def _run_cost(result: CompileResult, project: Project, config_path: Path | None) -> RunCost:
+    from flowc.cost import pipeline_cost
+
+    assert result.compiled is not None
+    history = _cost_history(config_path, project.config) if _cost_history else None
+    return pipeline_cost(result.compiled, project.config, project.catalog, history)
+
+
+def _cost_text(result: CompileResult, project: Project, config_path: Path | None) -> str:
+    from flowc.cost import format_cost
+
+    return format_cost(_run_cost(result, project, config_path))
 
 
 EXIT_INTERNAL = 3  # flowc itself failed (exit 1 means findings, 2 a usage error)
@@ -156,6 +199,36 @@ def _compile_or_exit(file: Path, project: Project) -> CompileResult:
 
 
 @cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Output format.")
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help=f"Project config (default: the nearest {CONFIG_NAME}).")
+def cost(file: Path, fmt: str, config: Path | None) -> None:
+    """What a run can cost: the worst case per step and per run, before running anything.
+
+    Exit 0 when it is within the pipeline's max_cost_usd (or it declares none), 1 when the
+    file has errors, the worst case is above the budget or cannot be bounded under one."""
+    key = config or find_config(file)
+    project = Project.load(key)
+    result = compile_file(file, project, BUDGET_RULES)
+    errors = [d for d in project.diagnostics + result.diagnostics
+              if d.severity is Severity.ERROR]
+    if errors or result.compiled is None:
+        click.echo(format_text(errors), nl=False, err=True)
+        click.echo(summary_line(errors, 1), err=True)
+        sys.exit(1)
+    rc = _run_cost(result, project, key)
+    if fmt == "json":
+        click.echo(json.dumps(rc.to_dict(), indent=2))
+    else:
+        from flowc.cost import format_cost
+
+        click.echo(format_cost(rc), nl=False)
+    sys.exit(1 if rc.budget is not None and (rc.over_budget or rc.worst_usd is None) else 0)
+
+
+@cli.command()
 @click.option("--config", "which", flag_value="config",
               help=f"The schema of {CONFIG_NAME} instead of a pipeline's.")
 def schema(which: str | None) -> None:
@@ -166,6 +239,16 @@ def schema(which: str | None) -> None:
            "$id": f"https://flowc.dev/schema/{'config' if which else 'pipeline'}-v1.json",
            **doc}
     click.echo(json.dumps(doc, indent=2))
+
+
+@cli.command()
+@click.option("--stdio", is_flag=True,
+              help="Talk over stdin and stdout (the only transport; some editors pass it).")
+def lsp(stdio: bool) -> None:
+    """Serve editors as a Language Server over stdio (docs/editor.md)."""
+    from flowc.lsp.server import main as serve  # pygls loads here only: `check` starts fast
+
+    serve()
 
 
 def main() -> None:
