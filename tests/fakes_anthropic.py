@@ -65,12 +65,17 @@ def anthropic_thinking_message(**counts: int) -> dict[str, Any]:
             "usage": usage(**{"input_tokens": 50, "output_tokens": 80, **counts})}
 
 
+REQUEST_ID = "req_018EeWyXxfu5pfWkrYcMdjWG"
+
+
 def anthropic_message(answer: dict[str, Any]) -> Action:
-    """``answer`` as it is, plain or streamed (each block's events, as the API sends them)."""
+    """``answer`` as it is, plain (with its `request-id` and a rate-limit header, as the API
+    sends them) or streamed (each block's events)."""
     def act(rec: Recorded) -> Any:
         if rec.body.get("stream"):
             return anthropic_events(stream_events(answer))(rec)
-        return answer
+        return web.json_response(answer, headers={
+            "request-id": REQUEST_ID, "anthropic-ratelimit-requests-remaining": "49"})
     return act
 
 

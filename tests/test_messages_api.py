@@ -29,6 +29,7 @@ from tests.fakes import (
 )
 from tests.fakes_anthropic import (
     REDACTED,
+    REQUEST_ID,
     SIGNATURE,
     THINKING,
     WireServer,
@@ -261,6 +262,8 @@ def test_plain_answer_with_cache_is_passed_on_and_priced(gw):
         thinking={"type": "enabled", "budget_tokens": 2048},
         messages=[{"role": "user", "content": "Weather in Oslo?"}])
     assert json.loads(raw.http_response.content) == answer
+    assert raw.request_id == REQUEST_ID  # the upstream's, as the SDK reads it
+    assert raw.headers["anthropic-ratelimit-requests-remaining"] == "49"
     msg = raw.parse()
     assert msg.content[0].signature == SIGNATURE and msg.content[1].data == REDACTED
     # $3 input, $3.75 5-minute write, $6 1-hour write, $0.30 read, $15 output per 1M

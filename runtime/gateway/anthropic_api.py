@@ -100,6 +100,13 @@ def _upstream(incoming: Incoming, ep: Endpoint, path: str) -> tuple[str, dict[st
     return path, headers
 
 
+def _passed_headers(headers: Any) -> dict[str, str]:
+    """The upstream's `request-id` (the SDKs show it as the request's id) and rate-limit
+    headers, for the client."""
+    return {k.lower(): v for k, v in headers.items()
+            if k.lower() == "request-id" or k.lower().startswith("anthropic-ratelimit-")}
+
+
 def _payload(raw: bytes, body: dict[str, Any], model: str) -> Any:
     """The client's body for ``model``: its own bytes when it names that model already."""
     if body.get("model") == model:
@@ -557,6 +564,7 @@ class _Call:
     def __init__(self, incoming: Incoming, body: dict[str, Any], caller: ModelCaller) -> None:
         self.incoming, self.body, self.caller = incoming, body, caller
         self.raw: bytes | None = None  # the answering Anthropic upstream's bytes
+        self.headers: dict[str, str] = {}  # its headers passed on (`_passed_headers`)
         self.thinking = (body.get("thinking") or {}).get("type") != "disabled"
 
     def translated(self, ep: Endpoint, target: Target) -> dict[str, Any]:
@@ -565,7 +573,7 @@ class _Call:
     async def send(self, target: Target) -> ChatResult:
         ep = self.caller.providers.endpoint(target)
         if ep.kind != "anthropic":
-            self.raw = None
+            self.raw, self.headers = None, {}
             done = await self.caller.providers.complete(target, self.translated(ep, target))
             return ChatResult(from_openai(done.body, done.usage, self.thinking), done.usage,
                               done.upstream_ms)
@@ -577,12 +585,13 @@ class _Call:
         if ep.api_key:
             raw = ep.redact(raw, masked=False)
         msg, usage = _read_message(ep, raw, self.body)
-        self.raw = raw
+        self.raw, self.headers = raw, _passed_headers(resp_headers)
         return ChatResult(msg, usage, ms)
 
     async def open(self, target: Target, state: StreamState) -> AsyncIterator[bytes]:
         ep = self.caller.providers.endpoint(target)
         if ep.kind != "anthropic":
+            self.headers = {}
             chunks = self.caller.providers.stream(target, self.translated(ep, target), state)
             async for event in _events(chunks, self.body, state, self.thinking):
                 yield event
@@ -590,6 +599,7 @@ class _Call:
         path, headers = _upstream(self.incoming, ep, "/v1/messages")
         resp = await ep.open_stream(
             path, _payload(self.incoming.body, self.body, target.model), headers)
+        self.headers = _passed_headers(resp.headers)
         async for event in _passthrough(ep, resp, state):
             yield event
 
@@ -606,6 +616,8 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
             headers = flowc_headers(out.target.provider, out.state.model or out.target.model,
                                     None, (out.state.started - t0) * 1000, out.rule)
             headers["cache-control"] = "no-cache"
+            if caller.providers.endpoint(out.target).kind == "anthropic":
+                headers.update(call.headers)
             return GatewayStream(_stream_bytes(out.chunks), out.close, headers)
         done = await caller.complete(body, tags=tags, send=call.send)
     except FlowcError as err:
@@ -614,6 +626,7 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
     headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
                             done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,
                             done.rule)
+    headers.update(call.headers)
     raw = call.raw if call.raw is not None else orjson.dumps(done.body)
     return Response(raw, media_type="application/json", headers=headers)
 
