@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.clients.conftest import BIN, Clients
 from tests.clients.upstream import SIGNATURE, Turn
 
@@ -33,15 +35,21 @@ def test_claude_code_reads_a_file_through_flowc(clients: Clients) -> None:
     assert all(r["stream"] and r["completion_tokens"] for r in rows)
 
 
-def test_claude_code_on_an_openai_model(clients: Clients) -> None:
-    """A model of another provider: flowc translates the Messages API to chat completions."""
+@pytest.mark.parametrize(("model", "provider", "path"), [
+    ("gpt-4o-mini", "openai", "/v1/chat/completions"),
+    ("local", "ollama", "/api/chat"),  # an alias of ollama/qwen2.5:7b
+])
+def test_claude_code_on_another_providers_model(clients: Clients, model: str, provider: str,
+                                                path: str) -> None:
+    """flowc translates the Messages API to the model's provider."""
     note = clients.work / "notes.txt"
     note.write_text("the secret word is plover\n")
     clients.play(Turn(tool="Read", arguments={"file_path": str(note)},
                       answer="The note says the secret word is plover."))
-    out = claude(clients, "What does notes.txt say?", "gpt-4o-mini")
+    out = claude(clients, "What does notes.txt say?", model)
     assert "secret word is plover" in out
     assert any("the secret word is plover" in t for t in clients.tool_results())
-    assert {r.path for r in clients.gw.openai.requests} == {"/v1/chat/completions"}
+    upstream = {"openai": clients.gw.openai, "ollama": clients.gw.ollama}[provider]
+    assert {r.path for r in upstream.requests} == {path}
     rows = clients.ledger()
-    assert {(r["model"], r["provider"]) for r in rows} == {("gpt-4o-mini", "openai")}
+    assert {(r["model"], r["provider"]) for r in rows} == {(model, provider)}

@@ -49,7 +49,8 @@ class Turn:
     """What the loopback model does in one conversation: call ``tool`` with ``arguments``
     when the client offers it, then, once a tool result is back, answer ``answer`` (or, for
     a structured answer given through a tool, call ``final_tool`` with ``final_arguments``).
-    ``thinking``: Anthropic thinking text sent first when the request asks for thinking."""
+    ``thinking``: reasoning sent first when the request asks for it (Anthropic thinking, a
+    Responses reasoning item)."""
 
     tool: str | None = None
     arguments: dict[str, Any] | None = None
@@ -183,22 +184,34 @@ _RESP_USAGE = {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0},
                "total_tokens": 123}
 
 
-def responses_answer(what: str, value: Any) -> Action:
+ENCRYPTED = "gAAAAABoISQ24OyVRYbkYfukuA5Hu2e1yA5fpJ7qFl"
+
+
+def _responses_items(what: str, value: Any, reasoning: str | None) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    if reasoning is not None:
+        items.append({"id": "rs_6820f383d7c08191846711c5df8233bc0ac5ba57aafcbac7",
+                      "type": "reasoning", "status": "completed", "encrypted_content": ENCRYPTED,
+                      "summary": [{"type": "summary_text", "text": reasoning}]})
+    if what == "text":
+        items.append({"id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
+                      "type": "message", "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": value, "annotations": []}]})
+    else:
+        name, args = value
+        items.append({"id": "fc_12345xyz", "type": "function_call", "status": "completed",
+                      "arguments": json.dumps(args), "call_id": "call_12345xyz", "name": name})
+    return items
+
+
+def responses_answer(what: str, value: Any, reasoning: str | None = None) -> Action:
     """A Responses API answer: ``("text", str)`` an assistant message, ``("call", (name,
-    args))`` a function call; plain or streamed as the request asks."""
+    args))`` a function call, after a reasoning item (a summary and encrypted content) when
+    ``reasoning`` is given; plain or streamed as the request asks."""
     def act(rec: Recorded) -> Any:
-        if what == "text":
-            item_id = "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b"
-            part = {"type": "output_text", "text": value, "annotations": []}
-            item = {"id": item_id, "type": "message", "status": "completed",
-                    "role": "assistant", "content": [part]}
-        else:
-            name, args = value
-            item_id = "fc_12345xyz"
-            item = {"id": item_id, "type": "function_call", "status": "completed",
-                    "arguments": json.dumps(args), "call_id": "call_12345xyz", "name": name}
+        items = _responses_items(what, value, reasoning)
         if not rec.body.get("stream"):
-            return _response(rec, "completed", [item], _RESP_USAGE)
+            return _response(rec, "completed", items, _RESP_USAGE)
 
         async def write(resp: web.StreamResponse, _req: web.Request) -> None:
             seq = 0
@@ -208,37 +221,58 @@ def responses_answer(what: str, value: Any) -> Action:
                 data = {"type": kind, "sequence_number": seq, **data}
                 seq += 1
                 await resp.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
-            where = {"item_id": item_id, "output_index": 0}
             await ev("response.created", {"response": _response(rec, "in_progress", [], None)})
             await ev("response.in_progress",
                      {"response": _response(rec, "in_progress", [], None)})
-            if what == "text":
-                await ev("response.output_item.added", {"output_index": 0, "item": {
-                    **item, "status": "in_progress", "content": []}})
-                await ev("response.content_part.added", {**where, "content_index": 0,
-                                                         "part": {**part, "text": ""}})
-                for n, word in enumerate(value.split(" ")):
-                    await ev("response.output_text.delta", {
-                        **where, "content_index": 0, "delta": word if n == 0 else " " + word,
-                        "logprobs": []})
-                await ev("response.output_text.done", {**where, "content_index": 0,
-                                                       "text": value, "logprobs": []})
-                await ev("response.content_part.done", {**where, "content_index": 0,
-                                                        "part": part})
-            else:
-                await ev("response.output_item.added", {"output_index": 0, "item": {
-                    **item, "status": "in_progress", "arguments": ""}})
-                raw = item["arguments"]
-                step = max(1, len(raw) // 3)
-                for k in range(0, len(raw), step):
-                    await ev("response.function_call_arguments.delta",
-                             {**where, "delta": raw[k:k + step]})
-                await ev("response.function_call_arguments.done", {**where, "arguments": raw})
-            await ev("response.output_item.done", {"output_index": 0, "item": item})
+            for index, item in enumerate(items):
+                where = {"item_id": item["id"], "output_index": index}
+                if item["type"] == "reasoning":
+                    part = item["summary"][0]
+                    await ev("response.output_item.added", {"output_index": index, "item": {
+                        **item, "status": "in_progress", "summary": []}})
+                    at = {**where, "summary_index": 0}
+                    await ev("response.reasoning_summary_part.added",
+                             {**at, "part": {**part, "text": ""}})
+                    await ev("response.reasoning_summary_text.delta",
+                             {**at, "delta": part["text"]})
+                    await ev("response.reasoning_summary_text.done",
+                             {**at, "text": part["text"]})
+                    await ev("response.reasoning_summary_part.done", {**at, "part": part})
+                elif item["type"] == "message":
+                    part = item["content"][0]
+                    await ev("response.output_item.added", {"output_index": index, "item": {
+                        **item, "status": "in_progress", "content": []}})
+                    at = {**where, "content_index": 0}
+                    await ev("response.content_part.added", {**at, "part": {**part, "text": ""}})
+                    for n, word in enumerate(part["text"].split(" ")):
+                        await ev("response.output_text.delta", {
+                            **at, "delta": word if n == 0 else " " + word, "logprobs": []})
+                    await ev("response.output_text.done",
+                             {**at, "text": part["text"], "logprobs": []})
+                    await ev("response.content_part.done", {**at, "part": part})
+                else:
+                    await ev("response.output_item.added", {"output_index": index, "item": {
+                        **item, "status": "in_progress", "arguments": ""}})
+                    raw = item["arguments"]
+                    step = max(1, len(raw) // 3)
+                    for k in range(0, len(raw), step):
+                        await ev("response.function_call_arguments.delta",
+                                 {**where, "delta": raw[k:k + step]})
+                    await ev("response.function_call_arguments.done",
+                             {**where, "arguments": raw})
+                await ev("response.output_item.done", {"output_index": index, "item": item})
             await ev("response.completed",
-                     {"response": _response(rec, "completed", [item], _RESP_USAGE)})
+                     {"response": _response(rec, "completed", items, _RESP_USAGE)})
         return write
     return act
+
+
+def _responses(turn: Turn, rec: Recorded) -> Any:
+    """Reasoning comes first when the client asks for it back (``include`` names
+    ``reasoning.encrypted_content``, as Codex does with ``store: false``)."""
+    wants = "reasoning.encrypted_content" in (rec.body.get("include") or [])
+    reasoning = (turn.thinking or "Looking at the request.") if wants else None
+    return responses_answer(*_decide(turn, rec), reasoning)(rec)
 
 
 # -- Anthropic Messages, with thinking -------------------------------------------------------------
@@ -330,7 +364,7 @@ def agent(turn: Turn) -> Action:
     def act(rec: Recorded) -> Any:
         kind = wire(rec)
         if kind == "responses":
-            return responses_answer(*_decide(turn, rec))(rec)
+            return _responses(turn, rec)
         if kind == "messages":
             return _messages(turn, rec)
         if kind == "ollama":
