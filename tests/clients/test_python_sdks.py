@@ -53,48 +53,77 @@ def agents_client(clients: Clients) -> Iterator[object]:
     agents.set_default_openai_api("responses")
 
 
-def run_agents_sdk(clients: Clients, api: str) -> None:
+def run_agents_sdk(clients: Clients, api: str, stream: bool = False) -> None:
     import agents
 
     agents.set_default_openai_api(api)  # "responses" is the SDK's default
     clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
     agent = agents.Agent(name="geo", instructions="Answer with facts.", model="gpt-4o-mini",
                          tools=[agents.function_tool(lookup)])
-    result = agents.Runner.run_sync(agent, "How many people live in Paris?")
-    assert result.final_output == "Paris has about 2.1 million people."
+    prompt = "How many people live in Paris?"
+    if stream:
+        async def streamed() -> object:
+            result = agents.Runner.run_streamed(agent, prompt)
+            async for _ in result.stream_events():
+                pass
+            return result.final_output
+        final = asyncio.run(streamed())
+    else:
+        final = agents.Runner.run_sync(agent, prompt).final_output
+    assert str(final).strip() == "Paris has about 2.1 million people."
     assert reached(clients)
     path = {"responses": "/v1/responses", "chat_completions": "/v1/chat/completions"}[api]
     assert {r.path for r in clients.gw.openai.requests} == {path}
+    assert {bool(r.body.get("stream")) for r in clients.gw.openai.requests} == {stream}
     assert {r["model"] for r in clients.ledger()} == {"gpt-4o-mini"}
 
 
-def test_openai_agents_sdk_on_chat_completions(clients: Clients, agents_client) -> None:
-    run_agents_sdk(clients, "chat_completions")
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_agents_sdk_on_chat_completions(clients: Clients, agents_client,
+                                               stream: bool) -> None:
+    run_agents_sdk(clients, "chat_completions", stream)
 
 
 # -- LangChain -----------------------------------------------------------------------------------
-def _langchain_round_trip(clients: Clients, model) -> None:
+def _langchain_round_trip(clients: Clients, model, stream: bool) -> None:
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
 
     lookup_tool = tool(lookup)
     bound = model.bind_tools([lookup_tool])
+
+    def call(messages: list) -> object:
+        if not stream:
+            return bound.invoke(messages)
+        whole = None
+        for chunk in bound.stream(messages):
+            whole = chunk if whole is None else whole + chunk
+        return whole
     messages = [HumanMessage("How many people live in Paris?")]
-    first = bound.invoke(messages)
+    first = call(messages)
     assert [c["name"] for c in first.tool_calls] == ["lookup"]
     messages += [first, ToolMessage(lookup_tool.invoke(first.tool_calls[0]["args"]),
                                     tool_call_id=first.tool_calls[0]["id"])]
-    final = bound.invoke(messages)
-    assert final.content == "Paris has about 2.1 million people."
+    final = call(messages)
+    assert _text(final.content) == "Paris has about 2.1 million people."
     assert reached(clients)
+    assert {bool(r.body.get("stream")) for _, r in clients.requests()} == {stream}
 
 
-def test_langchain_chat_openai(clients: Clients) -> None:
+def _text(content: str | list) -> str:
+    """A message's text (streamed Anthropic content arrives as blocks)."""
+    if isinstance(content, str):
+        return content.strip()
+    return "".join(b.get("text", "") for b in content if isinstance(b, dict)).strip()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_langchain_chat_openai(clients: Clients, stream: bool) -> None:
     from langchain_openai import ChatOpenAI
 
     model = ChatOpenAI(model="gpt-4o-mini", base_url=clients.url + "/v1", api_key=KEY)
     clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
-    _langchain_round_trip(clients, model)
+    _langchain_round_trip(clients, model, stream)
     clients.play(Turn(answer=json.dumps(PARIS)))
     city = model.with_structured_output(City).invoke("Describe Paris.")
     assert city == City(**PARIS)
@@ -103,13 +132,14 @@ def test_langchain_chat_openai(clients: Clients) -> None:
         ("gpt-4o-mini", "openai")}
 
 
-@pytest.mark.parametrize("method", ["function_calling", "json_schema"])
-def test_langchain_chat_anthropic(clients: Clients, method: str) -> None:
+@pytest.mark.parametrize(("method", "stream"), [("function_calling", False),
+                                                ("json_schema", True)])
+def test_langchain_chat_anthropic(clients: Clients, method: str, stream: bool) -> None:
     from langchain_anthropic import ChatAnthropic
 
     model = ChatAnthropic(model="claude-sonnet-4-6", base_url=clients.url, api_key=KEY)
     clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
-    _langchain_round_trip(clients, model)
+    _langchain_round_trip(clients, model, stream)
     clients.play(Turn(answer=json.dumps(PARIS), final_tool="City", final_arguments=PARIS))
     city = model.with_structured_output(City, method=method).invoke("Describe Paris.")
     assert city == City(**PARIS)
@@ -134,22 +164,30 @@ def _pydantic_agent(clients: Clients, model_name: str, output: str):
     return Agent(model, output_type=output_type, tools=[lookup])
 
 
-def run_pydantic_ai(clients: Clients, model_name: str, output: str) -> None:
+def run_pydantic_ai(clients: Clients, model_name: str, output: str,
+                    stream: bool = False) -> None:
     agent = _pydantic_agent(clients, model_name, output)
     clients.play(lookup_turn(answer=json.dumps(PARIS), final_tool="final_result",
                              final_arguments=PARIS))
-    result = asyncio.run(agent.run("How many people live in Paris?"))
-    assert result.output == City(**PARIS)
+    prompt = "How many people live in Paris?"
+
+    async def streamed() -> City:
+        async with agent.run_stream(prompt) as result:
+            return await result.get_output()
+    got = asyncio.run(streamed()) if stream else asyncio.run(agent.run(prompt)).output
+    assert got == City(**PARIS)
     assert reached(clients)
+    assert {bool(r.body.get("stream")) for _, r in clients.requests()} == {stream}
     assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
         (model_name, PYDANTIC_MODELS[model_name])}
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(("model_name", "output"), [
     ("openai/gpt-4o-mini", "native"), ("openai/gpt-4o-mini", "tool"),
     ("anthropic/claude-sonnet-4-6", "tool"), ("ollama/qwen2.5:7b", "native")])
-def test_pydantic_ai(clients: Clients, model_name: str, output: str) -> None:
-    run_pydantic_ai(clients, model_name, output)
+def test_pydantic_ai(clients: Clients, model_name: str, output: str, stream: bool) -> None:
+    run_pydantic_ai(clients, model_name, output, stream)
 
 
 def test_pydantic_ai_anthropic_model(clients: Clients) -> None:
