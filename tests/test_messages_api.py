@@ -538,7 +538,7 @@ def test_chat_hints_are_dropped_not_refused(gw):
         model="smart", messages=[{"role": "user", "content": "hi"}], store=True,
         metadata={"k": "v"}, prompt_cache_key="pck", service_tier="auto",
         safety_identifier="sid-1", seed=7, logprobs=False, user="u-9", verbosity="low",
-        max_completion_tokens=300, presence_penalty=0.5)
+        max_completion_tokens=300, presence_penalty=0.5, parallel_tool_calls=False)
     assert gw.anthropic.requests[-1].body == {
         "model": "claude-sonnet-4-6", "max_tokens": 300, "metadata": {"user_id": "u-9"},
         "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}

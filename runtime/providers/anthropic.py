@@ -216,7 +216,10 @@ def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[s
         body["stream"] = True
     if req.get("tools"):
         body["tools"] = [_tool(t) for t in req["tools"]]
-    choice = _tool_choice(req.get("tool_choice"), req.get("parallel_tool_calls"))
+    # Anthropic takes a tool_choice only beside tools (clients send parallel_tool_calls
+    # regardless).
+    choice = _tool_choice(req.get("tool_choice"), req.get("parallel_tool_calls")) \
+        if req.get("tools") else None
     if choice:
         body["tool_choice"] = choice
     json_mode = False
