@@ -47,9 +47,10 @@ THINKING_BUDGETS = {"minimal": 1024, "low": 2048, "medium": 8192, "high": 16384,
                     "xhigh": 32768}
 # Claude models without extended thinking (3.7 Sonnet and every model since have it).
 _NO_THINKING = re.compile(r"claude-(?:instant|2|3-(?!7))")
+# An error event's type as its HTTP status (a stream's errors come after its 200).
 ERROR_STATUS = {"overloaded_error": 529, "rate_limit_error": 429, "api_error": 500,
-                 "invalid_request_error": 400, "authentication_error": 401,
-                 "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
+                "invalid_request_error": 400, "authentication_error": 401,
+                "permission_error": 403, "not_found_error": 404, "request_too_large": 413,
                 "billing_error": 402, "timeout_error": 504}
 
 
