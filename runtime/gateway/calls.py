@@ -18,6 +18,7 @@ from runtime.ledger.store import CallRecord, Ledger
 from runtime.providers import (
     ChatResult,
     Providers,
+    RequestError,
     StreamState,
     Target,
     UpstreamError,
@@ -190,7 +191,10 @@ class ModelCaller:
                     raise
                 except Exception as err:
                     ms = (time.perf_counter() - t0) * 1000
-                    self._record(requested, target, None, status="error", latency_ms=ms,
+                    # Refused on our side (a field this target's wire cannot carry) before
+                    # the provider heard of it; otherwise the provider failed.
+                    status = "refused" if isinstance(err, RequestError) else "error"
+                    self._record(requested, target, None, status=status, latency_ms=ms,
                                  usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err)
                     if not isinstance(err, UpstreamError) or not err.retryable:
                         err.attempts = made  # type: ignore[attr-defined]
