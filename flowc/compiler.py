@@ -11,6 +11,7 @@ from pathlib import Path
 import networkx as nx
 from pydantic import ValidationError
 
+from flowc.checks.budget import check_budget
 from flowc.checks.conditions import check_conditions
 from flowc.checks.flow import check_cycles, check_skips, check_usage
 from flowc.checks.project import check_project
@@ -133,10 +134,13 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
         check_skips(ctx)
         check_usage(ctx)
         check_project(ctx)
-    diagnostics = out.results(ignore)
     has_errors = any(d.severity is Severity.ERROR for d in out.results())
     compiled = None if has_errors else _build(ctx, path)
-    return CompileResult(path, diagnostics, compiled)
+    if compiled is not None:  # a worst case needs the whole, valid pipeline
+        check_budget(ctx, compiled)
+        if any(d.severity is Severity.ERROR for d in out.results(ignore)):
+            compiled = None  # a budget finding may be ignored: the run still enforces it
+    return CompileResult(path, out.results(ignore), compiled)
 
 
 def compile_file(path: str | Path, project: Project | None = None,

@@ -57,6 +57,9 @@ RULES: dict[str, Rule] = {
         Rule("unknown-mcp-server", _E, "an MCP server that flowc.yaml does not define"),
         Rule("unknown-tool", _E, "a tool the MCP server does not offer"),
         Rule("tool-params", _E, "tool params that violate the tool's input schema"),
+        Rule("over-budget", _E, "a run's worst-case cost is above the pipeline's max_cost_usd"),
+        Rule("unbounded-cost", _E, "max_cost_usd cannot be checked: a run's worst case is "
+                                   "unbounded or unpriced"),
         Rule("constant-condition", _W, "a condition that is always true or always false"),
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),

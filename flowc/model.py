@@ -6,6 +6,7 @@ These models are the single definition of the language: the compiler validates a
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -28,10 +29,25 @@ class InputSpec(_Strict):
         default=None, description="Defaults to true unless a default is given.")
     default: Any = None
     description: str | None = None
+    max_length: int | None = Field(
+        default=None, gt=0,
+        description="Most characters the value may have as a prompt reads it (a string as "
+                    "it is, any other type as JSON). A run refuses a longer value; the "
+                    "worst-case cost (`flowc cost`) needs it for every input a prompt reads.")
 
     @property
     def is_required(self) -> bool:
         return self.default is None if self.required is None else self.required
+
+    @model_validator(mode="after")
+    def _default_fits(self) -> InputSpec:
+        if self.max_length is not None and self.default is not None:
+            text = self.default if isinstance(self.default, str) else json.dumps(
+                self.default, ensure_ascii=False, default=str)
+            if len(text) > self.max_length:
+                raise ValueError(f"the default is {len(text)} characters, more than "
+                                 f"max_length {self.max_length}")
+        return self
 
 
 class ResponseFormat(_Strict):
@@ -50,6 +66,15 @@ class ResponseFormat(_Strict):
             if problem:
                 raise ValueError(problem)
         return schema
+
+    def wire(self) -> dict[str, Any] | None:
+        """As a chat completions request's `response_format` (None for plain text)."""
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "json_schema": {"name": self.name, "schema": self.schema_,
+                                                        "strict": self.strict}}
 
     @model_validator(mode="after")
     def _schema_matches_type(self) -> ResponseFormat:
@@ -130,6 +155,10 @@ class Pipeline(_Strict):
     steps: list[Step] = Field(min_length=1)
     output: str | dict[str, str] | None = Field(
         default=None, description="One reference, or a mapping of names to references.")
+    max_cost_usd: float | None = Field(
+        default=None, gt=0,
+        description="Most a run may spend, in USD: `flowc check` reports a worst case above "
+                    "it, and a run stops before a model call that could go past it.")
 
     @field_validator("output", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from flowc.cli import cli
+from flowc.cli import cli, set_cost_history
 from flowc.compiler import Project
 from flowc.config import CONFIG_NAME, TOOL_CACHE, ProjectConfig, ToolCatalog, find_config
 from flowc.report import format_text
@@ -522,6 +522,47 @@ def _with_live_check() -> None:
 
 
 _with_live_check()
+
+# A step's expected cost: the average, over the runs that ran it (dry runs left out), of
+# what its calls cost in that run. A run-step with an unpriced call is left out: its cost
+# is not known. Failed and refused calls are not billed (their cost is NULL).
+_STEP_HISTORY = """
+SELECT step_id, avg(cost) AS avg_cost, count(*) AS runs FROM (
+    SELECT run_id, step_id, sum(cost_usd) AS cost FROM requests
+    WHERE workflow_name = ? AND run_id IS NOT NULL AND step_id IS NOT NULL
+      AND NOT coalesce(dry_run, false) AND status NOT IN ('error', 'refused')
+    GROUP BY run_id, step_id HAVING count(cost_usd) = count(*))
+GROUP BY step_id"""
+
+
+def _cost_history(config_path: Path | None, cfg: ProjectConfig | None) -> Any:
+    """`flowc cost`'s expected column: the ledger's history of each step, when there is a
+    ledger (none is created for the asking)."""
+    from decimal import Decimal
+
+    cfg = cfg or ProjectConfig()
+    project_dir = config_path.parent if config_path else Path.cwd()
+    if not (project_dir / cfg.ledger.path).exists():
+        return None
+    try:
+        select = _ledger_select(cfg, project_dir)
+    except click.ClickException as exc:
+        click.echo(f"warning: no expected costs: {exc.message}", err=True)
+        return None
+
+    def history(workflow: str) -> dict[str, tuple[Decimal, int]]:
+        try:
+            _, rows = select(_STEP_HISTORY, (workflow,), timeout=None)
+        except Exception as exc:  # the worst case stands without it
+            click.echo(f"warning: no expected costs: the ledger could not be read: {exc}",
+                       err=True)
+            return {}
+        return {step: (Decimal(str(avg)), int(n)) for step, avg, n in rows}
+
+    return history
+
+
+set_cost_history(_cost_history)
 
 
 def main() -> None:

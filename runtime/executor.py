@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
+from flowc.cost import usd
 from flowc.expr import (
     MISSING,
     EvalError,
@@ -66,6 +67,11 @@ class ToolCalls(Protocol):
 
 class StepFailed(Exception):
     pass
+
+
+class BudgetExceeded(Exception):
+    """The run would spend, or spent, more than its `max_cost_usd`: it fails whatever the
+    step's `retries:` and `on_error:` say."""
 
 
 @dataclass
@@ -173,6 +179,10 @@ class _Run:
         self.missing_why: dict[str, str] = {}
         self.results = {sid: StepResult(sid) for sid in compiled.order}
         self.limit = asyncio.Semaphore(ex.max_concurrency)
+        budget = compiled.pipeline.max_cost_usd
+        self.budget = None if budget is None else Decimal(str(budget))
+        self.spent = Decimal(0)  # the ledger-priced cost of the run's calls so far
+        self.reserved = Decimal(0)  # the worst case of the calls under way
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
             compiled.name, run_id, sid, ex.dry_run,
             retries=compiled.node(sid).step.retries == 0)
@@ -315,7 +325,7 @@ class _Run:
             r.status = "failed"
             r.error = r.error or _describe(exc)
             self._emit(r)
-            if step.on_error == "continue":
+            if step.on_error == "continue" and not isinstance(exc, BudgetExceeded):
                 self.missing_why[step.output_name] = f"step '{sid}' failed: {r.error}"
                 return
             raise
@@ -433,10 +443,7 @@ class _Run:
             req["max_tokens"] = step.max_tokens
         rf = step.response_format
         if rf is not None and rf.type != "text":
-            req["response_format"] = (
-                {"type": "json_object"} if rf.type == "json_object" else
-                {"type": "json_schema", "json_schema": {"name": rf.name, "schema": rf.schema_,
-                                                        "strict": rf.strict}})
+            req["response_format"] = rf.wire()
         tools: list[dict[str, Any]] = []
         if step.tools:
             if self.ex.tools is None:
@@ -447,11 +454,19 @@ class _Run:
         calls = 0
         while True:
             t0 = time.perf_counter()
+            worst = self._reserve(step, req)
             try:
                 out = await self.ex.models.complete(req, ctx=self.ctx(step.id))
             except FlowcError as exc:  # its failed upstream calls count too
                 r.model_calls += getattr(exc, "attempts", 1)
+                self.reserved -= worst
                 raise
+            except asyncio.CancelledError:  # the ledger prices the prompt of a cut-off call
+                self.reserved -= worst
+                self.spent += self._prompt_cost(req)
+                raise
+            self.reserved -= worst
+            self._spend(step, out.cost)
             r.model_calls += out.attempts
             r.calls.append({"kind": "model", "provider": out.target.provider,
                             "model": out.body.get("model") or out.target.model,
@@ -484,6 +499,88 @@ class _Run:
                                  f"step's schema: {problem}")
             return value
         return content
+
+    # -- the budget (`max_cost_usd`) -------------------------------------------------------
+    def _reserve(self, step: LLMStep, req: dict[str, Any]) -> Decimal:
+        """Before a model call: its worst case (the prompt as sent, the most tokens it may
+        answer, at the costliest model it may be routed to), held against the budget while
+        it runs so that concurrent steps cannot overspend together. Dry runs cost $0."""
+        if self.budget is None or self.ex.dry_run:
+            return Decimal(0)
+        worst, what = self._call_worst(step, req)
+        if worst is None:
+            raise BudgetExceeded(f"max_cost_usd {usd(self.budget)} cannot be enforced: "
+                                 f"{what}")
+        if self.spent + self.reserved + worst > self.budget:
+            raise BudgetExceeded(
+                f"the run would go past max_cost_usd {usd(self.budget)}: it has spent "
+                f"{usd(self.spent)}" + (f" ({usd(self.reserved)} more under way)"
+                                         if self.reserved else "")
+                + f", and step '{step.id}''s next call may cost up to {usd(worst)} ({what})")
+        self.reserved += worst
+        return worst
+
+    def _spend(self, step: LLMStep, cost: Decimal | None) -> None:
+        """After a model call: its ledger-priced cost counts against the budget."""
+        if self.budget is None or self.ex.dry_run:
+            return
+        if cost is None:
+            raise BudgetExceeded(f"max_cost_usd {usd(self.budget)} cannot be enforced: "
+                                 f"step '{step.id}''s call has no price (price its model "
+                                 "under `prices:` in flowc.yaml)")
+        self.spent += cost
+        if self.spent > self.budget:
+            raise BudgetExceeded(f"the run spent {usd(self.spent)}, more than max_cost_usd "
+                                 f"{usd(self.budget)} (step '{step.id}''s call cost "
+                                 f"{usd(cost)})")
+
+    def _targets(self, req: dict[str, Any]) -> list[Any]:
+        plan = getattr(self.ex.models, "plan", None)
+        try:
+            return list(plan(req, None).targets) if plan else []
+        except Exception:  # an unknown model: the call itself is refused, on the books
+            return []
+
+    def _call_worst(self, step: LLMStep, req: dict[str, Any]) -> tuple[Decimal | None, str]:
+        from flowc.cost import rates
+        from runtime.ledger.pricing import price
+        from runtime.providers import Usage
+        from runtime.providers.base import request_chars, tokens_of
+
+        config = getattr(self.ex.models, "config", None)
+        extra = {k: req[k] for k in ("tools", "response_format") if k in req}
+        prompt = tokens_of(request_chars(req) + (len(json.dumps(extra)) if extra else 0))
+        worst: tuple[Decimal, str] | None = None
+        for target in self._targets(req):
+            name = f"{target.provider}/{target.model}"
+            limit = step.max_tokens
+            if limit is None:  # an answer can be no longer than the context window
+                known = rates(target.provider, target.model, config)
+                if known is None or known.context is None:
+                    if known is not None and known.free:
+                        continue
+                    return None, (f"step '{step.id}' has no max_tokens and the output limit "
+                                  f"of {name} is not known")
+                limit = known.context
+            cost, _ = price(target.provider, target.model,
+                            Usage(prompt_tokens=prompt, completion_tokens=limit),
+                            config.prices if config else None)
+            if cost is None:
+                return None, f"no price for {name} (price it under `prices:` in flowc.yaml)"
+            if worst is None or cost > worst[0]:
+                worst = (cost, f"{name}: {prompt:,} prompt tokens, up to {limit:,} output")
+        return worst or (Decimal(0), "no priced target")
+
+    def _prompt_cost(self, req: dict[str, Any]) -> Decimal:
+        if self.budget is None or self.ex.dry_run:
+            return Decimal(0)
+        from runtime.ledger.pricing import price
+        from runtime.providers.base import estimate_usage
+
+        config = getattr(self.ex.models, "config", None)
+        costs = [price(t.provider, t.model, estimate_usage(req, 0),
+                       config.prices if config else None)[0] for t in self._targets(req)]
+        return max((c for c in costs if c is not None), default=Decimal(0))
 
     async def _call_tool(self, r: StepResult, server: str, tool: str, args: dict[str, Any],
                          timeout: float | None = None) -> ToolResult:

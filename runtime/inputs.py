@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from flowc.cost import input_too_long
 from flowc.model import InputSpec
 
 _PY = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
@@ -46,6 +47,7 @@ def check_inputs(specs: dict[str, InputSpec] | None, given: dict[str, Any]) -> d
             out[name] = spec.default
         elif spec.is_required:
             problems.append(f"missing required input '{name}' ({spec.type})")
+    problems += input_too_long(specs, given)  # the bound a worst-case cost assumed
     if problems:
         raise InputError(problems)
     return out
