@@ -9,17 +9,22 @@ estimates them (no tokenizer is bundled). What cannot be bounded is reported as 
 with the bound that would fix it; a model no price source knows, as unknown. docs/cost.md
 describes it all.
 
-The price data (genai-prices) is imported only here, and only when a cost is asked for: it
+The price data (genai-prices) is imported only here, only when a cost is asked for, and only
+for a model not looked up before (the rates are cached per genai-prices version): the import
 costs ~200 ms, most of `flowc check`'s start-up budget.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
-from functools import lru_cache
+from functools import cache, lru_cache
+from importlib import metadata
+from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowc.config import ProjectConfig, ToolCatalog
@@ -102,8 +107,55 @@ def _provider_id(provider: str) -> str | None:  # as the ledger looks prices up
                                     "deepseek", "openrouter", "together", "fireworks") else None
 
 
-@lru_cache(maxsize=1024)
+def _rates_file() -> FilePath | None:
+    try:
+        version = metadata.version("genai-prices")
+    except metadata.PackageNotFoundError:
+        return None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(FilePath.home(), ".cache")
+    return FilePath(base) / "flowc" / f"rates-genai-prices-{version}.json"
+
+
+@cache
+def _rates_cache() -> dict[str, Any]:
+    """Rates looked up before, per genai-prices version: `flowc check` on a pipeline with a
+    budget then needs no ~200 ms import of the price data."""
+    path = _rates_file()
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if path is not None:
+            loaded = json.loads(path.read_text())
+            if isinstance(loaded, dict):
+                return loaded
+    return {}
+
+
 def _library_rates(provider: str, model: str) -> Rates | None:
+    key = f"{provider}/{model}"
+    table = _rates_cache()
+    if key in table:
+        with contextlib.suppress(TypeError, ValueError, KeyError, ArithmeticError):
+            v = table[key]
+            return None if v is None else Rates(
+                Decimal(v["input"]), Decimal(v["output"]), v["context"], v["source"],
+                tuple((s, Decimal(p)) for s, p in v["input_tiers"]),
+                tuple((s, Decimal(p)) for s, p in v["output_tiers"]))
+    found = _lookup_rates(provider, model)
+    table[key] = None if found is None else {
+        "input": str(found.input), "output": str(found.output), "context": found.context,
+        "source": found.source, "input_tiers": [[s, str(p)] for s, p in found.input_tiers],
+        "output_tiers": [[s, str(p)] for s, p in found.output_tiers]}
+    path = _rates_file()
+    with contextlib.suppress(OSError):  # a read-only home still works, just slower
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(table))
+            tmp.replace(path)
+    return found
+
+
+@lru_cache(maxsize=1024)
+def _lookup_rates(provider: str, model: str) -> Rates | None:
     import genai_prices
 
     try:

@@ -466,7 +466,6 @@ class _Run:
                 self.spent += self._prompt_cost(req)
                 raise
             self.reserved -= worst
-            self._spend(step, out.cost)
             r.model_calls += out.attempts
             r.calls.append({"kind": "model", "provider": out.target.provider,
                             "model": out.body.get("model") or out.target.model,
@@ -475,6 +474,7 @@ class _Run:
                             "ms": round((time.perf_counter() - t0) * 1000, 1)})
             r.tokens += out.usage.total_tokens
             r.cost = None if r.cost is None or out.cost is None else r.cost + out.cost
+            self._spend(step, out.cost)  # after the step's record has the call
             message = out.body["choices"][0]["message"]
             tool_calls = message.get("tool_calls") or []
             if not tool_calls:

@@ -442,6 +442,8 @@ def test_a_run_stops_after_a_call_that_cost_more_than_its_budget(openai_fake, tm
     assert result.error == {"step": "a", "type": "BudgetExceeded", "message": (
         "the run spent $0.020001, more than max_cost_usd $0.01 (step 'a''s call cost "
         "$0.020001)")}  # on_error: continue does not let a run spend on
+    a = result.steps["a"]  # the call that went past is on the step's record
+    assert (a.status, a.model_calls, a.cost) == ("failed", 1, spent)
 
 
 def test_a_run_within_its_budget_and_a_dry_run_are_not_stopped(openai_fake, tmp_path):
@@ -532,3 +534,16 @@ def test_no_run_within_bounds_costs_more_than_the_worst_case(openai_fake, tmp_pa
     assert spent <= worst
     for step in rc.steps:  # and no step more than its own
         assert result.spent_by_step.get(step.step_id, 0) <= step.worst_usd, step
+
+
+def test_the_docs_example_is_what_flowc_cost_prints(tmp_path):
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cost.md").read_text()
+    pipeline = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = doc.split("$ flowc cost triage.yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "triage.yaml").write_text(pipeline)
+    out = flowc("cost", "triage.yaml", cwd=tmp_path)
+    assert (out.returncode, out.stdout) == (0, shown)
+    (tmp_path / "triage.yaml").write_text(pipeline.replace(", max_length: 4000", ""))
+    out = flowc("check", "triage.yaml", cwd=tmp_path)
+    shown = doc.split("$ flowc check triage.yaml\n", 1)[1].split("```", 1)[0]
+    assert out.returncode == 1 and out.stdout == shown
