@@ -660,15 +660,15 @@ def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     rounds = 1
     if step.tools:  # each round's prompt holds the answers and tool results so far
         rounds = step.max_tool_calls + 1
-        out = bounds.max_output(step)
+        answer = bounds.max_output(step)
         result = _tool_result_chars(bounds, step)
         defs = _tool_defs(bounds, step)
         if isinstance(defs, Unbounded):
             sizes.append(defs)
         else:
             extra["tools"] = defs
-        sizes.append(_add(result, out) if isinstance(result, Unbounded) or isinstance(
-            out, Unbounded) else step.max_tool_calls * (out * CHARS_PER_TOKEN + result))
+        sizes.append(_add(result, answer) if isinstance(result, Unbounded) or isinstance(
+            answer, Unbounded) else step.max_tool_calls * (answer * CHARS_PER_TOKEN + result))
     if extra:
         sizes.append(len(json.dumps(extra)))
     calls = (1 + step.retries) * rounds

@@ -29,7 +29,7 @@ from runtime.inputs import InputError, check_inputs
 from runtime.ledger.store import CallRecord, Ledger
 from runtime.providers import Providers
 from runtime.providers.base import request_chars
-from tests.fakes import FakeServer, openai_text
+from tests.fakes import FakeServer, openai_text, slow
 
 M = Decimal(1_000_000)
 # Known prices: $1 per 1M prompt tokens, $2 per 1M output tokens (and a dearer model).
@@ -444,6 +444,26 @@ def test_a_run_stops_after_a_call_that_cost_more_than_its_budget(openai_fake, tm
         "$0.020001)")}  # on_error: continue does not let a run spend on
     a = result.steps["a"]  # the call that went past is on the step's record
     assert (a.status, a.model_calls, a.cost) == ("failed", 1, spent)
+
+
+def test_steps_running_at_once_cannot_overspend_together(openai_fake, tmp_path):
+    compiled = compile_yaml("""
+        name: both
+        max_cost_usd: 0.0003
+        steps:
+          - {id: a, type: llm, model: m, max_tokens: 100, prompt: one}
+          - {id: b, type: llm, model: m, max_tokens: 100, prompt: two}
+        """, ignore=frozenset({"over-budget"})).compiled
+    openai_fake.then(slow(0.3, honest("x")), honest("y"))
+    result, spent = run(compiled, {}, openai_fake, tmp_path)
+    # each alone fits ($0.000201), both may not: b is not called, and the failed run cancels a
+    assert result.status == "failed" and result.steps["b"].model_calls == 0
+    assert [r.body["messages"][-1]["content"] for r in openai_fake.requests] in ([], ["one"])
+    assert result.error["step"] == "b" and result.error["message"] == (
+        "the run would go past max_cost_usd $0.0003: it has spent $0 ($0.000201 more under "
+        "way), and step 'b''s next call may cost up to $0.000201 (openai/test-cheap: 1 "
+        "prompt tokens, up to 100 output)")
+    assert result.steps["a"].status == "cancelled" and spent <= 1 / M  # a's prompt, if sent
 
 
 def test_a_run_within_its_budget_and_a_dry_run_are_not_stopped(openai_fake, tmp_path):
