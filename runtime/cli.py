@@ -530,7 +530,9 @@ _STEP_HISTORY = """
 SELECT step_id, avg(cost) AS avg_cost, count(*) AS runs FROM (
     SELECT run_id, step_id, sum(cost_usd) AS cost FROM requests
     WHERE workflow_name = ? AND run_id IS NOT NULL AND step_id IS NOT NULL
-      AND NOT coalesce(dry_run, false) AND status NOT IN ('error', 'refused')
+      AND NOT coalesce(dry_run, false)
+      AND coalesce(status, CASE WHEN success THEN 'ok' ELSE 'error' END)
+          NOT IN ('error', 'refused')
     GROUP BY run_id, step_id HAVING count(cost_usd) = count(*))
 GROUP BY step_id"""
 
