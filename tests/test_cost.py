@@ -567,3 +567,29 @@ def test_the_docs_example_is_what_flowc_cost_prints(tmp_path):
     out = flowc("check", "triage.yaml", cwd=tmp_path)
     shown = doc.split("$ flowc check triage.yaml\n", 1)[1].split("```", 1)[0]
     assert out.returncode == 1 and out.stdout == shown
+
+
+def test_check_imports_the_price_data_only_for_a_rate_it_has_not_cached(tmp_path):
+    """`flowc check`'s start-up budget: genai-prices (~200 ms to import) is loaded for a
+    pipeline with a budget only until its rates are cached, and never for one without."""
+    budget = tmp_path / "b.yaml"
+    budget.write_text(TWO_STEPS.replace("name: two", "name: two\n    max_cost_usd: 1")
+                      .replace("model: m", "model: openai/gpt-4o-mini"))
+    plain = tmp_path / "p.yaml"
+    plain.write_text(budget.read_text().replace("    max_cost_usd: 1\n", ""))
+    probe = ("import sys; from flowc.compiler import compile_file; "
+             "r = compile_file(sys.argv[1]); assert not r.errors, r.diagnostics; "
+             "print('genai_prices' in sys.modules)")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+
+    def imports(path: Path) -> str:
+        out = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert imports(plain) == "False"
+    assert imports(budget) == "True"  # the first lookup fills the cache
+    assert imports(budget) == "False"
+    assert list((tmp_path / "cache" / "flowc").glob("rates-genai-prices-*.json"))
