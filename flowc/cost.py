@@ -129,6 +129,7 @@ def _rates_cache() -> dict[str, Any]:
     return {}
 
 
+@lru_cache(maxsize=1024)
 def _library_rates(provider: str, model: str) -> Rates | None:
     key = f"{provider}/{model}"
     table = _rates_cache()
@@ -362,6 +363,12 @@ class _Bounds:
         self.catalog = catalog
         self.producers = {compiled.node(s).step.output_name: s for s in compiled.order}
         self._outputs: dict[str, Size] = {}
+        self._targets: dict[str, list[tuple[str, str]] | str] = {}
+
+    def targets(self, model: str) -> list[tuple[str, str]] | str:
+        if model not in self._targets:  # steps share a few models
+            self._targets[model] = targets_of(model, self.config)
+        return self._targets[model]
 
     def input(self, name: str) -> Size:
         spec: InputSpec | None = self.c.inputs.get(name)
@@ -431,7 +438,7 @@ class _Bounds:
         window among the models it may reach."""
         if step.max_tokens is not None:
             return step.max_tokens
-        targets = targets_of(step.model, self.config)
+        targets = self.targets(step.model)
         windows = [] if isinstance(targets, str) else [
             r.context if r else None for r in (rates(p, m, self.config) for p, m in targets)]
         if not windows or None in windows:
@@ -635,7 +642,7 @@ def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     if isinstance(step, MCPToolStep):  # no model call
         return StepCost(sid, None, None, None, None, 0, Decimal(0), runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
-    targets = targets_of(step.model, bounds.config)
+    targets = bounds.targets(step.model)
     if isinstance(targets, str):
         return replace(base, kind="unknown", problem=f"model '{targets}' resolves to nothing",
                        fix="name a model flowc.yaml or a provider knows")
