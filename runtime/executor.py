@@ -516,7 +516,7 @@ class _Run:
                 f"the run would go past max_cost_usd {usd(self.budget)}: it has spent "
                 f"{usd(self.spent)}" + (f" ({usd(self.reserved)} more under way)"
                                          if self.reserved else "")
-                + f", and step '{step.id}''s next call may cost up to {usd(worst)} ({what})")
+                + f", and the next call of step '{step.id}' may cost up to {usd(worst)} ({what})")
         self.reserved += worst
         return worst
 
@@ -526,12 +526,12 @@ class _Run:
             return
         if cost is None:
             raise BudgetExceeded(f"max_cost_usd {usd(self.budget)} cannot be enforced: "
-                                 f"step '{step.id}''s call has no price (price its model "
+                                 f"the call of step '{step.id}' has no price (price its model "
                                  "under `prices:` in flowc.yaml)")
         self.spent += cost
         if self.spent > self.budget:
             raise BudgetExceeded(f"the run spent {usd(self.spent)}, more than max_cost_usd "
-                                 f"{usd(self.budget)} (step '{step.id}''s call cost "
+                                 f"{usd(self.budget)} (the call of step '{step.id}' cost "
                                  f"{usd(cost)})")
 
     def _targets(self, req: dict[str, Any]) -> list[Any]:

@@ -420,8 +420,8 @@ def test_a_run_stops_before_a_call_that_could_pass_its_budget(openai_fake, tmp_p
     a_cost = (103 + 200) / M
     assert spent == a_cost
     assert result.error["message"] == (
-        "the run would go past max_cost_usd $0.0004: it has spent $0.000303, and step 'b''s "
-        "next call may cost up to $0.000205 (openai/test-cheap: 105 prompt tokens, up to 50 "
+        "the run would go past max_cost_usd $0.0004: it has spent $0.000303, and the next call "
+        "of step 'b' may cost up to $0.000205 (openai/test-cheap: 105 prompt tokens, up to 50 "
         "output)")
     assert result.steps["b"].status == "failed" and result.steps["b"].model_calls == 0
 
@@ -440,7 +440,7 @@ def test_a_run_stops_after_a_call_that_cost_more_than_its_budget(openai_fake, tm
     assert result.status == "failed" and len(openai_fake.requests) == 1
     assert spent == (1 + 20_000) / M
     assert result.error == {"step": "a", "type": "BudgetExceeded", "message": (
-        "the run spent $0.020001, more than max_cost_usd $0.01 (step 'a''s call cost "
+        "the run spent $0.020001, more than max_cost_usd $0.01 (the call of step 'a' cost "
         "$0.020001)")}  # on_error: continue does not let a run spend on
     a = result.steps["a"]  # the call that went past is on the step's record
     assert (a.status, a.model_calls, a.cost) == ("failed", 1, spent)
@@ -461,7 +461,7 @@ def test_steps_running_at_once_cannot_overspend_together(openai_fake, tmp_path):
     assert [r.body["messages"][-1]["content"] for r in openai_fake.requests] in ([], ["one"])
     assert result.error["step"] == "b" and result.error["message"] == (
         "the run would go past max_cost_usd $0.0003: it has spent $0 ($0.000201 more under "
-        "way), and step 'b''s next call may cost up to $0.000201 (openai/test-cheap: 1 "
+        "way), and the next call of step 'b' may cost up to $0.000201 (openai/test-cheap: 1 "
         "prompt tokens, up to 100 output)")
     assert result.steps["a"].status == "cancelled" and spent <= 1 / M  # a's prompt, if sent
 
