@@ -23,13 +23,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from functools import cache, lru_cache
-from importlib import metadata
-from pathlib import Path as FilePath
 from typing import TYPE_CHECKING, Any, Literal
 
 from flowc.config import ProjectConfig, ToolCatalog
 from flowc.expr import Literal as Lit
 from flowc.expr import Path, Ref
+from flowc.known_models import cache_file, provider_id
 from flowc.model import InputSpec, LLMStep, MCPToolStep
 from flowc.template import LIMITS, Template, to_text
 
@@ -102,25 +101,11 @@ class Rates:
         return self.input == 0 and self.output == 0
 
 
-def _provider_id(provider: str) -> str | None:  # as the ledger looks prices up
-    return provider if provider in ("openai", "anthropic", "groq", "mistral", "google",
-                                    "deepseek", "openrouter", "together", "fireworks") else None
-
-
-def _rates_file() -> FilePath | None:
-    try:
-        version = metadata.version("genai-prices")
-    except metadata.PackageNotFoundError:
-        return None
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(FilePath.home(), ".cache")
-    return FilePath(base) / "flowc" / f"rates-genai-prices-{version}.json"
-
-
 @cache
 def _rates_cache() -> dict[str, Any]:
     """Rates looked up before, per genai-prices version: `flowc check` on a pipeline with a
     budget then needs no ~200 ms import of the price data."""
-    path = _rates_file()
+    path = cache_file("rates")
     with contextlib.suppress(OSError, ValueError, TypeError):
         if path is not None:
             loaded = json.loads(path.read_text())
@@ -145,7 +130,7 @@ def _library_rates(provider: str, model: str) -> Rates | None:
         "input": str(found.input), "output": str(found.output), "context": found.context,
         "source": found.source, "input_tiers": [[s, str(p)] for s, p in found.input_tiers],
         "output_tiers": [[s, str(p)] for s, p in found.output_tiers]}
-    path = _rates_file()
+    path = cache_file("rates")
     with contextlib.suppress(OSError):  # a read-only home still works, just slower
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +146,7 @@ def _lookup_rates(provider: str, model: str) -> Rates | None:
 
     try:
         calc = genai_prices.calc_price(genai_prices.Usage(input_tokens=0, output_tokens=0),
-                                       model, provider_id=_provider_id(provider))
+                                       model, provider_id=provider_id(provider))
     except LookupError:
         return None
 

@@ -19,13 +19,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-# flowc's provider names whose models the price data lists under another id.
-PRICE_PROVIDER = {"openai": "openai", "anthropic": "anthropic"}
+# flowc provider names the price data covers under the same id (the ledger prices these).
+PRICED_PROVIDERS = frozenset({"openai", "anthropic", "groq", "mistral", "google", "deepseek",
+                              "openrouter", "together", "fireworks"})
 
 
-def _cache_file(version: str) -> Path:
+def provider_id(provider: str) -> str | None:
+    """The price data's id for a flowc provider name, or None when it has none."""
+    return provider if provider in PRICED_PROVIDERS else None
+
+
+def cache_file(kind: str) -> Path | None:
+    """Where what flowc derives from the price data (``kind``) is cached: one file per
+    genai-prices version, under the user's cache folder; None without the price data."""
+    try:
+        version = metadata.version("genai-prices")
+    except metadata.PackageNotFoundError:
+        return None
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "flowc" / f"known-models-genai-prices-{version}.json"
+    return Path(base) / "flowc" / f"{kind}-genai-prices-{version}.json"
 
 
 def _build() -> dict[str, list[Any]]:
@@ -39,11 +51,9 @@ def _build() -> dict[str, list[Any]]:
 @cache
 def _clauses() -> dict[str, list[Any]] | None:
     """Each provider's model clauses, or None when the price data is not installed."""
-    try:
-        version = metadata.version("genai-prices")
-    except metadata.PackageNotFoundError:
+    path = cache_file("known-models")
+    if path is None:
         return None
-    path = _cache_file(version)
     with contextlib.suppress(OSError, ValueError):
         loaded: dict[str, list[Any]] = json.loads(path.read_text())
         return loaded
@@ -80,8 +90,8 @@ def price_data_knows(provider: str, model: str) -> bool | None:
     """Whether the price data lists ``model`` for ``provider``; None when it cannot say
     (no price data installed, or a provider it does not cover)."""
     clauses = _clauses()
-    pid = PRICE_PROVIDER.get(provider, provider)
-    if clauses is None or pid not in clauses:
+    pid = provider_id(provider)
+    if clauses is None or pid is None or pid not in clauses:
         return None
     name = model.lower()
     return any(_matches(c, name) for c in clauses[pid])

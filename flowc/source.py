@@ -319,7 +319,7 @@ class _Builder:
         except yaml.constructor.ConstructorError as exc:
             mark = exc.problem_mark or node.start_mark
             raise YamlError(f"YAML error: {exc.problem}", mark.index) from None
-        except (ValueError, TypeError, IndexError, KeyError, OverflowError):
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError):
             # PyYAML's constructors raise plain Python errors for a tagged value they cannot
             # read (`!!int h`, an empty `!!int`, `!!bool name`): the file's mistake, not a
             # crash.

@@ -24,6 +24,7 @@ CRASHERS = {
     "a !!int that is not a number": "name: !!int h\nsteps: []\n",
     "a !!binary key": "!!binary i: 1\n",
     "a !!bool key that is not a boolean": "!!bool name: x\nsteps: []\n",
+    "a !!timestamp key that is not a date": "!!timestamp name: x\nsteps: []\n",
     "an enum that is not a list": STEP.format(
         extra="    response_format:\n      schema: {type: object, properties: "
               "{l: {type: string, enum: 5}}}\n"),

@@ -15,6 +15,7 @@ from functools import lru_cache
 import genai_prices
 
 from flowc.config import PriceOverride
+from flowc.known_models import provider_id
 from runtime.providers.base import Usage
 
 log = logging.getLogger("flowc.pricing")
@@ -85,7 +86,7 @@ class _Rates:
 def _flat_rates(provider: str, model: str) -> _Rates | None:
     try:
         calc = genai_prices.calc_price(genai_prices.Usage(input_tokens=0, output_tokens=0),
-                                       model, provider_id=_provider_id(provider))
+                                       model, provider_id=provider_id(provider))
     except LookupError:
         return None
     return _Rates.of_library(calc.model_price)
@@ -101,7 +102,7 @@ def _library_price(provider: str, model: str, usage: Usage) -> Decimal:
                                    if usage.cache_write_1h_tokens else None),
             cache_write_1h_tokens=usage.cache_write_1h_tokens or None,
             output_tokens=usage.completion_tokens),
-        model, provider_id=_provider_id(provider))
+        model, provider_id=provider_id(provider))
     return calc.total_price
 
 
@@ -116,11 +117,6 @@ def price_per_million(provider: str, model: str,
         return Decimal(0)
     rates = _flat_rates(provider, model)
     return None if rates is None else rates.input + rates.output
-
-
-def _provider_id(provider: str) -> str | None:
-    return provider if provider in ("openai", "anthropic", "groq", "mistral", "google",
-                                    "deepseek", "openrouter", "together", "fireworks") else None
 
 
 @lru_cache(maxsize=1024)
