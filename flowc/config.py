@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Collection, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
@@ -19,11 +20,12 @@ CONFIG_NAME = "flowc.yaml"
 _SERVER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,40}")
 TOOL_CACHE = Path(".flowc") / "mcp-tools.json"
 
-#: Providers flowc knows without configuration, and the bare model prefixes that imply one.
+#: Providers flowc knows without configuration, and the bare model prefixes that imply one:
+#: each vendor's own model families (and OpenAI's fine-tunes, `ft:gpt-4o-mini:org::id`).
 BUILTIN_PROVIDERS = ("openai", "anthropic", "ollama")
 BARE_MODEL_PREFIXES = {
     "gpt-": "openai", "chatgpt-": "openai", "o1": "openai", "o3": "openai", "o4": "openai",
-    "claude-": "anthropic",
+    "text-embedding-": "openai", "ft:": "openai", "claude-": "anthropic",
 }
 
 
@@ -199,20 +201,62 @@ class ProjectConfig(_Strict):
     def provider_names(self) -> list[str]:
         return sorted({*BUILTIN_PROVIDERS, *self.providers})
 
-    def resolve_model(self, name: str) -> tuple[str, str] | None:
-        """``(provider, model)`` for an alias, ``provider/model`` or well-known bare name;
-        None when the name means nothing here."""
+    def resolve_model(self, name: str, listed: Mapping[str, Collection[str]] | None = None
+                      ) -> tuple[str, str] | None:
+        """``(provider, model)`` for an alias, ``provider/model`` or bare name; None when the
+        name means nothing here, or is ambiguous (see `model_choices`)."""
+        choices = self.model_choices(name, listed)
+        return choices[0] if len(choices) == 1 else None
+
+    def model_choices(self, name: str, listed: Mapping[str, Collection[str]] | None = None
+                      ) -> list[tuple[str, str]]:
+        """Every ``(provider, model)`` ``name`` may mean: one, none (unknown), or several (an
+        ambiguous bare name).
+
+        An alias is followed; ``provider/model`` names its provider. A bare name goes to the
+        one provider whose model list (``listed``: provider -> the ids its list endpoint
+        gave) has it; listed by several, to its vendor when it is of a vendor's family
+        (`gpt-*` to openai, `claude-*` to anthropic), else it is ambiguous. A name no list
+        has (or with no lists, as in `flowc check`) is guessed from its form: a vendor's
+        family to that vendor, Ollama's `name:tag` to ollama."""
         seen: set[str] = set()
         while name in self.models and name not in seen:
             seen.add(name)
             name = self.models[name]
+        guess: tuple[str, str] | None = None
         if "/" in name:
             provider, _, model = name.partition("/")
-            return (provider, model) if provider in self.provider_names and model else None
-        for prefix, provider in BARE_MODEL_PREFIXES.items():
-            if name.startswith(prefix):
-                return provider, name
-        return None
+            if provider in BUILTIN_PROVIDERS or provider in self.providers:
+                return [(provider, model)] if model else []
+            # Otherwise an id with a `/` of its own (`org/model` on an OpenAI-compatible
+            # server, `hf.co/...` on Ollama): only a provider's list can place it.
+        else:
+            guess = bare_model_guess(name)
+        having = sorted(p for p, names in (listed or {}).items() if name in names)
+        if len(having) == 1:
+            return [(having[0], name)]
+        if having:
+            family = model_family(name)
+            return [(family, name)] if family in having else [(p, name) for p in having]
+        return [guess] if guess else []
+
+
+def model_family(name: str) -> str | None:
+    """The vendor whose model family ``name`` is of (`gpt-*`: openai), if any."""
+    for prefix, provider in BARE_MODEL_PREFIXES.items():
+        if name.startswith(prefix):
+            return provider
+    return None
+
+
+def bare_model_guess(name: str) -> tuple[str, str] | None:
+    """Where a bare name goes without any provider's list: Ollama's `name:tag` form (no
+    vendor's model id has a `:`, except OpenAI's `ft:` fine-tunes) to ollama, a vendor's
+    family to that vendor."""
+    if ":" in name and not name.startswith("ft:") and name.partition(":")[0]:
+        return "ollama", name
+    family = model_family(name)
+    return (family, name) if family else None
 
 
 def find_config(start: Path) -> Path | None:

@@ -16,8 +16,11 @@ from urllib.parse import urlsplit
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, Response
 
+from flowc import __version__
 from flowc.compiler import Project
 from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
 from runtime import runs
@@ -27,8 +30,9 @@ from runtime.gateway.anthropic_api import count_tokens as anthropic_count_tokens
 from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.embeddings_api import embeddings
-from runtime.gateway.hotpath import Guard, HotPaths
-from runtime.gateway.openai_api import chat_completions, error_response, models_list
+from runtime.gateway.hotpath import Guard, HotPaths, error_body
+from runtime.gateway.models_api import STARTUP_WAIT, ModelCatalog, list_models, retrieve_model
+from runtime.gateway.openai_api import chat_completions, error_response
 from runtime.gateway.responses_api import responses
 from runtime.gateway.routing import Router
 from runtime.inputs import InputError
@@ -56,6 +60,7 @@ class Runtime:
     mcp: MCPManager
     registry: Registry
     limit: asyncio.Semaphore  # steps running at once across all runs
+    catalog: ModelCatalog  # the providers' model lists (GET /v1/models, bare names)
 
     @classmethod
     def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
@@ -73,7 +78,7 @@ class Runtime:
         return cls(config, project_dir, providers, router, ledger,
                    ModelCaller(config, providers, router, calls_ledger),
                    MCPManager(config.mcp_servers, project_dir), registry,
-                   asyncio.Semaphore(256))
+                   asyncio.Semaphore(256), ModelCatalog(config, providers))
 
     def executor(self, dry_run: bool = False) -> Executor:
         if dry_run:
@@ -82,6 +87,7 @@ class Runtime:
         return Executor(self.caller, self.mcp, global_limit=self.limit)
 
     async def stop(self) -> None:
+        await self.catalog.close()
         await self.mcp.close()
         await self.providers.close()
         await asyncio.to_thread(self.ledger.close)
@@ -99,6 +105,9 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = Runtime.start(config, project_dir, pipelines, env)
         state["rt"] = rt
+        # The model lists that place bare names, before the first request (bounded: a
+        # slow provider's list arrives in the background).
+        await rt.catalog.refresh(STARTUP_WAIT, placing=True)
         # What exists now lives as long as the server. Frozen, it leaves the collector's
         # generations: a full collection (about once a second under load) then walks only
         # what requests create, instead of ~95k start-up objects (~23 ms, a p99 stall).
@@ -130,9 +139,69 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     def rt() -> Runtime:
         return state["rt"]
 
+    # The model APIs, answered in runtime/gateway/hotpath.py (POST only).
+    model_apis = {
+        "/v1/chat/completions": chat_completions,
+        "/v1/responses": responses,
+        "/v1/messages": anthropic_messages,
+        "/v1/messages/count_tokens": anthropic_count_tokens,
+        "/v1/embeddings": embeddings,
+    }
+
+    @app.api_route("/", methods=["GET", "HEAD"])
+    async def _root(request: Request) -> Response:
+        # Clients probe the base URL (Claude Code sends `HEAD /` first).
+        if request.method == "HEAD":
+            return Response(media_type="application/json")
+        return Response(orjson.dumps({
+            "service": "flowc", "version": __version__,
+            "endpoints": {**{path: "POST" for path in model_apis},
+                          "/v1/models": "GET", "/v1/models/{model}": "GET",
+                          "/v1/workflows": "GET", "/v1/costs/summary": "GET",
+                          "/dashboard": "GET", "/health": "GET"},
+            "docs": "/docs"}), media_type="application/json")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
+        # An unknown path or method, in the client's error shape (Anthropic's under
+        # /v1/messages) instead of FastAPI's `{"detail": ...}`. The model APIs are POST
+        # routes FastAPI does not know: another method on them is a 405 too.
+        path, method = request.url.path, request.method
+        headers = dict(exc.headers or {})
+        status = exc.status_code
+        if status == 404 and path in model_apis:
+            status, headers["allow"] = 405, "POST"
+        if status == 405:
+            allow = headers.get("allow") or headers.get("Allow") or ""
+            code, message = "method_not_allowed", (
+                f"{method} is not allowed on {path}" + (f": use {allow}" if allow else ""))
+        elif status == 404:
+            code, message = "not_found", f"Invalid URL ({method} {path})"
+        else:
+            code, message = "invalid_request", str(exc.detail)
+        return Response(error_body(path, status, code, message), status_code=status,
+                        media_type="application/json", headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's 422 `{"detail": [...]}` for a malformed parameter, as a 400 worded
+        # like the providers' own.
+        problems = []
+        for e in exc.errors():
+            where, *name = e.get("loc") or ("request",)
+            problems.append(f"{where} parameter '{'.'.join(map(str, name))}': {e.get('msg')}"
+                            if name else f"{where}: {e.get('msg')}")
+        path = request.url.path
+        return Response(error_body(path, 400, "invalid_parameter", "; ".join(problems)),
+                        status_code=400, media_type="application/json")
+
     @app.get("/v1/models")
-    async def _models() -> Response:
-        return models_list(rt().caller)
+    async def _models(request: Request) -> Response:
+        return await list_models(rt().catalog, request)
+
+    @app.get("/v1/models/{model_id:path}")
+    async def _model(model_id: str, request: Request) -> Response:
+        return await retrieve_model(rt().catalog, request, model_id)
 
     @app.get("/health")
     async def _health() -> dict[str, str]:
@@ -317,13 +386,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                   allowed_hosts=[*config.server.allowed_hosts, *allow_hosts],
                   allowed_origins=[*config.server.allowed_origins, *allow_origins],
                   max_body=config.server.max_body_bytes)
-    return HotPaths(app, lambda: rt().caller, {
-        "/v1/chat/completions": chat_completions,
-        "/v1/responses": responses,
-        "/v1/messages": anthropic_messages,
-        "/v1/messages/count_tokens": anthropic_count_tokens,
-        "/v1/embeddings": embeddings,
-    }, guard)
+    return HotPaths(app, lambda: rt().caller, model_apis, guard)
 
 
 def _ledger_unavailable(exc: LedgerUnavailable) -> FlowcError:

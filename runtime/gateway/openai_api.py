@@ -1,4 +1,5 @@
-"""The OpenAI-compatible surface: `POST /v1/chat/completions` and `GET /v1/models`."""
+"""The OpenAI-compatible surface: `POST /v1/chat/completions` (`GET /v1/models` is in
+models_api.py)."""
 
 from __future__ import annotations
 
@@ -116,12 +117,3 @@ async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
 
     return GatewayStream(events(), out.close, headers)
 
-
-def models_list(caller: ModelCaller) -> Response:
-    data = []
-    for name in caller.providers.model_names():
-        target = caller.providers.resolve(name)
-        data.append({"id": name, "object": "model", "created": 0,
-                     "owned_by": target.provider if target else "flowc"})
-    return Response(orjson.dumps({"object": "list", "data": data}),
-                    media_type="application/json")

@@ -85,21 +85,22 @@ class Providers:
             url = pc.base_url or (base.base_url if base else "")  # checked by ProjectConfig
             key = env.get(pc.api_key_env) if pc.api_key_env else (base.api_key if base else None)
             self.endpoints[name] = Endpoint(name, kind, url, key, pc.timeout)
+        # provider -> the model ids its own list endpoint gave (runtime/gateway/models_api.py
+        # keeps it current): how bare names the vendors' families do not cover are placed.
+        self.listed: dict[str, frozenset[str]] = {}
 
     def resolve(self, name: str) -> Target | None:
-        resolved = self.config.resolve_model(name)
-        if resolved is None or resolved[0] not in self.endpoints:
-            return None
-        return Target(*resolved)
-
-    def model_names(self) -> list[str]:
-        """Aliases and the provider models they name."""
-        names = set(self.config.models)
-        for alias in self.config.models:
-            target = self.resolve(alias)
-            if target:
-                names.add(str(target))
-        return sorted(names)
+        """The target ``name`` means (see `ProjectConfig.model_choices`), or None when it
+        means nothing here. A bare name several providers list is the client's 400."""
+        choices = [c for c in self.config.model_choices(name, self.listed)
+                   if c[0] in self.endpoints]
+        if len(choices) > 1:
+            names = ", ".join(f"{p}/{m}" for p, m in choices)
+            raise RequestError(f"model '{name}' is ambiguous: it is served by "
+                               f"{len(choices)} providers; name one of {names}, or publish "
+                               "the one you mean under `models:` in flowc.yaml",
+                               param="model", code="model_ambiguous")
+        return Target(*choices[0]) if choices else None
 
     def endpoint(self, target: Target) -> Endpoint:
         """The endpoint serving ``target`` (its `kind` says which wire it speaks)."""
