@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flowc.config import BARE_MODEL_PREFIXES, ProjectConfig
+from flowc.known_models import provider_id
 from runtime.gateway.hotpath import error_body
 from runtime.providers import Endpoint, FlowcError, Providers, RequestError, Target
 from runtime.providers.anthropic import API_VERSION
@@ -265,10 +266,11 @@ def _why(exc: BaseException, ep: Endpoint) -> str:
 
 
 def priced_models(provider: str) -> tuple[Model, ...]:
-    """The model names the price data (genai-prices, as runtime/ledger/pricing.py uses it)
+    """The model names the price data (genai-prices, under the ids the ledger prices with)
     has for ``provider``: patterns (`ft:gpt-4o`, `gpt-3.5-turbo-`) left out."""
-    for p in price_data.providers:
-        if p.id == provider:
+    pid = provider_id(provider)
+    for p in price_data.providers if pid else ():
+        if p.id == pid:
             return tuple(Model(m.id, provider, 0, m.name or m.id) for m in p.models
                          if not m.id.endswith("-") and not m.id.startswith("ft:"))
     return ()
