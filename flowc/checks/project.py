@@ -49,8 +49,9 @@ def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
     aliases = ", ".join(sorted(config.models)) or "none defined"
     ctx.out.add("unknown-model", f"unknown model '{step.model}'"
                 + suggest(hint), span.start, span.end,
-                help=f"use an alias from flowc.yaml ({aliases}) or provider/model, "
-                     "e.g. openai/gpt-4o-mini")
+                help=f"use an alias from flowc.yaml ({aliases}), provider/model "
+                     "(ollama/llama3.2) or a bare name: gpt-4o-mini, claude-sonnet-4-6, "
+                     "Ollama's name:tag")
 
 
 def _check_listed(ctx: Context, name: str, target: tuple[str, str], span: Span) -> None:

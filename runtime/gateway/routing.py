@@ -97,7 +97,8 @@ class Router:
             providers = ", ".join(sorted(self.providers.endpoints))
             raise RequestError(
                 f"unknown model '{name}'. Available: aliases {aliases}; any provider/model "
-                f"of {providers}; gpt-* and claude-* names", param="model", status=404,
+                f"of {providers}; gpt-*, o1/o3/o4*, claude-* and Ollama name:tag names, "
+                "and the bare names GET /v1/models lists", param="model", status=404,
                 code="model_not_found")
         return target
 
