@@ -29,6 +29,7 @@ from tests.fakes import FakeServer, Recorded
 HERE = Path(__file__).resolve().parent
 BIN = HERE / "node_modules" / ".bin"
 NODE24 = HERE / "node" / "node_modules" / ".bin"
+MODEL_CALLS = ("/chat/completions", "/responses", "/messages", "/api/chat")
 
 @dataclass
 class Clients:
@@ -51,7 +52,13 @@ class Clients:
             fake.script = Script(agent(turn))
 
     def requests(self) -> list[tuple[str, Recorded]]:
-        return [(f.kind, r) for f in self.fakes for r in f.requests]
+        """The model calls the upstreams saw (not flowc's own model-list fetches)."""
+        return [(f.kind, r) for f in self.fakes for r in f.requests
+                if r.path.endswith(MODEL_CALLS)]
+
+    def calls(self, kind: str) -> list[Recorded]:
+        """The model calls one upstream (openai, anthropic or ollama) saw."""
+        return [r for k, r in self.requests() if k == kind]
 
     def tool_results(self) -> list[str]:
         return [t for _, r in self.requests() for t in tool_results(r)]

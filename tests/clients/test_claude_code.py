@@ -23,7 +23,7 @@ def test_claude_code_reads_a_file_through_flowc(clients: Clients) -> None:
     out = claude(clients, "What does notes.txt say?", "claude-sonnet-4-6")
     assert "secret word is plover" in out
     assert any("the secret word is plover" in t for t in clients.tool_results())
-    first, *later = clients.gw.anthropic.requests
+    first, *later = clients.calls("anthropic")
     assert first.path == "/v1/messages" and first.body["stream"] is True
     assert "Read" in [t["name"] for t in first.body["tools"]]
     # the thinking block came back with its signature, as Anthropic requires
@@ -49,7 +49,6 @@ def test_claude_code_on_another_providers_model(clients: Clients, model: str, pr
     out = claude(clients, "What does notes.txt say?", model)
     assert "secret word is plover" in out
     assert any("the secret word is plover" in t for t in clients.tool_results())
-    upstream = {"openai": clients.gw.openai, "ollama": clients.gw.ollama}[provider]
-    assert {r.path for r in upstream.requests} == {path}
+    assert {r.path for r in clients.calls(provider)} == {path}
     rows = clients.ledger()
     assert {(r["model"], r["provider"]) for r in rows} == {(model, provider)}

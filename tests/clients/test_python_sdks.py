@@ -73,8 +73,8 @@ def run_agents_sdk(clients: Clients, api: str, stream: bool = False) -> None:
     assert str(final).strip() == "Paris has about 2.1 million people."
     assert reached(clients)
     path = {"responses": "/v1/responses", "chat_completions": "/v1/chat/completions"}[api]
-    assert {r.path for r in clients.gw.openai.requests} == {path}
-    assert {bool(r.body.get("stream")) for r in clients.gw.openai.requests} == {stream}
+    assert {r.path for r in clients.calls("openai")} == {path}
+    assert {bool(r.body.get("stream")) for r in clients.calls("openai")} == {stream}
     assert {r["model"] for r in clients.ledger()} == {"gpt-4o-mini"}
 
 
@@ -127,7 +127,7 @@ def test_langchain_chat_openai(clients: Clients, stream: bool) -> None:
     clients.play(Turn(answer=json.dumps(PARIS)))
     city = model.with_structured_output(City).invoke("Describe Paris.")
     assert city == City(**PARIS)
-    assert clients.gw.openai.requests[-1].body["response_format"]["type"] == "json_schema"
+    assert clients.calls("openai")[-1].body["response_format"]["type"] == "json_schema"
     assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
         ("gpt-4o-mini", "openai")}
 
