@@ -2,7 +2,8 @@
 
 The request is already in this format: the adapter sets the model, always asks a stream for
 its usage (`stream_options.include_usage`, or streamed calls would be logged with 0 tokens),
-and reads usage back.
+and reads usage back. The Responses API's verbatim calls (`/responses`, plain and streamed,
+usage read on the way) are here too.
 """
 
 from __future__ import annotations
@@ -113,5 +114,120 @@ async def stream(ep: Endpoint, req: dict[str, Any], model: str, state: StreamSta
             yield chunk
         if not done and state.finish_reason is None:
             raise UpstreamError(ep.name, 502, "the stream ended before [DONE]")
+    finally:
+        resp.release()
+
+
+# -- the Responses API, verbatim (runtime/gateway/responses_api.py) ------------------------------
+def responses_usage(u: Any) -> Usage:
+    """A Responses `usage` object as the ledger's usage; a wrong-shaped one raises one of
+    SHAPE_ERRORS."""
+    if not u:
+        return Usage()
+    i = u.get("input_tokens_details") or {}
+    o = u.get("output_tokens_details") or {}
+    return Usage(prompt_tokens=int(u.get("input_tokens") or 0),
+                 completion_tokens=int(u.get("output_tokens") or 0),
+                 cached_tokens=int(i.get("cached_tokens") or 0),
+                 cache_write_tokens=int(i.get("cache_write_tokens") or 0),
+                 reasoning_tokens=int(o.get("reasoning_tokens") or 0))
+
+
+def responses_answer_chars(body: dict[str, Any]) -> int:
+    """The characters of a Responses answer's output (text, call arguments, reasoning
+    summaries), for estimates."""
+    n = 0
+    for item in body.get("output") or ():
+        if not isinstance(item, dict):
+            continue
+        n += len(str(item.get("arguments") or ""))
+        for part in (item.get("content") or []) + (item.get("summary") or []):
+            if isinstance(part, dict):
+                n += len(str(part.get("text") or ""))
+    return n
+
+
+async def post_responses(ep: Endpoint, payload: Any, req: dict[str, Any]
+                         ) -> tuple[bytes, dict[str, Any], Usage, Any, float]:
+    """POST a Responses request as it is (``payload``: a dict, or the client's bytes as an
+    `orjson.Fragment`). Returns the answer's bytes (the key cut out, should the provider echo
+    it), its JSON, its usage (estimated, marked, when it has none), the response headers
+    and the upstream time in ms."""
+    status, headers, raw, ms = await ep.post("/responses", payload, _headers(ep))
+    if status >= 400:
+        raise ep.error(status, headers, raw)
+    if ep.api_key:
+        raw = ep.redact(raw, masked=False)
+    body = ep.parse(raw)
+    if not isinstance(body, dict) or not isinstance(body.get("output"), list):
+        raise ep.malformed(raw, "not a response object")
+    try:
+        usage = body.get("usage")
+        found = (responses_usage(usage) if isinstance(usage, dict)
+                 else estimate_usage(req, responses_answer_chars(body)))
+    except SHAPE_ERRORS as exc:
+        raise ep.malformed(raw, str(exc)) from None
+    return raw, body, found, headers, ms
+
+
+# Events after which a Responses stream is over.
+_FINAL = ("response.completed", "response.incomplete", "response.failed")
+
+
+class StreamFailed(UpstreamError):
+    """A Responses stream that ended in `response.failed` or `error`: the event already went
+    to the client as the provider sent it, so nothing more is written after it."""
+
+    sent = True
+
+
+def _read_event(ep: Endpoint, ev: dict[str, Any], state: StreamState) -> None:
+    """Usage, served model, first token and the answer's length from one event."""
+    if not isinstance(ev, dict) or not isinstance(ev.get("type"), str):
+        raise TypeError("not a Responses stream event")
+    kind = ev["type"]
+    if kind in ("response.output_text.delta", "response.function_call_arguments.delta",
+                "response.reasoning_summary_text.delta", "response.reasoning_text.delta",
+                "response.refusal.delta"):
+        state.mark_token()
+        state.out_chars += len(ev.get("delta") or "")
+    elif kind in ("response.created", "response.in_progress") or kind in _FINAL:
+        response = ev.get("response") or {}
+        state.model = response.get("model") or state.model
+        if kind in _FINAL:
+            state.finish_reason = kind
+            if isinstance(response.get("usage"), dict):
+                state.usage = responses_usage(response["usage"])
+
+
+async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
+                           final: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """A Responses stream passed on event by event as the provider sent it, its usage,
+    model and first token read into ``state`` on the way; the last event's `response` is
+    appended to ``final``. `response.failed` and `error` end it with `StreamFailed`; a
+    stream that ends before a final event is the provider's failure."""
+    resp = await ep.open_stream("/responses", payload, _headers(ep))
+    data = b""
+    try:
+        async for _, data in sse_events(resp, ep):
+            if data == b"[DONE]":
+                break
+            if ep.api_key:
+                data = ep.redact(data, masked=False)
+            ev = ep.parse(data)
+            try:
+                _read_event(ep, ev, state)
+            except SHAPE_ERRORS as exc:
+                raise ep.malformed(data, str(exc)) from None
+            kind = ev["type"]
+            yield b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+            if kind == "error" or kind == "response.failed":
+                err = ev.get("error") or (ev.get("response") or {}).get("error") or {}
+                message = err.get("message") if isinstance(err, dict) else err
+                raise StreamFailed(ep.name, 500, str(message or kind), body=ev)
+            if kind in _FINAL:
+                final.append(ev.get("response") or {})
+                return
+        raise UpstreamError(ep.name, 502, "the stream ended before response.completed")
     finally:
         resp.release()
