@@ -185,9 +185,31 @@ def run_pydantic_ai(clients: Clients, model_name: str, output: str,
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize(("model_name", "output"), [
     ("openai/gpt-4o-mini", "native"), ("openai/gpt-4o-mini", "tool"),
-    ("anthropic/claude-sonnet-4-6", "tool"), ("ollama/qwen2.5:7b", "native")])
+    ("anthropic/claude-sonnet-4-6", "tool"),
+    ("ollama/qwen2.5:7b", "tool")])  # a forced tool on Ollama
 def test_pydantic_ai(clients: Clients, model_name: str, output: str, stream: bool) -> None:
     run_pydantic_ai(clients, model_name, output, stream)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_pydantic_ai_native_output_on_ollama(clients: Clients, stream: bool) -> None:
+    """Without function tools: Ollama's `format` constrains the whole answer to the output
+    schema, so a model given one cannot call a tool in the same turn."""
+    from pydantic_ai import Agent, NativeOutput
+
+    agent = _pydantic_agent(clients, "ollama/qwen2.5:7b", "native")
+    agent = Agent(agent.model, output_type=NativeOutput(City))
+    clients.play(Turn(answer=json.dumps(PARIS)))
+
+    async def streamed() -> City:
+        async with agent.run_stream("Describe Paris.") as result:
+            return await result.get_output()
+    got = asyncio.run(streamed()) if stream else asyncio.run(agent.run("Describe Paris.")).output
+    assert got == City(**PARIS)
+    (call,) = clients.calls("ollama")
+    assert call.body["format"]["required"] == ["name", "population"]
+    assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
+        ("ollama/qwen2.5:7b", "ollama")}
 
 
 def test_pydantic_ai_anthropic_model(clients: Clients) -> None:

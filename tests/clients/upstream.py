@@ -352,10 +352,25 @@ def _messages(turn: Turn, rec: Recorded) -> Any:
 
 
 def _ollama(turn: Turn, rec: Recorded) -> Any:
+    """A `format` schema constrains the whole answer to JSON, so no native tool call can
+    come out of it: the answer is the content the schema allows. A schema that is one
+    tool's parameters, or an anyOf of `{"name", "arguments"}`, is a forced call (as flowc
+    forces tools); any other is the answer's own shape."""
     what, value = _decide(turn, rec)
-    if what == "text":
-        return ollama_text(value)(rec)
-    return ollama_tool_call(*value)(rec)
+    schema = rec.body.get("format")
+    if not isinstance(schema, dict):
+        return ollama_text(value)(rec) if what == "text" else ollama_tool_call(*value)(rec)
+    choices = schema.get("anyOf") or []
+    if what == "call" and choices and all(
+            {"name", "arguments"} <= set(c.get("properties") or {}) for c in choices):
+        name, args = value
+        return ollama_text(json.dumps({"name": name, "arguments": args}))(rec)
+    for t in rec.body.get("tools") or []:
+        if (t.get("function") or {}).get("parameters") == schema:
+            name = t["function"]["name"]
+            args = turn.arguments if name == turn.tool else turn.final_arguments
+            return ollama_text(json.dumps(args or {}))(rec)
+    return ollama_text(turn.answer)(rec)
 
 
 def agent(turn: Turn) -> Action:
