@@ -245,6 +245,25 @@ def test_verbatim_store_false_follow_up_carries_the_conversation(gw):
     assert "previous_response_id" not in sent
     assert [i.get("role") for i in sent["input"]] == ["user", "assistant", "user"]
     assert sent["input"][1]["content"][0]["text"] == "It is 4 degrees."
+    assert "id" not in sent["input"][1]  # an id OpenAI never stored
+
+
+def test_translated_conversation_continued_on_openai(gw):
+    """A conversation begun on Anthropic (reasoning and a function call in its output)
+    continued on OpenAI: its reasoning item, which has no encrypted content OpenAI could
+    read, is left out; the call and its output go as items."""
+    gw.anthropic.then(anthropic_events(anthropic_stream_events(anthropic_thinking_message())))
+    gw.openai.then(responses_text("4 degrees."))
+    c = client(gw)
+    with c.responses.stream(model="smart", input="Weather in Oslo?", tools=[WEATHER]) as s:
+        first = s.get_final_response()
+    assert [o.type for o in first.output] == ["reasoning", "message", "function_call"]
+    c.responses.create(model="gpt-4o-mini", previous_response_id=first.id, input=[
+        {"type": "function_call_output", "call_id": "toolu_01Weather", "output": "4"}])
+    sent = gw.openai.requests[-1].body
+    assert [i.get("type") for i in sent["input"]] == [
+        "message", "message", "function_call", "function_call_output"]
+    assert sent["input"][2]["call_id"] == "toolu_01Weather"
 
 
 def test_verbatim_stored_response_id_is_left_to_openai(gw):

@@ -549,6 +549,20 @@ def _passed_headers(headers: Any) -> dict[str, str]:
             if k.lower() in _PASSED or k.lower().startswith("x-ratelimit-")}
 
 
+def _for_openai(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Kept items as OpenAI takes them back in `input`: without the ids of items it never
+    stored (flowc's own, or a `store: false` answer's); a reasoning item only with its
+    `encrypted_content`, which is what OpenAI reads of it then."""
+    out = []
+    for item in items:
+        if item.get("type") == "reasoning":
+            if item.get("encrypted_content"):
+                out.append(item)
+        else:
+            out.append({k: v for k, v in item.items() if k != "id"})
+    return out
+
+
 class _Call:
     """How one /v1/responses request reaches each target: verbatim to OpenAI, translated
     (per target) to any other; and what it leaves in the store."""
@@ -599,7 +613,8 @@ class _Call:
         own = self.body.get("store") is False or kept is not None
         if kept is not None:  # a response only flowc has: OpenAI would not find the id
             body = {k: v for k, v in self.body.items() if k != "previous_response_id"}
-            return {**body, "model": target.model, "input": kept + self.items}, kept, own
+            return ({**body, "model": target.model, "input": _for_openai(kept) + self.items},
+                    kept, own)
         if self.body.get("model") == target.model:
             return orjson.Fragment(self.incoming.body), None, own
         return {**self.body, "model": target.model}, None, own
