@@ -13,7 +13,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
@@ -385,8 +385,7 @@ def test_a_forced_answer_is_the_call_it_spells(args, names, pick, pad):
     assert json.loads(call["function"]["arguments"]) == args
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None)
 @given(choice=st.one_of(st.sampled_from(["auto", "none", "required", None]),
                         NAMES.map(lambda n: {"type": "function", "function": {"name": n}}),
                         JSONISH),
