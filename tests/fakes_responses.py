@@ -143,6 +143,10 @@ def sse_bytes(events: list[tuple[str, dict[str, Any]]]) -> bytes:
                     for name, data in events)
 
 
+# The request id and a rate-limit header, as OpenAI sends them with every answer.
+HEADERS = {"x-request-id": "req_b5e4f1e7a8c9d0", "x-ratelimit-remaining-requests": "499"}
+
+
 def responses_answer(output: list[dict[str, Any]], used: dict[str, Any], *,
                      final: str = "response.completed", cut_after: int | None = None
                      ) -> Action:
@@ -151,11 +155,13 @@ def responses_answer(output: list[dict[str, Any]], used: dict[str, Any], *,
     dropped stream looks to the reader."""
     def act(rec: Recorded) -> Any:
         if not rec.body.get("stream"):
-            return web.json_response(response(rec, "completed", output, used), headers={
-                "x-request-id": "req_b5e4f1e7a8c9d0", "x-ratelimit-remaining-requests": "499"})
+            return web.json_response(response(rec, "completed", output, used),
+                                     headers=HEADERS)
         events = stream_events(rec, output, used, final)
-        if cut_after is not None:
-            events = events[:cut_after]
+        if cut_after is None:  # whole, so it can carry OpenAI's headers
+            return web.Response(body=sse_bytes(events), content_type="text/event-stream",
+                                headers=HEADERS)
+        events = events[:cut_after]
 
         async def write(resp: web.StreamResponse, _req: web.Request) -> None:
             for event in events:

@@ -211,6 +211,8 @@ def test_verbatim_stream_passes_every_event_and_reads_the_usage(gw):
     gw.openai.then(responses_text())
     r = post(gw, {"model": "gpt-4o-mini", "input": "again", "stream": True})
     assert r.status_code == 200
+    assert r.headers["x-request-id"] == "req_b5e4f1e7a8c9d0"
+    assert r.headers["x-ratelimit-remaining-requests"] == "499"
     assert r.content == sse_bytes(stream_events(gw.openai.requests[-1], [text_item(
         "Hello! How can I help?")], usage(36, 87)))
     got = rows(gw, 2)
@@ -294,7 +296,9 @@ def test_anthropic_plain_text(gw):
                               [{"type": "text", "text": "Answer in French."}])
     assert sent["max_tokens"] == 100
     assert "metadata" not in sent or sent["metadata"] != {"a": "b"}
-    assert rows(gw, 1)[0][:6] == ["anthropic", "claude-sonnet-4-6", "ok", False, 20, 4]
+    row = rows(gw, 1)[0]
+    assert row[:6] == ["anthropic", "claude-sonnet-4-6", "ok", False, 20, 4]
+    assert row[8] == "0.000120000"  # 20 x $3/M + 4 x $15/M
 
 
 def test_anthropic_stream_with_the_sdk_helper(gw):
@@ -392,6 +396,17 @@ def test_codex_request_to_anthropic_streamed(gw):
     assert sent.get("thinking", {}).get("type") == "enabled"
     for field in ("store", "include", "prompt_cache_key", "client_metadata"):
         assert field not in sent
+
+
+def test_codex_request_to_openai_verbatim(gw):
+    """Codex's request on an OpenAI model goes as sent: the hosted web_search, the
+    namespace tool, store false, include, prompt_cache_key and client_metadata."""
+    gw.openai.then(responses_reasoned_call("shell", {"command": ["ls"]}, "List files."))
+    body = codex_body("gpt-4o-mini")
+    r = post(gw, body)
+    assert r.status_code == 200 and "x-flowc-warning" not in r.headers
+    check_sequence(sse(r.content))
+    assert gw.openai.requests[-1].body == body
 
 
 def test_codex_request_to_ollama_and_the_round_trip(gw):

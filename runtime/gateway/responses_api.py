@@ -619,6 +619,9 @@ class _Call:
             return orjson.Fragment(self.incoming.body), None, own
         return {**self.body, "model": target.model}, None, own
 
+    def _took_headers(self, headers: Any) -> None:
+        self.headers = _passed_headers(headers)
+
     # the calls ------------------------------------------------------------------------------
     async def send(self, target: Target) -> ChatResult:
         ep = self.caller.providers.endpoint(target)
@@ -642,7 +645,8 @@ class _Call:
         if verbatim(ep):
             payload, kept, own = self._verbatim_payload(target)
             final: list[dict[str, Any]] = []
-            async for event in stream_responses(ep, payload, state, final):
+            async for event in stream_responses(ep, payload, state, final,
+                                                self._took_headers):
                 yield event
             if own and final:
                 self._remember(final[0].get("id"), final[0].get("output"), kept)

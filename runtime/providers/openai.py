@@ -8,7 +8,7 @@ usage read on the way) are here too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from runtime.providers.base import (
@@ -201,12 +201,17 @@ def _read_event(ep: Endpoint, ev: dict[str, Any], state: StreamState) -> None:
 
 
 async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
-                           final: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+                           final: list[dict[str, Any]],
+                           on_open: Callable[[Any], None] | None = None
+                           ) -> AsyncIterator[bytes]:
     """A Responses stream passed on event by event as the provider sent it, its usage,
-    model and first token read into ``state`` on the way; the last event's `response` is
-    appended to ``final``. `response.failed` and `error` end it with `StreamFailed`; a
-    stream that ends before a final event is the provider's failure."""
+    model and first token read into ``state`` on the way; ``on_open`` gets the response
+    headers, and the last event's `response` is appended to ``final``. `response.failed`
+    and `error` end it with `StreamFailed`; a stream that ends before a final event is the
+    provider's failure."""
     resp = await ep.open_stream("/responses", payload, _headers(ep))
+    if on_open is not None:
+        on_open(resp.headers)
     data = b""
     try:
         async for _, data in sse_events(resp, ep):
