@@ -16,7 +16,6 @@ PROVIDERS = {"openai": ("openai", "gpt-4o-mini", "openai"),
              "openai-chat": ("openai-chat", "gpt-4o-mini", "openai"),
              "openai-chat-ollama": ("openai-chat", "local", "ollama"),
              "anthropic": ("anthropic", "claude-sonnet-4-6", "anthropic")}
-SERVED = ["openai-chat", "openai-chat-ollama", "anthropic"]
 
 
 def ai_sdk(clients: Clients, case: str, mode: str) -> dict:
@@ -32,7 +31,7 @@ def check_ledger(clients: Clients, case: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["tools", "stream"])
-@pytest.mark.parametrize("case", SERVED)
+@pytest.mark.parametrize("case", list(PROVIDERS))
 def test_ai_sdk_tool_round_trip(clients: Clients, case: str, mode: str) -> None:
     clients.play(Turn(tool="lookup", arguments={"city": "Paris"},
                       answer="Paris has about 2.1 million people."))
@@ -44,7 +43,7 @@ def test_ai_sdk_tool_round_trip(clients: Clients, case: str, mode: str) -> None:
     check_ledger(clients, case)
 
 
-@pytest.mark.parametrize("case", SERVED)
+@pytest.mark.parametrize("case", list(PROVIDERS))
 def test_ai_sdk_generate_object(clients: Clients, case: str) -> None:
     clients.play(Turn(answer=json.dumps(PARIS), final_tool="json", final_arguments=PARIS))
     assert ai_sdk(clients, case, "object") == {"object": PARIS}

@@ -15,7 +15,6 @@ KINDS = {
     "anthropic-messages": ("", "claude-sonnet-4-6", "anthropic"),
     "openai-responses": ("/v1", "gpt-4o-mini", "openai"),
 }
-SERVED = ["openai-completions", "anthropic-messages"]
 
 
 def openclaw(clients: Clients, prompt: str, api: str) -> str:
@@ -43,6 +42,6 @@ def run_openclaw(clients: Clients, api: str) -> None:
     assert all(r["stream"] for r in rows)
 
 
-@pytest.mark.parametrize("api", SERVED)
+@pytest.mark.parametrize("api", list(KINDS))
 def test_openclaw_reads_a_file_through_flowc(clients: Clients, api: str) -> None:
     run_openclaw(clients, api)

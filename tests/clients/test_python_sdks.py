@@ -79,9 +79,10 @@ def run_agents_sdk(clients: Clients, api: str, stream: bool = False) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_openai_agents_sdk_on_chat_completions(clients: Clients, agents_client,
-                                               stream: bool) -> None:
-    run_agents_sdk(clients, "chat_completions", stream)
+@pytest.mark.parametrize("api", ["responses", "chat_completions"])
+def test_openai_agents_sdk(clients: Clients, agents_client, api: str, stream: bool) -> None:
+    """``responses``: the SDK's default model API."""
+    run_agents_sdk(clients, api, stream)
 
 
 # -- LangChain -----------------------------------------------------------------------------------
@@ -130,6 +131,20 @@ def test_langchain_chat_openai(clients: Clients, stream: bool) -> None:
     assert clients.calls("openai")[-1].body["response_format"]["type"] == "json_schema"
     assert {(r["model"], r["provider"]) for r in clients.ledger()} == {
         ("gpt-4o-mini", "openai")}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_langchain_chat_openai_on_responses(clients: Clients, stream: bool) -> None:
+    from langchain_openai import ChatOpenAI
+
+    model = ChatOpenAI(model="gpt-4o-mini", base_url=clients.url + "/v1", api_key=KEY,
+                       use_responses_api=True)
+    clients.play(lookup_turn(answer="Paris has about 2.1 million people."))
+    _langchain_round_trip(clients, model, stream)
+    clients.play(Turn(answer=json.dumps(PARIS)))
+    assert model.with_structured_output(City).invoke("Describe Paris.") == City(**PARIS)
+    assert {r.path for r in clients.calls("openai")} == {"/v1/responses"}
+    assert {r["model"] for r in clients.ledger()} == {"gpt-4o-mini"}
 
 
 @pytest.mark.parametrize(("method", "stream"), [("function_calling", False),
@@ -225,3 +240,22 @@ def test_pydantic_ai_anthropic_model(clients: Clients) -> None:
     assert result.output == City(**PARIS)
     assert reached(clients)
     assert {r["provider"] for r in clients.ledger()} == {"anthropic"}
+
+
+@pytest.mark.parametrize("output", ["native", "tool"])
+def test_pydantic_ai_responses_model(clients: Clients, output: str) -> None:
+    from pydantic_ai import Agent, NativeOutput, ToolOutput
+    from pydantic_ai.models.openai import OpenAIResponsesModel
+    from pydantic_ai.providers.openai import OpenAIProvider
+
+    model = OpenAIResponsesModel("gpt-4o-mini", provider=OpenAIProvider(
+        base_url=clients.url + "/v1", api_key=KEY))
+    agent = Agent(model, output_type=NativeOutput(City) if output == "native"
+                  else ToolOutput(City), tools=[lookup])
+    clients.play(lookup_turn(answer=json.dumps(PARIS), final_tool="final_result",
+                             final_arguments=PARIS))
+    result = asyncio.run(agent.run("How many people live in Paris?"))
+    assert result.output == City(**PARIS)
+    assert reached(clients)
+    assert {r.path for r in clients.calls("openai")} == {"/v1/responses"}
+    assert {r["model"] for r in clients.ledger()} == {"gpt-4o-mini"}
