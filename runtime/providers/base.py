@@ -121,6 +121,7 @@ def request_chars(req: dict[str, Any]) -> int:
         n += len(items)
     elif isinstance(items, list):
         n += _text_chars(items)
+        n += sum(len(i) for i in items if isinstance(i, str))  # embeddings' list of strings
         n += sum(_text_chars(i.get("content")) for i in items if isinstance(i, dict))
     for msg in req.get("messages") or ():
         if not isinstance(msg, dict):
