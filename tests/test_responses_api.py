@@ -556,3 +556,38 @@ def test_chat_stream_through_openai_compatible(gw):
         final = s.get_final_response()
     assert final.output_text == "a b c "
     assert rows(gw, 1)[0][:6] == ["compat", "llama-3", "ok", True, 7, 3]
+
+
+def test_image_and_structured_output_to_anthropic(gw):
+    """An input_image (a data: URL) reaches Claude as an image block; text.format's JSON
+    schema as the structured output Anthropic's adapter serves."""
+    gw.anthropic.then(anthropic_tool_use("json_output", {"colour": "red"}))
+    r = client(gw).responses.create(model="smart", input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "Colour?"},
+        {"type": "input_image", "image_url": "data:image/png;base64,iVBORw0KGgo=",
+         "detail": "low"}]}], text={"format": {
+            "type": "json_schema", "name": "colour", "strict": True, "schema": {
+                "type": "object", "properties": {"colour": {"type": "string"}},
+                "required": ["colour"], "additionalProperties": False}}})
+    assert json.loads(r.output_text) == {"colour": "red"}
+    content = gw.anthropic.requests[-1].body["messages"][0]["content"]
+    assert content[1]["source"] == {"type": "base64", "media_type": "image/png",
+                                    "data": "iVBORw0KGgo="}
+
+
+def test_store_is_bounded_least_recently_used_first():
+    from runtime.gateway.responses_store import ResponseStore
+    item = [{"type": "message", "role": "user", "content": "x" * 100}]
+    store = ResponseStore(max_responses=3, max_bytes=10_000)
+    for i in range(4):
+        store.put(f"resp_{i}", item)
+        if i == 2:
+            assert store.get("resp_0") == item  # used: resp_1 is now the oldest
+    assert store.get("resp_1") is None and len(store) == 3
+    store.put("resp_big", [{"content": "y" * 20_000}])  # larger than the whole store
+    assert store.get("resp_big") is None and len(store) == 3
+    small = ResponseStore(max_responses=1000, max_bytes=1_000)
+    for i in range(20):  # about 150 bytes each: the size bound keeps the newest 6
+        small.put(f"r{i}", item)
+    assert len(small) == 1_000 // len(json.dumps(item, separators=(",", ":")))
+    assert small.get("r19") == item and small.get("r13") is None
