@@ -225,8 +225,10 @@ def test_verbatim_stream_cut_off_is_estimated_and_failed_is_passed_on(gw):
     gw.openai.then(responses_answer(out, usage(10, 5), cut_after=5))
     r = post(gw, {"model": "gpt-4o-mini", "input": "count", "stream": True})
     events = sse(r.content)
-    assert events[-1][0] == "error"
+    assert [e for e, _ in events] == [e for e, _ in stream_events(
+        gw.openai.requests[-1], out, usage(10, 5))[:5]] + ["error"]
     assert "before response.completed" in events[-1][1]["message"]
+    assert [d["sequence_number"] for _, d in events] == list(range(6))
     gw.openai.then(responses_answer(out, usage(10, 5), final="response.failed"))
     r = post(gw, {"model": "gpt-4o-mini", "input": "count", "stream": True})
     events = sse(r.content)

@@ -697,4 +697,6 @@ async def _stream_bytes(chunks: AsyncIterator[bytes], call: _Call) -> AsyncItera
     except FlowcError as err:
         if getattr(err, "sent", False):
             return
-        yield (call.events or Events(call.body, call.response_id)).failed(err)
+        events = call.events or Events(call.body, call.response_id)
+        events.seq = max(events.seq, getattr(err, "sequence_number", 0))
+        yield events.failed(err)

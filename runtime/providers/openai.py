@@ -213,6 +213,7 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
     if on_open is not None:
         on_open(resp.headers)
     data = b""
+    seq = -1
     try:
         async for _, data in sse_events(resp, ep):
             if data == b"[DONE]":
@@ -225,6 +226,7 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
             except SHAPE_ERRORS as exc:
                 raise ep.malformed(data, str(exc)) from None
             kind = ev["type"]
+            seq = ev.get("sequence_number", seq)
             yield b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
             if kind == "error" or kind == "response.failed":
                 err = ev.get("error") or (ev.get("response") or {}).get("error") or {}
@@ -234,5 +236,9 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
                 final.append(ev.get("response") or {})
                 return
         raise UpstreamError(ep.name, 502, "the stream ended before response.completed")
+    except UpstreamError as err:
+        # The client's error event numbers on from the provider's last.
+        err.sequence_number = seq + 1 if isinstance(seq, int) else 0  # type: ignore[attr-defined]
+        raise
     finally:
         resp.release()
