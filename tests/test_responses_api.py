@@ -422,7 +422,9 @@ def test_codex_request_to_ollama_and_the_round_trip(gw):
     call = events[-1][1]["response"]["output"][-1]
     assert (call["name"], call["namespace"]) == ("read_file", "mcp_fs")
     body = codex_body("ollama/qwen2.5:7b")
-    body["input"] += [{k: call[k] for k in ("type", "call_id", "name", "namespace",
+    body["input"] += [{"type": "reasoning", "id": "rs_1", "summary": [
+                          {"type": "summary_text", "text": "Read the file."}]},
+                      {k: call[k] for k in ("type", "call_id", "name", "namespace",
                                             "arguments")},
                       {"type": "function_call_output", "call_id": call["call_id"],
                        "output": "# flowc"}]
@@ -431,6 +433,7 @@ def test_codex_request_to_ollama_and_the_round_trip(gw):
         "It is a README.")
     msgs = gw.ollama.requests[-1].body["messages"]
     assert msgs[-2]["tool_calls"][0]["function"]["name"] == "mcp_fs__read_file"
+    assert msgs[-2]["thinking"] == "Read the file."  # the reasoning item, as Ollama's
     assert (msgs[-1]["role"], msgs[-1]["content"]) == ("tool", "# flowc")
     assert gw.ollama.requests[-1].body["think"] == "medium"
 

@@ -152,11 +152,12 @@ def to_messages(items: list[dict[str, Any]], instructions: Any, kind: str
     def assistant() -> dict[str, Any]:
         nonlocal reasoning
         last = messages[-1] if messages else None
-        if last is None or last["role"] != "assistant" or reasoning:
+        carried = reasoning if keep_reasoning else None
+        reasoning = None
+        if last is None or last["role"] != "assistant" or carried:
             last = {"role": "assistant", "content": None}
-            if reasoning and keep_reasoning:
-                last["reasoning_content"] = reasoning
-            reasoning = None
+            if carried:
+                last["reasoning_content"] = carried
             messages.append(last)
         return last
 
@@ -173,6 +174,7 @@ def to_messages(items: list[dict[str, Any]], instructions: Any, kind: str
                 text = _text(item.get("content"))
                 msg["content"] = (msg["content"] or "") + text if text else msg["content"]
             else:
+                reasoning = None  # reasoning belongs to the assistant turn it precedes
                 messages.append({"role": "system" if role == "developer" else role,
                                  "content": _parts(item.get("content"), where)})
         elif kind_ == "function_call":
@@ -182,6 +184,7 @@ def to_messages(items: list[dict[str, Any]], instructions: Any, kind: str
                 "function": {"name": _call_name(item),
                              "arguments": item.get("arguments") or "{}"}})
         elif kind_ == "function_call_output":
+            reasoning = None
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
                              "content": _output(item.get("output"))})
         elif kind_ == "reasoning":
