@@ -596,3 +596,30 @@ def test_store_is_bounded_least_recently_used_first():
         small.put(f"r{i}", item)
     assert len(small) == 1_000 // len(json.dumps(item, separators=(",", ":")))
     assert small.get("r19") == item and small.get("r13") is None
+
+
+@pytest.mark.parametrize("odd", [
+    {"input": [{"role": "user", "content": 5}]},
+    {"input": [{"role": "user", "content": [1, "x"]}]},
+    {"input": [{"type": "function_call_output", "call_id": "c", "output": 7}]},
+    {"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                "arguments": {"a": 1}}, {"type": "function_call_output", "call_id": "c",
+                                         "output": [{"type": "input_text", "text": "ok"}]}]},
+    {"input": [{"type": "reasoning", "summary": "not a list"}, "x"]},
+    {"input": "x", "tools": [1, {"type": "namespace", "name": "n", "tools": "x"},
+                             {"type": "namespace", "name": "n", "tools": [3]}]},
+    {"input": "x", "text": {"format": "json"}},
+    {"input": "x", "tool_choice": {"type": "function"}},
+    {"input": [{"type": "item_reference", "id": "msg_1"}]},
+    {"input": [{"type": "message", "role": "user", "content": [
+        {"type": "input_image", "file_id": "file-1"}]}]},
+    {"input": []},
+])
+def test_odd_requests_are_answered_in_openai_shape(gw, odd):
+    """Whatever the shape, the answer is the provider's or a 4xx in OpenAI's error shape,
+    never a crash."""
+    r = post(gw, {"model": "smart", **odd})
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400:
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request_error" and err["message"]

@@ -92,7 +92,9 @@ def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
 def _text(content: Any) -> str:
     if isinstance(content, str):
         return content
-    return "".join(p.get("text") or p.get("refusal") or "" for p in content or ()
+    if not isinstance(content, list):
+        return ""
+    return "".join(str(p.get("text") or p.get("refusal") or "") for p in content
                    if isinstance(p, dict))
 
 
@@ -100,8 +102,12 @@ def _parts(content: Any, where: str) -> str | list[dict[str, Any]]:
     """A message's content as chat content: text, or text and image parts."""
     if isinstance(content, str):
         return content
+    if not isinstance(content, list):
+        raise RequestError(f"Invalid type for '{where}.content': expected a string or an "
+                           f"array, but got {type(content).__name__} instead.",
+                           param=f"{where}.content", code="invalid_type")
     parts: list[dict[str, Any]] = []
-    for j, p in enumerate(content or ()):
+    for j, p in enumerate(content):
         kind = p.get("type") if isinstance(p, dict) else None
         if kind in ("input_text", "output_text", "text", "summary_text", "reasoning_text"):
             parts.append({"type": "text", "text": p.get("text") or ""})
@@ -131,6 +137,13 @@ def _call_name(item: dict[str, Any]) -> str:
     name = str(item.get("name") or "")
     ns = item.get("namespace")
     return f"{ns}{NS_SEP}{name}" if ns else name
+
+
+def _arguments(value: Any) -> str:
+    """A call's arguments as the JSON text chat completions carry."""
+    if isinstance(value, str):
+        return value or "{}"
+    return orjson.dumps(value if value is not None else {}, default=str).decode()
 
 
 def _output(value: Any) -> str:
@@ -182,7 +195,7 @@ def to_messages(items: list[dict[str, Any]], instructions: Any, kind: str
             msg.setdefault("tool_calls", []).append({
                 "id": item.get("call_id"), "type": "function",
                 "function": {"name": _call_name(item),
-                             "arguments": item.get("arguments") or "{}"}})
+                             "arguments": _arguments(item.get("arguments"))}})
         elif kind_ == "function_call_output":
             reasoning = None
             messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
@@ -217,11 +230,13 @@ def to_tools(tools: list[Any]) -> tuple[list[dict[str, Any]], list[str]]:
         if kind == "function":
             out.append(function(t, str(t.get("name") or "")))
         elif kind == "namespace":
-            for inner in t.get("tools") or ():
+            inner_tools = t.get("tools")
+            for inner in inner_tools if isinstance(inner_tools, list) else ():
                 if isinstance(inner, dict) and inner.get("type") == "function":
                     out.append(function(inner, f"{t.get('name')}{NS_SEP}{inner.get('name')}"))
                 else:
-                    dropped.append(f"{t.get('name')}.{(inner or {}).get('name')}")
+                    name = inner.get("name") if isinstance(inner, dict) else None
+                    dropped.append(f"{t.get('name')}.{name}")
         else:
             dropped.append(str(kind))
     return out, dropped
@@ -273,7 +288,8 @@ def to_chat(body: dict[str, Any], items: list[dict[str, Any]], kind: str, model:
             req["tool_choice"] = choice
         if body.get("parallel_tool_calls") is False and _passes(kind, "parallel_tool_calls"):
             req["parallel_tool_calls"] = False
-    fmt = (body.get("text") or {}).get("format") or {}
+    fmt = (body.get("text") or {}).get("format")
+    fmt = fmt if isinstance(fmt, dict) else {}
     if fmt.get("type") == "json_schema":
         schema = {"name": fmt.get("name") or "output",
                   "schema": fmt.get("schema") or {"type": "object"}}
