@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.clients.conftest import BIN, Clients
-from tests.clients.upstream import ENCRYPTED, Turn
+from tests.clients.upstream import Turn
+from tests.fakes_responses import ENCRYPTED
 
 
 def codex(clients: Clients, prompt: str, model: str, base_url: str) -> str:

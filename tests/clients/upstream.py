@@ -5,8 +5,9 @@ prompt), so each upstream answers by reading the request rather than from a fixe
 a request that carries a tool result gets the final answer; one that offers the tool the
 test names gets a call to that tool; anything else gets plain text. Streams are written as
 the references show them: OpenAI chat chunks with tool-call deltas, the Responses API's
-typed event sequence (openai-python `types/responses`), Anthropic's content blocks with
-thinking and signature deltas (anthropic-sdk-python `types`), Ollama's NDJSON (tests/fakes).
+event sequence with reasoning items (tests/fakes_responses), Anthropic's content blocks
+with thinking and signature deltas (anthropic-sdk-python `types`), Ollama's NDJSON
+(tests/fakes).
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from tests.fakes import (
     openai_text,
     openai_tool_call,
 )
+from tests.fakes_responses import (
+    call_item,
+    reasoning_item,
+    responses_answer,
+    text_item,
+)
+from tests.fakes_responses import usage as responses_usage
 
 
 class Script(deque):
@@ -159,120 +167,16 @@ def _chat(turn: Turn, rec: Recorded) -> Any:
     return openai_tool_call(name, args)(rec)
 
 
-# -- OpenAI Responses API -------------------------------------------------------------------------
-_RESP_ID = "resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b"
-
-
-def _response(rec: Recorded, status: str, output: list[dict[str, Any]],
-              usage: dict[str, Any] | None) -> dict[str, Any]:
-    body = rec.body
-    return {
-        "id": _RESP_ID, "object": "response", "created_at": 1741476542, "status": status,
-        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
-        "max_output_tokens": body.get("max_output_tokens"),
-        "model": "gpt-4o-mini-2024-07-18", "output": output,
-        "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": body.get("previous_response_id"),
-        "reasoning": {"effort": None, "summary": None}, "store": body.get("store", True),
-        "temperature": 1.0, "text": body.get("text") or {"format": {"type": "text"}},
-        "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [],
-        "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": None, "metadata": {}}
-
-
-_RESP_USAGE = {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 0},
-               "output_tokens": 87, "output_tokens_details": {"reasoning_tokens": 0},
-               "total_tokens": 123}
-
-
-ENCRYPTED = "gAAAAABoISQ24OyVRYbkYfukuA5Hu2e1yA5fpJ7qFl"
-
-
-def _responses_items(what: str, value: Any, reasoning: str | None) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    if reasoning is not None:
-        items.append({"id": "rs_6820f383d7c08191846711c5df8233bc0ac5ba57aafcbac7",
-                      "type": "reasoning", "status": "completed", "encrypted_content": ENCRYPTED,
-                      "summary": [{"type": "summary_text", "text": reasoning}]})
-    if what == "text":
-        items.append({"id": "msg_67ccd2bf17f0819081ff3bb2cf6508e60bb6a6b452d3795b",
-                      "type": "message", "status": "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": value, "annotations": []}]})
-    else:
-        name, args = value
-        items.append({"id": "fc_12345xyz", "type": "function_call", "status": "completed",
-                      "arguments": json.dumps(args), "call_id": "call_12345xyz", "name": name})
-    return items
-
-
-def responses_answer(what: str, value: Any, reasoning: str | None = None) -> Action:
-    """A Responses API answer: ``("text", str)`` an assistant message, ``("call", (name,
-    args))`` a function call, after a reasoning item (a summary and encrypted content) when
-    ``reasoning`` is given; plain or streamed as the request asks."""
-    def act(rec: Recorded) -> Any:
-        items = _responses_items(what, value, reasoning)
-        if not rec.body.get("stream"):
-            return _response(rec, "completed", items, _RESP_USAGE)
-
-        async def write(resp: web.StreamResponse, _req: web.Request) -> None:
-            seq = 0
-
-            async def ev(kind: str, data: dict[str, Any]) -> None:
-                nonlocal seq
-                data = {"type": kind, "sequence_number": seq, **data}
-                seq += 1
-                await resp.write(f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode())
-            await ev("response.created", {"response": _response(rec, "in_progress", [], None)})
-            await ev("response.in_progress",
-                     {"response": _response(rec, "in_progress", [], None)})
-            for index, item in enumerate(items):
-                where = {"item_id": item["id"], "output_index": index}
-                if item["type"] == "reasoning":
-                    part = item["summary"][0]
-                    await ev("response.output_item.added", {"output_index": index, "item": {
-                        **item, "status": "in_progress", "summary": []}})
-                    at = {**where, "summary_index": 0}
-                    await ev("response.reasoning_summary_part.added",
-                             {**at, "part": {**part, "text": ""}})
-                    await ev("response.reasoning_summary_text.delta",
-                             {**at, "delta": part["text"]})
-                    await ev("response.reasoning_summary_text.done",
-                             {**at, "text": part["text"]})
-                    await ev("response.reasoning_summary_part.done", {**at, "part": part})
-                elif item["type"] == "message":
-                    part = item["content"][0]
-                    await ev("response.output_item.added", {"output_index": index, "item": {
-                        **item, "status": "in_progress", "content": []}})
-                    at = {**where, "content_index": 0}
-                    await ev("response.content_part.added", {**at, "part": {**part, "text": ""}})
-                    for n, word in enumerate(part["text"].split(" ")):
-                        await ev("response.output_text.delta", {
-                            **at, "delta": word if n == 0 else " " + word, "logprobs": []})
-                    await ev("response.output_text.done",
-                             {**at, "text": part["text"], "logprobs": []})
-                    await ev("response.content_part.done", {**at, "part": part})
-                else:
-                    await ev("response.output_item.added", {"output_index": index, "item": {
-                        **item, "status": "in_progress", "arguments": ""}})
-                    raw = item["arguments"]
-                    step = max(1, len(raw) // 3)
-                    for k in range(0, len(raw), step):
-                        await ev("response.function_call_arguments.delta",
-                                 {**where, "delta": raw[k:k + step]})
-                    await ev("response.function_call_arguments.done",
-                             {**where, "arguments": raw})
-                await ev("response.output_item.done", {"output_index": index, "item": item})
-            await ev("response.completed",
-                     {"response": _response(rec, "completed", items, _RESP_USAGE)})
-        return write
-    return act
-
-
+# -- OpenAI Responses API (the answers and event sequence of tests/fakes_responses) --------------
 def _responses(turn: Turn, rec: Recorded) -> Any:
     """Reasoning comes first when the client asks for it back (``include`` names
     ``reasoning.encrypted_content``, as Codex does with ``store: false``)."""
-    wants = "reasoning.encrypted_content" in (rec.body.get("include") or [])
-    reasoning = (turn.thinking or "Looking at the request.") if wants else None
-    return responses_answer(*_decide(turn, rec), reasoning)(rec)
+    what, value = _decide(turn, rec)
+    output = []
+    if "reasoning.encrypted_content" in (rec.body.get("include") or []):
+        output.append(reasoning_item(turn.thinking or "Looking at the request."))
+    output.append(text_item(value) if what == "text" else call_item(*value))
+    return responses_answer(output, responses_usage(36, 87))(rec)
 
 
 # -- Anthropic Messages, with thinking -------------------------------------------------------------
