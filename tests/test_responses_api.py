@@ -623,3 +623,15 @@ def test_odd_requests_are_answered_in_openai_shape(gw, odd):
     if r.status_code >= 400:
         err = r.json()["error"]
         assert err["type"] == "invalid_request_error" and err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_verbatim_answer_never_carries_the_endpoint_key(gw, stream):
+    """An upstream that echoes the request's credential in its answer: the key is cut out
+    of the bytes passed on, plain and streamed."""
+    def echo(rec):
+        return responses_text(f"you sent {rec.headers['authorization']}")(rec)
+    gw.openai.then(echo)
+    r = post(gw, {"model": "gpt-4o-mini", "input": "x", "stream": stream})
+    assert r.status_code == 200
+    assert b"you sent Bearer [redacted]" in r.content and b"sk-test-openai" not in r.content

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import orjson
+
 from runtime.providers.base import (
     SHAPE_ERRORS,
     ChatResult,
@@ -147,6 +149,14 @@ def responses_answer_chars(body: dict[str, Any]) -> int:
     return n
 
 
+def _json(ep: Endpoint, raw: bytes) -> Any:
+    """`Endpoint.parse` for bytes already redacted (they also go to the client as they are)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ep.malformed(raw, "not JSON") from None
+
+
 async def post_responses(ep: Endpoint, payload: Any, req: dict[str, Any]
                          ) -> tuple[bytes, dict[str, Any], Usage, Any, float]:
     """POST a Responses request as it is (``payload``: a dict, or the client's bytes as an
@@ -158,7 +168,7 @@ async def post_responses(ep: Endpoint, payload: Any, req: dict[str, Any]
         raise ep.error(status, headers, raw)
     if ep.api_key:
         raw = ep.redact(raw, masked=False)
-    body = ep.parse(raw)
+    body = _json(ep, raw)
     if not isinstance(body, dict) or not isinstance(body.get("output"), list):
         raise ep.malformed(raw, "not a response object")
     try:
@@ -220,7 +230,7 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
                 break
             if ep.api_key:
                 data = ep.redact(data, masked=False)
-            ev = ep.parse(data)
+            ev = _json(ep, data)
             try:
                 _read_event(ep, ev, state)
             except SHAPE_ERRORS as exc:
