@@ -609,6 +609,7 @@ def test_store_is_bounded_least_recently_used_first():
     {"input": "x", "tools": [1, {"type": "namespace", "name": "n", "tools": "x"},
                              {"type": "namespace", "name": "n", "tools": [3]}]},
     {"input": "x", "text": {"format": "json"}},
+    {"input": "x", "tools": [{"type": "wéb_search\r\nx-evil: 1"}]},
     {"input": "x", "tool_choice": {"type": "function"}},
     {"input": [{"type": "item_reference", "id": "msg_1"}]},
     {"input": [{"type": "message", "role": "user", "content": [

@@ -18,6 +18,7 @@ flowc's (runtime/gateway/responses_store.py) for the responses OpenAI does not k
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -54,6 +55,7 @@ _MESSAGE_ROLES = ("user", "assistant", "system", "developer")
 # Fields that change what the answer is, which no chat target can honour.
 _REFUSED = {"background": "background mode", "conversation": "conversations",
             "prompt": "prompt templates"}
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _EFFORT_OPENAI = {"minimal": "low", "xhigh": "high", "max": "high"}
 
 
@@ -617,10 +619,10 @@ class _Call:
         history = self._history()
         req, dropped = to_chat(self.body, (history or []) + self.items, ep.kind, target.model)
         self.headers = {}
-        if dropped:
-            self.headers["x-flowc-warning"] = (
+        if dropped:  # a header value takes printable ASCII only; names are the client's
+            self.headers["x-flowc-warning"] = _UNPRINTABLE.sub("?", (
                 f"tools dropped for {target.provider}/{target.model}: {', '.join(dropped)} "
-                "(hosted tools run on OpenAI only)")
+                "(hosted tools run on OpenAI only)"))
         return req, history
 
     def _verbatim_payload(self, target: Target
