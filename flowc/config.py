@@ -41,6 +41,10 @@ class ProviderConfig(_Strict):
     api_key_env: str | None = Field(
         default=None, description="Environment variable holding the API key.")
     timeout: float = Field(default=60.0, gt=0)
+    responses: bool | None = Field(
+        default=None, description="Serves OpenAI's Responses API at {base_url}/responses, so "
+        "/v1/responses goes to it verbatim (default: true for the provider named openai; "
+        "others get it translated to chat completions).")
 
 
 class ToolSchema(_Strict):

@@ -61,6 +61,8 @@ providers:
   openai: {timeout: 5}
   anthropic: {timeout: 5}
   compat: {kind: openai_compatible, base_url: "COMPAT_URL", api_key_env: COMPAT_KEY}
+  proxy: {kind: openai_compatible, base_url: "PROXY_URL", api_key_env: COMPAT_KEY,
+          responses: true}
 retry:
   attempts: 1
   backoff: 0.05
@@ -81,7 +83,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     project = tmp_path_factory.mktemp("responses")
     fakes = {k: WireServer(k).start() for k in ("openai", "anthropic", "ollama")}
     (project / "flowc.yaml").write_text(textwrap.dedent(CONFIG).replace(
-        "COMPAT_URL", fakes["openai"].url + "/compat/v1"))
+        "COMPAT_URL", fakes["openai"].url + "/compat/v1").replace(
+        "PROXY_URL", fakes["openai"].url + "/proxy/v1"))
     env = {**os.environ,
            "OPENAI_BASE_URL": fakes["openai"].url + "/v1", "OPENAI_API_KEY": "sk-test-openai",
            "ANTHROPIC_BASE_URL": fakes["anthropic"].url,
@@ -477,6 +480,18 @@ def test_openai_compatible_server_gets_chat_completions(gw):
     assert [o.type for o in r.output] == ["reasoning", "message"]
     assert r.output[0].summary[0].text == "Think hard."
     assert r.usage.output_tokens_details.reasoning_tokens == 25
+
+
+def test_a_server_configured_with_responses_gets_them_verbatim(gw):
+    """`responses: true` in flowc.yaml: an OpenAI-compatible server that serves the
+    Responses API itself gets the client's request as sent, not a translation."""
+    gw.openai.then(responses_text("Verbatim."))
+    r = post(gw, {"model": "proxy/gpt-4o-mini", "input": "x", "x_unknown": 1})
+    sent = gw.openai.requests[-1]
+    assert r.status_code == 200, r.text
+    assert sent.path == "/proxy/v1/responses"
+    assert sent.body["x_unknown"] == 1 and sent.body["model"] == "gpt-4o-mini"
+    assert sent.headers["authorization"] == "Bearer sk-compat-key"
 
 
 def test_translated_stream_reasoning_events(gw):

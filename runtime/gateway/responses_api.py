@@ -66,9 +66,9 @@ def _passes(kind: str, name: str) -> bool:
 
 
 def verbatim(ep: Endpoint) -> bool:
-    """Whether ``ep`` serves the Responses API itself: OpenAI does; other OpenAI-compatible
-    servers are assumed to serve chat completions only."""
-    return ep.kind == "openai" and ep.name == "openai"
+    """Whether ``ep`` serves the Responses API itself: OpenAI does; another OpenAI-compatible
+    server does when flowc.yaml says `responses: true` for it."""
+    return ep.kind == "openai" and ep.responses
 
 
 def _bad(message: str, param: str) -> RequestError:

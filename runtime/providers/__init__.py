@@ -60,7 +60,7 @@ def default_endpoints(env: Mapping[str, str]) -> dict[str, Endpoint]:
     return {
         "openai": Endpoint("openai", "openai",
                            env.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
-                           env.get("OPENAI_API_KEY")),
+                           env.get("OPENAI_API_KEY"), responses=True),
         "anthropic": Endpoint("anthropic", "anthropic",
                               env.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com",
                               env.get("ANTHROPIC_API_KEY")),
@@ -84,7 +84,10 @@ class Providers:
                 kind = "openai" if pc.kind == "openai_compatible" else pc.kind
             url = pc.base_url or (base.base_url if base else "")  # checked by ProjectConfig
             key = env.get(pc.api_key_env) if pc.api_key_env else (base.api_key if base else None)
-            self.endpoints[name] = Endpoint(name, kind, url, key, pc.timeout)
+            responses = pc.responses if pc.responses is not None else (
+                base.responses if base is not None else False)
+            self.endpoints[name] = Endpoint(name, kind, url, key, pc.timeout,
+                                            responses=responses)
         # provider -> the model ids its own list endpoint gave (runtime/gateway/models_api.py
         # keeps it current): how bare names the vendors' families do not cover are placed.
         self.listed: dict[str, frozenset[str]] = {}

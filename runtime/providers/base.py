@@ -339,6 +339,7 @@ class Endpoint:
     base_url: str
     api_key: str | None = None
     timeout: float = 60.0
+    responses: bool = False  # serves OpenAI's Responses API (/v1/responses goes verbatim)
     headers: dict[str, str] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     _redactor: tuple[str | None, Callable[[bytes, bool], bytes] | None] = field(
