@@ -75,6 +75,7 @@ def test_openai_stream_always_asks_upstream_for_usage(gw):
     assert text.strip() == "one two three"
     assert all(c.usage is None for c in chunks)  # the client did not ask for usage
     assert gw.openai.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert stream.response.headers["x-flowc-model"] == "gpt-4o-mini-2024-07-18"  # as served
     rows = ledger_rows(gw, "stream")
     assert rows[-1][:5] == ["openai", "gpt-4o-mini-2024-07-18", True, 19, 10]
 

@@ -97,7 +97,8 @@ async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
     out = await caller.stream(body, tags=tags)
     # Overhead up to the first chunk: our time before the upstream call began.
     overhead = (out.state.started - t0) * 1000
-    headers = flowc_headers(out.target.provider, out.target.model, None, overhead, out.rule)
+    headers = flowc_headers(out.target.provider, out.state.model or out.target.model, None,
+                            overhead, out.rule)
     headers["cache-control"] = "no-cache"
 
     async def events() -> AsyncIterator[bytes]:

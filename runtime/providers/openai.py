@@ -83,6 +83,8 @@ def _read_chunk(ep: Endpoint, chunk: Any, state: StreamState) -> None:
                             if isinstance(err, dict) else str(err))
     if chunk.get("usage"):
         state.usage = Usage.from_openai(chunk["usage"])
+    if state.model is None and isinstance(chunk.get("model"), str):
+        state.model = chunk["model"]
     for choice in chunk.get("choices") or ():
         if choice.get("finish_reason"):
             state.finish_reason = choice["finish_reason"]
