@@ -62,6 +62,15 @@ def ledger_child(server_pid: int) -> int:
     raise RuntimeError("no ledger process")
 
 
+async def summary_status(client: httpx.AsyncClient, url: str) -> int:
+    """The cost summary's status; 0 when no answer came (a failed sample, not a failed
+    soak: a pooled connection the server closed as idle can fail the request)."""
+    try:
+        return (await client.get(url + "/v1/costs/summary")).status_code
+    except httpx.HTTPError:
+        return 0
+
+
 async def drive(url: str, rate: float, seconds: float, every: float,
                 sample: callable) -> tuple[int, int]:
     """Send `rate` requests a second for `seconds`, calling `sample` every `every` s."""
@@ -87,8 +96,7 @@ async def drive(url: str, rate: float, seconds: float, every: float,
         i = 0
         while (now := time.monotonic()) - start < seconds:
             if now >= next_sample:
-                summary = await client.get(url + "/v1/costs/summary")
-                sample(now - start, ok, failed, summary.status_code)
+                sample(now - start, ok, failed, await summary_status(client, url))
                 next_sample += every
             due = int((now - start) * rate)
             while i < due:
@@ -98,8 +106,7 @@ async def drive(url: str, rate: float, seconds: float, every: float,
                 i += 1
             await asyncio.sleep(0.005)
         await asyncio.gather(*tasks)
-        summary = await client.get(url + "/v1/costs/summary")
-        sample(time.monotonic() - start, ok, failed, summary.status_code)
+        sample(time.monotonic() - start, ok, failed, await summary_status(client, url))
     return ok, failed
 
 

@@ -103,6 +103,29 @@ def test_rows_are_batched_and_readable(tmp_path):
     ledger.close()
 
 
+def test_rows_waiting_for_a_checkpoint_hold_little_memory(tmp_path):
+    # DuckDB keeps the rows appended since its last checkpoint in memory, uncompressed (~300
+    # bytes a row), until its write-ahead log reaches the checkpoint threshold. At DuckDB's
+    # default (16MB) these 60,000 rows would all still wait there (~18 MB); the ledger
+    # checkpoints at 4MB, so at most ~20,000 do.
+    ledger = Ledger(tmp_path / "l.duckdb", flush_interval=0.05)
+    try:
+        for batch in range(30):  # steady load: one insert of 2,000 rows at a time
+            for i in range(2_000):
+                ledger.record(CallRecord(model="fast", provider="openai",
+                                         served_model="gpt-4o-mini", success=True,
+                                         latency_ms=float(i), prompt_tokens=batch,
+                                         completion_tokens=5, route="default",
+                                         cost_usd=Decimal("0.000004500")))
+            ledger.flush()
+        waiting = ledger.select("SELECT memory_usage_bytes FROM duckdb_memory() "
+                                "WHERE tag = 'IN_MEMORY_TABLE'")[1][0][0]
+        assert ledger.select("SELECT count(*) FROM requests")[1] == [(60_000,)]
+    finally:
+        ledger.close()
+    assert waiting < 8 * 2**20, f"{waiting / 2**20:.1f} MiB of rows wait for a checkpoint"
+
+
 @pytest.mark.parametrize("in_process", [True, False], ids=["in-process", "child-process"])
 def test_rows_from_many_threads_all_land_once(tmp_path, in_process):
     ledger = Ledger(tmp_path / "l.duckdb", flush_interval=0.05, in_process=in_process)
