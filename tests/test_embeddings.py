@@ -285,9 +285,10 @@ def test_a_failed_ollama_falls_back_to_openai(compat):
 # -- user-controlled input shapes ---------------------------------------------------------------
 TEXT = st.text(min_size=1, max_size=40)
 INPUTS = st.one_of(TEXT, st.lists(TEXT, min_size=1, max_size=6))
+FINITE = st.floats(allow_nan=False, allow_infinity=False)  # JSON has no NaN or infinity
 NOT_INPUTS = st.one_of(
-    st.integers(), st.floats(allow_nan=False, allow_infinity=False), st.booleans(), st.just([]),
-    st.lists(st.one_of(st.integers(), st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(), FINITE, st.booleans(), st.just([]),
+    st.lists(st.one_of(st.integers(), st.none(), st.booleans(), FINITE,
                        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
              min_size=1, max_size=4).filter(lambda v: not all(isinstance(x, int) and not
                                                               isinstance(x, bool) for x in v)),

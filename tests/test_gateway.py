@@ -599,3 +599,20 @@ def test_wrong_typed_fields_are_refused_at_the_edge(gw, path, body, status, mess
     err = r.json()["error"]
     assert err["message"] == message
     assert [len(f.requests) for f in (gw.openai, gw.anthropic, gw.ollama)] == before
+
+
+def test_structured_output_beside_tools_uses_anthropics_own(gw):
+    """response_format with tools (pydantic-ai's NativeOutput): no forced tool can carry the
+    answer, so Anthropic gets its structured output (`output_config.format`) beside the
+    client's tools, and its JSON text is the answer."""
+    schema = {"type": "object", "properties": {"city": {"type": "string"}},
+              "required": ["city"], "additionalProperties": False}
+    gw.anthropic.then(anthropic_text('{"city": "Paris"}'))
+    done = client(gw).chat.completions.create(
+        model="smart", tools=[WEATHER_TOOL], messages=[{"role": "user", "content": "Where?"}],
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": schema}})
+    sent = gw.anthropic.requests[-1].body
+    assert sent["output_config"] == {"format": {"type": "json_schema", "schema": schema}}
+    assert [t["name"] for t in sent["tools"]] == ["get_weather"]
+    assert "tool_choice" not in sent
+    assert json.loads(done.choices[0].message.content) == {"city": "Paris"}

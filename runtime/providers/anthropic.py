@@ -5,8 +5,9 @@ below); image parts become image blocks; assistant `tool_calls` become `tool_use
 `tool` messages `tool_result` blocks; `stop_reason` maps to `finish_reason` (`tool_use` ->
 `tool_calls`, never `stop`); usage counts cache writes and reads into the prompt tokens, as
 Anthropic bills them. `response_format` is honoured by a forced tool whose input schema is
-the requested schema. `reasoning_effort` becomes a thinking budget, and thinking blocks in the
-answer become `reasoning_content`. Fields that only hint (caching keys, metadata, service
+the requested schema, or beside the client's own tools by Anthropic's structured output
+(`output_config.format`). `reasoning_effort` becomes a thinking budget, and thinking blocks
+in the answer become `reasoning_content`. Fields that only hint (caching keys, metadata, service
 tiers, seeds, penalties) are dropped; what would change the answer's meaning (`n > 1`,
 `logprobs`, `logit_bias`, audio, web search) is refused. The table: docs/wires/messages.md.
 """
@@ -226,15 +227,17 @@ def build_request(req: dict[str, Any], model: str, stream: bool) -> tuple[dict[s
     json_mode = False
     rf = req.get("response_format") or {}
     if rf.get("type") in ("json_object", "json_schema"):
-        if req.get("tools"):
-            raise UnsupportedFeature("anthropic", "response_format together with tools",
-                                     "response_format")
         schema = ((rf.get("json_schema") or {}).get("schema") if rf["type"] == "json_schema"
                   else None) or {"type": "object"}
-        body["tools"] = [{"name": _JSON_TOOL, "description": "Give the answer as JSON.",
-                          "input_schema": schema}]
-        body["tool_choice"] = {"type": "tool", "name": _JSON_TOOL}
-        json_mode = True
+        if req.get("tools"):
+            # The model may call the client's tools first, so no forced tool can carry the
+            # answer: Anthropic's own structured output constrains the final text instead.
+            body["output_config"] = {"format": {"type": "json_schema", "schema": schema}}
+        else:
+            body["tools"] = [{"name": _JSON_TOOL, "description": "Give the answer as JSON.",
+                              "input_schema": schema}]
+            body["tool_choice"] = {"type": "tool", "name": _JSON_TOOL}
+            json_mode = True
     forced = json_mode or (choice or {}).get("type") in ("any", "tool")
     budget = thinking_budget(req, model, forced)
     if budget is not None:
