@@ -28,7 +28,7 @@ from starlette.responses import Response
 
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
-from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body
+from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body, stream_headers
 from runtime.gateway.validate import check
 from runtime.providers import (
     ADAPTERS,
@@ -613,9 +613,7 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
         call = _Call(incoming, body, caller)
         if body.get("stream"):
             out = await caller.stream(body, tags=tags, open=call.open)
-            headers = flowc_headers(out.target.provider, out.state.model or out.target.model,
-                                    None, (out.state.started - t0) * 1000, out.rule)
-            headers["cache-control"] = "no-cache"
+            headers = stream_headers(out, t0)
             if caller.providers.endpoint(out.target).kind == "anthropic":
                 headers.update(call.headers)
             return GatewayStream(_stream_bytes(out.chunks), out.close, headers)

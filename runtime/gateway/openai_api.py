@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from runtime.gateway.calls import ModelCaller
+from runtime.gateway.calls import ModelCaller, StreamOutcome
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.validate import check
 from runtime.providers import FlowcError, RequestError
@@ -73,6 +73,15 @@ def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
     return h
 
 
+def stream_headers(out: StreamOutcome, t0: float) -> dict[str, str]:
+    """A streamed answer's headers: sent before its end, so no cost; the overhead is our
+    time before the upstream call began; the model as the provider named it, if it has."""
+    headers = flowc_headers(out.target.provider, out.state.model or out.target.model, None,
+                            (out.state.started - t0) * 1000, out.rule)
+    headers["cache-control"] = "no-cache"
+    return headers
+
+
 async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
     tags, t0 = incoming.tags, incoming.t0
     body: Any = None
@@ -95,11 +104,7 @@ async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
                   t0: float) -> Response:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     out = await caller.stream(body, tags=tags)
-    # Overhead up to the first chunk: our time before the upstream call began.
-    overhead = (out.state.started - t0) * 1000
-    headers = flowc_headers(out.target.provider, out.state.model or out.target.model, None,
-                            overhead, out.rule)
-    headers["cache-control"] = "no-cache"
+    headers = stream_headers(out, t0)
 
     async def events() -> AsyncIterator[bytes]:
         try:

@@ -30,7 +30,13 @@ from starlette.responses import Response
 from runtime.gateway.anthropic_api import max_output, reasons
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
-from runtime.gateway.openai_api import GatewayStream, error_response, flowc_headers, parse_body
+from runtime.gateway.openai_api import (
+    GatewayStream,
+    error_response,
+    flowc_headers,
+    parse_body,
+    stream_headers,
+)
 from runtime.gateway.responses_store import STORE, ResponseStore
 from runtime.gateway.validate import check
 from runtime.providers import (
@@ -692,9 +698,7 @@ async def responses(incoming: Incoming, caller: ModelCaller) -> Response:
         call = _Call(incoming, body, caller)
         if body.get("stream"):
             out = await caller.stream(body, tags=tags, open=call.open)
-            headers = flowc_headers(out.target.provider, out.state.model or out.target.model,
-                                    None, (out.state.started - t0) * 1000, out.rule)
-            headers["cache-control"] = "no-cache"
+            headers = stream_headers(out, t0)
             headers.update(call.headers)
             return GatewayStream(_stream_bytes(out.chunks, call), out.close, headers)
         done = await caller.complete(body, tags=tags, send=call.send)
