@@ -143,6 +143,10 @@ class ServerConfig(_Strict):
                     "besides the server's own; they get CORS headers.")
     max_body_bytes: int = Field(default=32 * 1024 * 1024, gt=0,
                                 description="Largest request body, in bytes (413 above).")
+    admin_key_file: str | None = Field(
+        default=None, description="A file holding the admin key (instead of the "
+                                  "FLOWC_ADMIN_KEY environment variable); auth is on once "
+                                  "an admin key is set. See docs/keys.md.")
 
     @field_validator("allowed_hosts")
     @classmethod
@@ -164,6 +168,47 @@ class ServerConfig(_Strict):
         return [o.lower() for o in origins]
 
 
+Period = Literal["day", "week", "month", "total"]
+
+
+class Budget(_Strict):
+    """A spending limit over a calendar period (UTC), and the request/token rates allowed."""
+
+    usd: Decimal | None = Field(default=None, ge=0, description="Hard limit in USD.")
+    period: Period = "month"
+    rpm: int | None = Field(default=None, ge=0, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=0, description="Tokens per minute.")
+
+
+class BudgetsConfig(_Strict):
+    """Budgets beside the keys' own (see docs/keys.md): per team, per tag (`k=v`, from the
+    key's tags and the request's `x-flowc-tags`) and per pipeline."""
+
+    teams: dict[str, Budget] = Field(default_factory=dict)
+    tags: dict[str, Budget] = Field(default_factory=dict)
+    pipelines: dict[str, Budget] = Field(default_factory=dict)
+    default_max_output_tokens: int = Field(
+        default=32768, gt=0,
+        description="Output tokens reserved for a request that names no max_tokens, when "
+                    "the model's own output limit is not known.")
+
+
+class AlertsConfig(_Strict):
+    """Soft thresholds on every budget: each one crossed logs a warning, adds a row the
+    dashboard shows and, with a webhook, POSTs a JSON event to it."""
+
+    thresholds: list[int] = Field(default_factory=lambda: [50, 80, 100])
+    webhook: str | None = Field(default=None, description="URL POSTed on each alert.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _percents(cls, values: list[int]) -> list[int]:
+        for v in values:
+            if not 0 < v <= 1000:
+                raise ValueError(f"{v} is not a percentage of a budget (1..1000)")
+        return sorted(set(values))
+
+
 class ProjectConfig(_Strict):
     models: dict[str, str] = Field(
         default_factory=dict, description="Aliases: name -> provider/model.")
@@ -179,6 +224,8 @@ class ProjectConfig(_Strict):
         default_factory=dict, description="provider/model -> price per 1M tokens.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
 
     @model_validator(mode="after")
     def _providers_have_urls(self) -> ProjectConfig:
