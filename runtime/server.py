@@ -24,6 +24,9 @@ from flowc import __version__
 from flowc.compiler import Project
 from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
 from runtime import runs
+from runtime.access.alerts import Alerter
+from runtime.access.gate import Gate, admin_key
+from runtime.access.store import LedgerAccessStore
 from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
 from runtime.gateway.anthropic_api import count_tokens as anthropic_count_tokens
@@ -61,6 +64,8 @@ class Runtime:
     registry: Registry
     limit: asyncio.Semaphore  # steps running at once across all runs
     catalog: ModelCatalog  # the providers' model lists (GET /v1/models, bare names)
+    gate: Gate  # keys, budgets, rate limits (runtime/access)
+    alerter: Alerter
 
     @classmethod
     def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
@@ -75,10 +80,17 @@ class Runtime:
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
         calls_ledger = ledger if config.ledger.enabled else None
+        store = LedgerAccessStore(ledger)
+        alerter = Alerter(config.alerts, store)
+        gate = Gate(config, store, admin_key(config, project_dir, env), alerter)
+        try:
+            gate.load()
+        except LedgerUnavailable as exc:
+            log.warning("keys and budgets wait for the ledger: %s", exc)
         return cls(config, project_dir, providers, router, ledger,
-                   ModelCaller(config, providers, router, calls_ledger),
+                   ModelCaller(config, providers, router, calls_ledger, gate),
                    MCPManager(config.mcp_servers, project_dir), registry,
-                   asyncio.Semaphore(256), ModelCatalog(config, providers))
+                   asyncio.Semaphore(256), ModelCatalog(config, providers), gate, alerter)
 
     def executor(self, dry_run: bool = False) -> Executor:
         if dry_run:
@@ -87,6 +99,7 @@ class Runtime:
         return Executor(self.caller, self.mcp, global_limit=self.limit)
 
     async def stop(self) -> None:
+        await self.alerter.drain()
         await self.catalog.close()
         await self.mcp.close()
         await self.providers.close()
@@ -108,6 +121,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
         # The model lists that place bare names, before the first request (bounded: a
         # slow provider's list arrives in the background).
         await rt.catalog.refresh(STARTUP_WAIT, placing=True)
+        loading = None if rt.gate.loaded else asyncio.create_task(_load_gate(rt))
         # What exists now lives as long as the server. Frozen, it leaves the collector's
         # generations: a full collection (about once a second under load) then walks only
         # what requests create, instead of ~95k start-up objects (~23 ms, a p99 stall).
@@ -123,6 +137,8 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
             if public_url:
                 with contextlib.suppress(FileNotFoundError):
                     server_file.unlink()
+            if loading is not None:
+                loading.cancel()
             await rt.stop()
 
     app = FastAPI(title="flowc", version="0.1.0", lifespan=lifespan, docs_url="/docs",
@@ -386,7 +402,20 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                   allowed_hosts=[*config.server.allowed_hosts, *allow_hosts],
                   allowed_origins=[*config.server.allowed_origins, *allow_origins],
                   max_body=config.server.max_body_bytes)
-    return HotPaths(app, lambda: rt().caller, model_apis, guard)
+    return HotPaths(app, lambda: rt().caller, model_apis, guard,
+                    lambda: state["rt"].gate if "rt" in state else None)
+
+
+async def _load_gate(rt: Runtime) -> None:
+    """Keys and budgets, once the ledger file is this server's (see `Ledger._try_take_over`)."""
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            await asyncio.to_thread(rt.gate.load)
+        except LedgerUnavailable:
+            continue
+        log.info("keys and budgets loaded from the ledger")
+        return
 
 
 def _ledger_unavailable(exc: LedgerUnavailable) -> FlowcError:

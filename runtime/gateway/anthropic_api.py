@@ -612,14 +612,15 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
         check("messages", body)
         call = _Call(incoming, body, caller)
         if body.get("stream"):
-            out = await caller.stream(body, tags=tags, open=call.open)
+            out = await caller.stream(body, tags=tags, ctx=incoming.context(), open=call.open)
             headers = stream_headers(out, t0)
             if caller.providers.endpoint(out.target).kind == "anthropic":
                 headers.update(call.headers)
             return GatewayStream(_stream_bytes(out.chunks), out.close, headers)
-        done = await caller.complete(body, tags=tags, send=call.send)
+        done = await caller.complete(body, tags=tags, ctx=incoming.context(), send=call.send)
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")))
+        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
+                       ctx=incoming.context(), tags=tags)
         return error_response(err)
     headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
                             done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,

@@ -11,7 +11,12 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
+import orjson
+
 from flowc.config import ProjectConfig
+from runtime.access.budgets import BudgetExceeded
+from runtime.access.gate import OPEN, Denied, Gate, Grant, Principal, Unpriced
+from runtime.access.limits import RateLimited
 from runtime.gateway.routing import Plan, Router, Traits
 from runtime.ledger.pricing import price
 from runtime.ledger.store import CallRecord, Ledger
@@ -44,9 +49,57 @@ class CallContext:
     # False when the caller retries itself (a pipeline step with `retries:`): the gateway
     # then falls back but does not retry a target, so the two never multiply.
     retries: bool = True
+    who: Principal | None = None  # the caller (a virtual key), when the gateway has one
+    # An upper bound on the prompt's tokens (the request body's size), for reserving a
+    # budget; None: bounded from the request itself.
+    prompt_bound: int | None = None
 
 
 NO_CONTEXT = CallContext()
+
+
+class AccessError(RequestError):
+    """A call its caller may not make (key, rate limit, budget), in the API's error shape."""
+
+    def __init__(self, message: str, *, status: int, code: str, type: str | None = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message, status=status, code=code)
+        self.type = type or {401: "invalid_request_error", 403: "permission_error",
+                             429: "rate_limit_error"}.get(status, "invalid_request_error")
+        self.retry_after = retry_after
+
+
+def access_error(exc: Exception) -> AccessError:
+    if isinstance(exc, Denied):
+        return AccessError(exc.message, status=exc.status, code=exc.code)
+    if isinstance(exc, RateLimited):
+        return AccessError(str(exc), status=429, code="rate_limit_exceeded",
+                           type="requests", retry_after=exc.retry_after)
+    if isinstance(exc, BudgetExceeded):
+        return AccessError(str(exc), status=429, code="insufficient_quota",
+                           type="insufficient_quota")
+    return AccessError(str(exc), status=400, code="model_unpriced")
+
+
+@dataclass(slots=True)
+class Bill:
+    """Who a call is charged to: its ledger rows' attribution, and its admission."""
+
+    key_id: str | None = None
+    key_name: str | None = None
+    team: str | None = None
+    tags: str | None = None
+    grant: Grant | None = None
+
+    def close(self) -> None:
+        if self.grant is not None:
+            self.grant.close()
+
+
+def _tags(tags: str | None) -> str | None:
+    if not tags:
+        return None
+    return ",".join(sorted({t.strip() for t in tags.split(",") if t.strip()})) or None
 
 # How one API sends a request to a target, when it is not the chat completions default: a
 # same-wire call forwarded verbatim, or one translated for the target's wire. ``Send``
@@ -85,17 +138,18 @@ def _served(body: dict[str, Any], target: Target) -> str:
 
 class ModelCaller:
     def __init__(self, config: ProjectConfig, providers: Providers, router: Router,
-                 ledger: Ledger | None) -> None:
+                 ledger: Ledger | None, gate: Gate | None = None) -> None:
         self.config = config
         self.providers = providers
         self.router = router
         self.ledger = ledger
+        self.gate = gate
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, requested: str, target: Target | None, served: str | None, *,
                 status: str, latency_ms: float, usage: Usage | None, ctx: CallContext,
                 rule: str | None, stream: bool, error: BaseException | None = None,
-                ttft_ms: float | None = None) -> Decimal | None:
+                ttft_ms: float | None = None, bill: Bill | None = None) -> Decimal | None:
         """One ledger row. ``status``: ok | error | cancelled. A cost is never $0 for want
         of a count: without ``usage`` it is NULL; an estimated usage is priced and marked."""
         ok = status == "ok"
@@ -106,6 +160,9 @@ class ModelCaller:
             self.router.latency.add(target, latency_ms)
         if error is not None:
             error.recorded = True  # type: ignore[attr-defined]  # see `refused`
+        bill = bill or Bill()
+        if bill.grant is not None:
+            bill.grant.charge(cost, usage)
         if self.ledger is not None:
             u = usage or Usage()
             self.ledger.record(CallRecord(
@@ -120,11 +177,12 @@ class ModelCaller:
                 error=self._describe(error) if error is not None else None,
                 error_class=type(error).__name__ if error is not None else None, route=rule,
                 stream=stream, dry_run=ctx.dry_run, workflow_name=ctx.workflow_name,
-                run_id=ctx.run_id, step_id=ctx.step_id))
+                run_id=ctx.run_id, step_id=ctx.step_id, key_id=bill.key_id,
+                key_name=bill.key_name, team=bill.team, tags=bill.tags))
         return cost
 
     def refused(self, req: Any, error: BaseException, *, stream: bool = False,
-                ctx: CallContext = NO_CONTEXT) -> None:
+                ctx: CallContext = NO_CONTEXT, tags: str | None = None) -> None:
         """A request refused before any provider answered it (not JSON, a wrong field, an
         unknown model): a row of its own, status `refused`, so every request that reached
         flowc is in the ledger. An error already recorded (a provider's answer) is not
@@ -134,7 +192,36 @@ class ModelCaller:
         model = req.get("model") if isinstance(req, dict) else None
         self._record(model if isinstance(model, str) else "", None, None, status="refused",
                      latency_ms=0.0, usage=None, ctx=ctx, rule=None, stream=stream,
-                     error=error)
+                     error=error, bill=self._bill(ctx, tags))
+
+    def _bill(self, ctx: CallContext, tags: str | None) -> Bill:
+        key = ctx.who.key if ctx.who is not None else None
+        if key is None:
+            return Bill(tags=_tags(tags))
+        assert self.gate is not None
+        return Bill(key.id, key.name, key.team, self.gate.row_tags(ctx.who, tags))
+
+    def _admit(self, req: dict[str, Any], plan: Plan, tags: str | None, ctx: CallContext,
+               stream: bool) -> Bill:
+        """The call's bill, with its budgets reserved and rate limits taken; a call its
+        caller may not make is refused here, and recorded."""
+        bill = self._bill(ctx, tags)
+        gate = self.gate
+        if gate is None:
+            return bill
+        bound = ctx.prompt_bound
+        if bound is None:
+            bound = len(orjson.dumps(req))
+        try:
+            bill.grant = gate.admit(ctx.who or OPEN, str(req.get("model", "")), plan.targets,
+                                    req, bound, bill.tags, ctx.workflow_name)
+        except (Denied, RateLimited, BudgetExceeded, Unpriced) as exc:
+            err = access_error(exc)
+            self._record(str(req.get("model", "")), None, None, status="refused",
+                         latency_ms=0.0, usage=None, ctx=ctx, rule=plan.rule, stream=stream,
+                         error=err, bill=bill)
+            raise err from None
+        return bill
 
     def _describe(self, error: BaseException) -> str:
         """An error's text for the ledger and the log, with every provider key cut out
@@ -161,12 +248,12 @@ class ModelCaller:
         try:
             return self.plan(req, tags)
         except Exception as err:  # an unknown model, no route: refused, and on the books
-            self.refused(req, err, stream=stream, ctx=ctx)
+            self.refused(req, err, stream=stream, ctx=ctx, tags=tags)
             raise
 
     # -- calls -----------------------------------------------------------------------------
     async def _attempt(self, plan: Plan, requested: str, req: dict[str, Any], ctx: CallContext,
-                       stream: bool, call: Callable[[Target], Awaitable[T]]
+                       stream: bool, call: Callable[[Target], Awaitable[T]], bill: Bill
                        ) -> tuple[Target, T, int]:
         """``call`` each target in the plan's order, retrying what is worth retrying; every
         attempt that does not return is a ledger row (error, or cancelled). Returns the
@@ -187,7 +274,8 @@ class ModelCaller:
                     self._record(requested, target, None, status="cancelled",
                                  latency_ms=(time.perf_counter() - t0) * 1000,
                                  usage=estimate_usage(req, 0), ctx=ctx, rule=plan.rule,
-                                 stream=stream, error=asyncio.CancelledError(CANCELLED))
+                                 stream=stream, error=asyncio.CancelledError(CANCELLED),
+                                 bill=bill)
                     raise
                 except Exception as err:
                     ms = (time.perf_counter() - t0) * 1000
@@ -195,7 +283,8 @@ class ModelCaller:
                     # the provider heard of it; otherwise the provider failed.
                     status = "refused" if isinstance(err, RequestError) else "error"
                     self._record(requested, target, None, status=status, latency_ms=ms,
-                                 usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err)
+                                 usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err,
+                                 bill=bill)
                     if not isinstance(err, UpstreamError) or not err.retryable:
                         err.attempts = made  # type: ignore[attr-defined]
                         raise  # the request is wrong, or the provider said no for good
@@ -232,11 +321,16 @@ class ModelCaller:
                 return await send(target)
             return await self.providers.complete(target, req)
 
-        target, result, made = await self._attempt(plan, requested, req, ctx, False, call)
-        ms = (time.perf_counter() - t0) * 1000
-        cost = self._record(requested, target, _served(result.body, target), status="ok",
-                            latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
-                            stream=False)
+        bill = self._admit(req, plan, tags, ctx, False)
+        try:
+            target, result, made = await self._attempt(plan, requested, req, ctx, False, call,
+                                                       bill)
+            ms = (time.perf_counter() - t0) * 1000
+            cost = self._record(requested, target, _served(result.body, target), status="ok",
+                                latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
+                                stream=False, bill=bill)
+        finally:
+            bill.close()
         return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule,
                        made)
 
@@ -259,13 +353,19 @@ class ModelCaller:
                                     "the stream ended before any event") from None
             return state, chunks, first
 
-        target, (state, chunks, first), _ = await self._attempt(plan, requested, req, ctx,
-                                                                True, call)
-        return self._stream_outcome(requested, req, target, plan, state, first, chunks, ctx)
+        bill = self._admit(req, plan, tags, ctx, True)
+        try:
+            target, (state, chunks, first), _ = await self._attempt(plan, requested, req, ctx,
+                                                                    True, call, bill)
+        except BaseException:
+            bill.close()
+            raise
+        return self._stream_outcome(requested, req, target, plan, state, first, chunks, ctx,
+                                    bill)
 
     def _stream_outcome(self, requested: str, req: dict[str, Any], target: Target, plan: Plan,
                         state: StreamState, first: Any, chunks: AsyncIterator[Any],
-                        ctx: CallContext) -> StreamOutcome:
+                        ctx: CallContext, bill: Bill) -> StreamOutcome:
         outcome = StreamOutcome(chunks, target, plan.rule, state)
         recorded = False
 
@@ -284,7 +384,8 @@ class ModelCaller:
             self._record(requested, target, served, status=status,
                          latency_ms=(time.perf_counter() - state.started) * 1000,
                          usage=usage, ctx=ctx, rule=plan.rule, stream=True, error=error,
-                         ttft_ms=state.first_token_ms)
+                         ttft_ms=state.first_token_ms, bill=bill)
+            bill.close()
 
         async def replay() -> AsyncIterator[Any]:
             status, error = "ok", None

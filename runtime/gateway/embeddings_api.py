@@ -41,9 +41,10 @@ async def embeddings(incoming: Incoming, caller: ModelCaller) -> Response:
         check("embeddings", body)
         check_input(body)
         call = _Call(incoming, body, caller)
-        out = await caller.complete(body, tags=incoming.tags, send=call.send)
+        out = await caller.complete(body, tags=incoming.tags, ctx=incoming.context(),
+                                    send=call.send)
     except FlowcError as err:
-        caller.refused(body, err)
+        caller.refused(body, err, ctx=incoming.context(), tags=incoming.tags)
         return error_response(err)
     total = (time.perf_counter() - incoming.t0) * 1000
     headers = flowc_headers(out.target.provider, out.body.get("model") or out.target.model,

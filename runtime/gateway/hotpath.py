@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -34,10 +35,12 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from runtime.access.gate import OPEN, Denied, Gate
 from runtime.gateway.anthropic_api import error_type as anthropic_error_type
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
 
+log = logging.getLogger("flowc.access")
 Handler = Callable[["Incoming", ModelCaller], Awaitable[Response]]
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 MAX_BODY = 32 * 1024 * 1024
@@ -54,11 +57,17 @@ CORS_METHODS = b"GET, POST, PUT, DELETE"
 CORS_EXPOSE = (b"x-flowc-provider, x-flowc-model, x-flowc-cost-usd, x-flowc-route, "
                b"x-flowc-overhead-ms")
 # The headers read, each to a slot of one list: one dict lookup per header.
-_HOST, _ORIGIN, _CTYPE, _CLEN, _CHUNKED, _TAGS, _EXPECT, _ACRM, _ACRH = range(9)
+(_HOST, _ORIGIN, _CTYPE, _CLEN, _CHUNKED, _TAGS, _EXPECT, _ACRM, _ACRH, _AUTH,
+ _APIKEY) = range(11)
 _WANTED = {b"host": _HOST, b"origin": _ORIGIN, b"content-type": _CTYPE,
            b"content-length": _CLEN, b"transfer-encoding": _CHUNKED, b"x-flowc-tags": _TAGS,
            b"expect": _EXPECT, b"access-control-request-method": _ACRM,
-           b"access-control-request-headers": _ACRH}
+           b"access-control-request-headers": _ACRH, b"authorization": _AUTH,
+           b"x-api-key": _APIKEY}
+# Answered without a key: liveness, the base URL clients probe (Claude Code sends
+# `HEAD /` before anything else) and the dashboard's page, which asks for a key itself.
+OPEN_PATHS = frozenset({"/health", "/", "/dashboard"})
+PRINCIPAL = "flowc.principal"  # where the caller is left in the ASGI scope for FastAPI
 
 
 def split_host(value: bytes) -> tuple[bytes, bytes]:
@@ -145,11 +154,13 @@ def error_body(path: str, status: int, code: str, message: str) -> bytes:
                                    "param": None, "code": code}})
 
 
-async def _send_error(send: Any, path: str, status: int, code: str, message: str) -> None:
+async def _send_error(send: Any, path: str, status: int, code: str, message: str, *,
+                      www_authenticate: bool = False) -> None:
     body = error_body(path, status, code, message)
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", b"%d" % len(body))]})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    if www_authenticate and status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="flowc"'))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -188,6 +199,18 @@ def _replay(body: bytes, receive: Any) -> Callable[[], Awaitable[dict[str, Any]]
     return replay
 
 
+def _with_headers(send: Any, extra: Callable[[], list[tuple[bytes, bytes]]]) -> Any:
+    """``send`` with ``extra()``'s headers added to the response (computed as it starts)."""
+    async def headers_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            more = extra()
+            if more:
+                message = {**message, "headers": [*message.get("headers", ()), *more]}
+        await send(message)
+
+    return headers_send
+
+
 def _with_cors(send: Any, origin: bytes) -> Any:
     async def cors_send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.start":
@@ -201,18 +224,20 @@ def _with_cors(send: Any, origin: bytes) -> Any:
 
 class HotPaths:
     def __init__(self, app: ASGIApp, caller: Callable[[], ModelCaller],
-                 routes: dict[str, Handler], guard: Guard | None = None) -> None:
+                 routes: dict[str, Handler], guard: Guard | None = None,
+                 gate: Callable[[], Gate | None] | None = None) -> None:
         self.app = app
         self.caller = caller
         self.routes = routes
         self.guard = guard or Guard()
+        self.gate = gate or (lambda: None)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        seen: list[Any] = [None] * 9
+        seen: list[Any] = [None] * 11
         wanted = _WANTED
         for name, value in scope["headers"]:
             slot = wanted.get(name)
@@ -254,6 +279,21 @@ class HotPaths:
             drain = declared <= DRAIN_BYTES and seen[_EXPECT] is None
             await self._too_large(send, receive, path, drain)
             return
+        who = OPEN
+        gate = self.gate()
+        if gate is not None:
+            try:
+                who = gate.authenticate(seen[_AUTH], seen[_APIKEY])
+            except Denied as exc:
+                if path not in OPEN_PATHS:
+                    log.info("refused %s %s: %s (%s)", method, path, exc.code,
+                             scope.get("client"))
+                    await _send_error(send, path, exc.status, exc.code, exc.message,
+                                      www_authenticate=True)
+                    return
+            if who.key is not None and (who.key.rpm is not None or who.key.tpm is not None):
+                send = _with_headers(send, lambda: gate.headers(who))
+        scope[PRINCIPAL] = who
         handler = self.routes.get(path) if method == "POST" else None
         if handler is None and method in SAFE_METHODS:
             await self.app(scope, receive, send)
@@ -266,7 +306,7 @@ class HotPaths:
             return
         tags = seen[_TAGS]
         incoming = Incoming(body, scope["headers"], scope.get("query_string", b""),
-                            tags.decode("latin-1") if tags is not None else None, t0)
+                            tags.decode("latin-1") if tags is not None else None, t0, who)
         response = await handler(incoming, self.caller())
         await response(scope, receive, send)
 

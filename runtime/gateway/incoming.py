@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.access.gate import OPEN, Principal
+from runtime.gateway.calls import CallContext
+
 
 @dataclass(slots=True)
 class Incoming:
@@ -16,6 +19,12 @@ class Incoming:
     query: bytes
     tags: str | None
     t0: float
+    who: Principal = OPEN  # the caller, from its key (runtime/access/gate.py)
+
+    def context(self) -> CallContext:
+        """The call's context: who makes it, and the body's size as the bound on its
+        prompt's tokens (for reserving a budget)."""
+        return CallContext(who=self.who, prompt_bound=len(self.body))
 
     def header(self, name: bytes) -> str | None:
         """One header's value (``name`` in lower case), or None."""

@@ -4,6 +4,7 @@ models_api.py)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from runtime.gateway.calls import ModelCaller, StreamOutcome
+from runtime.gateway.calls import CallContext, ModelCaller, StreamOutcome
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.validate import check
 from runtime.providers import FlowcError, RequestError
@@ -36,6 +37,9 @@ class GatewayStream(StreamingResponse):
 
 
 def error_response(err: FlowcError, headers: dict[str, str] | None = None) -> Response:
+    retry_after = getattr(err, "retry_after", None)
+    if retry_after is not None:
+        headers = {**(headers or {}), "retry-after": str(max(0, math.ceil(retry_after)))}
     return Response(orjson.dumps(err.to_openai()), status_code=err.status,
                     media_type="application/json", headers=headers)
 
@@ -89,10 +93,11 @@ async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
         body = parse_body(incoming.body)
         validate_chat(body)
         if body.get("stream"):
-            return await _stream(body, tags, caller, t0)
-        out = await caller.complete(body, tags=tags)
+            return await _stream(body, tags, caller, t0, incoming.context())
+        out = await caller.complete(body, tags=tags, ctx=incoming.context())
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")))
+        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
+                       ctx=incoming.context(), tags=tags)
         return error_response(err)
     total = (time.perf_counter() - t0) * 1000
     headers = flowc_headers(out.target.provider, out.body.get("model") or out.target.model,
@@ -101,9 +106,9 @@ async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
 
 
 async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,
-                  t0: float) -> Response:
+                  t0: float, ctx: CallContext) -> Response:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    out = await caller.stream(body, tags=tags)
+    out = await caller.stream(body, tags=tags, ctx=ctx)
     headers = stream_headers(out, t0)
 
     async def events() -> AsyncIterator[bytes]:

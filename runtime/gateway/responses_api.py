@@ -697,13 +697,14 @@ async def responses(incoming: Incoming, caller: ModelCaller) -> Response:
         check("responses", body)
         call = _Call(incoming, body, caller)
         if body.get("stream"):
-            out = await caller.stream(body, tags=tags, open=call.open)
+            out = await caller.stream(body, tags=tags, ctx=incoming.context(), open=call.open)
             headers = stream_headers(out, t0)
             headers.update(call.headers)
             return GatewayStream(_stream_bytes(out.chunks, call), out.close, headers)
-        done = await caller.complete(body, tags=tags, send=call.send)
+        done = await caller.complete(body, tags=tags, ctx=incoming.context(), send=call.send)
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")))
+        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
+                       ctx=incoming.context(), tags=tags)
         return error_response(err)
     headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
                             done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,

@@ -9,7 +9,8 @@ REQUEST_COLUMNS = (
     "prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens",
     "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source", "latency_ms",
     "ttft_ms", "success", "error", "error_class", "route", "stream", "dry_run",
-    "cache_write_1h_tokens", "status", "usage_estimated", "clamped",
+    "cache_write_1h_tokens", "status", "usage_estimated", "clamped", "key_id", "key_name",
+    "team", "tags",
 )
 STATUSES = ("ok", "error", "cancelled")
 
@@ -82,6 +83,44 @@ MIGRATIONS: list[tuple[str, str]] = [
         "ALTER TABLE requests ADD COLUMN clamped BOOLEAN DEFAULT false",
         "UPDATE requests SET status = CASE WHEN success THEN 'ok' ELSE 'error' END, "
         "usage_estimated = false, clamped = false",
+    ])),
+    # The team gateway (docs/keys.md): who made each call and run, the virtual keys (only
+    # a hash of each secret), and the budget alerts fired. `tags` is "k=v,k2=v2", sorted.
+    ("0007_keys", ";".join([
+        "ALTER TABLE requests ADD COLUMN key_id VARCHAR",
+        "ALTER TABLE requests ADD COLUMN key_name VARCHAR",
+        "ALTER TABLE requests ADD COLUMN team VARCHAR",
+        "ALTER TABLE requests ADD COLUMN tags VARCHAR",
+        "ALTER TABLE runs ADD COLUMN key_id VARCHAR",
+        "ALTER TABLE runs ADD COLUMN team VARCHAR",
+        """CREATE TABLE keys (
+            id VARCHAR PRIMARY KEY,
+            name VARCHAR NOT NULL,
+            hash VARCHAR NOT NULL,            -- SHA-256 of the secret; the secret is not kept
+            hint VARCHAR,                     -- the secret's last four characters
+            team VARCHAR,
+            budget_usd DECIMAL(18, 9),
+            period VARCHAR,
+            rpm BIGINT,
+            tpm BIGINT,
+            models VARCHAR[],
+            pipelines VARCHAR[],
+            read_only BOOLEAN,
+            tags VARCHAR[],
+            created_at TIMESTAMP NOT NULL,     -- UTC, like every time in the ledger
+            expires_at TIMESTAMP,
+            revoked_at TIMESTAMP
+        )""",
+        """CREATE TABLE alerts (
+            ts TIMESTAMP NOT NULL,
+            scope_kind VARCHAR NOT NULL,       -- key | team | tag | pipeline
+            scope_name VARCHAR NOT NULL,
+            threshold INTEGER NOT NULL,        -- percent of the limit
+            limit_usd DECIMAL(18, 9),
+            spent_usd DECIMAL(18, 9),
+            period VARCHAR,
+            period_start TIMESTAMP
+        )""",
     ])),
 ]
 

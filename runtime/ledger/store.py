@@ -166,6 +166,10 @@ class CallRecord:
     workflow_name: str | None = None
     run_id: str | None = None
     step_id: str | None = None
+    key_id: str | None = None  # the virtual key that made the call (docs/keys.md)
+    key_name: str | None = None
+    team: str | None = None
+    tags: str | None = None  # "k=v,k2=v2", sorted: the key's tags and the request's
     id: str = ""
     ts: float = field(default_factory=time.time)  # when the call ended (epoch seconds)
 
@@ -310,10 +314,12 @@ _INSERT = """
         CAST(error_class AS VARCHAR), CAST(route AS VARCHAR), stream, dry_run,
         cache_write_1h_tokens,
         coalesce(CAST(status AS VARCHAR), CASE WHEN success THEN 'ok' ELSE 'error' END),
-        usage_estimated, clamped
+        usage_estimated, clamped, CAST(key_id AS VARCHAR), CAST(key_name AS VARCHAR),
+        CAST(team AS VARCHAR), CAST(tags AS VARCHAR)
     FROM batch"""
 _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_model",
-         "price_source", "error", "error_class", "route", "status")
+         "price_source", "error", "error_class", "route", "status", "key_id", "key_name",
+         "team", "tags")
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens", "cache_write_1h_tokens")
 _BOOLS = ("success", "stream", "dry_run", "usage_estimated")
@@ -661,10 +667,13 @@ class _Store:
                 cur.close()
 
     def insert_run(self, row: dict[str, Any]) -> None:
-        self.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        self.execute("INSERT OR REPLACE INTO runs (id, workflow_name, inputs_hash, status, "
+                     "started_at, finished_at, latency_ms, dry_run, record, key_id, team) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      [row["id"], row["workflow_name"], row["inputs_hash"], row["status"],
                       row["started_at"], row["finished_at"], row["latency_ms"],
-                      row["dry_run"], json.dumps(row["record"], default=str)])
+                      row["dry_run"], json.dumps(row["record"], default=str),
+                      row.get("key_id"), row.get("team")])
 
     def ingest(self, inbox: Path) -> None:
         """Take in what other processes left in the inbox: row segments, then run records

@@ -1,0 +1,1 @@
+"""The team gateway: virtual keys, budgets, rate limits and who may call what."""

@@ -1,0 +1,203 @@
+"""Budgets that hold under concurrency: reserve a call's largest possible cost before it
+is made, charge what each attempt really cost as its ledger row is written, release the
+rest when the call ends.
+
+Every check-and-reserve runs on the event loop without an await between the check and
+the update, so two requests can never both take the last dollar. Counters are a cache of
+the ledger: at start each budget's spend in its current period is summed from the rows
+(see `AccessStore.spend`), and a new period starts from zero.
+"""
+
+from __future__ import annotations
+
+import calendar
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from runtime.access.keys import Period
+
+log = logging.getLogger("flowc.budgets")
+ZERO = Decimal(0)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def period_start(period: Period, now: datetime) -> datetime:
+    """Where the calendar period (UTC) holding ``now`` began; weeks start on Monday."""
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day
+    if period == "week":
+        return day - timedelta(days=day.weekday())
+    if period == "month":
+        return day.replace(day=1)
+    return EPOCH
+
+
+def period_end(period: Period, start: datetime) -> datetime | None:
+    if period == "day":
+        return start + timedelta(days=1)
+    if period == "week":
+        return start + timedelta(days=7)
+    if period == "month":
+        days = calendar.monthrange(start.year, start.month)[1]
+        return start + timedelta(days=days)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a budget is on: ``kind`` key | team | tag | pipeline, and which one."""
+
+    kind: str
+    name: str
+    label: str | None = field(default=None, compare=False)  # what messages call it
+
+    def __str__(self) -> str:
+        return f"{self.kind} '{self.label or self.name}'"
+
+
+@dataclass(slots=True)
+class Counter:
+    scope: Scope
+    limit: Decimal
+    period: Period
+    start: datetime
+    end: float | None  # POSIX seconds; None for `total`
+    spent: Decimal = ZERO
+    reserved: Decimal = ZERO
+    alerted: set[int] = field(default_factory=set)  # thresholds fired this period
+
+    def left(self) -> Decimal:
+        return self.limit - self.spent - self.reserved
+
+
+class BudgetExceeded(Exception):
+    """A call that would take a budget past its limit. The message names the budget, its
+    limit and what is left."""
+
+    def __init__(self, counter: Counter, needed: Decimal) -> None:
+        left = max(counter.limit - counter.spent - counter.reserved, ZERO)
+        per = "in total" if counter.period == "total" else f"per {counter.period}"
+        super().__init__(
+            f"budget exceeded for {counter.scope}: limit ${_usd(counter.limit)} {per}, "
+            f"${_usd(left)} left, and this request may cost up to ${_usd(needed)}")
+        self.counter, self.needed = counter, needed
+
+
+def _usd(d: Decimal) -> str:
+    return f"{d:.6f}".rstrip("0").rstrip(".") if d else "0"
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    scope: Scope
+    threshold: int  # percent
+    limit: Decimal
+    spent: Decimal
+    period: Period
+    period_start: datetime
+
+
+class Reservation:
+    """One call's hold on its budgets: ``charge`` each attempt's cost, ``close`` at the end."""
+
+    __slots__ = ("_budgets", "closed", "counters", "held")
+
+    def __init__(self, budgets: Budgets, counters: list[Counter], held: Decimal) -> None:
+        self._budgets, self.counters, self.held, self.closed = budgets, counters, held, False
+
+    def charge(self, cost: Decimal | None) -> None:
+        """An attempt's cost becomes spend; as much of it as is held stops being held."""
+        if cost:
+            take = min(cost, self.held)
+            if take:
+                self.held -= take
+                for c in self.counters:
+                    c.reserved -= take
+            self._budgets.charge(self.counters, cost)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            for c in self.counters:
+                c.reserved -= self.held
+
+
+class Budgets:
+    """The live counters. ``spend(scope, since)`` sums the ledger (at start, and when a
+    budget is added while running); ``alert`` is told each soft threshold crossed."""
+
+    def __init__(self, spend: Callable[[Scope, datetime], Decimal],
+                 thresholds: Iterable[int] = (50, 80, 100),
+                 alert: Callable[[Alert], None] | None = None) -> None:
+        self._spend = spend
+        self.thresholds = sorted(thresholds)
+        self._alert = alert
+        self.counters: dict[Scope, Counter] = {}
+
+    def set(self, scope: Scope, limit: Decimal | None, period: Period,
+            now: datetime | None = None) -> None:
+        """Add, change or (``limit`` None) drop the budget on ``scope``."""
+        if limit is None:
+            self.counters.pop(scope, None)
+            return
+        old = self.counters.get(scope)
+        now = now or datetime.now(UTC)
+        if old is not None and old.period == period:
+            old.limit = limit
+            return
+        start = period_start(period, now)
+        end = period_end(period, start)
+        counter = Counter(scope, limit, period, start,
+                          end.timestamp() if end is not None else None,
+                          spent=self._spend(scope, start))
+        if old is not None:
+            counter.reserved = old.reserved
+        self._mark_crossed(counter)
+        self.counters[scope] = counter
+
+    def _mark_crossed(self, c: Counter) -> None:
+        """Thresholds already passed when a period's spend is loaded fire no new alert."""
+        if c.limit:
+            pct = c.spent * 100 / c.limit
+            c.alerted.update(t for t in self.thresholds if pct >= t)
+
+    def _roll(self, c: Counter, now: float) -> None:
+        if c.end is not None and now >= c.end:
+            start = period_start(c.period, datetime.fromtimestamp(now, UTC))
+            end = period_end(c.period, start)
+            c.start, c.end = start, end.timestamp() if end is not None else None
+            c.spent, c.alerted = ZERO, set()  # reservations in flight stay held
+
+    def reserve(self, scopes: Iterable[Scope], amount: Decimal, now: float) -> Reservation:
+        """Hold ``amount`` on every budget among ``scopes``, or raise BudgetExceeded for
+        the first that cannot take it (holding nothing)."""
+        counters = [c for s in scopes if (c := self.counters.get(s)) is not None]
+        for c in counters:
+            self._roll(c, now)
+            if c.spent + c.reserved + amount > c.limit:
+                raise BudgetExceeded(c, amount)
+        for c in counters:
+            c.reserved += amount
+        return Reservation(self, counters, amount)
+
+    def charge(self, counters: list[Counter], cost: Decimal) -> None:
+        for c in counters:
+            c.spent += cost
+            if c.limit and self._alert is not None:
+                pct = c.spent * 100 / c.limit
+                for t in self.thresholds:
+                    if pct >= t and t not in c.alerted:
+                        c.alerted.add(t)
+                        self._alert(Alert(c.scope, t, c.limit, c.spent, c.period, c.start))
+
+    def status(self, scope: Scope) -> dict[str, str] | None:
+        c = self.counters.get(scope)
+        if c is None:
+            return None
+        return {"limit_usd": str(c.limit), "period": c.period,
+                "period_start": c.start.isoformat(), "spent_usd": str(c.spent),
+                "reserved_usd": str(c.reserved), "left_usd": str(max(c.left(), ZERO))}

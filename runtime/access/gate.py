@@ -1,0 +1,327 @@
+"""Who is calling, and may this call be made: keys, budgets and rate limits in one place.
+
+`authenticate` runs once per request (in runtime/gateway/hotpath.py, before anything else
+is read); `admit` once per model call (in runtime/gateway/calls.py, after routing, so a
+budget is reserved at the price of the targets the call may really reach). Everything
+here is in memory and synchronous: no await between a check and its update.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from flowc.config import ProjectConfig
+from runtime.access.budgets import Alert, Budgets, Reservation, Scope
+from runtime.access.keys import Key, apply_spec, hash_secret, make
+from runtime.access.limits import Window
+from runtime.access.store import AccessStore
+from runtime.ledger.pricing import price
+from runtime.providers.base import Usage
+
+log = logging.getLogger("flowc.access")
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a request is from: ``admin`` (the admin key), ``key`` (a virtual key) or
+    ``open`` (auth is off: anyone who reaches the port, as on a laptop)."""
+
+    kind: str
+    key: Key | None = None
+
+    @property
+    def admin(self) -> bool:
+        return self.kind != "key"
+
+    @property
+    def team(self) -> str | None:
+        return self.key.team if self.key is not None else None
+
+
+OPEN = Principal("open")
+ADMIN = Principal("admin")
+
+
+class Denied(Exception):
+    """A request without a usable key (401) or beyond what its key may do (403)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class Unpriced(ValueError):
+    """A budgeted call to a model with no known price (it would be budgeted as $0)."""
+
+
+def _bearer(value: bytes | None) -> str | None:
+    if value is None:
+        return None
+    scheme, _, token = value.decode("latin-1").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+class Grant:
+    """One model call's admission: its budget reservation and rate-limit windows."""
+
+    __slots__ = ("reservation", "windows")
+
+    def __init__(self, reservation: Reservation | None, windows: list[Window]) -> None:
+        self.reservation, self.windows = reservation, windows
+
+    def charge(self, cost: Decimal | None, usage: Usage | None) -> None:
+        """An attempt's ledger row was written: its cost and tokens count."""
+        if self.reservation is not None:
+            self.reservation.charge(cost)
+        if usage is not None and self.windows:
+            now = time.monotonic()
+            for w in self.windows:
+                w.add_tokens(now, usage.total_tokens)
+
+    def close(self) -> None:
+        if self.reservation is not None:
+            self.reservation.close()
+
+
+class Gate:
+    def __init__(self, config: ProjectConfig, store: AccessStore, admin_key: str | None,
+                 alert: Callable[[Alert], None] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self._admin_hash = hash_secret(admin_key) if admin_key else None
+        self.auth_on = admin_key is not None
+        self.budgets = Budgets(store.spend, config.alerts.thresholds, alert)
+        self.keys: dict[str, Key] = {}  # by id
+        self._by_hash: dict[str, Key] = {}
+        self._windows: dict[Scope, Window] = {}
+        self.loaded = False
+
+    def load(self) -> None:
+        """Keys from the store, and every budget's spend so far in its period from the
+        ledger. Raises while the store cannot be read (the ledger held by another process);
+        until it succeeds, keys other than the admin's are answered 503."""
+        keys = self.store.load_keys()
+        for key in keys:
+            self._put(key)
+        c = self.config
+        for kind, table in (("team", c.budgets.teams), ("tag", c.budgets.tags),
+                            ("pipeline", c.budgets.pipelines)):
+            for name, b in table.items():
+                self._configure(Scope(kind, name), b.usd, b.period, b.rpm, b.tpm)
+        self.loaded = True
+
+    # -- keys -------------------------------------------------------------------------------
+    def _configure(self, scope: Scope, usd: Decimal | None, period: Any, rpm: int | None,
+                   tpm: int | None) -> None:
+        self.budgets.set(scope, usd, period)
+        if rpm is None and tpm is None:
+            self._windows.pop(scope, None)
+            return
+        w = self._windows.get(scope)
+        if w is None:
+            self._windows[scope] = Window(str(scope), rpm, tpm)
+        else:
+            w.rpm, w.tpm = rpm, tpm
+
+    def _put(self, key: Key) -> None:
+        old = self.keys.get(key.id)
+        if old is not None:
+            self._by_hash.pop(old.hash, None)
+        self.keys[key.id] = key
+        self._by_hash[key.hash] = key
+        self._configure(Scope("key", key.id, key.name), key.budget_usd, key.period, key.rpm,
+                        key.tpm)
+
+    def create(self, spec: dict[str, Any]) -> tuple[Key, str]:
+        key, secret = make(spec)
+        self.store.save_key(key)
+        self._put(key)
+        log.info("key %s (%s) created", key.id, key.name)
+        return key, secret
+
+    def update(self, key_id: str, spec: dict[str, Any]) -> Key:
+        key = apply_spec(self.get(key_id), spec, datetime.now(UTC))
+        self.store.save_key(key)
+        self._put(key)
+        return key
+
+    def revoke(self, key_id: str) -> Key:
+        key = self.get(key_id)
+        if key.revoked_at is None:
+            key = replace(key, revoked_at=datetime.now(UTC))
+            self.store.save_key(key)
+            self._put(key)
+            log.info("key %s (%s) revoked", key.id, key.name)
+        return key
+
+    def get(self, key_id: str) -> Key:
+        key = self.keys.get(key_id)
+        if key is None:
+            raise KeyError(key_id)
+        return key
+
+    def reload(self) -> None:
+        """Keys as the store has them (another process changed them)."""
+        for key in self.store.load_keys():
+            self._put(key)
+
+    # -- requests --------------------------------------------------------------------------
+    def authenticate(self, authorization: bytes | None, api_key: bytes | None) -> Principal:
+        """The caller of a request, from `Authorization: Bearer` or `x-api-key`. With auth
+        off, a flowc key is still honoured (its budgets, limits and attribution) and any
+        other credential (a client's placeholder) is ignored."""
+        token = _bearer(authorization)
+        if token is None and api_key is not None:
+            token = api_key.decode("latin-1").strip()
+        if not token:
+            if self.auth_on:
+                raise Denied(401, "missing_api_key", (
+                    "You didn't provide an API key. You need to provide your flowc key in "
+                    "an Authorization header using Bearer auth (i.e. Authorization: Bearer "
+                    "sk-flowc-...) or in an x-api-key header."))
+            return OPEN
+        digest = hash_secret(token)
+        if self._admin_hash is not None and hmac.compare_digest(digest, self._admin_hash):
+            return ADMIN
+        key = self._by_hash.get(digest)
+        if key is None and not self.loaded:
+            if not self.auth_on:
+                return OPEN
+            raise Denied(503, "keys_unavailable", (
+                "keys cannot be checked yet: the ledger that holds them is in use by another "
+                "process (see /ready); try again shortly"))
+        if key is None:
+            if self.auth_on:
+                raise Denied(401, "invalid_api_key",
+                             "Incorrect API key provided. Keys are made with `flowc keys "
+                             "create`; ask your flowc admin for one.")
+            return OPEN
+        state = key.state(datetime.now(UTC))
+        if state != "active":
+            log.info("refused a request with %s key %s (%s)", state, key.id, key.name)
+            raise Denied(401, f"{state}_api_key", f"This API key was {state} "
+                         f"(key '{key.name}', {key.id}).")
+        return Principal("key", key)
+
+    def row_tags(self, who: Principal, request_tags: str | None) -> str | None:
+        tags = set(who.key.tags) if who.key is not None else set()
+        if request_tags:
+            tags.update(t.strip() for t in request_tags.split(",") if t.strip())
+        return ",".join(sorted(tags)) if tags else None
+
+    def scopes(self, who: Principal, tags: str | None, pipeline: str | None) -> list[Scope]:
+        out = []
+        key = who.key
+        if key is not None:
+            out.append(Scope("key", key.id, key.name))
+            if key.team:
+                out.append(Scope("team", key.team))
+        if tags:
+            out += [Scope("tag", t) for t in tags.split(",")]
+        if pipeline:
+            out.append(Scope("pipeline", pipeline))
+        return out
+
+    def admit(self, who: Principal, requested: str, targets: Iterable[Any],
+              req: dict[str, Any], prompt_bound: int, tags: str | None,
+              pipeline: str | None) -> Grant | None:
+        """Check the call against the key's models, the rate limits and the budgets, and
+        reserve its largest possible cost; raises Denied, RateLimited, BudgetExceeded or
+        Unpriced. None: nothing applies to this caller."""
+        key = who.key
+        if key is not None:
+            if key.read_only:
+                raise Denied(403, "permission_denied",
+                             f"key '{key.name}' is read-only: it cannot call models")
+            targets = list(targets)
+            if not key.allows_model(requested) and not all(
+                    key.allows_model(str(t)) for t in targets):
+                raise Denied(403, "model_not_allowed", (
+                    f"key '{key.name}' may not use model '{requested}' (allowed: "
+                    f"{', '.join(key.models)})"))
+        scopes = self.scopes(who, tags, pipeline)
+        if not scopes:
+            return None
+        now = time.monotonic()
+        windows = [w for s in scopes if (w := self._windows.get(s)) is not None]
+        for w in windows:
+            w.check(now)
+        reservation = None
+        if any(s in self.budgets.counters for s in scopes):
+            worst = self.worst_cost(targets, req, prompt_bound)
+            reservation = self.budgets.reserve(scopes, worst, time.time())
+        for w in windows:
+            w.take(now)
+        return Grant(reservation, windows)
+
+    def worst_cost(self, targets: Iterable[Any], req: dict[str, Any],
+                   prompt_bound: int) -> Decimal:
+        """The most the call can cost on any of its targets: every prompt token at the
+        dearest input rate (a 1-hour cache write), ``prompt_bound`` tokens of it, and the
+        output limit of every choice."""
+        out = _max_output(req) or self.config.budgets.default_max_output_tokens
+        n = req.get("n")
+        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+            out *= n
+        plain = Usage(prompt_tokens=prompt_bound, completion_tokens=out)
+        written = Usage(prompt_tokens=prompt_bound, cache_write_tokens=prompt_bound,
+                        cache_write_1h_tokens=prompt_bound, completion_tokens=out)
+        worst = Decimal(0)
+        for t in targets:
+            costs = [price(t.provider, t.model, u, self.config.prices)[0]
+                     for u in (plain, written)]
+            if None in costs:
+                raise Unpriced(f"model '{t}' has no known price, and this request counts "
+                               "against a budget: give it a price under `prices:` in "
+                               "flowc.yaml")
+            worst = max(worst, *costs)  # type: ignore[type-var]
+        return worst
+
+    def headers(self, who: Principal) -> list[tuple[bytes, bytes]]:
+        """The caller's `x-ratelimit-*` headers (its key's limits), for every response."""
+        if who.key is None:
+            return []
+        w = self._windows.get(Scope("key", who.key.id))
+        return w.headers(time.monotonic()) if w is not None else []
+
+    def budget_status(self, key: Key) -> dict[str, Any]:
+        return {"key": self.budgets.status(Scope("key", key.id)),
+                "team": self.budgets.status(Scope("team", key.team)) if key.team else None}
+
+
+def admin_key(config: ProjectConfig, project_dir: Path,
+              env: Mapping[str, str] | None = None) -> str | None:
+    """The admin key: FLOWC_ADMIN_KEY, else the file `server.admin_key_file` names (relative
+    to the project). None: auth is off."""
+    env = os.environ if env is None else env
+    value = env.get("FLOWC_ADMIN_KEY", "").strip()
+    if value:
+        return value
+    if config.server.admin_key_file:
+        path = project_dir / config.server.admin_key_file
+        try:
+            value = path.read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"server.admin_key_file: cannot read {path}: "
+                             f"{exc.strerror}") from None
+        if not value:
+            raise ValueError(f"server.admin_key_file: {path} is empty")
+        return value
+    return None
+
+
+def _max_output(req: dict[str, Any]) -> int | None:
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        v = req.get(name)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
