@@ -6,6 +6,7 @@ The compiler's CLI (`flowc.cli`) never imports the runtime; this module adds to 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from flowc.cli import cli, set_cost_history
 from flowc.compiler import Project
 from flowc.config import CONFIG_NAME, TOOL_CACHE, ProjectConfig, ToolCatalog, find_config
 from flowc.report import format_text
+from runtime.access.keys import PERIODS
 
 
 def load_project(config: Path | None) -> tuple[ProjectConfig, Path]:
@@ -50,9 +52,15 @@ _config_option = click.option(
 @click.option("--allow-origin", "allow_origins", multiple=True, metavar="ORIGIN",
               help="Also accept browser requests from this origin (http://host:port), with "
                    "CORS headers; repeatable. Adds to server.allowed_origins.")
+@click.option("--admin-key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A file holding the admin key (instead of FLOWC_ADMIN_KEY); auth is on "
+                   "once an admin key is set.")
+@click.option("--insecure-no-auth", is_flag=True,
+              help="Serve a non-loopback --host without an admin key: anyone who can "
+                   "connect may use it.")
 def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
-          log_level: str, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...]
-          ) -> None:
+          log_level: str, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...],
+          admin_key_file: Path | None, insecure_no_auth: bool) -> None:
     """Serve the gateway (OpenAI-compatible) and the runtime over HTTP."""
     import logging
 
@@ -60,6 +68,7 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
     from pydantic import ValidationError
 
     from flowc.config import ServerConfig
+    from runtime.access.gate import admin_key
     from runtime.server import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -71,19 +80,46 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
         flag = "--allow-host" if err["loc"][0] == "allowed_hosts" else "--allow-origin"
         raise click.BadParameter(str(err["msg"]).removeprefix("Value error, "),
                                  param_hint=f"'{flag}'") from None
-    if not _is_loopback(host):
+    env = None  # the server reads the environment (provider keys, FLOWC_ADMIN_KEY)
+    if admin_key_file is not None:
+        env = {**os.environ, "FLOWC_ADMIN_KEY": _read_admin_key_file(admin_key_file)}
+    try:
+        auth_on = admin_key(cfg, project_dir, env) is not None
+    except ValueError as exc:  # server.admin_key_file names a file that cannot be read
+        raise click.ClickException(str(exc)) from None
+    if not auth_on and not _is_loopback(host):
+        risk = ("anyone who can connect can spend your provider API credits, read and query "
+                "the cost ledger, and register and run pipelines")
+        if not insecure_no_auth:
+            click.echo(
+                f"Error: refusing to listen on {host}:{port} without authentication: other "
+                f"machines can reach it, and {risk}. Turn auth on with an admin key (set "
+                "FLOWC_ADMIN_KEY, pass --admin-key-file PATH, or set server.admin_key_file "
+                "in flowc.yaml; see docs/keys.md), serve on 127.0.0.1 (the default), or pass "
+                "--insecure-no-auth to serve anyway (on a trusted network or behind an "
+                "authenticating proxy).", err=True)
+            sys.exit(2)
         click.secho(
             f"WARNING: flowc is listening on {host}:{port}, which other machines can reach, "
-            "and it has no authentication: anyone who can connect can spend your provider "
-            "API credits, read and query the cost ledger, and register and run pipelines. "
-            "Serve on 127.0.0.1 (the default), or put an authenticating proxy in front.",
+            f"and it has no authentication (--insecure-no-auth): {risk}.",
             err=True, fg="red", bold=True)
     url = f"http://{host}:{port}"
     app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
-                     public_url=url, bind_host=host, allow_hosts=allow_hosts,
+                     env=env, public_url=url, bind_host=host, allow_hosts=allow_hosts,
                      allow_origins=allow_origins)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
+
+
+def _read_admin_key_file(path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {path}: {exc}",
+                                 param_hint="'--admin-key-file'") from None
+    if not value:
+        raise click.BadParameter(f"{path} is empty", param_hint="'--admin-key-file'")
+    return value
 
 
 def _is_loopback(host: str) -> bool:
@@ -104,7 +140,6 @@ def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
     import duckdb
 
     from runtime.ledger.store import connect, default_sql_timeout, is_locked_error, run_select
-    from runtime.server import SERVER_FILE
 
     path = project_dir / cfg.ledger.path
     try:
@@ -116,7 +151,7 @@ def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
             else:
                 raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
         else:
-            return _remote_select(project_dir / SERVER_FILE, path)
+            return _remote_select(cfg, project_dir, path)
     except duckdb.Error as exc:
         raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
     limit = default_sql_timeout()
@@ -129,34 +164,109 @@ def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
     return select
 
 
-def _remote_select(server_file: Path, path: Path) -> Callable[..., Any]:
-    import httpx
+# -- a running server of this project ----------------------------------------------------------
+# runtime.server.SERVER_FILE, named here so that `flowc keys` need not import the server
+# (1.5 s); tests/test_keys_cli.py checks the two agree.
+SERVER_FILE = Path(".flowc") / "server.json"
 
+
+def _server_info(project_dir: Path) -> dict[str, Any] | None:
+    """What the project's server wrote in .flowc/server.json (its url, pid and, with auth
+    on, the admin key), if the file is there."""
     try:
-        url = json.loads(server_file.read_text())["url"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((project_dir / SERVER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("url"), str) else None
+
+
+def _pid_alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True  # alive, another user's
+    except (OSError, OverflowError):
+        return False
+    return True
+
+
+def _running_server(project_dir: Path) -> dict[str, Any] | None:
+    """The server file, when the server that wrote it is still running."""
+    info = _server_info(project_dir)
+    return info if info is not None and _pid_alive(info.get("pid")) else None
+
+
+def _cli_admin_key(cfg: ProjectConfig, project_dir: Path,
+                   info: dict[str, Any] | None) -> str | None:
+    """The admin key the CLI presents: FLOWC_ADMIN_KEY, else the one the running server
+    wrote to its server file (readable by its owner only), else server.admin_key_file."""
+    from runtime.access.gate import admin_key
+
+    key = os.environ.get("FLOWC_ADMIN_KEY", "").strip()
+    if key:
+        return key
+    key = (info or {}).get("admin_key")
+    if isinstance(key, str) and key.strip():
+        return key.strip()
+    try:
+        return admin_key(cfg, project_dir, {})
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+class _Server:
+    """The project's running server, called with the admin key (when there is one).
+    Its errors (`{"error": {"message": ...}}`) become the command's error."""
+
+    def __init__(self, url: str, admin_key: str | None) -> None:
+        self.url, self.admin_key = url.rstrip("/"), admin_key
+
+    def call(self, method: str, path: str, *, body: Any = None,
+             params: dict[str, str] | None = None, timeout: float | None = 60) -> Any:
+        import httpx
+
+        headers = {"authorization": f"Bearer {self.admin_key}"} if self.admin_key else {}
+        try:
+            r = httpx.request(method, self.url + path, json=body, params=params,
+                              headers=headers, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"the flowc server at {self.url} did not answer: "
+                                       f"{exc}") from None
+        try:
+            answer = r.json()
+        except ValueError:
+            raise click.ClickException(f"the flowc server at {self.url} answered "
+                                       f"{r.status_code} with a body that is not JSON") from None
+        if r.status_code < 400:
+            return answer
+        try:
+            message = str(answer["error"]["message"])
+        except (KeyError, TypeError):
+            message = f"HTTP {r.status_code}"
+        if r.status_code == 401 and not self.admin_key:
+            raise click.ClickException(
+                f"this server ({self.url}) requires the admin key: set FLOWC_ADMIN_KEY, or "
+                "server.admin_key_file in flowc.yaml, to the key it was started with")
+        if r.status_code in (401, 403):
+            raise click.ClickException(f"the flowc server at {self.url} refused the admin "
+                                       f"key: {message}")
+        raise click.ClickException(message)
+
+
+def _remote_select(cfg: ProjectConfig, project_dir: Path, path: Path) -> Callable[..., Any]:
+    info = _server_info(project_dir)
+    if info is None:
         raise click.ClickException(
             f"the ledger {path} is held by another process, and no flowc server in this "
-            "project answers for it") from None
+            "project answers for it")
+    server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
 
     def select(sql: str, params: Any = (), timeout: float | None = -1.0
                ) -> tuple[list[str], list[Any]]:
-        try:
-            r = httpx.post(f"{url}/v1/costs/sql", json={"sql": sql, "params": list(params)},
+        body = server.call("POST", "/v1/costs/sql", body={"sql": sql, "params": list(params)},
                            timeout=None if timeout is None else 600)
-            body = r.json()
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"the flowc server at {url} did not answer: {exc}"
-                                       ) from None
-        except ValueError:
-            raise click.ClickException(f"the flowc server at {url} answered {r.status_code} "
-                                       "with a body that is not JSON") from None
-        if r.status_code != 200:
-            try:
-                message = body["error"]["message"]
-            except (KeyError, TypeError):
-                message = f"HTTP {r.status_code}"
-            raise click.ClickException(message)
         return body["columns"], [tuple(row) for row in body["rows"]]
 
     return select
@@ -189,7 +299,8 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @cli.command()
 @click.option("--since", help="From this date (YYYY-MM-DD) or ISO time.")
 @click.option("--until", help="Up to this date (inclusive) or ISO time.")
-@click.option("--by", type=click.Choice(["day", "model", "workflow", "provider"]),
+@click.option("--by", type=click.Choice(["day", "model", "workflow", "provider", "key",
+                                         "team", "tag"]),
               default="day", show_default=True)
 @click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
               "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5).")
@@ -200,7 +311,8 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @_config_option
 def costs(since: str | None, until: str | None, by: str, query: str | None,
           csv_file: Path | None, as_json: bool, config: Path | None) -> None:
-    """Spend by day, model or workflow; any read-only SQL; CSV export."""
+    """Spend by day, model, workflow, provider, key, team or tag; any read-only SQL; CSV
+    export."""
     from runtime.ledger import reports
     from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
@@ -407,6 +519,300 @@ def runs_cmd(run_id: str | None, limit: int, config: Path | None) -> None:
                            "round(latency_ms) AS ms, dry_run FROM runs "
                            "ORDER BY started_at DESC LIMIT ?", [limit])
     click.echo(reports.table(columns, rows))
+
+
+# -- keys --------------------------------------------------------------------------------------
+# Each setting as `POST/PATCH /v1/keys` names it, and the flag that sets it.
+_KEY_FLAGS = {"name": "--name", "team": "--team", "budget_usd": "--budget",
+              "period": "--period", "rpm": "--rpm", "tpm": "--tpm", "models": "--models",
+              "pipelines": "--pipelines", "read_only": "--read-only", "tags": "--tag",
+              "expires": "--expires"}
+
+
+def _key_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The settings `keys create` and `keys update` share."""
+    options = [
+        click.option("--name", help="What the key is for; shows in the ledger."),
+        click.option("--team", help="The key's team (its costs, runs and team budget)."),
+        click.option("--budget", help="A hard limit in USD per --period."),
+        click.option("--period", type=click.Choice(PERIODS),
+                     help="The budget's period (calendar, UTC); default month."),
+        click.option("--rpm", type=click.IntRange(min=0), help="Requests per minute."),
+        click.option("--tpm", type=click.IntRange(min=0), help="Tokens per minute."),
+        click.option("--models", help="Models and aliases the key may use: comma-separated "
+                                      "glob patterns ('fast,openai/*'); default any."),
+        click.option("--pipelines", help="Pipelines the key may run (glob patterns)."),
+        click.option("--read-only/--no-read-only", "read_only", default=None,
+                     help="Read its team's costs and runs; call no model."),
+        click.option("--tag", "tags", multiple=True, metavar="K=V",
+                     help="A tag on every call the key makes (repeatable)."),
+        click.option("--expires", help="30d, 12h, 2w from now, or an ISO date."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        _config_option,
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _key_spec(given: dict[str, Any]) -> dict[str, Any]:
+    """The settings given on the command line, checked here so that a mistake names its
+    flag (exit 2) before any server or ledger is opened."""
+    from datetime import UTC, datetime
+
+    from runtime.access.keys import Key, KeySpecError, apply_spec
+
+    values = {"name": given.get("name"), "team": given.get("team"),
+              "budget_usd": given.get("budget"), "period": given.get("period"),
+              "rpm": given.get("rpm"), "tpm": given.get("tpm"),
+              "models": given.get("models"), "pipelines": given.get("pipelines"),
+              "read_only": given.get("read_only"), "tags": list(given.get("tags") or ()) or None,
+              "expires": given.get("expires")}
+    spec = {k: v for k, v in values.items() if v is not None}
+    for setting, value in spec.items():
+        if setting in ("models", "pipelines"):
+            spec[setting] = [s.strip() for s in value.split(",") if s.strip()]
+        try:
+            apply_spec(Key(id="", name="-", hash="", created_at=datetime.now(UTC)),
+                       {setting: value}, datetime.now(UTC))
+        except KeySpecError as exc:
+            flag = _KEY_FLAGS[setting]
+            raise click.BadParameter(str(exc).removeprefix(f"{setting}: ").removeprefix(
+                "budget: ").removeprefix("expires: "), param_hint=f"'{flag}'") from None
+    return spec
+
+
+class _LocalKeys:
+    """Keys in the project's ledger file, opened here (no server is running)."""
+
+    def __init__(self, cfg: ProjectConfig, project_dir: Path) -> None:
+        import duckdb
+
+        from runtime.access.gate import Gate
+        from runtime.access.store import LedgerAccessStore
+        from runtime.ledger.store import Ledger
+
+        path = project_dir / cfg.ledger.path
+        try:
+            self.ledger = Ledger(path, cfg.ledger.flush_interval, take_over=False)
+        except duckdb.Error as exc:
+            raise click.ClickException(f"cannot open the ledger {path}: {exc}") from None
+        if not self.ledger.owner:
+            self.ledger.close()
+            raise click.ClickException(
+                f"the ledger {path} is held by another process, and no flowc server in this "
+                "project answers for it: try again once that process is done")
+        self.gate = Gate(cfg, LedgerAccessStore(self.ledger), None)
+        self.gate.load()
+
+    def _shown(self, key: Any) -> dict[str, Any]:
+        return {**key.public(), "spend": self.gate.budget_status(key)}
+
+    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        key, secret = self.gate.create(spec)
+        return {"key": secret, **key.public()}
+
+    def list(self, team: str | None) -> list[dict[str, Any]]:
+        return [self._shown(k) for k in self.gate.keys.values()
+                if team is None or k.team == team]
+
+    def show(self, key_id: str) -> dict[str, Any]:
+        return self._shown(self.gate.get(key_id))
+
+    def update(self, key_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._shown(self.gate.update(key_id, spec))
+
+    def revoke(self, key_id: str) -> dict[str, Any]:
+        return self._shown(self.gate.revoke(key_id))
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+class _RemoteKeys:
+    """Keys through the running server's admin API (`/v1/keys`)."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+
+    def create(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.server.call("POST", "/v1/keys", body=spec))
+
+    def list(self, team: str | None) -> list[dict[str, Any]]:
+        body = self.server.call("GET", "/v1/keys", params={"team": team} if team else None)
+        return list(body["keys"])
+
+    def show(self, key_id: str) -> dict[str, Any]:
+        return dict(self.server.call("GET", f"/v1/keys/{_quoted(key_id)}"))
+
+    def update(self, key_id: str, spec: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.server.call("PATCH", f"/v1/keys/{_quoted(key_id)}", body=spec))
+
+    def revoke(self, key_id: str) -> dict[str, Any]:
+        return dict(self.server.call("DELETE", f"/v1/keys/{_quoted(key_id)}"))
+
+    def close(self) -> None:
+        pass
+
+
+def _quoted(key_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(key_id, safe="")
+
+
+def _with_keys(config: Path | None, act: Callable[[Any], Any]) -> Any:
+    """``act`` on the keys where they live: through the project's running server (it holds
+    the ledger), else in the ledger file itself."""
+    from runtime.access.keys import KeySpecError
+
+    cfg, project_dir = load_project(config)
+    info = _running_server(project_dir)
+    keys: _LocalKeys | _RemoteKeys
+    if info is not None:
+        keys = _RemoteKeys(_Server(info["url"], _cli_admin_key(cfg, project_dir, info)))
+    else:
+        keys = _LocalKeys(cfg, project_dir)
+    try:
+        return act(keys)
+    except KeySpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyError as exc:
+        raise click.ClickException(f"no key '{exc.args[0]}' (see `flowc keys list`)") from None
+    finally:
+        keys.close()
+
+
+def _usd(value: Any) -> str:
+    from decimal import Decimal
+
+    d = Decimal(str(value))
+    return f"${d:.6f}".rstrip("0").rstrip(".")
+
+
+def _budget_text(k: dict[str, Any]) -> str | None:
+    if k.get("budget_usd") is None:
+        return None
+    period = k.get("period") or "month"
+    return _usd(k["budget_usd"]) + (" total" if period == "total" else f"/{period}")
+
+
+def _spent_text(k: dict[str, Any]) -> str | None:
+    status = (k.get("spend") or {}).get("key")
+    return _usd(status["spent_usd"]) if status else None
+
+
+@cli.group()
+def keys() -> None:
+    """Virtual keys: each with its team, budget, rate limits and allowed models."""
+
+
+@keys.command("create")
+@_key_options
+def keys_create(as_json: bool, config: Path | None, **given: Any) -> None:
+    """Make a key and print it, once: only its hash is kept."""
+    if not given.get("name"):
+        raise click.UsageError("give the key a name: --name billing-bot")
+    spec = _key_spec(given)
+    made = _with_keys(config, lambda store: store.create(spec))
+    secret = made.pop("key")
+    if as_json:
+        click.echo(json.dumps({"key": secret, **made}, indent=2))
+        return
+    click.echo(f"Created key {made['id']} ({made['name']}). This is the only time it is "
+               "shown: store it now (only its hash is kept).", err=True)
+    _print_key(made, err=True)
+    click.echo(secret)
+
+
+@keys.command("list")
+@click.option("--team", help="Only this team's keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_config_option
+def keys_list(team: str | None, as_json: bool, config: Path | None) -> None:
+    """The keys, with their limits and spend this period."""
+    from runtime.ledger.reports import table
+
+    found = _with_keys(config, lambda store: store.list(team))
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    cols = ["id", "name", "team", "state", "budget", "spent", "rpm", "tpm", "models", "hint"]
+    rows = [(k["id"], k["name"], k.get("team"), k.get("state"), _budget_text(k),
+             _spent_text(k), k.get("rpm"), k.get("tpm"), ",".join(k.get("models") or ()) or None,
+             k.get("key_hint")) for k in found]
+    click.echo(table(cols, rows))
+
+
+@keys.command("show")
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_config_option
+def keys_show(key_id: str, as_json: bool, config: Path | None) -> None:
+    """One key's settings and spend."""
+    _print_key(_with_keys(config, lambda store: store.show(key_id)), as_json=as_json)
+
+
+@keys.command("update")
+@click.argument("key_id")
+@_key_options
+@click.option("--no-team", is_flag=True, help="Take the key out of its team.")
+@click.option("--no-budget", is_flag=True, help="Drop the key's budget.")
+@click.option("--no-rpm", is_flag=True, help="Drop the requests-per-minute limit.")
+@click.option("--no-tpm", is_flag=True, help="Drop the tokens-per-minute limit.")
+@click.option("--no-models", is_flag=True, help="Allow any model.")
+@click.option("--no-pipelines", is_flag=True, help="Allow any pipeline.")
+@click.option("--no-tags", is_flag=True, help="Drop the key's tags.")
+@click.option("--no-expires", is_flag=True, help="The key never expires.")
+def keys_update(key_id: str, as_json: bool, config: Path | None, **given: Any) -> None:
+    """Change a key's settings (only those given); --no-X clears one."""
+    cleared = {}
+    for setting, empty in (("team", None), ("budget", None), ("rpm", None), ("tpm", None),
+                           ("models", []), ("pipelines", []), ("tags", []),
+                           ("expires", None)):
+        if not given.pop(f"no_{setting}"):
+            continue
+        flag = "--tag" if setting == "tags" else f"--{setting}"
+        if given.get(setting):
+            raise click.UsageError(f"{flag} and --no-{setting} contradict each other")
+        cleared[{"budget": "budget_usd"}.get(setting, setting)] = empty
+    spec = {**_key_spec(given), **cleared}
+    if not spec:
+        raise click.UsageError("nothing to change: give the settings to change (see --help)")
+    _print_key(_with_keys(config, lambda store: store.update(key_id, spec)), as_json=as_json)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_config_option
+def keys_revoke(key_id: str, as_json: bool, config: Path | None) -> None:
+    """Revoke a key: its next request is refused."""
+    _print_key(_with_keys(config, lambda store: store.revoke(key_id)), as_json=as_json)
+
+
+def _print_key(k: dict[str, Any], *, as_json: bool = False, err: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(k, indent=2))
+        return
+    lines = [("id", k["id"]), ("name", k["name"]), ("team", k.get("team")),
+             ("state", k.get("state")), ("key", k.get("key_hint")),
+             ("budget", _budget_text(k)), ("rpm", k.get("rpm")), ("tpm", k.get("tpm")),
+             ("models", ", ".join(k.get("models") or ()) or "any"),
+             ("pipelines", ", ".join(k.get("pipelines") or ()) or "any"),
+             ("read only", "yes" if k.get("read_only") else "no"),
+             ("tags", ", ".join(k.get("tags") or ()) or None),
+             ("created", k.get("created_at")), ("expires", k.get("expires_at")),
+             ("revoked", k.get("revoked_at"))]
+    for scope, status in (k.get("spend") or {}).items():
+        if status:
+            per = "in total" if status["period"] == "total" else f"this {status['period']}"
+            lines.append((f"{scope} spend", (
+                f"{_usd(status['spent_usd'])} {per} of {_usd(status['limit_usd'])}, "
+                f"{_usd(status['left_usd'])} left")))
+    for name, value in lines:
+        if value is not None:
+            click.echo(f"{name + ':':<12} {value}", err=err)
 
 
 # -- MCP -------------------------------------------------------------------------------------

@@ -433,9 +433,24 @@ def test_refresh_is_an_explicit_post_that_starts_servers_and_updates_the_cache(s
 
 
 # -- binding -----------------------------------------------------------------------------------
-def test_serving_on_every_interface_without_auth_warns_loudly(srv):
+def test_serving_on_every_interface_without_auth_is_refused(srv):
     port = free_port()
-    proc = start_server(srv.project, srv.env, port, "--host", "0.0.0.0")
+    done = subprocess.run([sys.executable, "-m", "runtime.cli", "serve", "--host", "0.0.0.0",
+                           "--port", str(port)], cwd=srv.project, env=srv.env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stdout + done.stderr
+    assert f"refusing to listen on 0.0.0.0:{port} without authentication" in done.stderr
+    for way in ("FLOWC_ADMIN_KEY", "--admin-key-file", "--insecure-no-auth",
+                "spend your provider API credits"):
+        assert way in done.stderr
+    with socket.socket() as s:  # nothing listens
+        assert s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_insecure_no_auth_serves_every_interface_with_a_loud_warning(srv, tmp_path):
+    (tmp_path / "flowc.yaml").write_text("models: {fast: openai/gpt-4o-mini}\n")
+    proc = start_server(tmp_path, srv.env, free_port(), "--host", "0.0.0.0",
+                        "--insecure-no-auth")
     stop_server(proc)
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "WARNING: flowc is listening on 0.0.0.0:" in out
