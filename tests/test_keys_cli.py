@@ -175,6 +175,17 @@ def test_usage_mistakes_are_named_without_a_traceback(project):
         assert "Error: no key 'key_nope' (see `flowc keys list`)" in done.stderr
 
 
+def test_a_server_file_left_by_a_dead_server_is_not_called(project):
+    # A server killed without cleaning up leaves .flowc/server.json behind.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (project.path / ".flowc").mkdir()
+    (project.path / ".flowc" / "server.json").write_text(json.dumps(
+        {"url": f"http://127.0.0.1:{free_port()}", "pid": dead.pid}))
+    _, key_id = project.create("--name", "x")
+    assert json.loads(project.ok("keys", "show", key_id, "--json").stdout)["name"] == "x"
+
+
 # -- a server with auth on ---------------------------------------------------------------------
 @dataclass
 class Served(Project):
@@ -255,3 +266,4 @@ def test_the_cli_names_the_server_file_the_server_writes():
     from runtime.server import SERVER_FILE as WRITTEN
 
     assert SERVER_FILE == WRITTEN
+
