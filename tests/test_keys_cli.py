@@ -186,6 +186,18 @@ def test_a_server_file_left_by_a_dead_server_is_not_called(project):
     assert json.loads(project.ok("keys", "show", key_id, "--json").stdout)["name"] == "x"
 
 
+def test_serve_names_an_admin_key_file_it_cannot_use(project):
+    (project.path / "empty.key").write_text("\n")
+    args = ("serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    done = project.flowc(*args, "--admin-key-file", "empty.key")
+    assert done.returncode == 2
+    assert "Invalid value for '--admin-key-file': empty.key is empty" in done.stderr
+    (project.path / "flowc.yaml").write_text(CONFIG + "server: {admin_key_file: gone.key}\n")
+    done = project.flowc(*args)
+    assert done.returncode == 1
+    assert f"server.admin_key_file: cannot read {project.path / 'gone.key'}" in done.stderr
+
+
 # -- a server with auth on ---------------------------------------------------------------------
 @dataclass
 class Served(Project):
