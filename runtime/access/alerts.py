@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -16,10 +17,15 @@ from runtime.access.store import AccessStore
 log = logging.getLogger("flowc.alerts")
 
 
+def _plain(d: Decimal) -> str:
+    """A dollar amount as people write it: `0.03`, not the ledger's `0.030000000`."""
+    return f"{d.normalize():f}"
+
+
 def payload(alert: Alert) -> dict[str, Any]:
     return {"type": "budget_threshold", "scope": alert.scope.kind, "name": alert.scope.name,
-            "threshold_percent": alert.threshold, "limit_usd": str(alert.limit),
-            "spent_usd": str(alert.spent), "period": alert.period,
+            "threshold_percent": alert.threshold, "limit_usd": _plain(alert.limit),
+            "spent_usd": _plain(alert.spent), "period": alert.period,
             "period_start": alert.period_start.isoformat()}
 
 
@@ -34,7 +40,8 @@ class Alerter:
 
     def __call__(self, alert: Alert) -> None:
         log.warning("budget alert: %s has spent $%s of its $%s %s budget (%d%%)",
-                    alert.scope, alert.spent, alert.limit, alert.period, alert.threshold)
+                    alert.scope, _plain(alert.spent), _plain(alert.limit), alert.period,
+                    alert.threshold)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # outside the server (a `flowc run`): the row is written now
