@@ -30,7 +30,10 @@ BARE_MODEL_PREFIXES = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # defer_build: a model's validator is built when first used, not at import (the
+    # sections validate inside ProjectConfig's own; `flowc check` starts sooner).
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True,
+                              defer_build=True)
 
 
 class ProviderConfig(_Strict):
@@ -226,6 +229,7 @@ class ProjectConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    expose: ExposeConfig = Field(default_factory=lambda: ExposeConfig())
 
     @model_validator(mode="after")
     def _providers_have_urls(self) -> ProjectConfig:
@@ -349,3 +353,46 @@ class ToolCatalog:
     def tools_of(self, server: str) -> dict[str, ToolSchema] | None:
         """The server's tools, or None when they are not known."""
         return self._tools.get(server)
+
+
+class ExposeFilter(_Strict):
+    """The tools one team or key sees, as glob patterns over the exposed names (a pipeline's
+    name, `server__tool`)."""
+
+    tools: list[str] = Field(default_factory=lambda: ["*"],
+                             description="Names offered (globs, e.g. 'support-*', 'time__*').")
+    exclude: list[str] = Field(default_factory=list, description="Names withheld (globs).")
+
+
+class ExposedServer(ExposeFilter):
+    """An upstream MCP server re-exposed by `flowc serve`'s /mcp and `flowc mcp serve`."""
+
+    tools: list[str] = Field(default_factory=lambda: ["*"],
+                             description="The server's tools offered (globs over its own "
+                                         "tool names).")
+    stateful: bool = Field(default=False,
+                           description="Give each client session a session of its own with "
+                                       "this server, instead of one shared by all.")
+
+
+class ExposeConfig(_Strict):
+    """What flowc offers as an MCP server (docs/mcp.md): pipelines as tools, and the
+    upstream servers' tools as `server__tool`."""
+
+    pipelines: list[str] = Field(default_factory=lambda: ["*"],
+                                 description="Pipelines offered as tools (globs; [] for none).")
+    servers: dict[str, ExposedServer] | None = Field(
+        default=None, description="Upstream servers re-exposed (default: every server in "
+                                  "mcpServers, all its tools; {} for none).")
+    teams: dict[str, ExposeFilter] = Field(
+        default_factory=dict, description="Per team: the names its keys see.")
+    keys: dict[str, ExposeFilter] = Field(
+        default_factory=dict, description="Per key name: the names that key sees (on top "
+                                          "of its team's filter).")
+    max_tokens: int | None = Field(
+        default=None, gt=0, description="Cap on the tool list's estimated context tokens "
+                                        "(see `flowc mcp list --tokens`); tools past it are "
+                                        "left out, `keep` first.")
+    keep: list[str] = Field(
+        default_factory=list, description="Under max_tokens: the names kept first, in order "
+                                          "(globs).")

@@ -823,11 +823,18 @@ def mcp() -> None:
 
 @mcp.command("list")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--tokens", is_flag=True,
+              help="What each server's tool list costs in context tokens (estimated).")
 @click.option("--timeout", default=15.0, show_default=True, help="Seconds per server.")
 @_config_option
-def mcp_list(as_json: bool, timeout: float, config: Path | None) -> None:
+def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None) -> None:
     """Start each server, list its tools, and refresh the discovery cache."""
     found, cache = _discover(config, timeout)
+    if tokens:
+        from runtime.mcp.serve_catalog import token_lines
+
+        click.echo("\n".join(token_lines(found)))
+        sys.exit(0 if all(e["ok"] for e in found.values()) else 1)
     if as_json:
         click.echo(json.dumps(found, indent=2, default=str))
         return
@@ -862,6 +869,28 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
             await manager.close()
 
     return asyncio.run(go())
+
+
+@mcp.command("serve")
+@_config_option
+@click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of pipelines to offer (default: ./pipelines).")
+@click.option("--key", envvar="FLOWC_API_KEY", help="A flowc key (sk-flowc-...) the calls "
+              "are charged to (default: $FLOWC_API_KEY).")
+def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None) -> None:
+    """Serve the pipelines and the exposed MCP tools over stdio (docs/mcp.md)."""
+    import asyncio
+    import logging
+
+    from runtime.access.gate import Denied
+    from runtime.mcp.serve import ExposeError, serve_stdio
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    cfg, project_dir = load_project(config)
+    try:
+        asyncio.run(serve_stdio(cfg, project_dir, pipelines or project_dir / "pipelines", key))
+    except (ExposeError, Denied) as exc:
+        raise click.ClickException(f"not serving: {exc}") from None
 
 
 @mcp.command("call")

@@ -42,6 +42,7 @@ from runtime.inputs import InputError
 from runtime.ledger import reports
 from runtime.ledger.store import Ledger, LedgerUnavailable, QueryTimeout, SQLRefused
 from runtime.mcp.manager import MCPManager
+from runtime.mcp.serve import mcp_asgi_app
 from runtime.providers import FlowcError, Providers, RequestError
 from runtime.workflows import Registry
 
@@ -113,11 +114,13 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
     """``bind_host`` and ``allow_hosts``/``allow_origins`` (from the command line) add to
     what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py)."""
     state: dict[str, Runtime] = {}
+    mcp_endpoint = mcp_asgi_app(lambda: state["rt"])  # MCP at /mcp (runtime/mcp/serve.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rt = Runtime.start(config, project_dir, pipelines, env)
         state["rt"] = rt
+        await mcp_endpoint.start(rt)
         # The model lists that place bare names, before the first request (bounded: a
         # slow provider's list arrives in the background).
         await rt.catalog.refresh(STARTUP_WAIT, placing=True)
@@ -139,6 +142,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
                     server_file.unlink()
             if loading is not None:
                 loading.cancel()
+            await mcp_endpoint.aclose()
             await rt.stop()
 
     app = FastAPI(title="flowc", version="0.1.0", lifespan=lifespan, docs_url="/docs",
@@ -395,6 +399,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
         await asyncio.to_thread(rt().mcp.write_cache, found)
         return servers_body(known_servers())
 
+    app.add_route("/mcp", mcp_endpoint)  # streamable HTTP: POST, GET and DELETE
     app.state.runtime = state
     # Every request passes the guard; POSTs to the model APIs then bypass FastAPI (see
     # runtime/gateway/hotpath.py).
