@@ -431,6 +431,7 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
             daily = page.eval_on_selector_all("#chart-daily rect", "els => els.length")
             calls = page.inner_text("#kpi-calls")
             rows = page.eval_on_selector_all("#latest tr", "els => els.length")
+            asks_for_key = page.get_by_label("flowc key").is_visible()
             page.screenshot(path=str(shot), full_page=True)
             browser.close()
         print(f"dashboard screenshot: {shot}")
@@ -440,6 +441,7 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
         assert ["anthropic/claude-sonnet-4-6", 2000] in tokens
         # The request for an unknown model is on the books too, refused (no provider, $0).
         assert daily == 1 and calls == "5" and rows == 1 + 5
+        assert not asks_for_key  # auth off: the page never asks for a key
         assert shot.stat().st_size > 10_000
     finally:
         stop_server(proc)
