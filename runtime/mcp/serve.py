@@ -222,7 +222,13 @@ class FlowcMCP:
         async def call_tool(ctx: Any, params: Any) -> Any:
             return await self.call(ctx, params.name, params.arguments or {})
 
-        return Server("flowc", version=__version__,
+        def input_schema(name: str) -> Any:
+            # for 2026-07-28's Mcp-Param-* header check: without it the SDK runs the
+            # whole tools/list for every call
+            entry = self.catalog.offered.get(name)
+            return entry.wire["inputSchema"] if entry is not None else None
+
+        return Server("flowc", version=__version__, get_tool_input_schema=input_schema,
                       instructions="flowc pipelines and MCP tools; each call's model costs "
                                    "are recorded in flowc's ledger.",
                       on_list_tools=list_tools, on_call_tool=call_tool)
