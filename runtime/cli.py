@@ -202,14 +202,14 @@ def _cli_admin_key(cfg: ProjectConfig, project_dir: Path,
                    info: dict[str, Any] | None) -> str | None:
     """The admin key the CLI presents: FLOWC_ADMIN_KEY, else the one the running server
     wrote to its server file (readable by its owner only), else server.admin_key_file."""
-    from runtime.access.gate import admin_key
-
     key = os.environ.get("FLOWC_ADMIN_KEY", "").strip()
     if key:
         return key
     key = (info or {}).get("admin_key")
     if isinstance(key, str) and key.strip():
         return key.strip()
+    from runtime.access.gate import admin_key  # 0.6 s: only when it is needed
+
     try:
         return admin_key(cfg, project_dir, {})
     except ValueError as exc:
