@@ -390,3 +390,86 @@ def test_mcp_list_tokens_prices_each_servers_tool_list(tmp_path: Path) -> None:
     costs = {line.split()[1]: int(line.split()[0].replace(",", "")) for line in tools}
     assert set(costs) == {"time__get_current_time", "time__convert_time"}
     assert int(head.split("~")[1].split()[0].replace(",", "")) == sum(costs.values())
+
+
+def test_get_and_delete_pass_the_front_door_and_a_session_stays_with_its_key(
+        served: Served) -> None:
+    url = served.url + "/mcp"
+    accept = {"accept": "application/json, text/event-stream"}
+
+    def auth(key: str) -> dict[str, str]:
+        return {**accept, "authorization": f"Bearer {served.secrets[key]}"}
+
+    hello = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}}
+    assert httpx.post(url, json=hello, headers=accept, timeout=10).status_code == 401
+    r = httpx.post(url, json=hello, headers=auth("ops"), timeout=10)
+    assert r.status_code == 200, r.text
+    sid = {"mcp-session-id": r.headers["mcp-session-id"], "mcp-protocol-version": "2025-11-25"}
+    done = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert httpx.post(url, json=done, headers={**auth("ops"), **sid},
+                      timeout=10).status_code == 202
+    with httpx.stream("GET", url, headers={**auth("ops"), **sid,
+                                           "accept": "text/event-stream"}, timeout=10) as s:
+        assert s.status_code == 200
+        assert s.headers["content-type"].startswith("text/event-stream")
+    listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": {}}
+    other = httpx.post(url, json=listing, headers={**auth("agent"), **sid}, timeout=10)
+    assert other.status_code == 404  # another key cannot use this session
+    assert httpx.post(url, json=listing, headers={**auth("ops"), **sid},
+                      timeout=10).status_code == 200
+    assert httpx.delete(url, headers={**auth("ops"), **sid}, timeout=10).status_code == 200
+    gone = httpx.post(url, json=listing, headers={**auth("ops"), **sid}, timeout=10)
+    assert gone.status_code == 404
+
+
+def _children(pid: int, name: str) -> int:
+    """How many of ``pid``'s child processes are named ``name``."""
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:]
+        if comm == name and int(rest.split()[1]) == pid:
+            n += 1
+    return n
+
+
+def test_a_stateful_server_gets_a_session_per_client_session(tmp_path: Path) -> None:
+    config = CONFIG.replace("expose:\n", "expose:\n  servers:\n    time: {stateful: true}\n")
+    project = make_project(tmp_path, config, ask=ASK)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FLOWC_ADMIN_KEY", None)
+    port = free_port()
+    proc = start_server(project, env, port)
+    url = f"http://127.0.0.1:{port}/mcp"
+    counts: list[int] = []
+
+    async def client(opened: asyncio.Event, release: asyncio.Event) -> None:
+        async with Client(url, mode="legacy", read_timeout_seconds=30) as c:
+            res = await c.call_tool("time__get_current_time", {"timezone": "UTC"})
+            assert not res.is_error
+            opened.set()
+            await release.wait()
+
+    async def go() -> None:
+        opened = [asyncio.Event(), asyncio.Event()]
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(client(o, release)) for o in opened]
+        await asyncio.gather(*(o.wait() for o in opened))
+        counts.append(_children(proc.pid, "mcp-server-time"))
+        release.set()
+        await asyncio.gather(*tasks)  # each client ends its session (DELETE)
+        await asyncio.sleep(3)
+        counts.append(_children(proc.pid, "mcp-server-time"))
+
+    try:
+        asyncio.run(go())
+    finally:
+        stop_server(proc)
+    # the shared session (it lists the tools) and one per client session; those two close
+    # with their client sessions
+    assert counts == [3, 1]
