@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import networkx as nx
 from pydantic import ValidationError
 
 from flowc.checks.budget import check_budget
@@ -170,20 +169,18 @@ def compile_file(path: str | Path, project: Project | None = None,
 
 def _build(ctx: Context, path: str) -> CompiledPipeline:
     pipeline = Pipeline.model_validate({**ctx.raw, "steps": [i.step for i in ctx.steps.values()]})
-    g: nx.DiGraph = ctx.graph
+    g = ctx.graph
     for sid, info in ctx.steps.items():
         reads = sorted({alt.root for use in info.uses for alt in use.ref.alts
                         if isinstance(alt, RefPath) and alt.root != "input"})
-        for edge in g.in_edges(sid):
-            g.edges[edge].pop("uses", None)
+        for pred in g.predecessors(sid):
+            g.edges[pred, sid].pop("uses", None)
         g.nodes[sid]["node"] = StepNode(
             step=info.step, condition=info.condition, templates=dict(info.templates),
             reads=tuple(reads), refs=tuple((u.ref, u.kind) for u in info.uses),
             output_type=ctx.output_types[info.step.output_name],
             runs=info.runs, skip_reason=info.skip_reason, params=info.params)
-    index = {sid: info.index for sid, info in ctx.steps.items()}
-    order = tuple(nx.lexicographical_topological_sort(g, key=index.__getitem__))
     raw_out = pipeline.output
     output = (None if raw_out is None else parse_template(raw_out) if isinstance(raw_out, str)
               else {k: parse_template(v) for k, v in raw_out.items()})
-    return CompiledPipeline(pipeline, g, order, output, path)
+    return CompiledPipeline(pipeline, g, tuple(ctx.order), output, path)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import networkx as nx
-
 from flowc.config import ProjectConfig, ToolCatalog
+from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
 from flowc.model import InputSpec, LLMStep, MCPToolStep
@@ -59,8 +58,9 @@ class Context:
     output_uses: list[Use] = field(default_factory=list)
     output_types: dict[str, Type] = field(default_factory=dict)
     ref_types: dict[Ref, Type] = field(default_factory=dict)  # static type of each reference
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    graph: Dag = field(default_factory=Dag)
     acyclic: bool = True
+    order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:

@@ -1,22 +1,26 @@
 """The compiled form of a pipeline: the runtime's only input.
 
-``CompiledPipeline.graph`` is a networkx DiGraph. Each node is a step id whose data holds a
-:class:`StepNode`; each edge ``producer -> consumer`` carries ``vars`` (the output names the
-consumer reads from the producer), ``conditions`` (names its `when:` reads) and ``order``
-(true when `needs:` asks for it).
+``CompiledPipeline.dag`` (flowc.dag) is the step graph; ``.graph`` is the same graph as a
+networkx DiGraph, made on first use (checking a file never imports networkx). Each node is a
+step id whose data holds a :class:`StepNode`; each edge ``producer -> consumer`` carries
+``vars`` (the output names the consumer reads from the producer), ``conditions`` (names its
+`when:` reads) and ``order`` (true when `needs:` asks for it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, Literal
 
-import networkx as nx
-
+from flowc.dag import Dag
 from flowc.expr import Node, Ref
 from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline
 from flowc.template import Template
 from flowc.types import Type
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class StepNode:
 @dataclass(frozen=True)
 class CompiledPipeline:
     pipeline: Pipeline
-    graph: nx.DiGraph
+    dag: Dag
     order: tuple[str, ...]  # a topological order of step ids
     output: Template | dict[str, Template] | None  # the pipeline `output:`
     source_path: str | None = None
@@ -49,5 +53,9 @@ class CompiledPipeline:
     def inputs(self) -> dict[str, InputSpec]:
         return self.pipeline.inputs or {}
 
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        return self.dag.to_networkx()
+
     def node(self, step_id: str) -> StepNode:
-        return self.graph.nodes[step_id]["node"]
+        return self.dag.nodes[step_id]["node"]

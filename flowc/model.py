@@ -18,7 +18,9 @@ InputType = Literal["string", "integer", "number", "boolean", "object", "array"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # defer_build: validators are built on first use (steps validate inside the Step and
+    # Pipeline validators; the runtime's and the LSP's uses build the rest).
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 class InputSpec(_Strict):

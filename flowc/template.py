@@ -15,14 +15,12 @@ and stops that render at its next check when the awaiting task is cancelled.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache, lru_cache, wraps
 from typing import TYPE_CHECKING, Any
@@ -30,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from flowc.expr import TemplatePart, resolve_ref, scan_template
 
 if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
     from jinja2 import Template as JinjaTemplate
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -677,6 +677,8 @@ _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
+    from concurrent.futures import ThreadPoolExecutor  # the runtime's only: `check` starts fast
+
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
@@ -690,6 +692,8 @@ async def render_async(template: Template, scope: Callable[[str], Any],
     """:func:`render` without blocking the event loop: references are resolved here, Jinja
     code runs in a worker thread. Cancelling the awaiting task (a step's `timeout:`) stops
     the render at its next check."""
+    import asyncio  # only the runtime renders: `flowc check` starts without asyncio
+
     if template.jinja_source is None:
         return render(template, scope)  # plain substitution: linear in the values
     values = _ref_values(template, scope)

@@ -143,8 +143,7 @@ def resolve_uses(ctx: Context) -> None:
                     span = ctx.source.span_of((*ctx.step_path(need), "needs"))
                     ctx.out.add("cycle", f"step '{need}' needs itself", span.start, span.end)
                     continue
-                g.add_edge(need, info.step.id)
-                g.edges[need, info.step.id]["order"] = True
+                g.add_edge(need, info.step.id, order=True)
             else:
                 idx = info.step.needs.index(need)
                 span = ctx.source.span_of((*ctx.step_path(info.step.id), "needs", idx))
@@ -158,9 +157,8 @@ def resolve_uses(ctx: Context) -> None:
 
 def _add_edge(ctx: Context, producer: str, consumer: str, use: Use) -> None:
     g = ctx.graph
-    if not g.has_edge(producer, consumer):
-        g.add_edge(producer, consumer, vars=[], conditions=[], uses=[])
-    data = g.edges[producer, consumer]
+    data = (g.edges[producer, consumer] if g.has_edge(producer, consumer)
+            else g.add_edge(producer, consumer, vars=[], conditions=[], uses=[]))
     data.setdefault("vars", [])
     data.setdefault("uses", []).append(use)
     name = ctx.steps[producer].step.output_name
