@@ -102,7 +102,10 @@ def parse_expiry(text: str, now: datetime) -> datetime:
     """`30d`, `12h`, `2w` from now, or an ISO date/time (UTC when it names no zone)."""
     m = _DURATION.match(text.strip())
     if m:
-        return now + timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        try:
+            return now + timedelta(seconds=int(m.group(1)) * _UNITS[m.group(2)])
+        except OverflowError:  # past the year 9999
+            raise KeySpecError(f"expires: '{text}' is too far away") from None
     try:
         t = datetime.fromisoformat(text.strip())
     except ValueError:
@@ -162,9 +165,9 @@ def apply_spec(key: Key, spec: dict[str, Any], now: datetime) -> Key:
                 raise KeySpecError(f"{name}: a whole number >= 0, or null for no limit")
             changes[name] = value
         elif name in ("models", "pipelines"):
-            changes[name] = split_list(value)
+            changes[name] = split_list(_listed(name, value))
         elif name == "tags":
-            changes["tags"] = parse_tags(value)
+            changes["tags"] = parse_tags(_listed(name, value))
         elif name == "read_only":
             if not isinstance(value, bool):
                 raise KeySpecError("read_only: true or false")
@@ -173,6 +176,12 @@ def apply_spec(key: Key, spec: dict[str, Any], now: datetime) -> Key:
             changes["expires_at"] = (None if value is None
                                      else parse_expiry(str(value), now))
     return replace(key, **changes)
+
+
+def _listed(name: str, value: Any) -> Any:
+    if value is not None and not isinstance(value, str | list | tuple):
+        raise KeySpecError(f"{name}: a list, or a comma-separated string")
+    return value
 
 
 def _money(value: Any) -> Decimal | None:
