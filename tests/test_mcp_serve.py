@@ -473,3 +473,36 @@ def test_a_stateful_server_gets_a_session_per_client_session(tmp_path: Path) -> 
     # the shared session (it lists the tools) and one per client session; those two close
     # with their client sessions
     assert counts == [3, 1]
+
+
+def test_two_names_cut_to_the_same_64_characters_stop_the_start(tmp_path: Path) -> None:
+    long = "a" * 64
+    project = make_project(tmp_path, **{
+        "one": SLOW.replace("name: slow", f"name: {long}-one"),
+        "two": SLOW.replace("name: slow", f"name: {long}-two")})
+    out = subprocess.run([sys.executable, "-m", "runtime.cli", "mcp", "serve"], cwd=project,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert (f"two MCP tools would be named '{long}': pipeline '{long}-one' and pipeline "
+            f"'{long}-two'") in out.stderr
+
+
+def test_the_token_cap_keeps_the_named_tools_first(tmp_path: Path) -> None:
+    # time__get_current_time ~178 tokens, slow ~68, ask ~104, time__convert_time ~338:
+    # under 300, with the first two kept first, neither of the others fits
+    config = CONFIG.replace("expose:\n", "expose:\n  max_tokens: 300\n"
+                                         "  keep: [time__get_current_time, slow]\n")
+    project = make_project(tmp_path, config, ask=ASK, slow=SLOW)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("FLOWC_API_KEY", None)
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "runtime.cli", "mcp", "serve"],
+                                   env=env, cwd=str(project))
+
+    async def go() -> list[str]:
+        async with Client(params, read_timeout_seconds=60) as c:
+            return [t.name for t in (await c.list_tools()).tools]
+
+    names = asyncio.run(go())
+    assert names == ["time__get_current_time", "slow"]
