@@ -20,7 +20,13 @@ GROUPS = {
               "provider, served_model, CASE WHEN served_model IS NULL THEN model END"),
     "workflow": ("coalesce(workflow_name, '(gateway)')", "workflow_name"),
     "provider": ("coalesce(provider, '(none)')", "provider"),
+    "key": ("coalesce(any_value(key_name) || ' (' || key_id || ')', '(no key)')", "key_id"),
+    "team": ("coalesce(team, '(no team)')", "team"),
+    # A call with several tags counts once under each (see _TAGGED).
+    "tag": ("coalesce(tag, '(no tag)')", "tag"),
 }
+# `tags` is "k=v,x" (sorted, comma-joined): one row per tag for `--by tag`.
+_TAGGED = "(SELECT *, unnest(coalesce(string_split(tags, ','), [NULL])) AS tag FROM requests)"
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -33,9 +39,17 @@ def _when(value: str | None, name: str) -> datetime | None:
                          f"not {value!r}") from None
 
 
-def _where(since: str | None, until: str | None) -> tuple[str, list[Any]]:
+def _where(since: str | None, until: str | None, team: str | None = None,
+           key_id: str | None = None, tag: str | None = None) -> tuple[str, list[Any]]:
+    """The WHERE clause of a report: its time range, and whose calls (a team, a key, a
+    tag); values are parameters, never SQL text."""
     clauses: list[str] = []
     params: list[Any] = []  # ISO strings, so they travel over HTTP unchanged
+    for column, value in (("team = ?", team), ("key_id = ?", key_id),
+                          ("list_contains(string_split(tags, ','), ?)", tag)):
+        if value is not None:
+            clauses.append(column)
+            params.append(value)
     s, u = _when(since, "since"), _when(until, "until")
     if s:
         clauses.append("ts >= CAST(? AS TIMESTAMP)")
@@ -50,11 +64,15 @@ def _where(since: str | None, until: str | None) -> tuple[str, list[Any]]:
 
 
 def summary(select: Select, since: str | None = None, until: str | None = None,
-            by: str = "day") -> dict[str, Any]:
+            by: str = "day", *, team: str | None = None, key_id: str | None = None,
+            tag: str | None = None) -> dict[str, Any]:
+    """Spend grouped ``by`` day | model | workflow | provider | key | team | tag, of the
+    calls in the range made by ``team``, ``key_id`` and with ``tag`` (each when given)."""
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}, not {by!r}")
-    where, params = _where(since, until)
+    where, params = _where(since, until, team, key_id, tag)
     key, group = GROUPS[by]
+    source = _TAGGED if by == "tag" else "requests"
     sql = f"""
         SELECT {key} AS key,
                count(*) AS calls,
@@ -65,12 +83,16 @@ def summary(select: Select, since: str | None = None, until: str | None = None,
                count(*) FILTER (WHERE cost_usd IS NULL AND success) AS unpriced,
                quantile_cont(latency_ms, 0.5) AS p50_ms,
                quantile_cont(latency_ms, 0.95) AS p95_ms
-        FROM requests {where}
+        FROM {source} {where}
         GROUP BY {group} ORDER BY 1"""
     columns, rows = select(sql, params)
     out_rows = [dict(zip(columns, r, strict=True)) for r in rows]
     for r in out_rows:  # exact money, whether it came from DuckDB or as JSON text
         r["cost_usd"] = None if r["cost_usd"] is None else Decimal(str(r["cost_usd"]))
+    if by == "tag":  # a call with two tags is in two rows, and once in the totals
+        return {"by": by, "rows": out_rows,
+                "totals": summary(select, since, until, "provider", team=team,
+                                  key_id=key_id, tag=tag)["totals"]}
     totals = {
         "calls": sum(r["calls"] for r in out_rows),
         "errors": sum(r["errors"] for r in out_rows),
@@ -82,16 +104,20 @@ def summary(select: Select, since: str | None = None, until: str | None = None,
     return {"by": by, "rows": out_rows, "totals": totals}
 
 
-def export_rows(select: Select, since: str | None = None, until: str | None = None
+def export_rows(select: Select, since: str | None = None, until: str | None = None, *,
+                team: str | None = None, key_id: str | None = None, tag: str | None = None
                 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Every call in the range, every column, oldest first."""
-    where, params = _where(since, until)
+    """Every call in the range (of ``team``/``key_id``/``tag``), every column, oldest
+    first."""
+    where, params = _where(since, until, team, key_id, tag)
     return select(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests {where} ORDER BY ts",
                   params)
 
 
-def export_csv(select: Select, since: str | None = None, until: str | None = None) -> str:
-    columns, rows = export_rows(select, since, until)
+def export_csv(select: Select, since: str | None = None, until: str | None = None, *,
+               team: str | None = None, key_id: str | None = None, tag: str | None = None
+               ) -> str:
+    columns, rows = export_rows(select, since, until, team=team, key_id=key_id, tag=tag)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
@@ -123,10 +149,12 @@ def _numeric(s: str) -> bool:
     return s.replace(".", "", 1).replace("-", "", 1).isdigit()
 
 
-def dashboard(select: Select, since: str | None = None, until: str | None = None
+def dashboard(select: Select, since: str | None = None, until: str | None = None, *,
+              team: str | None = None, key_id: str | None = None, tag: str | None = None
               ) -> dict[str, Any]:
-    """Everything the dashboard draws, in one round trip."""
-    where, params = _where(since, until)
+    """Everything the dashboard draws, in one round trip (of ``team``/``key_id``/``tag``'s
+    calls, when given)."""
+    where, params = _where(since, until, team, key_id, tag)
 
     def rows(sql: str) -> list[dict[str, Any]]:
         columns, data = select(sql, params)
@@ -156,7 +184,7 @@ def dashboard(select: Select, since: str | None = None, until: str | None = None
                        FROM requests {where}""")[0]
     latest = rows(f"""SELECT ts, coalesce(workflow_name, '') AS workflow,
                       coalesce(step_id, '') AS step, model, provider, served_model,
-                      total_tokens, cost_usd, latency_ms, success, error
+                      key_name, team, total_tokens, cost_usd, latency_ms, success, error
                       FROM requests {where} ORDER BY ts DESC LIMIT 25""")
     overall["error_rate"] = (overall["errors"] / overall["calls"]) if overall["calls"] else 0.0
     return {"overall": overall, "daily": daily, "by_model": by_model,
