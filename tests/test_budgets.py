@@ -20,7 +20,7 @@ from aiohttp import web
 from runtime.ledger.pricing import price
 from runtime.providers.base import Usage
 from tests.fakes import Action, Recorded, anthropic_text, free_port, openai_text, slow, wait_until
-from tests.keyed import Keyed, close, keyed
+from tests.keyed import ADMIN, Keyed, close, keyed
 
 CONFIG = """\
 models:
@@ -34,6 +34,8 @@ budgets:
     finance: {usd: 0.03}
   tags:
     "project=apollo": {usd: 0.03}
+  pipelines:
+    digest: {usd: 0.03}
 ledger:
   flush_interval: 0.1
 """
@@ -58,7 +60,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
            {"name": "payer", "team": "finance"}, {"name": "colleague", "team": "finance"},
            {"name": "apollo", "tags": ["project=apollo"]},
            {"name": "capped", "budget_usd": "5"},
-           {"name": "sdk", "budget_usd": str(SONNET * 2)})
+           {"name": "sdk", "budget_usd": str(SONNET * 2)}, {"name": "runner"})
     k.start()
     yield k
     out = close_and_log(k)
@@ -228,6 +230,35 @@ def test_a_tag_budget_holds_for_keys_and_requests_that_carry_the_tag(srv):
                    headers={**srv.auth("capped"), "x-flowc-tags": "project=apollo"})
     assert r.status_code == 429, r.text
     assert "budget exceeded for tag 'project=apollo'" in r.json()["error"]["message"]
+
+
+DIGEST = f"""\
+name: digest
+steps:
+  - {{id: sum, type: llm, model: smart, max_tokens: {OUT_TOKENS}, prompt: "{PROMPT[:300]}"}}
+output: ${{sum}}
+"""
+
+
+def test_a_pipeline_budget_holds_across_its_runs(srv):
+    r = httpx.put(srv.url + "/v1/workflows/digest", json={"yaml": DIGEST}, timeout=30,
+                  headers={"authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    srv.anthropic.then(claude(0), claude(0))
+    sent = len(srv.anthropic.requests)
+    r = httpx.post(srv.url + "/v1/workflow/digest", json={}, headers=srv.auth("runner"),
+                   timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+    # $0.03 less the first run's $0.01656 cannot hold the second's worst case.
+    r = httpx.post(srv.url + "/v1/workflow/digest", json={}, headers=srv.auth("runner"),
+                   timeout=60)
+    run = r.json()
+    assert run["status"] == "failed", run
+    assert "budget exceeded for pipeline 'digest': limit $0.03 per month" in json.dumps(run)
+    assert len(srv.anthropic.requests) == sent + 1  # the second run's call never went out
+    rows = srv.rows("runner", 2)
+    assert [(row[0], row[1] is not None) for row in rows] == [("ok", True),
+                                                               ("refused", False)]
 
 
 def test_a_budgeted_key_refuses_an_unpriced_model_unless_flowc_yaml_prices_it(srv):

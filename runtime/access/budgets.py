@@ -175,7 +175,11 @@ class Budgets:
     def reserve(self, scopes: Iterable[Scope], amount: Decimal, now: float) -> Reservation:
         """Hold ``amount`` on every budget among ``scopes``, or raise BudgetExceeded for
         the first that cannot take it (holding nothing)."""
-        counters = [c for s in scopes if (c := self.counters.get(s)) is not None]
+        return self.reserve_on([c for s in scopes if (c := self.counters.get(s)) is not None],
+                               amount, now)
+
+    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
+        """``reserve`` on counters already looked up (the gate keeps them per caller)."""
         for c in counters:
             self._roll(c, now)
             if c.spent + c.reserved + amount > c.limit:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import Alert, Budgets, Reservation, Scope
+from runtime.access.budgets import Alert, Budgets, Counter, Reservation, Scope
 from runtime.access.keys import Key, apply_spec, hash_secret, make
 from runtime.access.limits import Window
 from runtime.access.store import AccessStore
@@ -103,6 +103,15 @@ class Gate:
         self.keys: dict[str, Key] = {}  # by id
         self._by_hash: dict[str, Key] = {}
         self._windows: dict[Scope, Window] = {}
+        # Per target: [USD per prompt token at its dearest, per output token, the largest
+        # prompt bound known to be priced by them] (see `_worst_on`).
+        self._rates: dict[Any, list[Any]] = {}
+        # What each (key, tags, pipeline) is checked against: its windows and budget
+        # counters, resolved once rather than on every call; emptied whenever a limit or a
+        # budget is added, changed or dropped.
+        self._plans: dict[tuple[str | None, str | None, str | None],
+                          tuple[list[Window], list[Counter]]] = {}
+        self._key_windows: dict[str, Window] = {}  # by key id, for the response headers
         self.loaded = False
 
     def load(self) -> None:
@@ -122,15 +131,20 @@ class Gate:
     # -- keys -------------------------------------------------------------------------------
     def _configure(self, scope: Scope, usd: Decimal | None, period: Any, rpm: int | None,
                    tpm: int | None) -> None:
+        self._plans.clear()
         self.budgets.set(scope, usd, period)
         if rpm is None and tpm is None:
             self._windows.pop(scope, None)
+            if scope.kind == "key":
+                self._key_windows.pop(scope.name, None)
             return
         w = self._windows.get(scope)
         if w is None:
-            self._windows[scope] = Window(str(scope), rpm, tpm)
+            w = self._windows[scope] = Window(str(scope), rpm, tpm)
         else:
             w.rpm, w.tpm = rpm, tpm
+        if scope.kind == "key":
+            self._key_windows[scope.name] = w
 
     def _put(self, key: Key) -> None:
         old = self.keys.get(key.id)
@@ -248,17 +262,25 @@ class Gate:
                 raise Denied(403, "model_not_allowed", (
                     f"key '{key.name}' may not use model '{requested}' (allowed: "
                     f"{', '.join(key.models)})"))
-        scopes = self.scopes(who, tags, pipeline)
-        if not scopes:
+        ident = (key.id if key is not None else None, tags, pipeline)
+        plan = self._plans.get(ident)
+        if plan is None:
+            scopes = self.scopes(who, tags, pipeline)
+            plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
+                    [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
+            if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
+                self._plans.clear()
+            self._plans[ident] = plan
+        windows, counters = plan
+        if not windows and not counters:
             return None
         now = time.monotonic()
-        windows = [w for s in scopes if (w := self._windows.get(s)) is not None]
         for w in windows:
             w.check(now)
         reservation = None
-        if any(s in self.budgets.counters for s in scopes):
+        if counters:
             worst = self.worst_cost(targets, req, prompt_bound)
-            reservation = self.budgets.reserve(scopes, worst, time.time())
+            reservation = self.budgets.reserve_on(counters, worst, time.time())
         for w in windows:
             w.take(now)
         return Grant(reservation, windows)
@@ -272,25 +294,45 @@ class Gate:
         n = req.get("n")
         if isinstance(n, int) and not isinstance(n, bool) and n > 1:
             out *= n
-        plain = Usage(prompt_tokens=prompt_bound, completion_tokens=out)
-        written = Usage(prompt_tokens=prompt_bound, cache_write_tokens=prompt_bound,
-                        cache_write_1h_tokens=prompt_bound, completion_tokens=out)
         worst = Decimal(0)
         for t in targets:
-            costs = [price(t.provider, t.model, u, self.config.prices)[0]
-                     for u in (plain, written)]
-            if None in costs:
+            cost = self._worst_on(t, prompt_bound, out)
+            if cost > worst:
+                worst = cost
+        return worst
+
+    def _worst_on(self, t: Any, prompt_bound: int, out: int) -> Decimal:
+        """One target's worst cost, exact. Below a long-context tier a cost is linear in
+        the tokens, so each target's per-token rates are found once and the cost is two
+        products (pricing the two usages costs ~4 us a call, on every request); a prompt
+        bound not yet known to be below every tier is priced in full, and when that agrees
+        with the rates, bounds up to it use them from then on."""
+        rates = self._rates.get(t)
+        if rates is None:
+            units = [price(t.provider, t.model, u, self.config.prices)[0] for u in _UNITS]
+            if None in units:
                 raise Unpriced(f"model '{t}' has no known price, and this request counts "
                                "against a budget: give it a price under `prices:` in "
                                "flowc.yaml")
-            worst = max(worst, *costs)  # type: ignore[type-var]
-        return worst
+            plain, written, output = units
+            rates = self._rates[t] = [max(plain, written), output, -1]  # type: ignore[type-var]
+        linear: Decimal = prompt_bound * rates[0] + out * rates[1]
+        if prompt_bound <= rates[2]:
+            return linear
+        plain_u = Usage(prompt_tokens=prompt_bound, completion_tokens=out)
+        written_u = Usage(prompt_tokens=prompt_bound, cache_write_tokens=prompt_bound,
+                          cache_write_1h_tokens=prompt_bound, completion_tokens=out)
+        exact: Decimal = max(price(t.provider, t.model, u, self.config.prices)[0]  # type: ignore[type-var]
+                             for u in (plain_u, written_u))
+        if exact == linear:
+            rates[2] = prompt_bound
+        return exact
 
     def headers(self, who: Principal) -> list[tuple[bytes, bytes]]:
         """The caller's `x-ratelimit-*` headers (its key's limits), for every response."""
         if who.key is None:
             return []
-        w = self._windows.get(Scope("key", who.key.id))
+        w = self._key_windows.get(who.key.id)
         return w.headers(time.monotonic()) if w is not None else []
 
     def budget_status(self, key: Key) -> dict[str, Any]:
@@ -317,6 +359,12 @@ def admin_key(config: ProjectConfig, project_dir: Path,
             raise ValueError(f"server.admin_key_file: {path} is empty")
         return value
     return None
+
+
+# One prompt token plain, one written to the 1-hour cache, one output token.
+_UNITS = (Usage(prompt_tokens=1),
+          Usage(prompt_tokens=1, cache_write_tokens=1, cache_write_1h_tokens=1),
+          Usage(completion_tokens=1))
 
 
 def _max_output(req: dict[str, Any]) -> int | None:

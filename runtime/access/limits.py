@@ -67,25 +67,30 @@ class Window:
         self._trim(now)
         out: list[tuple[bytes, bytes]] = []
         if self.rpm is not None:
-            reset = self.requests[0] + WINDOW - now if self.requests else 0.0
+            r = self.requests
             out += [(b"x-ratelimit-limit-requests", b"%d" % self.rpm),
-                    (b"x-ratelimit-remaining-requests",
-                     b"%d" % max(self.rpm - len(self.requests), 0)),
-                    (b"x-ratelimit-reset-requests", _duration(reset).encode())]
+                    (b"x-ratelimit-remaining-requests", b"%d" % max(self.rpm - len(r), 0)),
+                    (b"x-ratelimit-reset-requests",
+                     _reset(r[0] + WINDOW - now if r else 0.0))]
         if self.tpm is not None:
-            reset = self.tokens[0][0] + WINDOW - now if self.tokens else 0.0
+            t = self.tokens
             out += [(b"x-ratelimit-limit-tokens", b"%d" % self.tpm),
-                    (b"x-ratelimit-remaining-tokens",
-                     b"%d" % max(self.tpm - self.token_sum, 0)),
-                    (b"x-ratelimit-reset-tokens", _duration(reset).encode())]
+                    (b"x-ratelimit-remaining-tokens", b"%d" % max(self.tpm - self.token_sum, 0)),
+                    (b"x-ratelimit-reset-tokens", _reset(t[0][0] + WINDOW - now if t else 0.0))]
         return out
 
 
+def _reset(seconds: float) -> bytes:
+    """Seconds as OpenAI writes them in `x-ratelimit-reset-*`: `1s`, `6m0s`, `120ms` (to the
+    millisecond; integer formatting, as this runs on every response)."""
+    ms = round(seconds * 1000) if seconds > 0 else 0
+    if ms < 1000:
+        return b"%dms" % ms
+    minutes, ms = divmod(ms, 60000)
+    whole, frac = divmod(ms, 1000)
+    text = (b"%d.%03d" % (whole, frac)).rstrip(b"0") if frac else b"%d" % whole
+    return b"%dm%bs" % (minutes, text) if minutes else text + b"s"
+
+
 def _duration(seconds: float) -> str:
-    """Seconds as OpenAI writes them in `x-ratelimit-reset-*`: `1s`, `6m0s`, `120ms`."""
-    seconds = max(seconds, 0.0)
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    minutes, rest = divmod(seconds, 60)
-    rest_text = f"{rest:.3f}".rstrip("0").rstrip(".") + "s"
-    return f"{int(minutes)}m{rest_text}" if minutes else rest_text
+    return _reset(seconds).decode()
