@@ -302,6 +302,9 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @click.option("--by", type=click.Choice(["day", "model", "workflow", "provider", "key",
                                          "team", "tag"]),
               default="day", show_default=True)
+@click.option("--team", help="Only this team's calls.")
+@click.option("--key", "key_id", metavar="KEY_ID", help="Only this key's calls.")
+@click.option("--tag", metavar="K=V", help="Only calls with this tag.")
 @click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
               "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5).")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -309,14 +312,19 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
                    "file ('-' for stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def costs(since: str | None, until: str | None, by: str, query: str | None,
-          csv_file: Path | None, as_json: bool, config: Path | None) -> None:
+def costs(since: str | None, until: str | None, by: str, team: str | None,
+          key_id: str | None, tag: str | None, query: str | None, csv_file: Path | None,
+          as_json: bool, config: Path | None) -> None:
     """Spend by day, model, workflow, provider, key, team or tag; any read-only SQL; CSV
     export."""
     from runtime.ledger import reports
     from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
     cfg, project_dir = load_project(config)
+    whose = {"team": team, "key_id": key_id, "tag": tag}
+    if query and any(whose.values()):
+        raise click.UsageError("--team, --key and --tag narrow the reports; with --sql, say "
+                               "it in the query (WHERE team = '...')")
     select = _ledger_select(cfg, project_dir)
     report = _report_select(select)
     try:
@@ -331,10 +339,10 @@ def costs(since: str | None, until: str | None, by: str, query: str | None,
                 click.echo(reports.table(columns, rows))
             return
         if csv_file:
-            columns, rows = reports.export_rows(report, since, until)
+            columns, rows = reports.export_rows(report, since, until, **whose)
             _write_csv(csv_file, columns, rows)
             return
-        data = reports.summary(report, since, until, by)
+        data = reports.summary(report, since, until, by, **whose)
     except (SQLRefused, QueryTimeout, LedgerUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     except Exception as exc:  # DuckDB's message names the problem in the user's SQL
