@@ -36,6 +36,7 @@ from flowc.model import LLMStep, MCPToolStep
 from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
+from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
 from runtime.providers import FlowcError
@@ -161,15 +162,21 @@ class Executor:
         self.global_limit = global_limit
 
     async def run(self, compiled: CompiledPipeline, inputs: dict[str, Any], *,
-                  run_id: str | None = None, listener: Listener | None = None) -> RunResult:
+                  run_id: str | None = None, listener: Listener | None = None,
+                  who: Principal | None = None,
+                  max_cost_usd: Decimal | None = None) -> RunResult:
+        """``who``: the caller its model calls are charged to (a virtual key, over HTTP);
+        ``max_cost_usd``: a cap on this run beside the pipeline's own (the smaller holds)."""
         values = check_inputs(compiled.pipeline.inputs, inputs)
-        run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener)
+        run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener, who,
+                   max_cost_usd)
         return await run.execute()
 
 
 class _Run:
     def __init__(self, ex: Executor, compiled: CompiledPipeline, inputs: dict[str, Any],
-                 run_id: str, listener: Listener | None) -> None:
+                 run_id: str, listener: Listener | None, who: Principal | None = None,
+                 max_cost_usd: Decimal | None = None) -> None:
         self.ex = ex
         self.c = compiled
         self.inputs = inputs
@@ -179,13 +186,14 @@ class _Run:
         self.missing_why: dict[str, str] = {}
         self.results = {sid: StepResult(sid) for sid in compiled.order}
         self.limit = asyncio.Semaphore(ex.max_concurrency)
-        budget = compiled.pipeline.max_cost_usd
-        self.budget = None if budget is None else Decimal(str(budget))
+        caps = [Decimal(str(c)) for c in (compiled.pipeline.max_cost_usd, max_cost_usd)
+                if c is not None]
+        self.budget = min(caps) if caps else None
         self.spent = Decimal(0)  # the ledger-priced cost of the run's calls so far
         self.reserved = Decimal(0)  # the worst case of the calls under way
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
             compiled.name, run_id, sid, ex.dry_run,
-            retries=compiled.node(sid).step.retries == 0)
+            retries=compiled.node(sid).step.retries == 0, who=who)
 
     # -- scope -----------------------------------------------------------------------------
     def scope(self, name: str) -> Any:
