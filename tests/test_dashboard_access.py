@@ -4,8 +4,12 @@ by team, key and tag, lists budget alerts, and forgets the key on sign out."""
 
 from __future__ import annotations
 
+import csv
+import io
 import shutil
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,7 +33,8 @@ alerts:
 ledger:
   flush_interval: 0.1
 """
-# Who spends what: finance $0.03 of its $0.05 (60%: its 50% alert), research $0.04.
+# Who spends what: finance $0.03 of its $0.05 (60%: its 50% alert), research-bot $0.04 of
+# its own $0.05 (80%: its 50% and 80% alerts, in one call).
 SPEND = [("billing-bot", 1000), ("billing-bot", 1000), ("ledger-bot", 1000),
          ("research-bot", 4000)]
 
@@ -39,7 +44,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
     k = keyed(tmp_path_factory.mktemp("dashboard"), CONFIG)
     k.keys({"name": "billing-bot", "team": "finance"},
            {"name": "ledger-bot", "team": "finance", "tags": ["project=apollo"]},
-           {"name": "research-bot", "team": "research"})
+           {"name": "research-bot", "team": "research", "budget_usd": "0.05"},
+           {"name": "leaver", "team": "finance"})
     k.start()
     try:
         for name, tokens in SPEND:  # one at a time: the alert fires on the third
@@ -49,7 +55,7 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
                                  "messages": [{"role": "user", "content": "Tally it."}]})
             assert r.status_code == 200, r.text
         wait_until(lambda: k.sql("SELECT count(*) FROM requests")[0][0] == len(SPEND)
-                   and k.sql("SELECT count(*) FROM alerts")[0][0] == 1, 15)
+                   and k.sql("SELECT count(*) FROM alerts")[0][0] == 3, 15)
         yield k
     finally:
         close(k)
@@ -146,3 +152,78 @@ def test_sign_out_forgets_the_key(visit):
     visit.page.reload()  # the tab no longer holds it
     visit.shows("This flowc server needs a key")
     assert visit.page.evaluate("sessionStorage.length") == 0
+
+
+def shown(srv: Keyed, name: str) -> str:
+    """How the page names a key: two keys may share a name, never an id."""
+    return f"{name} ({srv.ids[name]})"
+
+
+def download_csv(visit: Visit) -> list[dict[str, str]]:
+    with visit.page.expect_download() as dl:
+        visit.page.get_by_role("link", name="CSV").click()
+    return list(csv.DictReader(io.StringIO(Path(dl.value.path()).read_text())))
+
+
+def test_a_team_members_key_sees_its_teams_spend_only(visit, srv):
+    visit.sign_in(srv.secrets["billing-bot"])
+    visit.spend("$0.030000")
+    visit.shows("signed in with key billing-bot")
+    visit.shows("You see team finance's spend")
+    visit.shows("Team finance's budget: $0.050000 a month, $0.030000 spent.")
+    assert visit.rows("Spend by team") == [["finance", "3", "0", "3,036", "$0.030000"]]
+    assert visit.rows("Spend by key") == [
+        [shown(srv, "billing-bot"), "2", "0", "2,024", "$0.020000"],
+        [shown(srv, "ledger-bot"), "1", "0", "1,012", "$0.010000"]]
+    assert len(visit.rows("Latest calls")) == 3
+    # Nothing from the other team anywhere on the page, nor in the export.
+    assert "research" not in visit.page.inner_text("body")
+    table = download_csv(visit)
+    assert sorted(r["key_name"] for r in table) == ["billing-bot", "billing-bot", "ledger-bot"]
+
+
+def test_the_admin_sees_every_team_and_the_filters_narrow_it(visit, srv):
+    visit.sign_in(ADMIN)
+    visit.spend("$0.070000")
+    assert [(r[0], r[-1]) for r in visit.rows("Spend by team")] == [
+        ("research", "$0.040000"), ("finance", "$0.030000")]
+    page = visit.page
+    page.get_by_label("team", exact=True).select_option(label="research")
+    visit.spend("$0.040000")
+    assert [r[0] for r in visit.rows("Spend by key")] == [shown(srv, "research-bot")]
+    assert len(visit.rows("Latest calls")) == 1
+    assert [r["key_name"] for r in download_csv(visit)] == ["research-bot"]
+    page.get_by_label("team", exact=True).select_option(label="all teams")
+    page.get_by_label("key", exact=True).select_option(label=shown(srv, "billing-bot"))
+    visit.spend("$0.020000")
+    assert [r[0] for r in visit.rows("Spend by team")] == ["finance"]
+    page.get_by_label("key", exact=True).select_option(label="all keys")
+    page.get_by_label("tag", exact=True).select_option(label="project=apollo")
+    visit.spend("$0.010000")
+    assert [r[0] for r in visit.rows("Spend by key")] == [shown(srv, "ledger-bot")]
+
+
+def test_a_crossed_budget_threshold_shows_as_an_alert(visit, srv):
+    month = datetime.now(UTC).date().replace(day=1).isoformat()
+    visit.sign_in(ADMIN)
+    visit.spend("$0.070000")
+    assert [r[1:] for r in visit.rows("Budget alerts")] == [
+        ["key research-bot", "80%", "$0.040000", "$0.050000", f"month from {month}"],
+        ["key research-bot", "50%", "$0.040000", "$0.050000", f"month from {month}"],
+        ["team finance", "50%", "$0.030000", "$0.050000", f"month from {month}"]]
+    # A team member sees its team's alerts, not another team's key's.
+    visit.page.get_by_role("button", name="sign out").click()
+    visit.sign_in(srv.secrets["ledger-bot"])
+    visit.spend("$0.030000")
+    assert [r[1:3] for r in visit.rows("Budget alerts")] == [["team finance", "50%"]]
+
+
+def test_a_key_revoked_while_signed_in_is_asked_for_again(visit, srv):
+    visit.sign_in(srv.secrets["leaver"])
+    visit.spend("$0.030000")
+    r = httpx.delete(f"{srv.url}/v1/keys/{srv.ids['leaver']}",
+                     headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    visit.page.get_by_role("button", name="apply").click()
+    visit.shows("That key was not accepted")
+    assert not visit.page.get_by_text("$0.030000").first.is_visible()
