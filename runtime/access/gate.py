@@ -155,26 +155,44 @@ class Gate:
         self._configure(Scope("key", key.id, key.name), key.budget_usd, key.period, key.rpm,
                         key.tpm)
 
-    def create(self, spec: dict[str, Any]) -> tuple[Key, str]:
-        key, secret = make(spec)
-        self.store.save_key(key)
+    # A change to a key is worked out (``created``, ``updated``, ``revoked``: pure, they
+    # raise KeySpecError/KeyError), saved to the store, then ``put`` live. The server saves
+    # off the event loop and puts on it, so live counters only ever change on the loop.
+    def created(self, spec: dict[str, Any]) -> tuple[Key, str]:
+        return make(spec)
+
+    def updated(self, key_id: str, spec: dict[str, Any]) -> Key:
+        return apply_spec(self.get(key_id), spec, datetime.now(UTC))
+
+    def revoked(self, key_id: str) -> Key:
+        key = self.get(key_id)
+        return key if key.revoked_at is not None else replace(key, revoked_at=datetime.now(UTC))
+
+    def put(self, key: Key) -> None:
+        """A saved change, live from the next request."""
+        old = self.keys.get(key.id)
         self._put(key)
-        log.info("key %s (%s) created", key.id, key.name)
+        if old is None:
+            log.info("key %s (%s) created", key.id, key.name)
+        elif key.revoked_at is not None and old.revoked_at is None:
+            log.info("key %s (%s) revoked", key.id, key.name)
+
+    def create(self, spec: dict[str, Any]) -> tuple[Key, str]:
+        key, secret = self.created(spec)
+        self.store.save_key(key)
+        self.put(key)
         return key, secret
 
     def update(self, key_id: str, spec: dict[str, Any]) -> Key:
-        key = apply_spec(self.get(key_id), spec, datetime.now(UTC))
+        key = self.updated(key_id, spec)
         self.store.save_key(key)
-        self._put(key)
+        self.put(key)
         return key
 
     def revoke(self, key_id: str) -> Key:
-        key = self.get(key_id)
-        if key.revoked_at is None:
-            key = replace(key, revoked_at=datetime.now(UTC))
-            self.store.save_key(key)
-            self._put(key)
-            log.info("key %s (%s) revoked", key.id, key.name)
+        key = self.revoked(key_id)
+        self.store.save_key(key)
+        self.put(key)
         return key
 
     def get(self, key_id: str) -> Key:

@@ -4,6 +4,7 @@ settings and spend. A key's secret is answered once, by the POST that makes it."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -41,21 +42,36 @@ def _key(gate: Gate, key_id: str) -> Key:
         raise RequestError(f"no key '{key_id}'", status=404, code="key_not_found") from None
 
 
-async def _write(call: Any, *args: Any) -> Any:
-    """A change to the keys: the store is the ledger, in its own process (off the loop)."""
+async def _write(gate: Gate, change: Callable[[], Key]) -> Key:
+    """A change to the keys: worked out and put live on the event loop (where requests read
+    the keys and counters), saved in between off it (the store is the ledger, in its own
+    process)."""
     try:
-        return await asyncio.to_thread(call, *args)
+        key = change()
     except KeySpecError as exc:  # "budget: ..." names the setting
         setting = str(exc).partition(":")[0]
         raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
                            code="invalid_key_setting") from None
+    try:
+        await asyncio.to_thread(gate.store.save_key, key)
     except LedgerUnavailable as exc:
         raise ledger_unavailable(exc) from None
+    gate.put(key)
+    return key
 
 
 @router.post("/v1/keys")
 async def create(request: Request, _: Admin) -> Response:
-    key, secret = await _write(current(request).gate.create, await _spec(request))
+    gate, spec = current(request).gate, await _spec(request)
+    made: list[str] = []
+
+    def create_key() -> Key:
+        key, secret = gate.created(spec)
+        made.append(secret)
+        return key
+
+    key = await _write(gate, create_key)
+    secret = made[0]
     return json_response({"key": secret, **key.public()}, status=201)
 
 
@@ -87,11 +103,12 @@ async def show(key_id: str, request: Request, _: Admin) -> Response:
 async def update(key_id: str, request: Request, _: Admin) -> Response:
     gate = current(request).gate
     _key(gate, key_id)
-    return json_response(_shown(gate, await _write(gate.update, key_id, await _spec(request))))
+    spec = await _spec(request)
+    return json_response(_shown(gate, await _write(gate, lambda: gate.updated(key_id, spec))))
 
 
 @router.delete("/v1/keys/{key_id}")
 async def revoke(key_id: str, request: Request, _: Admin) -> Response:
     gate = current(request).gate
     _key(gate, key_id)
-    return json_response(_shown(gate, await _write(gate.revoke, key_id)))
+    return json_response(_shown(gate, await _write(gate, lambda: gate.revoked(key_id))))
