@@ -79,11 +79,15 @@ _MEMORY_LIMIT = "1GB"
 # row against ~12 once checkpointed) until the write-ahead log reaches this size. At
 # DuckDB's default (16MB, ~85,000 rows) that is ~25 MB, which at 200 rows/s the ledger
 # process climbed for 7 minutes before each drop; at 4MB (~21,000 rows) ~6 MB. Bursts of
-# 500,000 rows measured 120-140k rows/s against 120-180k at 16MB (docs/benchmarks.md).
-_CHECKPOINT_WAL = "4MB"
+# 500,000 rows measured 120-140k rows/s against 120-180k at 16MB (docs/benchmarks.md). At
+# 2MB (~10,000 rows, a checkpoint every ~50 s at 200 rows/s) the ledger process's saw-tooth
+# is ~2.5 MB instead of ~4.5, small enough that a 10-minute soak can tell flat from growing;
+# bursts measured 141k rows/s (109-144k) against 158k (149-160k) at 4MB, the same machine.
+_CHECKPOINT_WAL = "2MB"
 # The file's blocks DuckDB may keep cached beyond one insert or query (`_BlockCache`). Less
 # than 1MB made DuckDB write rows waiting for a checkpoint to a temporary file instead.
 _FILE_CACHE = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt(3)'s parameter number (malloc.h)
 _QUERY_THREADS = 2  # user queries running at once in the ledger process
 _RETRY = 1.0  # seconds between attempts to take over a ledger file another process held
 _SAFE_CONFIG = {
@@ -687,7 +691,7 @@ class _Store:
 
     def _trim(self) -> None:
         """Give back what the last insert or query left cached (with `lock` held)."""
-        if not self._queries:
+        if not self._queries and not self.queries.closing:
             try:
                 self._cache.trim(self.con)
             except duckdb.Error:
@@ -868,10 +872,27 @@ class _ProcessStore:
         self._conn.close()
 
 
+def _fixed_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its default (128 KiB) in the ledger process.
+
+    glibc raises the threshold to the size of each mmapped block freed (up to 32 MB), so
+    after the first checkpoints DuckDB's large temporaries came from the heap instead and
+    left it fragmented: in a 10-minute soak its free chunks grew 4.0 to 6.8 MB, most of the
+    process's growth. Setting M_MMAP_THRESHOLD turns the adjustment off (mallopt(3)); those
+    blocks are mapped and unmapped again, and the heap's free space stayed at ~1.5 MB. No
+    effect where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def _store_process(conn: Any, path: str, memory: str | None, parent: int) -> None:
     """The child's loop: one `_Store`; rows, runs, ingests and trusted statements one at a
     time on this thread, queries on their own threads, until `close`, EOF, or the parent
     is gone."""
+    _fixed_mmap_threshold()
     try:
         store = _Store(Path(path), memory)
     except Exception as exc:
