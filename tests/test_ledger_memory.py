@@ -4,12 +4,16 @@ over 10 minutes)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from runtime.ledger.store import CallRecord, Ledger
 
+ROOT = Path(__file__).resolve().parent.parent
 ROWS = 200_000  # ~5 MB of checkpointed blocks (~26 bytes a row)
 
 
@@ -35,3 +39,30 @@ def test_the_files_blocks_are_not_kept_after_a_query_reads_them_all(tmp_path, in
     assert held["BASE_TABLE"] <= 1 << 20, f"{held['BASE_TABLE'] / 2**20:.1f} MiB cached"
     assert spilled == [(0,)]  # rows waiting for a checkpoint were not pushed out to disk
     assert limit == [("953.6 MiB",)]  # lowered for a moment only
+
+
+PROBE = """
+import ctypes, sys
+from runtime.ledger.store import _fixed_mmap_threshold
+libc = ctypes.CDLL("libc.so.6")
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "fixed":
+    _fixed_mmap_threshold()
+libc.free(libc.malloc(4 << 20))  # a checkpoint's temporary, mapped and freed
+block = libc.malloc(1 << 20)  # the next one
+print(libc.mallinfo2().hblkhd >= 1 << 20)
+"""
+
+
+@pytest.mark.parametrize("mode, mapped", [("fixed", "True"), ("glibc's default", "False")])
+def test_large_blocks_stay_out_of_the_heap_in_the_ledger_process(mode, mapped):
+    # glibc raises its mmap threshold to each mapped block freed, so later large blocks
+    # came from the heap and fragmented it; the ledger process keeps the threshold fixed.
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
+                         check=True, cwd=ROOT).stdout.strip()
+    assert out == mapped
