@@ -181,6 +181,8 @@ def main() -> None:
                          "5 minutes (or the second half of a shorter run)")
     args = ap.parse_args()
 
+    # Stopped (a `timeout`, Ctrl-C): the servers started below are stopped too.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     project = Path(tempfile.mkdtemp(prefix="flowc-soak-"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
