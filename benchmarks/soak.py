@@ -237,8 +237,11 @@ def main() -> None:
 
     # The trend: a least-squares fit over the last 5 minutes (the second half of a shorter
     # run), after the first minutes' warm-up.
-    tail = min(rows[-1][0] / 2, 300.0)
-    last = [r for r in rows if r[0] >= rows[-1][0] - tail]
+    # (A machine too busy to keep the rate leaves a backlog, sampled once more when drained:
+    # that sample is left out.)
+    end = min(rows[-1][0], args.minutes * 60 + 5)
+    tail = min(end / 2, 300.0)
+    last = [r for r in rows if end - tail <= r[0] <= end]
     growth = {name: slope([(r[0], r[i]) for r in last])
               for name, i in (("server", 3), ("ledger", 4), ("server fds", 5),
                               ("ledger fds", 6), ("ledger anonymous", 8))}
@@ -247,7 +250,7 @@ def main() -> None:
     # floor's trend.
     lows: dict[int, tuple[float, float]] = {}
     for r in last:
-        minute = int((rows[-1][0] - r[0]) // 60)
+        minute = int((end - r[0]) // 60)
         if minute not in lows or r[4] < lows[minute][1]:
             lows[minute] = (r[0], r[4])
     floor = slope(list(lows.values()))
@@ -260,11 +263,13 @@ def main() -> None:
     books = "every answered request on the books" if missing <= 0 else f"{missing:,} MISSING"
     if warmed:
         lines.append(f"After a warm-up of {warmed:,} requests (not in the table):")
-    lines.append(f"{args.minutes:g} minutes at {args.rate:g} requests/s: {ok:,} answered, "
+    kept = (last[-1][1] - last[0][1]) / (last[-1][0] - last[0][0]) if len(last) > 1 else 0
+    lines.append(f"{args.minutes:g} minutes at {args.rate:g} requests/s ({kept:,.0f}/s answered "
+                 f"over the last {tail / 60:.3g} minutes): {ok:,} answered, "
                  f"{failed} failed, {ledger_rows:,} ledger rows ({books}); every cost "
                  "summary answered "
                  f"{'200' if all(r[7] == 200 for r in rows) else 'NOT always 200'}. "
-                 f"Growth over the last {tail / 60:g} minutes (least squares), per minute: "
+                 f"Growth over the last {tail / 60:.3g} minutes (least squares), per minute: "
                  f"server {growth['server']:+.2f} MB, ledger process {growth['ledger']:+.2f} MB "
                  f"(anonymous {growth['ledger anonymous']:+.2f}; each minute's low "
                  f"{floor:+.2f}), "
