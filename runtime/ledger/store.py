@@ -79,8 +79,15 @@ _MEMORY_LIMIT = "1GB"
 # row against ~12 once checkpointed) until the write-ahead log reaches this size. At
 # DuckDB's default (16MB, ~85,000 rows) that is ~25 MB, which at 200 rows/s the ledger
 # process climbed for 7 minutes before each drop; at 4MB (~21,000 rows) ~6 MB. Bursts of
-# 500,000 rows measured 120-140k rows/s against 120-180k at 16MB (docs/benchmarks.md).
-_CHECKPOINT_WAL = "4MB"
+# 500,000 rows measured 120-140k rows/s against 120-180k at 16MB (docs/benchmarks.md). At
+# 2MB (~10,000 rows, a checkpoint every ~50 s at 200 rows/s) the ledger process's saw-tooth
+# is ~2.5 MB instead of ~4.5, small enough that a 10-minute soak can tell flat from growing;
+# bursts measured 141k rows/s (109-144k) against 158k (149-160k) at 4MB, the same machine.
+_CHECKPOINT_WAL = "2MB"
+# The file's blocks DuckDB may keep cached beyond one insert or query (`_BlockCache`). Less
+# than 1MB made DuckDB write rows waiting for a checkpoint to a temporary file instead.
+_FILE_CACHE = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt(3)'s parameter number (malloc.h)
 _QUERY_THREADS = 2  # user queries running at once in the ledger process
 _RETRY = 1.0  # seconds between attempts to take over a ledger file another process held
 _SAFE_CONFIG = {
@@ -190,6 +197,9 @@ def connect(path: Path, *, read_only: bool = False, memory: str | None = None
     if not read_only:
         config["threads"] = 1
         config["checkpoint_threshold"] = _CHECKPOINT_WAL
+        # The store lowers the limit for a moment to evict the file's blocks (`_BlockCache`);
+        # user SQL still cannot change it (only SELECT statements are accepted).
+        config["allowed_configs"] = ["memory_limit"]
     con = duckdb.connect(str(path), read_only=read_only, config=config)
     if not read_only:
         migrate(con)
@@ -618,12 +628,42 @@ class _Purge:
         mallctl.restype = ctypes.c_int
         self._mallctl = mallctl
 
+    def due(self) -> bool:
+        """Whether a second has passed since the last purge."""
+        return time.monotonic() >= self._next
+
     def __call__(self) -> None:
-        now = time.monotonic()
-        if self._mallctl is None or now < self._next:
+        self._next = time.monotonic() + 1.0
+        if self._mallctl is not None:
+            self._mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: every arena
+
+
+class _BlockCache:
+    """Keeps DuckDB's cache of the ledger file's blocks at `_FILE_CACHE` bytes.
+
+    DuckDB keeps every block of the file it has read or checkpointed in its buffer pool
+    until the pool reaches `memory_limit` (1GB): the ledger process grew with the table
+    (~26 bytes a row; a cost summary reads every block back in). DuckDB evicts those
+    blocks first when its limit is lowered (SET memory_limit), so this sets the limit to
+    what everything else holds plus `_FILE_CACHE`, then back. The blocks are still in the
+    system's page cache: reading them again costs a copy, not a disk read. Only with no
+    query running (a query must never see the lowered limit)."""
+
+    def __init__(self, limit: str) -> None:
+        self._limit = limit
+
+    def trim(self, con: duckdb.DuckDBPyConnection) -> None:
+        held = dict(con.execute("SELECT tag, memory_usage_bytes FROM duckdb_memory()"
+                                ).fetchall())
+        blocks = held.get("BASE_TABLE", 0)
+        if blocks <= _FILE_CACHE:
             return
-        self._next = now + 1.0
-        self._mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: every arena
+        try:
+            con.execute(f"SET memory_limit = '{sum(held.values()) - blocks + _FILE_CACHE}B'")
+        except duckdb.OutOfMemoryException:  # DuckDB keeps its limit; next time
+            return
+        finally:
+            con.execute(f"SET memory_limit = '{self._limit}'")
 
 
 class _Store:
@@ -637,6 +677,8 @@ class _Store:
         self._prefix = uuid.uuid4().hex[:16] + "-"  # row ids: this store + a sequence
         self._seq = 0
         self._purge = _Purge()
+        self._cache = _BlockCache(memory or memory_limit())
+        self._queries = 0  # running on their own cursors (under `lock`)
 
     def _new_ids(self, n: int) -> list[str]:
         start, self._seq = self._seq + 1, self._seq + n
@@ -650,13 +692,29 @@ class _Store:
             return
         with self.lock:
             _insert(self.con, rows, self._new_ids)
-            self._purge()
+            if self._purge.due():
+                self._trim()
+
+    def _trim(self) -> None:
+        """Give back what the last insert or query left cached (with `lock` held)."""
+        if not self._queries and not self.queries.closing:
+            try:
+                self._cache.trim(self.con)
+            except duckdb.Error:
+                log.exception("ledger: could not trim DuckDB's cache")
+        self._purge()
 
     def select(self, sql: str, params: Sequence[Any] = (), timeout: float | None = None
                ) -> tuple[list[str], list[tuple[Any, ...]]]:
         with self.lock:  # a cursor is a new connection to the same database: cheap
             cur = self.con.cursor()
-        return self.queries.run(cur, sql, params, timeout)
+            self._queries += 1
+        try:
+            return self.queries.run(cur, sql, params, timeout)
+        finally:
+            with self.lock:
+                self._queries -= 1
+                self._trim()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         with self.lock:
@@ -823,10 +881,27 @@ class _ProcessStore:
         self._conn.close()
 
 
+def _fixed_mmap_threshold() -> None:
+    """Keep glibc's mmap threshold at its default (128 KiB) in the ledger process.
+
+    glibc raises the threshold to the size of each mmapped block freed (up to 32 MB), so
+    after the first checkpoints DuckDB's large temporaries came from the heap instead and
+    left it fragmented: in a 10-minute soak its free chunks grew 4.0 to 6.8 MB, most of the
+    process's growth. Setting M_MMAP_THRESHOLD turns the adjustment off (mallopt(3)); those
+    blocks are mapped and unmapped again, and the heap's free space stayed at ~1.5 MB. No
+    effect where the C library is not glibc."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
 def _store_process(conn: Any, path: str, memory: str | None, parent: int) -> None:
     """The child's loop: one `_Store`; rows, runs, ingests and trusted statements one at a
     time on this thread, queries on their own threads, until `close`, EOF, or the parent
     is gone."""
+    _fixed_mmap_threshold()
     try:
         store = _Store(Path(path), memory)
     except Exception as exc:
