@@ -279,3 +279,60 @@ def test_the_cli_names_the_server_file_the_server_writes():
 
     assert SERVER_FILE == WRITTEN
 
+
+
+def test_keys_through_the_running_server_take_effect_on_the_next_request(served):
+    admin = {"FLOWC_ADMIN_KEY": ADMIN}
+    made = served.ok("keys", "create", "--name", "live", "--team", "ops", "--budget", "2",
+                     "--tag", "env=dev", **admin)
+    secret = made.stdout.strip()
+    assert SECRET.fullmatch(secret)
+    key_id = re.search(r"Created key (key_[0-9a-f]{16})", made.stderr).group(1)
+    assert _chat(served.url, secret)  # known to the server at once
+    listed = served.ok("keys", "list", "--team", "ops", **admin)
+    assert key_id in listed.stdout and "$2/month" in listed.stdout
+    shown = json.loads(served.ok("keys", "show", key_id, "--json", **admin).stdout)
+    assert (shown["name"], shown["team"], shown["tags"]) == ("live", "ops", ["env=dev"])
+    assert Decimal(shown["spend"]["key"]["spent_usd"]) > 0
+    served.ok("keys", "update", key_id, "--read-only", **admin)
+    with pytest.raises(openai.PermissionDeniedError):
+        _chat(served.url, secret)
+    served.ok("keys", "revoke", key_id, **admin)
+    with pytest.raises(openai.AuthenticationError) as err:
+        _chat(served.url, secret)
+    assert err.value.status_code == 401
+    for done in (listed, served.ok("keys", "show", key_id, **admin),
+                 served.ok("keys", "list", "--json", **admin)):
+        assert secret not in done.stdout + done.stderr
+    done = served.flowc("keys", "show", "key_nope", **admin)
+    assert done.returncode == 1 and "key_nope" in done.stderr
+
+
+def test_the_server_file_gives_the_cli_the_admin_key_and_only_its_owner_reads_it(served):
+    server_file = served.path / ".flowc" / "server.json"
+    assert server_file.stat().st_mode & 0o777 == 0o600
+    assert json.loads(server_file.read_text())["admin_key"] == ADMIN
+    assert "app" in served.ok("keys", "list").stdout
+    served.ok("costs")
+    served.ok("runs")
+
+
+def test_costs_by_key_team_and_tag(served):
+    admin = {"FLOWC_ADMIN_KEY": ADMIN}
+    made = served.ok("keys", "create", "--name", "tagged", "--team", "research", "--tag",
+                     "proj=x", **admin)
+    _chat(served.url, made.stdout.strip())
+    rows = {by: {r["key"]: r for r in json.loads(
+                 served.ok("costs", "--by", by, "--json", **admin).stdout)["rows"]}
+            for by in ("key", "team", "tag")}
+    assert rows["team"]["research"]["calls"] == 1
+    assert rows["tag"]["proj=x"]["calls"] == 1
+    assert [r["calls"] for k, r in rows["key"].items() if "tagged" in str(k)] == [1]
+    table = served.ok("costs", "--by", "team", **admin).stdout
+    assert table.splitlines()[0].split()[0] == "team" and "research" in table
+    key_id = re.search(r"Created key (key_[0-9a-f]{16})", made.stderr).group(1)
+    for only in (["--team", "research"], ["--key", key_id], ["--tag", "proj=x"]):
+        data = json.loads(served.ok("costs", "--by", "model", "--json", *only, **admin).stdout)
+        assert data["totals"]["calls"] == 1, only
+    done = served.flowc("costs", "--sql", "SELECT 1", "--team", "research", **admin)
+    assert done.returncode == 2 and "with --sql, say it in the query" in done.stderr
