@@ -475,7 +475,9 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
         else:
             caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
             executor = Executor(caller, mcp)
-        outcome = await executor.run(compiled, inputs, listener=_live if live else None)
+        # Ctrl-C cancels the run's steps; the record of what had finished is kept.
+        outcome = await executor.run(compiled, inputs, listener=_live if live else None,
+                                     on_cancel=lambda r: runs.save(ledger, r))
         runs.save(ledger, outcome)
         return outcome
     finally:

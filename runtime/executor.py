@@ -10,6 +10,7 @@ leaves the step's output missing (`on_error: continue`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -103,7 +104,7 @@ class StepResult:
 class RunResult:
     run_id: str
     workflow: str
-    status: str  # succeeded | failed
+    status: str  # succeeded | failed | cancelled
     output: Any
     steps: dict[str, StepResult]
     latency_ms: float
@@ -164,13 +165,24 @@ class Executor:
     async def run(self, compiled: CompiledPipeline, inputs: dict[str, Any], *,
                   run_id: str | None = None, listener: Listener | None = None,
                   who: Principal | None = None,
-                  max_cost_usd: Decimal | None = None) -> RunResult:
+                  max_cost_usd: Decimal | None = None,
+                  on_cancel: Callable[[RunResult], None] | None = None) -> RunResult:
         """``who``: the caller its model calls are charged to (a virtual key, over HTTP);
-        ``max_cost_usd``: a cap on this run beside the pipeline's own (the smaller holds)."""
+        ``max_cost_usd``: a cap on this run beside the pipeline's own (the smaller holds).
+
+        Cancelling the call cancels every running step before the CancelledError goes on;
+        ``on_cancel`` then gets the run as it stood (status "cancelled"), to be recorded."""
         values = check_inputs(compiled.pipeline.inputs, inputs)
         run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener, who,
                    max_cost_usd)
-        return await run.execute()
+        try:
+            return await run.execute()
+        except asyncio.CancelledError:
+            if on_cancel is not None:
+                on_cancel(run.result("cancelled", None, {
+                    "step": None, "type": "Cancelled",
+                    "message": "the run was cancelled by its caller"}))
+            raise
 
 
 class _Run:
@@ -185,6 +197,7 @@ class _Run:
         self.values: dict[str, Any] = {}  # output name -> value (absent = not yet / missing)
         self.missing_why: dict[str, str] = {}
         self.results = {sid: StepResult(sid) for sid in compiled.order}
+        self.started, self.t0 = time.time(), time.perf_counter()
         self.limit = asyncio.Semaphore(ex.max_concurrency)
         caps = [Decimal(str(c)) for c in (compiled.pipeline.max_cost_usd, max_cost_usd)
                 if c is not None]
@@ -210,12 +223,51 @@ class _Run:
             self.listener(r)
 
     # -- the schedule ----------------------------------------------------------------------
+    def result(self, status: str, output: Any, error: dict[str, Any] | None) -> RunResult:
+        return RunResult(self.run_id, self.c.name, status, output, self.results,
+                         (time.perf_counter() - self.t0) * 1000, inputs_hash(self.inputs),
+                         self.ex.dry_run, error, self.started)
+
     async def execute(self) -> RunResult:
-        started = time.time()
-        t0 = time.perf_counter()
+        self.started, self.t0 = time.time(), time.perf_counter()
+        tasks: dict[asyncio.Task[None], str] = {}
+        try:
+            error = await self._schedule(tasks)
+        except asyncio.CancelledError:  # the caller gave up: so does every running step
+            for task in tasks:
+                task.cancel()
+            self._cancel_unfinished()
+            # Wait for the steps to unwind unless cancelled again: an anyio cancel scope
+            # (the MCP server's) re-raises at every await inside it.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        if error is not None:
+            self._cancel_unfinished()
+        else:
+            error = self._all_failed()
+        output = None
+        if error is None:
+            try:
+                output = await self._output()
+            except (Missing, StepFailed, EvalError) as exc:  # a failed run, never a crash
+                error = {"step": None, "type": type(exc).__name__,
+                         "message": "the pipeline output could not be built: "
+                                    + (f"'{exc}' is missing" if isinstance(exc, Missing)
+                                       else str(exc))}
+        return self.result("failed" if error else "succeeded", output, error)
+
+    def _cancel_unfinished(self) -> None:
+        for r in self.results.values():
+            if r.status in ("waiting", "running"):
+                r.status = "cancelled"
+                self._emit(r)
+
+    async def _schedule(self, tasks: dict[asyncio.Task[None], str]) -> dict[str, Any] | None:
+        """Start each step when its producers are finished; the first failure (under
+        `on_error: fail`) cancels the rest and is returned."""
         g = self.c.graph
         waiting = {sid: g.in_degree(sid) for sid in self.c.order}
-        tasks: dict[asyncio.Task[None], str] = {}
         error: dict[str, Any] | None = None
 
         def start(sid: str) -> None:
@@ -241,28 +293,8 @@ class _Run:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for sid in tasks.values():
-                    self.results[sid].status = "cancelled"
-                    self._emit(self.results[sid])
                 tasks.clear()
-        if error is not None:
-            for r in self.results.values():
-                if r.status == "waiting":
-                    r.status = "cancelled"
-        else:
-            error = self._all_failed()
-        output = None
-        if error is None:
-            try:
-                output = await self._output()
-            except (Missing, StepFailed, EvalError) as exc:  # a failed run, never a crash
-                error = {"step": None, "type": type(exc).__name__,
-                         "message": "the pipeline output could not be built: "
-                                    + (f"'{exc}' is missing" if isinstance(exc, Missing)
-                                       else str(exc))}
-        return RunResult(self.run_id, self.c.name, "failed" if error else "succeeded", output,
-                         self.results, (time.perf_counter() - t0) * 1000,
-                         inputs_hash(self.inputs), self.ex.dry_run, error, started)
+        return error
 
     def _all_failed(self) -> dict[str, Any] | None:
         """A run whose every step that ran failed (each under `on_error: continue`) failed:

@@ -304,6 +304,9 @@ def test_cancelling_a_call_stops_the_run(served: Served, mode: str) -> None:
 
     wait_until(recorded, 10)  # long before the provider's 30 s answer
     assert rows == [["cancelled", "CancelledError"]]
+    run = served.sql("SELECT status, key_id, record->>'$.metrics.steps[0].status' FROM runs "
+                     "WHERE workflow_name = 'slow' ORDER BY started_at DESC LIMIT 1")
+    assert run == [["cancelled", served.ids["ops"], "cancelled"]]
 
 
 def test_the_mcp_inspector_cli_lists_and_calls(served: Served) -> None:

@@ -219,6 +219,44 @@ def test_failure_cancels_running_steps(openai_fake, tmp_path):
     assert result.steps["after"].status == "cancelled"
 
 
+def test_cancelling_a_run_cancels_its_steps_and_keeps_its_record(openai_fake, tmp_path):
+    compiled = compile_yaml("""
+        name: cancelled
+        steps:
+          - {id: slow, type: llm, model: m, prompt: slow}
+          - {id: after, type: llm, model: m, prompt: "after ${slow}"}
+        """)
+    openai_fake.then(slow(30, openai_text("too late")))
+
+    async def go():
+        config = ProjectConfig.model_validate(CONFIG)
+        providers = Providers(config, env={"OPENAI_BASE_URL": openai_fake.url + "/v1",
+                                           "OPENAI_API_KEY": "k"})
+        ledger = Ledger(tmp_path / "ledger.duckdb", 0.1)
+        kept = []
+        try:
+            caller = ModelCaller(config, providers, Router(config, providers), ledger)
+            task = asyncio.create_task(Executor(caller).run(compiled, {},
+                                                            on_cancel=kept.append))
+            while not openai_fake.requests:  # the model call is under way
+                await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            ledger.flush()
+            rows = ledger.select("SELECT step_id, status FROM requests")[1]
+            return kept, rows
+        finally:
+            await providers.close()
+            ledger.close()
+
+    kept, rows = asyncio.run(asyncio.wait_for(go(), 10))  # not the provider's 30 s
+    assert [r.status for r in kept] == ["cancelled"]
+    assert {s: r.status for s, r in kept[0].steps.items()} == {"slow": "cancelled",
+                                                                "after": "cancelled"}
+    assert rows == [("slow", "cancelled")]
+
+
 def test_continue_policy_lets_other_branches_finish(openai_fake, tmp_path):
     compiled = compile_yaml("""
         name: tolerant

@@ -102,21 +102,16 @@ class _ClientTools:
 
 
 class _Progress:
-    """Step events -> `notifications/progress`, in order, from one sender task. Also keeps
-    each step's task (the listener runs inside it), so a cancelled call can cancel them."""
+    """Step events -> `notifications/progress`, in order, from one sender task."""
 
     def __init__(self, ctx: Any, total: int) -> None:
         self.ctx = ctx
         self.total = total
         self.finished = 0
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
         self.sender = asyncio.create_task(self._send())
 
     def step(self, r: StepResult) -> None:
-        task = asyncio.current_task()
-        if task is not None and r.status == "running":
-            self.tasks.add(task)
         if r.status in ("done", "skipped", "failed"):
             self.finished += 1
             self.queue.put_nowait((self.finished, f"step '{r.id}' {r.status}"))
@@ -125,12 +120,6 @@ class _Progress:
         while (item := await self.queue.get()) is not None:
             with contextlib.suppress(Exception):  # a client gone: the run goes on
                 await self.ctx.session.report_progress(item[0], self.total, item[1])
-
-    async def cancel_steps(self) -> None:
-        running = [t for t in self.tasks if not t.done()]
-        for t in running:
-            t.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
 
     async def close(self) -> None:
         self.queue.put_nowait(None)
@@ -325,20 +314,25 @@ class FlowcMCP:
         tools = _ClientTools(rt.mcp, own) if own else rt.mcp
         executor = Executor(models, tools, global_limit=rt.limit)
         progress = _Progress(ctx, len(wf.compiled.order))
+        key = who.key
+
+        def save(result: RunResult) -> None:
+            runs.save(rt.ledger, result, key.id if key else None, key.team if key else None)
+
+        cancelled: list[RunResult] = []
         try:
             result = await executor.run(wf.compiled, args, run_id=uuid.uuid4().hex,
-                                        listener=progress.step)
+                                        listener=progress.step, on_cancel=cancelled.append)
         except InputError as exc:
             raise MCPError(INVALID_PARAMS, f"Invalid arguments for tool {workflow}: "
                            + "; ".join(exc.problems), {"problems": exc.problems}) from None
-        except asyncio.CancelledError:
-            await asyncio.shield(progress.cancel_steps())
+        except asyncio.CancelledError:  # the run's steps are cancelled; its record stays
+            if cancelled:
+                await asyncio.shield(asyncio.to_thread(save, cancelled[0]))
             raise
         finally:
             await progress.close()
-        key = who.key
-        await asyncio.to_thread(runs.save, rt.ledger, result,
-                                key.id if key else None, key.team if key else None)
+        await asyncio.to_thread(save, result)
         return pipeline_result(result, wf.compiled.output is not None
                                and not isinstance(wf.compiled.output, dict))
 
