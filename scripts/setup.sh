@@ -4,7 +4,7 @@
 #   scripts/setup.sh --test   also what the tests need: Chromium, Node.js and npm, the
 #                             Python test dependencies, the npm MCP servers and the real
 #                             clients of the gateway (tests/clients: Claude Code, Codex,
-#                             OpenClaw, the AI SDK; Node 24 for OpenClaw)
+#                             OpenClaw, the AI SDK; Node 24 for OpenClaw), Postgres
 # A virtual environment, because Debian's and Ubuntu's system Python refuse `pip install`
 # (PEP 668, "externally managed environment"). Set PYTHON to choose the interpreter
 # (3.11 or newer; default python3).
@@ -23,6 +23,8 @@ if [ "$test_deps" = 1 ]; then
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   command -v node >/dev/null 2>&1 || need+=(nodejs)
   command -v npm >/dev/null 2>&1 || need+=(npm)
+  # Postgres server binaries: tests start throwaway clusters for the shared store
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then

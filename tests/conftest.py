@@ -131,3 +131,14 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 def gw(gateway: Gateway) -> Gateway:
     gateway.reset()
     return gateway
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One Postgres server for the session (tests/pgserver.py); take a clean database from
+    it with `postgres.fresh_database()`."""
+    from tests.pgserver import PostgresServer
+
+    server = PostgresServer()
+    yield server
+    server.close()
