@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Counter, Reservation, Scope
@@ -112,6 +115,10 @@ class Gate:
         self._plans: dict[tuple[str | None, str | None, str | None],
                           tuple[list[Window], list[Counter]]] = {}
         self._key_windows: dict[str, Window] = {}  # by key id, for the response headers
+        # The credential headers of recent requests -> who sent them, and until when (epoch
+        # seconds; a key's expiry): parsing, hashing and looking up a key on every request
+        # is most of what auth costs. Emptied whenever a key changes.
+        self._callers: dict[tuple[bytes | None, bytes | None], tuple[Principal, float]] = {}
         self.loaded = False
 
     def load(self) -> None:
@@ -147,6 +154,7 @@ class Gate:
             self._key_windows[scope.name] = w
 
     def _put(self, key: Key) -> None:
+        self._callers.clear()
         old = self.keys.get(key.id)
         if old is not None:
             self._by_hash.pop(old.hash, None)
@@ -211,6 +219,19 @@ class Gate:
         """The caller of a request, from `Authorization: Bearer` or `x-api-key`. With auth
         off, a flowc key is still honoured (its budgets, limits and attribution) and any
         other credential (a client's placeholder) is ignored."""
+        seen = self._callers.get((authorization, api_key))
+        if seen is not None and time.time() < seen[1]:
+            return seen[0]
+        who = self._authenticate(authorization, api_key)
+        if self.loaded:
+            if len(self._callers) >= 4096:  # credentials come from requests: stay bounded
+                self._callers.clear()
+            key = who.key
+            until = key.expires_at.timestamp() if key and key.expires_at else math.inf
+            self._callers[(authorization, api_key)] = (who, until)
+        return who
+
+    def _authenticate(self, authorization: bytes | None, api_key: bytes | None) -> Principal:
         token = _bearer(authorization)
         if token is None and api_key is not None:
             token = api_key.decode("latin-1").strip()
@@ -264,11 +285,12 @@ class Gate:
         return out
 
     def admit(self, who: Principal, requested: str, targets: Iterable[Any],
-              req: dict[str, Any], prompt_bound: int, tags: str | None,
+              req: dict[str, Any], prompt_bound: int | None, tags: str | None,
               pipeline: str | None) -> Grant | None:
         """Check the call against the key's models, the rate limits and the budgets, and
         reserve its largest possible cost; raises Denied, RateLimited, BudgetExceeded or
-        Unpriced. None: nothing applies to this caller."""
+        Unpriced. None: nothing applies to this caller. ``prompt_bound``: the request's
+        size in characters, None to measure ``req`` (only when a budget needs it)."""
         key = who.key
         if key is not None:
             if key.read_only:
@@ -297,6 +319,8 @@ class Gate:
             w.check(now)
         reservation = None
         if counters:
+            if prompt_bound is None:
+                prompt_bound = len(orjson.dumps(req))
             worst = self.worst_cost(targets, req, prompt_bound)
             reservation = self.budgets.reserve_on(counters, worst, time.time())
         for w in windows:

@@ -100,17 +100,17 @@ class Window:
         self._trim(now)
         out: list[tuple[bytes, bytes]] = []
         if self.rpm is not None:
-            first = self._oldest()
+            t = self.times
             out += [(b"x-ratelimit-limit-requests", b"%d" % self.rpm),
                     (b"x-ratelimit-remaining-requests", b"%d" % max(self.rpm - self.used, 0)),
                     (b"x-ratelimit-reset-requests",
-                     _reset(first + WINDOW - now if first is not None else 0.0))]
+                     _reset(t[self.head] + WINDOW - now) if self.head < len(t) else b"0ms")]
         if self.tpm is not None:
-            first = self._oldest_tokens()
+            t = self.token_times
             out += [(b"x-ratelimit-limit-tokens", b"%d" % self.tpm),
                     (b"x-ratelimit-remaining-tokens", b"%d" % max(self.tpm - self.token_sum, 0)),
-                    (b"x-ratelimit-reset-tokens",
-                     _reset(first + WINDOW - now if first is not None else 0.0))]
+                    (b"x-ratelimit-reset-tokens", _reset(t[self.token_head] + WINDOW - now)
+                     if self.token_head < len(t) else b"0ms")]
         return out
 
 

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, TypeVar
 
-import orjson
-
 from flowc.config import ProjectConfig
 from runtime.access.budgets import BudgetExceeded
 from runtime.access.gate import OPEN, Denied, Gate, Grant, Principal, Unpriced
@@ -209,12 +207,9 @@ class ModelCaller:
         gate = self.gate
         if gate is None:
             return bill
-        bound = ctx.prompt_bound
-        if bound is None:
-            bound = len(orjson.dumps(req))
         try:
             bill.grant = gate.admit(ctx.who or OPEN, str(req.get("model", "")), plan.targets,
-                                    req, bound, bill.tags, ctx.workflow_name)
+                                    req, ctx.prompt_bound, bill.tags, ctx.workflow_name)
         except (Denied, RateLimited, BudgetExceeded, Unpriced) as exc:
             err = access_error(exc)
             self._record(str(req.get("model", "")), None, None, status="refused",

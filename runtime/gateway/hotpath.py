@@ -291,13 +291,16 @@ class HotPaths:
                     await _send_error(send, path, exc.status, exc.code, exc.message,
                                       www_authenticate=True)
                     return
-            if who.key is not None and (who.key.rpm is not None or who.key.tpm is not None):
-                send = _with_headers(send, lambda: gate.headers(who))
+        # A key with rate limits gets its `x-ratelimit-*` headers on every response.
+        limited = who.key is not None and (who.key.rpm is not None or who.key.tpm is not None)
         scope[PRINCIPAL] = who
         handler = self.routes.get(path) if method == "POST" else None
-        if handler is None and method in SAFE_METHODS:
-            await self.app(scope, receive, send)
-            return
+        if handler is None:
+            if limited:
+                send = _with_headers(send, lambda: gate.headers(who))  # type: ignore[union-attr]
+            if method in SAFE_METHODS:
+                await self.app(scope, receive, send)
+                return
         body = await self._read(receive, send, path)
         if body is None:
             return
@@ -308,6 +311,8 @@ class HotPaths:
         incoming = Incoming(body, scope["headers"], scope.get("query_string", b""),
                             tags.decode("latin-1") if tags is not None else None, t0, who)
         response = await handler(incoming, self.caller())
+        if limited:  # counted once the handler has admitted (or refused) the call
+            response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
         await response(scope, receive, send)
 
     async def _read(self, receive: Any, send: Any, path: str) -> bytes | None:
