@@ -29,7 +29,8 @@ UNKNOWN = "sk-flowc-" + "Q" * 43
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
     k = keyed(tmp_path_factory.mktemp("auth"), CONFIG)
-    k.keys({"name": "good"}, {"name": "gone"}, {"name": "old"}, revoked=("gone",),
+    k.keys({"name": "good"}, {"name": "gone"}, {"name": "old"},
+           {"name": "narrow", "models": ["fast"]}, revoked=("gone",),
            expired=("old",))
     k.start("--log-level", "info")  # refusals are logged at info: the log is read below
     yield k
@@ -126,3 +127,16 @@ def test_no_secret_reaches_the_log(srv):
     assert srv.secrets["good"][:20] not in out
     assert "Traceback" not in out
     srv.start("--log-level", "info")  # for the fixture's own stop
+
+
+def test_a_key_limited_to_some_models_lists_only_those(srv):
+    def client(name: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=srv.url + "/v1", api_key=srv.secrets[name], max_retries=0)
+
+    everything = {m.id for m in client("good").models.list()}
+    assert {"fast", "openai/gpt-4o-mini"} <= everything
+    assert {m.id for m in client("narrow").models.list()} == {"fast"}
+    assert client("narrow").models.retrieve("fast").id == "fast"
+    with pytest.raises(openai.NotFoundError, match="does not exist or you do not have access"):
+        client("narrow").models.retrieve("openai/gpt-4o-mini")
+    assert client("good").models.retrieve("openai/gpt-4o-mini").id == "openai/gpt-4o-mini"

@@ -10,12 +10,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
 from flowc import __version__
+from runtime.access.gate import OPEN, Principal
 from runtime.api.common import current, json_response
 from runtime.gateway.anthropic_api import count_tokens as anthropic_count_tokens
 from runtime.gateway.anthropic_api import messages as anthropic_messages
 from runtime.gateway.embeddings_api import embeddings
-from runtime.gateway.hotpath import Handler
-from runtime.gateway.models_api import list_models, retrieve_model
+from runtime.gateway.hotpath import PRINCIPAL, Handler
+from runtime.gateway.models_api import Visible, list_models, retrieve_model, visible_to
 from runtime.gateway.openai_api import chat_completions
 from runtime.gateway.responses_api import responses
 
@@ -66,14 +67,21 @@ async def ready(request: Request) -> Response:
                         status_code=200 if ok else 503)
 
 
+# A key limited to some models sees only those, as OpenAI lists a project's models.
 @router.get("/v1/models")
 async def models(request: Request) -> Response:
-    return await list_models(current(request).catalog, request)
+    return await list_models(current(request).catalog, request, _visible(request))
 
 
 @router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> Response:
-    return await retrieve_model(current(request).catalog, request, model_id)
+    return await retrieve_model(current(request).catalog, request, model_id,
+                                _visible(request))
+
+
+def _visible(request: Request) -> Visible | None:
+    who: Principal = request.scope.get(PRINCIPAL, OPEN)
+    return visible_to(who.key)
 
 
 async def _reachable(url: str, timeout: float = 1.0) -> bool:

@@ -53,7 +53,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 YAML_TYPES = frozenset({b"application/yaml", b"application/x-yaml", b"text/yaml",
                         b"text/x-yaml"})
 LOOPBACK_NAMES = (b"localhost", b"127.0.0.1", b"[::1]")
-CORS_METHODS = b"GET, POST, PUT, DELETE"
+CORS_METHODS = b"GET, POST, PUT, PATCH, DELETE"
 CORS_EXPOSE = (b"x-flowc-provider, x-flowc-model, x-flowc-cost-usd, x-flowc-route, "
                b"x-flowc-overhead-ms")
 # The headers read, each to a slot of one list: one dict lookup per header.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -291,9 +291,23 @@ def client_error(request: Request, err: FlowcError) -> Response:
                     status_code=err.status, media_type="application/json")
 
 
-async def list_models(catalog: ModelCatalog, request: Request) -> Response:
+Visible = Callable[[Model], bool]
+
+
+def visible_to(key: Any) -> Visible | None:
+    """A virtual key's `models:` patterns as a filter on the list (None: all), matched
+    against a name as listed and as provider/name, as admission matches its targets."""
+    if key is None or not key.models:
+        return None
+    return lambda m: key.allows_model(m.id) or key.allows_model(f"{m.provider}/{m.id}")
+
+
+async def list_models(catalog: ModelCatalog, request: Request,
+                      visible: Visible | None = None) -> Response:
     await catalog.refresh()
     models = catalog.models()
+    if visible is not None:
+        models = [m for m in models if visible(m)]
     if not speaks_anthropic(request):
         return _json({"object": "list", "data": [m.openai() for m in models]})
     q = request.query_params
@@ -318,13 +332,14 @@ async def list_models(catalog: ModelCatalog, request: Request) -> Response:
                   "last_id": page[-1].id if page else None})
 
 
-async def retrieve_model(catalog: ModelCatalog, request: Request, model_id: str) -> Response:
+async def retrieve_model(catalog: ModelCatalog, request: Request, model_id: str,
+                         visible: Visible | None = None) -> Response:
     await catalog.refresh()
     try:
         model = catalog.find(model_id)
     except FlowcError as err:
         return client_error(request, err)
-    if model is None:
+    if model is None or (visible is not None and not visible(model)):
         return client_error(request, RequestError(
             f"The model '{model_id}' does not exist or you do not have access to it. "
             "GET /v1/models lists the models served here.", param="model", status=404,
