@@ -100,6 +100,19 @@ class LedgerConfig(_Strict):
     flush_interval: float = Field(
         default=1.0, gt=0, le=60,
         description="Seconds between writes; a hard kill loses at most this much.")
+    retention: str | None = Field(
+        default=None, description="With a shared store: drop rows older than this (90d, "
+        "12w, 6m, 1y), a whole day's partition at a time.")
+
+    @field_validator("retention", mode="before")
+    @classmethod
+    def _retention(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool):
+            v = f"{v}d"
+        if v is not None and not re.fullmatch(
+                r"\s*[1-9]\d*\s*(d|days?|w|weeks?|m|months?|y|years?)\s*", str(v), re.I):
+            raise ValueError(f"retention must be a duration like 90d, 12w, 6m or 1y, not {v!r}")
+        return v
 
 
 class RetryConfig(_Strict):
@@ -226,6 +239,10 @@ class ProjectConfig(_Strict):
     prices: dict[str, PriceOverride] = Field(
         default_factory=dict, description="provider/model -> price per 1M tokens.")
     ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    store: str | None = Field(
+        default=None, description="A shared Postgres (postgresql://...) for several "
+        "instances: ledger, runs, pipelines, keys (docs/scaling.md). --store and "
+        "FLOWC_STORE_URL take precedence.")
     server: ServerConfig = Field(default_factory=ServerConfig)
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)

@@ -1,13 +1,17 @@
 """Run records: what happened in a run, kept so `flowc runs` and `GET /v1/runs/{id}` can
-show it afterwards (including why each skipped step was skipped)."""
+show it afterwards (including why each skipped step was skipped). With a shared store they
+are in Postgres, readable from every instance."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.executor import RunResult
 from runtime.ledger.store import Ledger
+
+if TYPE_CHECKING:
+    from runtime.pg.ledger import PgLedger
 
 
 def run_row(result: RunResult, key_id: str | None = None, team: str | None = None
@@ -23,7 +27,7 @@ def run_row(result: RunResult, key_id: str | None = None, team: str | None = Non
             "team": team}
 
 
-def save(ledger: Ledger | None, result: RunResult, key_id: str | None = None,
+def save(ledger: Ledger | PgLedger | None, result: RunResult, key_id: str | None = None,
          team: str | None = None) -> None:
     if ledger is not None:
         ledger.record_run(run_row(result, key_id, team))

@@ -1,19 +1,24 @@
 """The pipelines a server offers: the project's `pipelines/` folder plus those registered over
-the API (kept in the ledger's `workflows` table with their YAML and timestamps)."""
+the API (kept in the ledger's `workflows` table with their YAML and timestamps; with a shared
+store, every instance serves what any one registered: `refresh`)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flowc.compiler import CompileResult, Project, compile_source
 from flowc.diagnostics import Diagnostic
 from flowc.ir import CompiledPipeline
 from runtime.ledger.store import Ledger
+
+if TYPE_CHECKING:
+    from runtime.pg.ledger import PgLedger
 
 log = logging.getLogger("flowc.workflows")
 
@@ -43,15 +48,38 @@ class Registry:
             self.workflows[result.compiled.name] = Workflow(result.compiled, f"file:{path}",
                                                             text)
 
-    def load_registered(self, ledger: Ledger) -> None:
+    def load_registered(self, ledger: Ledger | PgLedger) -> None:
         if not ledger.owner:
             return
         for name, text in ledger.execute("SELECT name, config_yaml FROM workflows"):
-            result = compile_source(text, f"<registered {name}>", self.project)
-            if result.compiled is not None:
-                self.workflows[result.compiled.name] = Workflow(result.compiled, "api", text)
+            self._serve_registered(name, text)
 
-    def register(self, name: str, text: str, ledger: Ledger) -> CompileResult:
+    def _serve_registered(self, name: str, text: str) -> None:
+        result = compile_source(text, f"<registered {name}>", self.project)
+        if result.compiled is not None:
+            self.workflows[result.compiled.name] = Workflow(result.compiled, "api", text)
+        else:
+            log.warning("not serving registered pipeline %s: %d errors", name,
+                        len(result.errors))
+
+    def refresh(self, ledger: Ledger | PgLedger) -> list[str]:
+        """Pipelines registered (or changed) by other instances sharing the store, served
+        here too; their names. Only a hash of each is read unless it changed."""
+        changed = []
+        for name, digest in ledger.execute("SELECT name, md5(config_yaml) FROM workflows"):
+            wf = self.workflows.get(name)
+            if wf is not None and (wf.source != "api" or _md5(wf.yaml) == digest):
+                continue  # the project's own file wins over a registered namesake
+            rows = ledger.execute("SELECT config_yaml FROM workflows WHERE name = ?", [name])
+            if rows:
+                self._serve_registered(name, rows[0][0])
+                changed.append(name)
+        if changed:
+            log.info("serving pipelines registered on another instance: %s",
+                     ", ".join(changed))
+        return changed
+
+    def register(self, name: str, text: str, ledger: Ledger | PgLedger) -> CompileResult:
         """Compile and store a pipeline; refused (the result has errors) if it does not
         compile or its `name:` differs from ``name``."""
         result = compile_source(text, f"<{name}>", self.project)
@@ -81,3 +109,7 @@ class Registry:
                 "steps": list(wf.compiled.order),
             })
         return out
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
