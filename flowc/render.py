@@ -14,6 +14,9 @@ edges across many ranks are what its crossing minimisation chokes on.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 import graphviz
 
 from flowc.expr import Path
@@ -35,12 +38,23 @@ EDGE_LABELS_UP_TO = 1500  # steps: past this, edge labels (each one a node to `d
 INPUT_NODE, OUTPUT_NODE = "__input__", "__output__"
 
 
+@dataclass(frozen=True)
+class Mark:
+    """What a run did at a step, drawn over the step's node (runtime/rungraph.py): a line
+    added to its label, attributes over its style, and the text shown on hover."""
+
+    note: str
+    attrs: Mapping[str, str] = field(default_factory=dict)
+    tooltip: str = ""
+
+
 def _short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= _MAX_LABEL else text[: _MAX_LABEL - 1] + "…"
 
 
-def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
+def to_dot(compiled: CompiledPipeline, legend: bool = True,
+           marks: Mapping[str, Mark] | None = None) -> graphviz.Digraph:
     dot = graphviz.Digraph(name=compiled.name)
     dot.attr(rankdir="TB", fontname="Helvetica", label=compiled.name, labelloc="t")
     dot.attr("node", fontname="Helvetica", fontsize="11")
@@ -74,7 +88,13 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
         elif node.runs == "never":
             attrs.update(style="filled,dotted", fillcolor="#e5e7eb", fontcolor="#6b7280")
             label += "\n(never runs)"
-        dot.node(sid, label, tooltip=node.skip_reason or "", **attrs)
+        tooltip = node.skip_reason or ""
+        mark = marks.get(sid) if marks else None
+        if mark is not None:
+            label += f"\n{mark.note}"
+            attrs.update(mark.attrs)
+            tooltip = mark.tooltip
+        dot.node(sid, label, tooltip=tooltip, **attrs)
         if sid in input_edges:
             style = _CONDITION if _input_names(node.refs, "condition") else {}
             dot.edge(INPUT_NODE, sid, label=f"input.{', input.'.join(inputs)}"

@@ -11,12 +11,12 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import JSONResponse, Response
 
-from runtime import runs
+from runtime import rungraph, runlist, runs
 from runtime.api.auth import Access, Admin, Caller
-from runtime.api.common import current, json_response, query
+from runtime.api.common import current, json_response, query, report
 from runtime.gateway.openai_api import error_response
 from runtime.inputs import InputError
-from runtime.providers import RequestError
+from runtime.providers import FlowcError, RequestError
 
 router = APIRouter()
 
@@ -126,12 +126,36 @@ async def run_record(run_id: str, request: Request, a: Caller) -> Response:
 
 
 @router.get("/v1/runs")
-async def run_list(request: Request, a: Caller, limit: int = 50) -> Response:
+async def run_list(request: Request, a: Caller, workflow: str | None = None,
+                   status: str | None = None, since: str | None = None,
+                   until: str | None = None, team: str | None = None, key: str | None = None,
+                   run_id: str | None = None, limit: int = 50) -> Response:
+    """Recent runs, newest first, narrowed by pipeline, status, time, team and key (within
+    what the caller may see), with the values each filter can take."""
+    whose = a.filters(team, key, None)
+    data = await report(current(request), runlist.recent, workflow=workflow, status=status,
+                        since=since, until=until, team=whose["team"], key_id=whose["key_id"],
+                        run_id=run_id, limit=limit, scope=a.data_scope())
+    return json_response(data)
+
+
+@router.get("/v1/runs/{run_id}/graph.svg")
+async def run_graph(run_id: str, request: Request, a: Caller) -> Response:
+    """The run drawn over its pipeline's DAG, each step coloured by status (runtime/rungraph.py).
+    `x-flowc-graph-note` says when it was drawn from the run record instead."""
+    rt = current(request)
     where, params = _runs_scope(a)
-    rows = await query(current(request),
-                       "SELECT id, workflow_name, status, started_at, latency_ms, dry_run, "
-                       f"key_id, team FROM runs WHERE {where} ORDER BY started_at DESC "
-                       "LIMIT ?", [*params, max(0, min(limit, 1000))])
-    keys = ["run_id", "workflow", "status", "started_at", "latency_ms", "dry_run", "key_id",
-            "team"]
-    return json_response({"runs": [dict(zip(keys, r, strict=True)) for r in rows]})
+    rows = await query(rt, f"SELECT record FROM runs WHERE id = ? AND {where}",
+                       [run_id, *params])
+    if not rows:
+        return error_response(RequestError(f"no run '{run_id}'", status=404))
+    record = orjson.loads(rows[0][0])
+    workflows = {name: wf.compiled for name, wf in rt.registry.workflows.items()}
+    try:
+        svg, note = await asyncio.to_thread(rungraph.run_svg, record, workflows)
+    except rungraph.GraphUnavailable as exc:
+        err = FlowcError(str(exc))
+        err.status, err.code = 503, "graphviz_missing"
+        return error_response(err)
+    headers = {"x-flowc-graph-note": note.encode("ascii", "replace").decode()} if note else {}
+    return Response(svg, media_type="image/svg+xml", headers=headers)

@@ -50,17 +50,26 @@ def _where(since: str | None, until: str | None, team: str | None = None,
         if value is not None:
             clauses.append(column)
             params.append(value)
+    clauses += time_range("ts", since, until, params)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+def time_range(column: str, since: str | None, until: str | None, params: list[Any]
+               ) -> list[str]:
+    """The clauses holding ``column`` to ``since``..``until`` (a bare date for ``until``
+    includes that whole day); their values are appended to ``params``."""
+    clauses = []
     s, u = _when(since, "since"), _when(until, "until")
     if s:
-        clauses.append("ts >= CAST(? AS TIMESTAMP)")
+        clauses.append(f"{column} >= CAST(? AS TIMESTAMP)")
         params.append(s.isoformat())
     if u:
-        if len(until or "") == 10:  # a bare date includes that whole day
-            clauses.append("ts < CAST(? AS TIMESTAMP) + INTERVAL 1 DAY")
+        if len(until or "") == 10:
+            clauses.append(f"{column} < CAST(? AS TIMESTAMP) + INTERVAL 1 DAY")
         else:
-            clauses.append("ts <= CAST(? AS TIMESTAMP)")
+            clauses.append(f"{column} <= CAST(? AS TIMESTAMP)")
         params.append(u.isoformat())
-    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params
+    return clauses
 
 
 def summary(select: Select, since: str | None = None, until: str | None = None,
