@@ -510,12 +510,33 @@ def _print_outcome(outcome: Any) -> None:
 @cli.command("runs")
 @click.argument("run_id", required=False)
 @click.option("--limit", default=20, show_default=True)
+@click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Draw the run to this .svg file: its pipeline's DAG with each step "
+                   "coloured by status, its cost and latency, skip reasons and errors on hover.")
+@click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the project's pipelines, for --graph without a running server "
+                   "(default: ./pipelines).")
 @_config_option
-def runs_cmd(run_id: str | None, limit: int, config: Path | None) -> None:
+def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
+             pipelines: Path | None, config: Path | None) -> None:
     """List recent runs, or show one (with why each skipped step was skipped)."""
     from runtime.ledger import reports
 
     cfg, project_dir = load_project(config)
+    if graph_file is not None:
+        if not run_id:
+            raise click.UsageError("--graph draws one run: give its RUN_ID")
+        if graph_file.suffix.lower() != ".svg":
+            raise click.BadParameter("write the drawing to a .svg file", param_hint="--graph")
+        svg, note = _run_graph(cfg, project_dir, run_id, pipelines)
+        try:
+            graph_file.write_bytes(svg)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {graph_file}: {exc.strerror}") from None
+        if note:
+            click.echo(f"note: {note}", err=True)
+        click.echo(f"wrote {graph_file}", err=True)
+        return
     select = _ledger_select(cfg, project_dir)
     if run_id:
         _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id])
@@ -529,6 +550,60 @@ def runs_cmd(run_id: str | None, limit: int, config: Path | None) -> None:
                            "round(latency_ms) AS ms, dry_run FROM runs "
                            "ORDER BY started_at DESC LIMIT ?", [limit])
     click.echo(reports.table(columns, rows))
+
+
+def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
+               pipelines: Path | None) -> tuple[bytes, str | None]:
+    """The run's SVG (runtime/rungraph.py): from the running server, whose pipelines are the
+    ones that ran, else drawn here from the ledger file and the project's pipelines."""
+    info = _running_server(project_dir)
+    if info is not None:
+        import httpx
+
+        server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
+        headers = {"authorization": f"Bearer {server.admin_key}"} if server.admin_key else {}
+        try:
+            r = httpx.get(f"{server.url}/v1/runs/{run_id}/graph.svg", headers=headers,
+                          timeout=120)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"the flowc server at {server.url} did not answer: "
+                                       f"{exc}") from None
+        if r.status_code != 200:
+            try:
+                message = str(r.json()["error"]["message"])
+            except (ValueError, KeyError, TypeError):
+                message = f"the flowc server at {server.url} answered {r.status_code}"
+            raise click.ClickException(message)
+        return r.content, r.headers.get("x-flowc-graph-note")
+
+    from flowc.compiler import compile_source
+    from flowc.ir import CompiledPipeline
+    from runtime.rungraph import GraphUnavailable, run_svg
+
+    select = _ledger_select(cfg, project_dir)
+    _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id], timeout=None)
+    if not rows:
+        raise click.ClickException(f"no run '{run_id}'")
+    record = rows[0][0]
+    record = json.loads(record) if isinstance(record, str) else record
+    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE))
+    folder = pipelines or project_dir / "pipelines"
+    # As the server loads them: the folder's, then those registered over the API (which
+    # win a shared name).
+    sources = [(p.read_text(encoding="utf-8", errors="replace"), str(p))
+               for p in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")])
+               ] if folder.is_dir() else []
+    _, registered = select("SELECT name, config_yaml FROM workflows", (), timeout=None)
+    sources += [(text, f"<registered {name}>") for name, text in registered]
+    workflows: dict[str, CompiledPipeline] = {}
+    for text, origin in sources:
+        compiled = compile_source(text, origin, project).compiled
+        if compiled is not None:
+            workflows[compiled.name] = compiled
+    try:
+        return run_svg(record, workflows)
+    except GraphUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 # -- keys --------------------------------------------------------------------------------------
