@@ -207,6 +207,11 @@ class BudgetsConfig(_Strict):
         default=32768, gt=0,
         description="Output tokens reserved for a request that names no max_tokens, when "
                     "the model's own output limit is not known.")
+    on_store_outage: Literal["closed", "open"] = Field(
+        default="closed",
+        description="With a shared store (several instances on Postgres): while it cannot "
+                    "be reached, requests that count against a budget are refused (closed, "
+                    "503) or served and settled when it is back (open).")
 
 
 class AlertsConfig(_Strict):

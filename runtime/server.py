@@ -91,6 +91,9 @@ class Runtime:
 
     async def stop(self) -> None:
         await self.alerter.drain()
+        shared = getattr(self.gate.store, "aclose", None)  # a store shared by instances:
+        if shared is not None:  # settle, and hand back what this instance holds of budgets
+            await shared()
         await self.catalog.close()
         await self.mcp.close()
         await self.providers.close()

@@ -51,15 +51,17 @@ class Alerter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _save(self, alert: Alert) -> None:
+    def _save(self, alert: Alert) -> bool:
+        """False: another instance sharing the store recorded this alert first."""
         try:
-            self.store.add_alert(alert)
+            return self.store.add_alert(alert) is not False
         except Exception:
             log.exception("could not record the budget alert for %s", alert.scope)
+            return True
 
     async def _deliver(self, alert: Alert) -> None:
-        await asyncio.to_thread(self._save, alert)
-        if self.config.webhook:
+        first = await asyncio.to_thread(self._save, alert)
+        if self.config.webhook and first:
             try:
                 async with httpx.AsyncClient(timeout=10.0) as client:
                     r = await client.post(self.config.webhook, json=payload(alert))

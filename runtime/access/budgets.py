@@ -192,11 +192,17 @@ class Budgets:
         for c in counters:
             c.spent += cost
             if c.limit and self._alert is not None:
-                pct = c.spent * 100 / c.limit
-                for t in self.thresholds:
-                    if pct >= t and t not in c.alerted:
-                        c.alerted.add(t)
-                        self._alert(Alert(c.scope, t, c.limit, c.spent, c.period, c.start))
+                self._crossed(c)
+
+    def _crossed(self, c: Counter) -> None:
+        """An alert for each threshold ``c``'s spend has newly crossed."""
+        if not c.limit or self._alert is None:
+            return
+        pct = c.spent * 100 / c.limit
+        for t in self.thresholds:
+            if pct >= t and t not in c.alerted:
+                c.alerted.add(t)
+                self._alert(Alert(c.scope, t, c.limit, c.spent, c.period, c.start))
 
     def status(self, scope: Scope) -> dict[str, str] | None:
         c = self.counters.get(scope)

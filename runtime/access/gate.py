@@ -97,15 +97,24 @@ class Grant:
 
 class Gate:
     def __init__(self, config: ProjectConfig, store: AccessStore, admin_key: str | None,
-                 alert: Callable[[Alert], None] | None = None) -> None:
+                 alert: Callable[[Alert], None] | None = None,
+                 budgets: Budgets | None = None) -> None:
+        """``budgets``: counters other than the embedded ones (a store shared by several
+        instances brings its own, see runtime/pg/access.py)."""
         self.config = config
         self.store = store
         self._admin_hash = hash_secret(admin_key) if admin_key else None
         self.auth_on = admin_key is not None
-        self.budgets = Budgets(store.spend, config.alerts.thresholds, alert)
+        shared = getattr(store, "make_budgets", None)  # a SharedStore (store.py)
+        self.budgets = budgets or (shared(config.alerts.thresholds, alert) if shared else
+                                   Budgets(store.spend, config.alerts.thresholds, alert))
         self.keys: dict[str, Key] = {}  # by id
         self._by_hash: dict[str, Key] = {}
         self._windows: dict[Scope, Window] = {}
+        # Each limited scope's rpm/tpm as configured, and this instance's part of them
+        # (rank among n live instances sharing the limits; n = 1 on its own).
+        self._limits: dict[Scope, tuple[int | None, int | None]] = {}
+        self._share = (0, 1)
         # Per target: [USD per prompt token at its dearest, per output token, the largest
         # prompt bound known to be priced by them] (see `_worst_on`).
         self._rates: dict[Any, list[Any]] = {}
@@ -120,12 +129,16 @@ class Gate:
         # is most of what auth costs. Emptied whenever a key changes.
         self._callers: dict[tuple[bytes | None, bytes | None], tuple[Principal, float]] = {}
         self.loaded = False
+        if shared:
+            store.attach(self)  # type: ignore[attr-defined]
 
-    def load(self) -> None:
-        """Keys from the store, and every budget's spend so far in its period from the
-        ledger. Raises while the store cannot be read (the ledger held by another process);
-        until it succeeds, keys other than the admin's are answered 503."""
-        keys = self.store.load_keys()
+    def load(self, keys: list[Key] | None = None) -> None:
+        """Keys from the store (or ``keys``, already read from it), and every budget's spend
+        so far in its period from the ledger. Raises while the store cannot be read (the
+        ledger held by another process); until it succeeds, keys other than the admin's
+        are answered 503."""
+        if keys is None:
+            keys = self.store.load_keys()
         for key in keys:
             self._put(key)
         c = self.config
@@ -142,16 +155,31 @@ class Gate:
         self.budgets.set(scope, usd, period)
         if rpm is None and tpm is None:
             self._windows.pop(scope, None)
+            self._limits.pop(scope, None)
             if scope.kind == "key":
                 self._key_windows.pop(scope.name, None)
             return
+        self._limits[scope] = (rpm, tpm)
         w = self._windows.get(scope)
         if w is None:
             w = self._windows[scope] = Window(str(scope), rpm, tpm)
-        else:
-            w.rpm, w.tpm = rpm, tpm
+        self._apply_share(w, rpm, tpm)
         if scope.kind == "key":
             self._key_windows[scope.name] = w
+
+    def _apply_share(self, w: Window, rpm: int | None, tpm: int | None) -> None:
+        rank, n = self._share
+        w.shown_rpm, w.shown_tpm = rpm, tpm
+        w.rpm, w.tpm = _part(rpm, rank, n), _part(tpm, rank, n)
+
+    def set_share(self, rank: int, n: int) -> None:
+        """This instance is ``rank`` of ``n`` live instances sharing every rate limit: it
+        admits its part of each (the parts add up to the limit)."""
+        self._share = (rank, max(n, 1))
+        for scope, (rpm, tpm) in self._limits.items():
+            w = self._windows.get(scope)
+            if w is not None:
+                self._apply_share(w, rpm, tpm)
 
     def _put(self, key: Key) -> None:
         self._callers.clear()
@@ -401,6 +429,14 @@ def admin_key(config: ProjectConfig, project_dir: Path,
             raise ValueError(f"server.admin_key_file: {path} is empty")
         return value
     return None
+
+
+def _part(limit: int | None, rank: int, n: int) -> int | None:
+    """Instance ``rank``'s part of a per-minute limit split among ``n``: the first
+    ``limit % n`` take one more, so the parts add up to the limit exactly."""
+    if limit is None or n <= 1:
+        return limit
+    return limit // n + (1 if rank < limit % n else 0)
 
 
 # One prompt token plain, one written to the 1-hour cache, one output token.

@@ -40,6 +40,10 @@ class Window:
     token_counts: array[int] = field(default_factory=lambda: array("q"))
     token_head: int = 0
     token_sum: int = 0
+    # The limits as configured, for messages and headers, when ``rpm``/``tpm`` are this
+    # instance's part of limits shared by several (runtime/pg/access.py).
+    shown_rpm: int | None = None
+    shown_tpm: int | None = None
 
     @property
     def used(self) -> int:
@@ -77,13 +81,15 @@ class Window:
         if self.rpm is not None and self.used >= self.rpm:
             first = self._oldest()
             wait = first + WINDOW - now if first is not None else WINDOW
-            raise RateLimited(f"rate limit reached for {self.label}: {self.rpm} requests "
-                              f"per minute; try again in {_duration(wait)}", wait)
+            raise RateLimited(f"rate limit reached for {self.label}: "
+                              f"{self.shown_rpm or self.rpm} requests per minute; try again "
+                              f"in {_duration(wait)}", wait)
         if self.tpm is not None and self.token_sum >= self.tpm:
             first = self._oldest_tokens()
             wait = first + WINDOW - now if first is not None else WINDOW
-            raise RateLimited(f"rate limit reached for {self.label}: {self.tpm} tokens per "
-                              f"minute used; try again in {_duration(wait)}", wait)
+            raise RateLimited(f"rate limit reached for {self.label}: "
+                              f"{self.shown_tpm or self.tpm} tokens per minute used; try "
+                              f"again in {_duration(wait)}", wait)
 
     def take(self, now: float) -> None:
         if self.rpm is not None:

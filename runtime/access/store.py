@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from runtime.access.budgets import ZERO, Alert, Scope
+from runtime.access.budgets import ZERO, Alert, Budgets, Scope
 from runtime.access.keys import Key
 
 # How each kind of budget finds its rows in the ledger.
@@ -31,7 +32,26 @@ class AccessStore(Protocol):
         """What ``scope`` spent since ``since``, summed from the ledger's rows."""
         ...
 
-    def add_alert(self, alert: Alert) -> None: ...
+    def add_alert(self, alert: Alert) -> bool | None:
+        """Record an alert; False: another instance already did (and sent it)."""
+        ...
+
+
+class SharedStore(AccessStore, Protocol):
+    """A store several instances share (runtime/pg/access.py): the gate takes its budget
+    counters from it, whose limits hold across instances, and attaches to it so that key
+    changes and rate-limit shares reach it from the others."""
+
+    def make_budgets(self, thresholds: Iterable[int],
+                     alert: Callable[[Alert], None] | None) -> Budgets: ...
+
+    def attach(self, gate: Any) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def aclose(self) -> None:
+        """Settle, hand back what it holds of the budgets, stop syncing."""
+        ...
 
 
 class Execute(Protocol):

@@ -63,8 +63,15 @@ async def ready(request: Request) -> Response:
     # file over, but /v1/costs/* cannot answer.
     ledger = rt.ledger.status()
     status = "unavailable" if not ok else "ready" if ledger["owner"] else "degraded"
-    return JSONResponse({"status": status, "providers": providers, "ledger": ledger},
-                        status_code=200 if ok else 503)
+    body = {"status": status, "providers": providers, "ledger": ledger}
+    # Keys and budgets on a store shared by instances: while it cannot be reached, keys
+    # already loaded still work and budgets fail closed or open (docs/scaling.md).
+    shared = getattr(rt.gate.store, "status", None)
+    if shared is not None:
+        body["access"] = access = shared()
+        if not access["reachable"] and status == "ready":
+            body["status"] = "degraded"
+    return JSONResponse(body, status_code=200 if ok else 503)
 
 
 # A key limited to some models sees only those, as OpenAI lists a project's models.
