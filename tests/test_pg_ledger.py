@@ -12,6 +12,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from runtime.ledger import reports
 from runtime.ledger.store import CallRecord, LedgerUnavailable, QueryTimeout, SQLRefused
@@ -227,3 +229,45 @@ def test_costs_from_a_laptop_read_every_instance(store: str, tmp_path: Path) -> 
         ("a", 10), ("b", 20), ("c", 30)]
     with pytest.raises(LedgerUnavailable, match="cannot reach"):
         remote_select("postgresql://nobody@127.0.0.1:1/x", 5.0)
+
+
+def test_values_that_cannot_be_stored_as_given_are_clamped_not_lost(store: str,
+                                                                    tmp_path: Path) -> None:
+    ledger = PgLedger(store, tmp_path / "spool", "a", flush_interval=0.1)
+    try:
+        ledger.record(_call(1, prompt_tokens=2**70, error="bad \ud800 surrogate"))
+        ledger.record(_call(2, cost_usd=Decimal("1e12")))
+        ledger.record(_call(3, cost_usd=Decimal("NaN"), ts=1e300))
+        ledger.record(_call(4))
+        ledger.flush()
+        _, rows = ledger.select("SELECT prompt_tokens, error, cost_usd, clamped, "
+                                "extract(year FROM ts)::int FROM requests ORDER BY id")
+        assert rows == [
+            (2**62 - 1, "bad ? surrogate", Decimal("0.000008500"), True, rows[0][4]),
+            (19, None, Decimal("999999999.999999999"), True, rows[1][4]),
+            (19, None, None, True, 9999),
+            (19, None, Decimal("0.000008500"), False, rows[3][4])]
+    finally:
+        ledger.close()
+
+
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.text(), min_size=1, max_size=20))
+def test_any_text_reaches_postgres_as_recorded(store: str, tmp_path_factory,
+                                               texts: list[str]) -> None:
+    """Error text and names come from providers and clients: tabs, newlines, backslashes,
+    quotes, NUL and other control characters all arrive unchanged (a lone surrogate, which
+    UTF-8 cannot hold, as '?'; NUL, which Postgres text cannot hold, is dropped)."""
+    ledger = PgLedger(store, tmp_path_factory.mktemp("spool"), "h", flush_interval=0.1)
+    try:
+        for i, t in enumerate(texts):
+            ledger.record(_call(i, error=t, step_id=str(i), run_id="hyp"))
+        ledger.flush()
+        _, rows = ledger.select("SELECT step_id, error FROM requests WHERE run_id = 'hyp'")
+        ledger.execute("DELETE FROM requests WHERE run_id = 'hyp'")
+    finally:
+        ledger.close()
+    want = {str(i): t.encode("utf-8", "replace").decode("utf-8").replace("\0", "")
+            for i, t in enumerate(texts)}
+    assert dict(rows) == want

@@ -6,7 +6,8 @@ advisory lock, so instances starting together take turns.
 retention drops whole partitions (`DROP TABLE`), never a DELETE that leaves dead rows for
 VACUUM. Its key is (id, ts): a partitioned table's unique key must hold the partition
 column, and a row sent twice (a batch resent after a lost connection) carries the same id
-and ts, so `ON CONFLICT DO NOTHING` keeps one."""
+and ts, so `ON CONFLICT DO NOTHING` keeps one. No other index: each costs ingest speed, and
+reports scan a range of days anyway."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from runtime.ledger.schema import REQUEST_COLUMNS
 
 # The embedded ledger's columns plus the instance that served the row.
 PG_COLUMNS = (*REQUEST_COLUMNS, "instance")
-# What a spooled row holds, in order (COPY text format, one line a row): `ts` is epoch
-# seconds (cast in the database); total_tokens and the instance are added there.
-SPOOL_COLUMNS = (
-    "id", "ts", "workflow_name", "run_id", "step_id", "model", "provider", "served_model",
+# What a spooled row holds after its id, in order: one JSON array a line (see
+# runtime/pg/ledger.py); `ts` is epoch seconds, cast in the database, where total_tokens,
+# status (when None), clamped and the instance are filled in.
+SPOOL_FIELDS = (
+    "ts", "workflow_name", "run_id", "step_id", "model", "provider", "served_model",
     "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
     "reasoning_tokens", "cost_usd", "price_source", "latency_ms", "ttft_ms", "success",
     "error", "error_class", "route", "stream", "dry_run", "cache_write_1h_tokens", "status",
-    "usage_estimated", "clamped", "key_id", "key_name", "team", "tags",
+    "usage_estimated", "key_id", "key_name", "team", "tags",
 )
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -62,9 +64,6 @@ MIGRATIONS: list[tuple[str, str]] = [
             instance TEXT,                    -- the flowc instance that served the call
             PRIMARY KEY (id, ts)
         ) PARTITION BY RANGE (ts);
-        -- Budgets sum a scope's spend since a period start.
-        CREATE INDEX requests_key_ts ON requests (key_id, ts);
-        CREATE INDEX requests_team_ts ON requests (team, ts);
         CREATE TABLE workflows (
             id TEXT PRIMARY KEY,
             name TEXT UNIQUE NOT NULL,
