@@ -36,12 +36,31 @@ def load_project(config: Path | None) -> tuple[ProjectConfig, Path]:
 _config_option = click.option(
     "--config", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help=f"Project config (default: the nearest {CONFIG_NAME}, else none).")
+_store_option = click.option(
+    "--store", metavar="URL", help="A shared Postgres (postgresql://user:pass@host/db) "
+    "instead of the project's own ledger file; else FLOWC_STORE_URL, else flowc.yaml's "
+    "`store:` (docs/scaling.md).")
+
+
+def _store_url(flag: str | None, cfg: ProjectConfig) -> str | None:
+    """The shared store's URL, or None for the embedded ledger; a bad URL is a usage
+    error."""
+    from runtime.pg.db import StoreError, store_url
+
+    try:
+        return store_url(flag, cfg.store)
+    except StoreError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--store'") from None
 
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
 @_config_option
+@_store_option
+@click.option("--instance", metavar="ID", envvar="FLOWC_INSTANCE",
+              help="With --store: this instance's name on its rows and its spool folder "
+                   "(default: hostname:port; also FLOWC_INSTANCE).")
 @click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of pipelines to serve (default: ./pipelines).")
 @click.option("--log-level", default="info", show_default=True,
@@ -60,7 +79,8 @@ _config_option = click.option(
                    "connect may use it.")
 def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
           log_level: str, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...],
-          admin_key_file: Path | None, insecure_no_auth: bool) -> None:
+          admin_key_file: Path | None, insecure_no_auth: bool, store: str | None = None,
+          instance: str | None = None) -> None:
     """Serve the gateway (OpenAI-compatible) and the runtime over HTTP."""
     import logging
 
@@ -104,11 +124,19 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
             f"and it has no authentication (--insecure-no-auth): {risk}.",
             err=True, fg="red", bold=True)
     url = f"http://{host}:{port}"
+    shared = _store_url(store, cfg)
     app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
                      env=env, public_url=url, bind_host=host, allow_hosts=allow_hosts,
-                     allow_origins=allow_origins)
+                     allow_origins=allow_origins, store=shared,
+                     instance=instance or _default_instance(port) if shared else None)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
+
+
+def _default_instance(port: int) -> str:
+    import socket
+
+    return f"{socket.gethostname()}:{port}"
 
 
 def _read_admin_key_file(path: Path) -> str:
@@ -133,13 +161,25 @@ def _is_loopback(host: str) -> bool:
         return False  # a name: it may resolve to any interface
 
 
-def _ledger_select(cfg: ProjectConfig, project_dir: Path) -> Callable[..., Any]:
-    """Query the ledger directly, or through the server that holds it. The callable takes
+def _ledger_select(cfg: ProjectConfig, project_dir: Path, store: str | None = None
+                   ) -> Callable[..., Any]:
+    """Query the ledger directly, or through the server that holds it, or the shared store
+    (``store``, FLOWC_STORE_URL or flowc.yaml's `store:`). The callable takes
     (sql, params=(), timeout=-1): user SQL stops after FLOWC_SQL_TIMEOUT seconds (through a
     server, after the server's), flowc's own reports pass timeout=None."""
     import duckdb
 
     from runtime.ledger.store import connect, default_sql_timeout, is_locked_error, run_select
+
+    shared = _store_url(store, cfg)
+    if shared is not None:
+        from runtime.ledger.store import LedgerUnavailable
+        from runtime.pg.reports import remote_select
+
+        try:
+            return remote_select(shared, default_sql_timeout())
+        except LedgerUnavailable as exc:
+            raise click.ClickException(str(exc)) from None
 
     path = project_dir / cfg.ledger.path
     try:
@@ -306,15 +346,17 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @click.option("--key", "key_id", metavar="KEY_ID", help="Only this key's calls.")
 @click.option("--tag", metavar="K=V", help="Only calls with this tag.")
 @click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
-              "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5).")
+              "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5; DuckDB's dialect, or "
+              "PostgreSQL's with --store).")
 @click.option("--csv", "csv_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Export every call in the range (or the --sql query's result) to a CSV "
                    "file ('-' for stdout).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
+@_store_option
 def costs(since: str | None, until: str | None, by: str, team: str | None,
           key_id: str | None, tag: str | None, query: str | None, csv_file: Path | None,
-          as_json: bool, config: Path | None) -> None:
+          as_json: bool, config: Path | None, store: str | None = None) -> None:
     """Spend by day, model, workflow, provider, key, team or tag; any read-only SQL; CSV
     export."""
     from runtime.ledger import reports
@@ -325,7 +367,7 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
     if query and any(whose.values()):
         raise click.UsageError("--team, --key and --tag narrow the reports; with --sql, say "
                                "it in the query (WHERE team = '...')")
-    select = _ledger_select(cfg, project_dir)
+    select = _ledger_select(cfg, project_dir, store)
     report = _report_select(select)
     try:
         if query:
@@ -345,8 +387,8 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
         data = reports.summary(report, since, until, by, **whose)
     except (SQLRefused, QueryTimeout, LedgerUnavailable, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    except Exception as exc:  # DuckDB's message names the problem in the user's SQL
-        if type(exc).__module__.startswith(("duckdb", "_duckdb")):
+    except Exception as exc:  # DuckDB's (Postgres') message names the problem in the SQL
+        if type(exc).__module__.startswith(("duckdb", "_duckdb", "psycopg")):
             raise click.ClickException(f"query failed: {exc}") from None
         raise
     if as_json:
@@ -517,8 +559,9 @@ def _print_outcome(outcome: Any) -> None:
               help="Folder of the project's pipelines, for --graph without a running server "
                    "(default: ./pipelines).")
 @_config_option
+@_store_option
 def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
-             pipelines: Path | None, config: Path | None) -> None:
+             pipelines: Path | None, config: Path | None, store: str | None = None) -> None:
     """List recent runs, or show one (with why each skipped step was skipped)."""
     from runtime.ledger import reports
 
@@ -537,7 +580,7 @@ def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
             click.echo(f"note: {note}", err=True)
         click.echo(f"wrote {graph_file}", err=True)
         return
-    select = _ledger_select(cfg, project_dir)
+    select = _report_select(_ledger_select(cfg, project_dir, store))  # flowc's own queries
     if run_id:
         _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id])
         if not rows:

@@ -8,9 +8,11 @@ import gc
 import json
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -34,11 +36,41 @@ from runtime.gateway.routing import Router
 from runtime.ledger.store import Ledger, LedgerUnavailable
 from runtime.mcp.manager import MCPManager
 from runtime.mcp.serve import mcp_asgi_app
+from runtime.pg.db import StoreError
+from runtime.pg.ledger import PgLedger, default_instance
 from runtime.providers import FlowcError, Providers
 from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.server")
 SERVER_FILE = Path(".flowc") / "server.json"
+SPOOL = Path(".flowc") / "spool"  # with a shared store: one folder per instance id
+REGISTRY_POLL = 2.0  # seconds between looks at the shared store's registered pipelines
+
+
+def spool_name(instance: str) -> str:
+    """An instance id as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", instance)
+
+
+def _access_store(ledger: Ledger | PgLedger, store: str | None) -> Any:
+    """Where keys, alerts and spend live: the ledger file, or the shared store."""
+    if store is None or not isinstance(ledger, PgLedger):
+        return LedgerAccessStore(ledger)
+    try:
+        from runtime.pg.access import PgAccessStore  # type: ignore[attr-defined]
+    except ImportError:
+        return _NoSharedKeys()
+    return PgAccessStore(store)
+
+
+class _NoSharedKeys:
+    """Until keys and budgets live on the shared store: keys are refused (503), calls
+    without one are served."""
+
+    def _missing(self, *_: Any) -> Any:
+        raise StoreError("keys and budgets are not on the shared store yet")
+
+    load_keys = save_key = spend = add_alert = _missing
 
 
 @dataclass
@@ -49,7 +81,7 @@ class Runtime:
     project_dir: Path
     providers: Providers
     router: Router
-    ledger: Ledger
+    ledger: Ledger | PgLedger
     caller: ModelCaller
     mcp: MCPManager
     registry: Registry
@@ -60,23 +92,31 @@ class Runtime:
 
     @classmethod
     def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
-              env: Mapping[str, str] | None = None) -> Runtime:
+              env: Mapping[str, str] | None = None, *, store: str | None = None,
+              instance: str | None = None) -> Runtime:
+        """``store``: a shared Postgres's URL (docs/scaling.md), ``instance`` this
+        server's name there."""
         providers = Providers(config, env)
         router = Router(config, providers)
-        # The server keeps the ledger file in a child process (see runtime/ledger/store.py).
-        ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval,
-                        in_process=False)
+        ledger: Ledger | PgLedger
+        if store is not None:
+            name = instance or default_instance()
+            ledger = PgLedger(store, project_dir / SPOOL / spool_name(name), name,
+                              config.ledger.flush_interval, retention=config.ledger.retention)
+        else:  # the ledger file lives in a child process (see runtime/ledger/store.py)
+            ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval,
+                            in_process=False)
         registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE)))
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
         calls_ledger = ledger if config.ledger.enabled else None
-        store = LedgerAccessStore(ledger)
-        alerter = Alerter(config.alerts, store)
-        gate = Gate(config, store, admin_key(config, project_dir, env), alerter)
+        access = _access_store(ledger, store)
+        alerter = Alerter(config.alerts, access)
+        gate = Gate(config, access, admin_key(config, project_dir, env), alerter)
         try:
             gate.load()
-        except LedgerUnavailable as exc:
+        except (LedgerUnavailable, StoreError) as exc:
             log.warning("keys and budgets wait for the ledger: %s", exc)
         return cls(config, project_dir, providers, router, ledger,
                    ModelCaller(config, providers, router, calls_ledger, gate),
@@ -103,21 +143,27 @@ class Runtime:
 def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | None = None,
                env: Mapping[str, str] | None = None, public_url: str | None = None,
                bind_host: str | None = None, allow_hosts: Sequence[str] = (),
-               allow_origins: Sequence[str] = ()) -> HotPaths:
+               allow_origins: Sequence[str] = (), store: str | None = None,
+               instance: str | None = None) -> HotPaths:
     """``bind_host`` and ``allow_hosts``/``allow_origins`` (from the command line) add to
-    what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py)."""
+    what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py); ``store`` and
+    ``instance``: see `Runtime.start`."""
     state: dict[str, Runtime] = {}
     mcp_endpoint = mcp_asgi_app(lambda: state["rt"])  # MCP at /mcp (runtime/mcp/serve.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = Runtime.start(config, project_dir, pipelines, env)
+        rt = Runtime.start(config, project_dir, pipelines, env, store=store,
+                           instance=instance)
         state["rt"] = rt
         await mcp_endpoint.start(rt)
         # The model lists that place bare names, before the first request (bounded: a
         # slow provider's list arrives in the background).
         await rt.catalog.refresh(STARTUP_WAIT, placing=True)
         loading = None if rt.gate.loaded else asyncio.create_task(_load_gate(rt))
+        # With a shared store, a pipeline registered on another instance is served here too.
+        polling = asyncio.create_task(_poll_registry(rt)) \
+            if isinstance(rt.ledger, PgLedger) else None
         # What exists now lives as long as the server. Frozen, it leaves the collector's
         # generations: a full collection (about once a second under load) then walks only
         # what requests create, instead of ~95k start-up objects (~23 ms, a p99 stall).
@@ -132,8 +178,9 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
             if public_url:
                 with contextlib.suppress(FileNotFoundError):
                     server_file.unlink()
-            if loading is not None:
-                loading.cancel()
+            for task in (loading, polling):
+                if task is not None:
+                    task.cancel()
             await mcp_endpoint.aclose()
             await rt.stop()
 
@@ -217,13 +264,26 @@ def _write_server_file(path: Path, url: str, admin: str | None) -> None:
     os.replace(tmp, path)
 
 
+async def _poll_registry(rt: Runtime) -> None:
+    """Pipelines registered on other instances (a look at each one's hash every
+    `REGISTRY_POLL` seconds; the YAML only when it changed)."""
+    while True:
+        await asyncio.sleep(REGISTRY_POLL)
+        try:
+            await asyncio.to_thread(rt.registry.refresh, rt.ledger)
+        except LedgerUnavailable:
+            continue
+        except Exception:
+            log.exception("could not refresh the registered pipelines")
+
+
 async def _load_gate(rt: Runtime) -> None:
     """Keys and budgets, once the ledger file is this server's (see `Ledger._try_take_over`)."""
     while True:
         await asyncio.sleep(1.0)
         try:
             await asyncio.to_thread(rt.gate.load)
-        except LedgerUnavailable:
+        except (LedgerUnavailable, StoreError):
             continue
         log.info("keys and budgets loaded from the ledger")
         return
