@@ -1,0 +1,266 @@
+"""The supervisor's side of `flowc serve --workers N`: the one process that owns the ledger
+(its DuckDB file in a child process, as `flowc serve` keeps it) and the one set of budget
+counters and rate-limit windows, answering every worker over a Unix socket (link.py).
+
+Each worker's connection has a thread: rows go straight into the owner's `Ledger` (the
+frames and the writer are its own), budget and rate-limit calls are answered on the
+thread under one lock (they are a few dict operations), and anything that waits on the
+ledger file (queries, statements, runs, a flush, a key change) runs on a small pool so a
+long query never holds up that worker's rows. A worker that goes away has its open
+reservations released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
+from multiprocessing.connection import Connection, Listener
+from pathlib import Path
+from typing import Any
+
+from flowc.config import ProjectConfig
+from runtime.access.budgets import Alert, BudgetExceeded, Reservation, Scope
+from runtime.access.gate import Gate
+from runtime.access.keys import Key
+from runtime.access.limits import RateLimited
+from runtime.access.store import LedgerAccessStore
+from runtime.ledger.store import Ledger, LedgerUnavailable
+
+log = logging.getLogger("flowc.workers")
+_ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
+_CALLS = 4  # calls that wait on the ledger file, at once
+
+
+class OwnerLedger(Ledger):
+    """The supervisor's ledger: also takes rows already flattened by a worker."""
+
+    def add_row(self, row: tuple[Any, ...]) -> None:
+        """`record()` for a row a worker sent (the tuple of `_FIELDS` it made)."""
+        with self._rows_lock:
+            self._rows.append(row)
+            if len(self._rows) < 500:
+                return
+            rows, self._rows = self._rows, []
+        self._seal(rows)
+        if len(self._frames) >= 4:
+            self._wake.set()
+
+    def add_frames(self, frames: list[bytes]) -> None:
+        """Frames a worker wrote while it could not reach this process, sent on."""
+        self._write(frames)
+
+
+class _Worker:
+    """One worker's connection, and the reservations it holds."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.held: dict[int, Reservation] = {}
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.conn.send(message)
+
+
+class Hub:
+    def __init__(self, config: ProjectConfig, project_dir: Path, address: str, authkey: bytes,
+                 admin_key: str | None) -> None:
+        self.ledger = OwnerLedger(project_dir / config.ledger.path,
+                                  config.ledger.flush_interval, in_process=False)
+        self.gate = Gate(config, LedgerAccessStore(self.ledger), admin_key, self._alerted)
+        self.lock = threading.Lock()  # the gate's counters and windows
+        self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
+        self._workers: set[_Worker] = set()
+        self._pool = ThreadPoolExecutor(_CALLS, thread_name_prefix="flowc-hub")
+        self._ids = itertools.count(1)  # reservations and acknowledgements
+        self._acks: dict[int, Future[None]] = {}
+        self._alerts: list[Alert] = []
+        self._closing = False
+        self._load()
+        threading.Thread(target=self._accept, name="flowc-hub-accept", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.gate.load()
+        except LedgerUnavailable as exc:
+            log.warning("keys and budgets wait for the ledger: %s", exc)
+            threading.Thread(target=self._load_later, daemon=True).start()
+
+    def _load_later(self) -> None:
+        while not self._closing:
+            time.sleep(1.0)
+            try:
+                with self.lock:
+                    self.gate.load()
+            except LedgerUnavailable:
+                continue
+            return
+
+    def _alerted(self, alert: Alert) -> None:
+        self._alerts.append(alert)  # sent to the worker whose charge crossed it
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                conn = self._listener.accept()
+            except (OSError, EOFError):
+                if self._closing:
+                    return
+                continue
+            except Exception:  # a client that failed the handshake
+                log.warning("workers: refused a connection that failed the handshake")
+                continue
+            worker = _Worker(conn)
+            self._workers.add(worker)
+            threading.Thread(target=self._serve, args=(worker,), name="flowc-hub-worker",
+                             daemon=True).start()
+
+    def _serve(self, w: _Worker) -> None:
+        try:
+            while True:
+                try:
+                    message = w.conn.recv()
+                except (EOFError, OSError):
+                    return
+                try:
+                    self._handle(w, message)
+                except Exception:
+                    log.exception("workers: could not handle %s", message[0])
+        finally:
+            self._workers.discard(w)
+            with self.lock:
+                for r in w.held.values():
+                    r.close()
+                w.held.clear()
+            with contextlib.suppress(OSError):
+                w.conn.close()
+
+    def _handle(self, w: _Worker, message: tuple[Any, ...]) -> None:
+        op = message[0]
+        if op == "row":
+            self.ledger.add_row(message[1])
+        elif op == "rows":
+            self.ledger.add_frames(message[1])
+        elif op == "charge":
+            with self.lock:
+                r = w.held.get(message[1])
+                if r is not None:
+                    r.charge(Decimal(message[2]))
+                alerts, self._alerts = self._alerts, []
+            for a in alerts:
+                w.send((0, "alert", a))
+        elif op == "release":
+            with self.lock:
+                r = w.held.pop(message[1], None)
+                if r is not None:
+                    r.close()
+        elif op == "tokens":
+            with self.lock:
+                win = self.gate._windows.get(Scope(message[1], message[2]))
+                if win is not None:
+                    win.add_tokens(time.monotonic(), message[3])
+        elif op == "ack":
+            fut = self._acks.pop(message[1], None)
+            if fut is not None:
+                fut.set_result(None)
+        elif op in ("reserve", "window", "status"):
+            rid, *args = message[1:]
+            self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))
+        else:
+            rid, *args = message[1:]
+            self._pool.submit(self._answer, w, rid, lambda: self._slow(w, op, args))
+
+    def _answer(self, w: _Worker, rid: int, fn: Any) -> None:
+        try:
+            reply: tuple[Any, ...] = (rid, "ok", fn())
+        except Exception as exc:
+            reply = (rid, "err", type(exc).__module__, type(exc).__name__, str(exc))
+        w.send(reply)
+
+    # -- budgets and rate limits (answered on the connection's thread) ----------------------
+    def _reserve(self, w: _Worker, scopes: list[tuple[str, str]], amount: str) -> Any:
+        with self.lock:
+            try:
+                r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
+                                              Decimal(amount), time.time())
+            except BudgetExceeded as exc:
+                c = exc.counter
+                return (c.scope.kind, c.scope.name, c.scope.label, str(c.limit), c.period,
+                        str(c.spent), str(c.reserved))
+            rid = next(self._ids)
+            w.held[rid] = r
+            return rid
+
+    def _window(self, w: _Worker, kind: str, name: str) -> Any:
+        with self.lock:
+            win = self.gate._windows.get(Scope(kind, name))
+            if win is None:  # not limited (yet) here
+                return ("ok", [])
+            now = time.monotonic()
+            try:
+                win.check(now)
+            except RateLimited as exc:
+                return ("limited", str(exc), exc.retry_after)
+            win.take(now)
+            return ("ok", win.headers(now))
+
+    def _status(self, w: _Worker, kind: str, name: str) -> Any:
+        with self.lock:
+            return self.gate.budgets.status(Scope(kind, name))
+
+    # -- what waits on the ledger file (on the pool) ----------------------------------------
+    def _slow(self, w: _Worker, op: str, args: list[Any]) -> Any:
+        if op == "select":
+            sql, params, timeout = args
+            return self.ledger.select(sql, params, timeout=timeout)
+        if op == "execute":
+            return self.ledger.execute(*args)
+        if op == "run":
+            self.ledger.record_run(args[0])
+            return None
+        if op == "flush":
+            self.ledger.flush()
+            return None
+        if op == "key":
+            self._key(w, args[0])
+            return None
+        raise ValueError(f"unknown call {op!r}")
+
+    def _key(self, origin: _Worker, key: Key) -> None:
+        """A key saved by one worker: live here, then on every other worker before the
+        change is answered."""
+        with self.lock:
+            self.gate.put(key)
+        waits = []
+        for w in list(self._workers):
+            if w is origin:
+                continue
+            ack = next(self._ids)
+            fut: Future[None] = Future()
+            self._acks[ack] = fut
+            waits.append((ack, fut))
+            w.send((0, "key", ack, key))
+        deadline = time.monotonic() + _ACK_WAIT
+        for ack, fut in waits:
+            try:
+                fut.result(max(0.0, deadline - time.monotonic()))
+            except Exception:  # a worker that died or hangs gets the keys when it starts
+                self._acks.pop(ack, None)
+                log.warning("workers: a worker did not confirm key %s in time", key.id)
+
+    def workers(self) -> int:
+        return len(self._workers)
+
+    def close(self) -> None:
+        """After the workers have stopped: write everything, release the ledger file."""
+        self._closing = True
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        self._pool.shutdown(wait=True)
+        self.ledger.close()
