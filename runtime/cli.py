@@ -77,10 +77,17 @@ def _store_url(flag: str | None, cfg: ProjectConfig) -> str | None:
 @click.option("--insecure-no-auth", is_flag=True,
               help="Serve a non-loopback --host without an admin key: anyone who can "
                    "connect may use it.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
+              help="Server processes on the port (one per core uses them all); they share "
+                   "the ledger, keys, budgets and rate limits through one supervisor.")
+@click.option("--listen", default="shared", hidden=True,
+              type=click.Choice(["shared", "reuseport"]),
+              help="With --workers: one socket all workers accept from, or one "
+                   "SO_REUSEPORT socket each (docs/benchmarks.md compares them).")
 def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
           log_level: str, allow_hosts: tuple[str, ...], allow_origins: tuple[str, ...],
-          admin_key_file: Path | None, insecure_no_auth: bool, store: str | None = None,
-          instance: str | None = None) -> None:
+          admin_key_file: Path | None, insecure_no_auth: bool, workers: int,
+          listen: str, store: str | None = None, instance: str | None = None) -> None:
     """Serve the gateway (OpenAI-compatible) and the runtime over HTTP."""
     import logging
 
@@ -125,6 +132,22 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
             err=True, fg="red", bold=True)
     url = f"http://{host}:{port}"
     shared = _store_url(store, cfg)
+    if shared is not None and workers > 1:
+        raise click.UsageError("--workers shares the project's own ledger; with --store, "
+                               "run one instance per port (docs/scaling.md)")
+    if workers > 1:
+        from runtime.workers.supervisor import serve_workers
+        from runtime.workers.worker import ServeArgs
+
+        args = ServeArgs(host, port, config, pipelines, log_level, allow_hosts, allow_origins,
+                         env)
+        try:
+            serve_workers(args, cfg, project_dir, workers, listen,
+                          admin_key(cfg, project_dir, env), url)
+        except OSError as exc:  # the port is taken, most often
+            raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}"
+                                       ) from None
+        return
     app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
                      env=env, public_url=url, bind_host=host, allow_hosts=allow_hosts,
                      allow_origins=allow_origins, store=shared,

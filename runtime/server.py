@@ -12,7 +12,7 @@ import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +40,9 @@ from runtime.pg.db import StoreError
 from runtime.pg.ledger import PgLedger, default_instance
 from runtime.providers import FlowcError, Providers
 from runtime.workflows import Registry
+
+if TYPE_CHECKING:
+    from runtime.workers.link import WorkerLink
 
 log = logging.getLogger("flowc.server")
 SERVER_FILE = Path(".flowc") / "server.json"
@@ -92,28 +95,32 @@ class Runtime:
 
     @classmethod
     def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
-              env: Mapping[str, str] | None = None, *, store: str | None = None,
-              instance: str | None = None) -> Runtime:
-        """``store``: a shared Postgres's URL (docs/scaling.md), ``instance`` this
-        server's name there."""
+              env: Mapping[str, str] | None = None, link: WorkerLink | None = None, *,
+              store: str | None = None, instance: str | None = None) -> Runtime:
+        """``link``: this is one of `flowc serve --workers N`'s processes; its ledger,
+        keys and budgets are the supervisor's (runtime/workers). ``store``: a shared
+        Postgres's URL (docs/scaling.md), ``instance`` this server's name there."""
         providers = Providers(config, env)
         router = Router(config, providers)
+        # The server keeps the ledger file in a child process (see runtime/ledger/store.py).
+        ledger_path = project_dir / config.ledger.path
         ledger: Ledger | PgLedger
         if store is not None:
             name = instance or default_instance()
             ledger = PgLedger(store, project_dir / SPOOL / spool_name(name), name,
                               config.ledger.flush_interval, retention=config.ledger.retention)
-        else:  # the ledger file lives in a child process (see runtime/ledger/store.py)
-            ledger = Ledger(project_dir / config.ledger.path, config.ledger.flush_interval,
-                            in_process=False)
+        else:
+            ledger = link.ledger(ledger_path, config.ledger.flush_interval) if link else \
+                Ledger(ledger_path, config.ledger.flush_interval, in_process=False)
         registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE)))
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
         calls_ledger = ledger if config.ledger.enabled else None
-        access = _access_store(ledger, store)
+        access = link.access_store(ledger) if link else _access_store(ledger, store)
         alerter = Alerter(config.alerts, access)
-        gate = Gate(config, access, admin_key(config, project_dir, env), alerter)
+        gate = (link.make_gate if link else Gate)(
+            config, access, admin_key(config, project_dir, env), alerter)  # type: ignore[arg-type]
         try:
             gate.load()
         except (LedgerUnavailable, StoreError) as exc:
@@ -143,17 +150,17 @@ class Runtime:
 def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | None = None,
                env: Mapping[str, str] | None = None, public_url: str | None = None,
                bind_host: str | None = None, allow_hosts: Sequence[str] = (),
-               allow_origins: Sequence[str] = (), store: str | None = None,
-               instance: str | None = None) -> HotPaths:
+               allow_origins: Sequence[str] = (), link: WorkerLink | None = None,
+               store: str | None = None, instance: str | None = None) -> HotPaths:
     """``bind_host`` and ``allow_hosts``/``allow_origins`` (from the command line) add to
-    what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py); ``store`` and
-    ``instance``: see `Runtime.start`."""
+    what flowc.yaml's `server:` allows (see runtime/gateway/hotpath.py); ``link``,
+    ``store`` and ``instance``: see `Runtime.start`."""
     state: dict[str, Runtime] = {}
     mcp_endpoint = mcp_asgi_app(lambda: state["rt"])  # MCP at /mcp (runtime/mcp/serve.py)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = Runtime.start(config, project_dir, pipelines, env, store=store,
+        rt = Runtime.start(config, project_dir, pipelines, env, link, store=store,
                            instance=instance)
         state["rt"] = rt
         await mcp_endpoint.start(rt)
