@@ -202,7 +202,7 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
                     + suggest(hint), span.start, span.end,
                     help=None if hint else f"declared inputs: {declared}")
             return None
-        return _walk(ctx, T.Type(ctx.inputs[name].type), path, 1, span)
+        return _walk(ctx, ctx.input_type(name), path, 1, span)
     if path.root in ctx.unchecked_outputs and path.root not in ctx.producers:
         return T.ANY
     if path.root not in ctx.producers:
