@@ -9,12 +9,12 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, TransformStep
 from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep
+Step = LLMStep | MCPToolStep | TransformStep
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class StepInfo:
     uses: list[Use] = field(default_factory=list)
     templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
     params: Any = None  # an mcp_tool step's params, templated strings parsed
+    construct: Any = None  # what flowc.constructs parsed for a transform or switch step
     condition: Node | None = None
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"

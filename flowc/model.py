@@ -193,8 +193,30 @@ class MCPToolStep(_StepBase):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-Step = Annotated[LLMStep | MCPToolStep, Field(discriminator="type")]
-STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep}
+class TransformStep(_StepBase):
+    """Computes a value from references, with no model call: an expression (or a mapping
+    of names to expressions, for an object), or a template."""
+
+    type: Literal["transform"]
+    expr: str | dict[str, str] | None = Field(
+        default=None,
+        description="An expression over ${...} references with the pure functions "
+                    "(join, split, len, get, merge, sum, to_json, ...), or a mapping of "
+                    "field names to expressions: the result is that object.")
+    template: str | None = Field(
+        default=None, description="A template (${...} and sandboxed Jinja2): the result is "
+                                  "its text, or the value itself when it is one ${...}.")
+
+    @model_validator(mode="after")
+    def _one_body(self) -> TransformStep:
+        if (self.expr is None) == (self.template is None):
+            raise ValueError("a transform step needs exactly one of `expr` and `template`")
+        return self
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep, Field(discriminator="type")]
+STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
+                                          "transform": TransformStep}
 
 
 class Pipeline(_Strict):

@@ -11,6 +11,7 @@ present. `needs:` only orders: it waits for a step to finish or be skipped.
 
 from __future__ import annotations
 
+from flowc import constructs
 from flowc import types as T
 from flowc.context import Context, Use
 from flowc.dag import cyclic_components, shortest_cycle, topological_order, with_ancestors
@@ -87,6 +88,9 @@ def check_skips(ctx: Context) -> None:
                                  "(on_error: continue)")
         else:
             status[name] = "always"
+        missing = constructs.missing_reason(ctx, info)
+        if missing is not None and status[name] == "always":
+            status[name], reason[name] = "maybe", missing
         if runs == "maybe" and own_only and step.on_error != "continue":
             guard[name] = info.condition  # type: ignore[assignment]
         if runs == "never" and info.constant is not False:
@@ -156,6 +160,11 @@ def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
                         "`required:` does not list it, or its schema allows null)")
         elif isinstance(alt, Path) and str(alt) == name:
             absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            producer = ctx.producers.get(alt.root)
+            if absent is not None and producer is not None \
+                    and ctx.steps[producer].step.type == "transform":
+                return (f"field '{absent}' may have no value (its expression may be null: "
+                        "get() without a default, min/max of an empty array, from_json)")
             if absent is not None:
                 return (f"field '{absent}' may be null or left out (its schema allows null, "
                         "or does not list it in `required`)")
