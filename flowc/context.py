@@ -9,12 +9,12 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, TransformStep
 from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep
+Step = LLMStep | MCPToolStep | TransformStep
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class StepInfo:
     uses: list[Use] = field(default_factory=list)
     templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
     params: Any = None  # an mcp_tool step's params, templated strings parsed
+    construct: Any = None  # what flowc.constructs parsed for a transform or switch step
     condition: Node | None = None
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"
@@ -58,6 +59,7 @@ class Context:
     output_uses: list[Use] = field(default_factory=list)
     output_types: dict[str, Type] = field(default_factory=dict)
     ref_types: dict[Ref, Type] = field(default_factory=dict)  # static type of each reference
+    input_types: dict[str, Type] = field(default_factory=dict)  # input name -> its type
     graph: Dag = field(default_factory=Dag)
     acyclic: bool = True
     order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
@@ -69,6 +71,17 @@ class Context:
 
     def step_path(self, step_id: str) -> tuple[Any, ...]:
         return ("steps", self.steps[step_id].index)
+
+    def input_type(self, name: str) -> Type:
+        """The static type of a declared input, from its JSON Schema (`items`, `properties`,
+        `enum`)."""
+        t = self.input_types.get(name)
+        if t is None:
+            from flowc.types import from_json_schema
+
+            t = self.input_types[name] = from_json_schema(
+                (self.inputs or {})[name].json_schema())
+        return t
 
     def producer_of(self, path: Path) -> str | None:
         return None if path.root == "input" else self.producers.get(path.root)

@@ -391,6 +391,8 @@ class _Bounds:
         if isinstance(step, LLMStep):
             rf = step.response_format
             return rf.schema_ if rf is not None else None
+        if not isinstance(step, MCPToolStep):
+            return None  # a transform or switch: sized from what it reads (`_output`)
         tool = self._tool(step.server, step.tool)
         return tool.output_schema if tool is not None else None
 
@@ -406,6 +408,8 @@ class _Bounds:
 
     def _output(self, sid: str) -> Size:
         step = self.c.node(sid).step
+        if not isinstance(step, LLMStep | MCPToolStep):
+            return self._construct_output(sid)
         whole = schema_chars(self._schema_of(sid))
         if isinstance(step, MCPToolStep):
             if whole is not None:
@@ -417,6 +421,15 @@ class _Bounds:
         if isinstance(out, Unbounded):
             return out if whole is None else whole
         return out * CHARS_PER_TOKEN if whole is None else min(whole, out * CHARS_PER_TOKEN)
+
+    def _construct_output(self, sid: str) -> Size:
+        """A template transform is as long as its template can render; an expression's
+        result has no bound flowc can work out."""
+        node = self.c.node(sid)
+        if "template" in node.templates:
+            return self.template(node.templates["template"])[0]
+        return Unbounded(f"the result of step '{sid}' ({node.step.type}) has no size bound",
+                         "read a bounded value instead, or compute it with a `template:`")
 
     def max_output(self, step: LLMStep) -> int | Unbounded:
         """Most tokens one answer of the step may have: `max_tokens`, or the largest context
@@ -624,7 +637,7 @@ def _tool_result_chars(bounds: _Bounds, step: LLMStep) -> Size:
 def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     node = bounds.c.node(sid)
     step = node.step
-    if isinstance(step, MCPToolStep):  # no model call
+    if not isinstance(step, LLMStep):  # no model call
         return StepCost(sid, None, None, None, None, 0, Decimal(0), runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
     targets = bounds.targets(step.model)

@@ -60,6 +60,7 @@ RULES: dict[str, Rule] = {
         Rule("over-budget", _E, "a run's worst-case cost is above the pipeline's max_cost_usd"),
         Rule("unbounded-cost", _E, "max_cost_usd cannot be checked: a run's worst case is "
                                    "unbounded or unpriced"),
+        Rule("expression-syntax", _E, "a transform's `expr:` that does not parse"),
         Rule("constant-condition", _W, "a condition that is always true or always false"),
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),

@@ -480,6 +480,16 @@ class Function:
     params: tuple[str, ...]  # accepted kinds per parameter; "any" accepts all
     returns: T.Type
     impl: Callable[..., Any]
+    optional: int = 0  # how many of the last params may be left out
+    item_kinds: str | None = None  # the kinds the first param's elements may have
+    # the result's type from the arguments' types and nodes, when `returns` is too coarse
+    infer: Callable[[list[T.Type], tuple[Node, ...]], T.Type] | None = None
+
+    def arity_ok(self, n: int) -> bool:
+        return len(self.params) - self.optional <= n <= len(self.params)
+
+    def result_type(self, types: list[T.Type], args: tuple[Node, ...]) -> T.Type:
+        return self.returns if self.infer is None else self.infer(types, args)
 
 
 def _length(x: Any) -> int:
@@ -502,8 +512,10 @@ def _contains(container: Any, item: Any) -> bool:
         if not isinstance(item, str):
             raise EvalError(f"contains() on a string needs a string, not {_kind(item)}")
         return item in container
-    if isinstance(container, list | dict):
-        return item in container
+    if isinstance(container, list):  # as `in`: true is not 1
+        return any(_equal(item, x) for x in container)
+    if isinstance(container, dict):  # a key; an array or object is never one (unhashable)
+        return isinstance(item, str) and item in container
     raise EvalError(f"contains() needs a string, array or object, not {_kind(container)}")
 
 
@@ -590,7 +602,7 @@ def evaluate(node: Node, scope: Callable[[str], Any]) -> Any:
         return [evaluate(i, scope) for i in node.items]
     if isinstance(node, Call):
         fn = FUNCTIONS.get(node.name)
-        if fn is None or len(node.args) != len(fn.params):
+        if fn is None or not fn.arity_ok(len(node.args)):
             raise EvalError(f"unknown function {node.name}()")
         return fn.impl(*(evaluate(a, scope) for a in node.args))
     if isinstance(node, Name):
@@ -633,3 +645,10 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, bool) != isinstance(b, bool):
         return False
     return bool(a == b)
+
+
+# The string, list, dict, math and JSON functions (transforms use them most) build on the
+# classes above: imported last.
+from flowc.functions import PURE_FUNCTIONS  # noqa: E402
+
+FUNCTIONS.update(PURE_FUNCTIONS)

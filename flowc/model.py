@@ -27,8 +27,11 @@ class InputSpec(_Strict):
     """One declared pipeline input."""
 
     type: InputType = "string"
-    required: bool | None = Field(
-        default=None, description="Defaults to true unless a default is given.")
+    required: bool | list[str] | None = Field(
+        default=None,
+        description="Defaults to true unless a default is given. On an object input, a "
+                    "list names the fields that must be present (JSON Schema's `required`); "
+                    "the input itself is then required unless it has a default.")
     default: Any = None
     description: str | None = None
     max_length: int | None = Field(
@@ -37,9 +40,55 @@ class InputSpec(_Strict):
                     "it is, any other type as JSON). A run refuses a longer value; the "
                     "worst-case cost (`flowc cost`) needs it for every input a prompt reads.")
 
+    items: dict[str, Any] | None = Field(
+        default=None, description="An array input's element type, as JSON Schema: "
+                                  "`{type: object, properties: {...}}`.")
+    properties: dict[str, Any] | None = Field(
+        default=None, description="An object input's fields, each a JSON Schema.")
+    enum: list[Any] | None = Field(
+        default=None, min_length=1, description="The only values the input may have.")
+
     @property
     def is_required(self) -> bool:
-        return self.default is None if self.required is None else self.required
+        if self.required is None or isinstance(self.required, list):
+            return self.default is None
+        return self.required
+
+    def json_schema(self) -> dict[str, Any]:
+        """The input's value as JSON Schema: its type, elements, fields and values."""
+        schema: dict[str, Any] = {"type": self.type}
+        if self.items is not None:
+            schema["items"] = self.items
+        if self.properties is not None:
+            schema["properties"] = self.properties
+        if isinstance(self.required, list):
+            schema["required"] = self.required
+        if self.enum is not None:
+            schema["enum"] = self.enum
+        return schema
+
+    @model_validator(mode="after")
+    def _typed_parts_fit(self) -> InputSpec:
+        if self.items is not None and self.type != "array":
+            raise ValueError(f"`items` is only allowed with type array, not {self.type}")
+        if self.properties is not None and self.type != "object":
+            raise ValueError(f"`properties` is only allowed with type object, not {self.type}")
+        if isinstance(self.required, list):
+            if self.type != "object":
+                raise ValueError("a list of `required` fields is only allowed with type "
+                                 f"object, not {self.type}")
+            unknown = [f for f in self.required if f not in (self.properties or {})]
+            if unknown:
+                raise ValueError(f"required field '{unknown[0]}' is not one of the input's "
+                                 "`properties`")
+        if self.items is not None or self.properties is not None or self.enum is not None:
+            problem = schema_problem(schema_key(self.json_schema()))
+            if problem:
+                raise ValueError(problem)
+        if self.enum is not None and self.default is not None and self.default not in self.enum:
+            raise ValueError(f"the default {json.dumps(self.default, default=str)} is not one "
+                             "of the input's `enum` values")
+        return self
 
     @model_validator(mode="after")
     def _default_fits(self) -> InputSpec:
@@ -144,8 +193,30 @@ class MCPToolStep(_StepBase):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-Step = Annotated[LLMStep | MCPToolStep, Field(discriminator="type")]
-STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep}
+class TransformStep(_StepBase):
+    """Computes a value from references, with no model call: an expression (or a mapping
+    of names to expressions, for an object), or a template."""
+
+    type: Literal["transform"]
+    expr: str | dict[str, str] | None = Field(
+        default=None,
+        description="An expression over ${...} references with the pure functions "
+                    "(join, split, len, get, merge, sum, to_json, ...), or a mapping of "
+                    "field names to expressions: the result is that object.")
+    template: str | None = Field(
+        default=None, description="A template (${...} and sandboxed Jinja2): the result is "
+                                  "its text, or the value itself when it is one ${...}.")
+
+    @model_validator(mode="after")
+    def _one_body(self) -> TransformStep:
+        if (self.expr is None) == (self.template is None):
+            raise ValueError("a transform step needs exactly one of `expr` and `template`")
+        return self
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep, Field(discriminator="type")]
+STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
+                                          "transform": TransformStep}
 
 
 class Pipeline(_Strict):

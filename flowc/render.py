@@ -20,14 +20,16 @@ from dataclasses import dataclass, field
 import graphviz
 
 from flowc.expr import Path
-from flowc.ir import CompiledPipeline
-from flowc.model import LLMStep
+from flowc.ir import CompiledPipeline, StepNode
+from flowc.model import LLMStep, MCPToolStep, TransformStep
 
 _STYLE = {
     "llm": {"shape": "box", "style": "rounded,filled", "fillcolor": "#dbeafe",
             "color": "#1d4ed8"},
     "mcp_tool": {"shape": "component", "style": "filled", "fillcolor": "#dcfce7",
                  "color": "#15803d"},
+    "transform": {"shape": "parallelogram", "style": "filled", "fillcolor": "#f5f3ff",
+                  "color": "#6d28d9"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -73,7 +75,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
         step = node.step
         attrs = dict(_STYLE[step.type])
         detail = (step.model + (f"\ntools: {', '.join(step.tool_refs)}" if step.tools else "")
-                  if isinstance(step, LLMStep) else f"{step.server}.{step.tool}")
+                  if isinstance(step, LLMStep) else f"{step.server}.{step.tool}"
+                  if isinstance(step, MCPToolStep) else construct_detail(node))
         label = f"{sid}\n[{step.type}] {detail}"
         if step.output and step.output != sid:
             label += f"\n→ {step.output}"
@@ -126,6 +129,17 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
     if legend:
         _legend(dot)
     return dot
+
+
+def construct_detail(node: StepNode) -> str:
+    """What a transform or switch step computes, in a line or two."""
+    step = node.step
+    if isinstance(step, TransformStep):
+        if step.template is not None:
+            return "template → " + str(node.output_type)
+        body = step.expr if isinstance(step.expr, str) else ", ".join(step.expr or {})
+        return f"{_short(body)}\n→ {node.output_type}"
+    return ""
 
 
 def _input_names(refs: tuple, kind: str | None) -> set[str]:

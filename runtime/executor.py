@@ -396,7 +396,7 @@ class _Run:
         return self._missing_read(step, [ref for ref, kind in node.refs
                                          if kind not in ("condition", "guarded")])
 
-    def _missing_read(self, step: LLMStep | MCPToolStep, refs: list[Ref]) -> str | None:
+    def _missing_read(self, step: Any, refs: list[Ref]) -> str | None:
         for ref in refs:
             try:
                 resolve_ref(ref, self.scope)
@@ -433,17 +433,22 @@ class _Run:
             raise err
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _servers_of(self, step: LLMStep | MCPToolStep) -> list[str]:
+    def _servers_of(self, step: Any) -> list[str]:
         if self.ex.tools is None:
             return []
         if isinstance(step, MCPToolStep):
             return [step.server]
-        return sorted({ref.partition(".")[0] for ref in step.tool_refs}) if step.tools else []
+        return sorted({ref.partition(".")[0] for ref in step.tool_refs}) \
+            if isinstance(step, LLMStep) and step.tools else []
 
     async def _execute(self, node: StepNode, r: StepResult) -> Any:
         step = node.step
         if isinstance(step, LLMStep):
             return await self._llm(node, step, r)
+        if not isinstance(step, MCPToolStep):  # transform, switch: runtime/constructs
+            from runtime.constructs import run_construct
+
+            return await run_construct(self, node, r)
         assert isinstance(step, MCPToolStep)
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")

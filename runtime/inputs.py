@@ -7,6 +7,7 @@ from typing import Any
 
 from flowc.cost import input_too_long
 from flowc.model import InputSpec
+from flowc.schemas import json_path, schema_key, schema_validator
 
 _PY = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
        "object": (dict,), "array": (list,)}
@@ -42,6 +43,8 @@ def check_inputs(specs: dict[str, InputSpec] | None, given: dict[str, Any]) -> d
             if not _fits(value, spec.type):
                 problems.append(f"input '{name}' must be {spec.type}, not "
                                 f"{type(value).__name__} {json.dumps(value, default=str)}")
+            else:
+                problems += _schema_problems(name, spec, value)
             out[name] = value
         elif spec.default is not None:
             out[name] = spec.default
@@ -51,6 +54,19 @@ def check_inputs(specs: dict[str, InputSpec] | None, given: dict[str, Any]) -> d
     if problems:
         raise InputError(problems)
     return out
+
+
+def _schema_problems(name: str, spec: InputSpec, value: Any) -> list[str]:
+    """Where a value breaks its input's `items`, `properties` or `enum` (the compiler typed
+    every read of its elements and fields by them)."""
+    if spec.items is None and spec.properties is None and spec.enum is None:
+        return []
+    validator = schema_validator(schema_key(spec.json_schema()))
+    if validator is None:  # the compiler refused such a schema
+        return [f"input '{name}' has an invalid schema"]
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"input '{name}{json_path(e.absolute_path)}': {e.message}"[:300]
+            for e in errors[:3]]
 
 
 def parse_cli_inputs(pairs: tuple[str, ...], specs: dict[str, InputSpec] | None

@@ -49,11 +49,14 @@ def check_conditions(ctx: Context) -> None:
 
 
 class _Checker:
-    def __init__(self, ctx: Context, info: StepInfo) -> None:
+    def __init__(self, ctx: Context, info: StepInfo, path: tuple[Any, ...] | None = None,
+                 text: str | None = None) -> None:
+        """Checks the step's `when:`, or the expression ``text`` at ``path``."""
         self.ctx = ctx
         self.info = info
-        self.path = (*ctx.step_path(info.step.id), "when")
-        self.text = info.step.when if isinstance(info.step.when, str) else ""
+        self.path = path or (*ctx.step_path(info.step.id), "when")
+        self.text = text if text is not None else \
+            info.step.when if isinstance(info.step.when, str) else ""
         self.failed = False
 
     def _error(self, rule: str, message: str, node: Any, help: str | None = None) -> None:
@@ -159,13 +162,32 @@ class _Checker:
                         + suggest(hint), node,
                         help=f"functions: {', '.join(sorted(FUNCTIONS))}")
             return T.ANY
-        if len(arg_types) != len(fn.params):
-            self._error("type-mismatch", f"{node.name}() takes {len(fn.params)} argument"
-                        f"{'s' if len(fn.params) != 1 else ''}, got {len(arg_types)}", node)
+        if not fn.arity_ok(len(arg_types)):
+            most = len(fn.params)
+            least = most - fn.optional
+            count = f"{least} to {most}" if least != most else str(most)
+            self._error("type-mismatch", f"{node.name}() takes {count} argument"
+                        f"{'s' if most != 1 else ''}, got {len(arg_types)}", node)
             return fn.returns
-        for arg, t, accepted in zip(node.args, arg_types, fn.params, strict=True):
-            if t.kind != "any" and accepted != "any" and t.kind not in accepted.split("|"):
+        from flowc.functions import may_be_null
+
+        for arg, t, accepted in zip(node.args, arg_types, fn.params, strict=False):
+            if accepted != "any" and may_be_null(arg):
+                self._error("type-mismatch", f"{node.name}() needs {accepted.replace('|', ' or ')}"
+                            f", but {self._describe(arg)} may have no value",
+                            arg, help="give it a value to fall back on: get(x, key, <default>)"
+                                      " or default(..., <default>)")
+            elif t.kind != "any" and accepted != "any" and t.kind not in accepted.split("|"):
                 self._error("type-mismatch", f"{node.name}() needs "
                             f"{accepted.replace('|', ' or ')}, not {t} {self._describe(arg)}",
                             arg)
-        return fn.returns
+        items = arg_types[0].items if arg_types and arg_types[0].kind == "array" else None
+        if fn.item_kinds and items is not None and items.kind != "any" \
+                and items.kind not in fn.item_kinds.split("|"):
+            self._error("type-mismatch", f"{node.name}() needs an array of "
+                        f"{fn.item_kinds.replace('|', ' or ')}, not {arg_types[0]} "
+                        f"{self._describe(node.args[0])}", node.args[0])
+        return fn.result_type(arg_types, node.args)
+
+
+ExprChecker = _Checker  # for expressions beyond `when:` (a transform's `expr:`)

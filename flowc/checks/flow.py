@@ -11,6 +11,7 @@ present. `needs:` only orders: it waits for a step to finish or be skipped.
 
 from __future__ import annotations
 
+from flowc import constructs
 from flowc import types as T
 from flowc.context import Context, Use
 from flowc.dag import cyclic_components, shortest_cycle, topological_order, with_ancestors
@@ -87,6 +88,9 @@ def check_skips(ctx: Context) -> None:
                                  "(on_error: continue)")
         else:
             status[name] = "always"
+        missing = constructs.missing_reason(ctx, info)
+        if missing is not None and status[name] == "always":
+            status[name], reason[name] = "maybe", missing
         if runs == "maybe" and own_only and step.on_error != "continue":
             guard[name] = info.condition  # type: ignore[assignment]
         if runs == "never" and info.constant is not False:
@@ -125,6 +129,11 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
             avail = "maybe" if spec is not None and not spec.is_required \
                 and spec.default is None else "always"
             name = "input." + str(alt.segments[0]) if alt.segments else "input"
+            if avail == "always" and spec is not None and len(alt.segments) > 1:
+                absent = T.optional_field(ctx.input_type(str(alt.segments[0])),
+                                          alt.segments[1:])
+                if absent is not None:  # a field the input's `required:` does not list
+                    avail, name = "maybe", str(alt)
         else:
             avail, name = status.get(alt.root, "always"), alt.root
             absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
@@ -144,8 +153,18 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
 
 def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
     for alt in use.ref.alts:
-        if isinstance(alt, Path) and str(alt) == name:
+        if isinstance(alt, Path) and str(alt) == name and alt.root == "input":
+            absent = T.optional_field(ctx.input_type(str(alt.segments[0])), alt.segments[1:])
+            if absent is not None:
+                return (f"field '{absent}' of input '{alt.segments[0]}' may be left out (its "
+                        "`required:` does not list it, or its schema allows null)")
+        elif isinstance(alt, Path) and str(alt) == name:
             absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            producer = ctx.producers.get(alt.root)
+            if absent is not None and producer is not None \
+                    and ctx.steps[producer].step.type == "transform":
+                return (f"field '{absent}' may have no value (its expression may be null: "
+                        "get() without a default, min/max of an empty array, from_json)")
             if absent is not None:
                 return (f"field '{absent}' may be null or left out (its schema allows null, "
                         "or does not list it in `required`)")
@@ -157,8 +176,8 @@ def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str
     if not names:
         return
     why = "; ".join(
-        f"optional input '{n[6:]}' has no default" if n.startswith("input.")
-        else reason.get(n) or _optional_reason(ctx, use, n)
+        f"optional input '{n[6:]}' has no default" if n.startswith("input.") and "." not in
+        n[6:] and "[" not in n[6:] else reason.get(n) or _optional_reason(ctx, use, n)
         or f"the producer of '{n}' may be skipped" for n in names)
     name = " ?? ".join(names)
     alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))

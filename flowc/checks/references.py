@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from flowc import constructs
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
@@ -28,6 +29,8 @@ def collect_uses(ctx: Context) -> None:
                         info.templates[name] = template
         elif isinstance(step, MCPToolStep):
             info.params = _scan_params(ctx, info, (*base, "params"), step.params)
+        else:
+            constructs.collect(ctx, info)
         if isinstance(step.when, str):
             _parse_condition(ctx, info, (*base, "when"), step.when)
         elif isinstance(step.when, bool):
@@ -133,10 +136,13 @@ def resolve_uses(ctx: Context) -> None:
     g = ctx.graph
     for info in ctx.steps.values():
         g.add_node(info.step.id)
-    for info in ctx.steps.values():
+    for info in _typing_order(ctx):
         for use in info.uses:
             for producer in _resolve(ctx, use):
                 _add_edge(ctx, producer, info.step.id, use)
+        derived = constructs.output_type(ctx, info)  # typed from what it reads, just typed
+        if derived is not None:
+            ctx.output_types[info.step.output_name] = derived
         for need in info.step.needs:
             if need in ctx.steps:
                 if need == info.step.id:
@@ -153,6 +159,31 @@ def resolve_uses(ctx: Context) -> None:
                             span.start, span.end)
     for use in ctx.output_uses:
         _resolve(ctx, use)
+
+
+def _typing_order(ctx: Context) -> list[StepInfo]:
+    """The steps in file order, except that a step whose type comes from what it reads (a
+    transform, a switch) comes after the producers of its reads: its readers see its type."""
+    order: list[StepInfo] = []
+    seen: set[str] = set()
+    for first in ctx.steps:
+        stack = [(first, False)]
+        while stack:
+            sid, expanded = stack.pop()
+            if expanded:
+                order.append(ctx.steps[sid])
+                continue
+            if sid in seen:
+                continue
+            seen.add(sid)
+            stack.append((sid, True))
+            for use in reversed(ctx.steps[sid].uses):
+                for alt in use.ref.alts:
+                    producer = ctx.producer_of(alt) if isinstance(alt, Path) else None
+                    if producer is not None and producer not in seen \
+                            and constructs.derives_type(ctx.steps[producer].step):
+                        stack.append((producer, False))
+    return order
 
 
 def _add_edge(ctx: Context, producer: str, consumer: str, use: Use) -> None:
@@ -202,7 +233,7 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
                     + suggest(hint), span.start, span.end,
                     help=None if hint else f"declared inputs: {declared}")
             return None
-        return _walk(ctx, T.Type(ctx.inputs[name].type), path, 1, span)
+        return _walk(ctx, ctx.input_type(name), path, 1, span)
     if path.root in ctx.unchecked_outputs and path.root not in ctx.producers:
         return T.ANY
     if path.root not in ctx.producers:
@@ -269,8 +300,13 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
         if rf.type == "json_object":
             return T.OBJECT
         return T.from_json_schema(rf.schema_)
+    if not isinstance(step, MCPToolStep):
+        return T.ANY  # typed once what it reads is (`constructs.output_type`)
     if ctx.catalog is not None:
         tools = ctx.catalog.tools_of(step.server)
         if tools is not None and step.tool in tools:
             return T.of_tool_output(tools[step.tool].output_schema)
     return T.ANY
+
+
+scan_step_template = _scan_template  # for the fields of flowc.constructs' steps

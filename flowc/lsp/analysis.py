@@ -191,7 +191,8 @@ def _describe(sym: Symbols, alt: RefPath | Literal) -> str:
         return head
     step = info.step
     what = f"model `{step.model}`" if isinstance(step, LLMStep) else \
-        f"tool `{step.server}.{step.tool}`"
+        f"tool `{step.server}.{step.tool}`" if hasattr(step, "server") else \
+        f"typed {ctx.output_types.get(step.output_name, T.ANY)}"
     lines.append(f"The result of step `{step.id}` ({step.type}, {what}), line "
                  f"{sym.line_of(_step_span(sym, info.index).start)}.")
     if step.when is not None and step.when is not True:

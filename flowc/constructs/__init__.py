@@ -1,0 +1,35 @@
+"""Step types beyond `llm` and `mcp_tool`, one module each: how the compiler reads their
+fields, what they read, and the type of their result."""
+
+from __future__ import annotations
+
+from flowc import types as T
+from flowc.constructs import transform
+from flowc.context import Context, StepInfo
+from flowc.model import LLMStep, MCPToolStep
+
+_TYPED_FROM_READS = {"transform": transform}
+
+
+def derives_type(step: object) -> bool:
+    """Whether the step's result type comes from the values it reads."""
+    return getattr(step, "type", None) in _TYPED_FROM_READS
+
+
+def collect(ctx: Context, info: StepInfo) -> None:
+    """Parse the step's own fields and record every reference in them."""
+    module = _TYPED_FROM_READS.get(info.step.type)
+    if module is not None and not isinstance(info.step, LLMStep | MCPToolStep):
+        module.collect(ctx, info)
+
+
+def output_type(ctx: Context, info: StepInfo) -> T.Type | None:
+    """The step's result type once its reads are typed; None for llm and mcp_tool steps."""
+    module = _TYPED_FROM_READS.get(info.step.type)
+    return None if module is None else module.output_type(ctx, info)
+
+
+def missing_reason(ctx: Context, info: StepInfo) -> str | None:
+    """Why the step's result may be missing even when it ran, or None."""
+    module = _TYPED_FROM_READS.get(info.step.type)
+    return None if module is None else module.missing_reason(ctx, info)
