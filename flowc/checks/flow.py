@@ -15,6 +15,7 @@ from flowc import types as T
 from flowc.context import Context, Use
 from flowc.dag import cyclic_components, shortest_cycle, topological_order, with_ancestors
 from flowc.expr import Literal, Node, Not, Path
+from flowc.scopes import missing_reason, root_type
 
 _RANK = {"always": 0, "maybe": 1, "never": 2}
 _OWN_CONDITION = "it has a `when:` condition"
@@ -55,7 +56,7 @@ def check_skips(ctx: Context) -> None:
         why = None
         if info.constant is False:
             runs, why = "never", "its condition is always false"
-        elif info.condition is not None and info.constant is not True:
+        elif info.condition is not None and info.constant is not True and info.items is None:
             runs, why = "maybe", _OWN_CONDITION
         own_only = True  # skipped by its own condition alone (a guard for if/else joins)
         for use in info.uses:
@@ -80,7 +81,7 @@ def check_skips(ctx: Context) -> None:
         if runs == "never":
             status[name] = "never"
             reason[name] = f"step '{sid}' never runs ({why})"
-        elif runs == "maybe" or step.on_error == "continue":
+        elif runs == "maybe" or (step.on_error == "continue" and info.items is None):
             status[name] = "maybe"
             reason[name] = (f"step '{sid}' may be skipped ({why})" if runs == "maybe"
                             else f"step '{sid}' may fail without failing the run "
@@ -127,7 +128,7 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
             name = "input." + str(alt.segments[0]) if alt.segments else "input"
         else:
             avail, name = status.get(alt.root, "always"), alt.root
-            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
             if avail == "always" and absent is not None:
                 avail, name = "maybe", str(alt)
         if avail == "always":
@@ -145,7 +146,9 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
 def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
     for alt in use.ref.alts:
         if isinstance(alt, Path) and str(alt) == name:
-            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
+            if absent is not None and missing_reason(alt, absent):
+                return missing_reason(alt, absent)
             if absent is not None:
                 return (f"field '{absent}' may be null or left out (its schema allows null, "
                         "or does not list it in `required`)")
