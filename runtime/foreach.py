@@ -76,6 +76,8 @@ async def run_foreach(run: _Run, node: StepNode, r: StepResult) -> list[Any]:
 
     workers = [asyncio.create_task(worker()) for _ in
                range(min(step.max_concurrency or DEFAULT_CONCURRENCY, n))]
+    if not workers:
+        return out
     try:
         done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
         for task in done:
