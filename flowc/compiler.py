@@ -17,12 +17,14 @@ from flowc.checks.project import check_project
 from flowc.checks.references import collect_uses, resolve_uses
 from flowc.checks.structure import check_structure
 from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog, find_config
+from flowc.constructs import check as check_constructs
 from flowc.context import Context
 from flowc.diagnostics import Collector, Diagnostic, Severity
 from flowc.expr import Path as RefPath
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import Pipeline
 from flowc.source import SourceFile, YamlError, load_yaml
+from flowc.subpipeline import output_type_of
 from flowc.template import parse_template
 from flowc.validate import field_names, report_validation_error
 
@@ -128,6 +130,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
     if isinstance(raw, dict):
         collect_uses(ctx)
         resolve_uses(ctx)
+        check_constructs(ctx)
         check_cycles(ctx)
         check_conditions(ctx)
         check_skips(ctx)
@@ -180,8 +183,10 @@ def _build(ctx: Context, path: str) -> CompiledPipeline:
             reads=tuple(reads), refs=tuple((u.ref, u.kind) for u in info.uses),
             output_type=ctx.output_types[info.step.output_name],
             runs=info.runs, skip_reason=info.skip_reason, params=info.params,
-            construct=info.construct)
+            construct=info.construct, items=info.items, until=info.until,
+            callee=info.callee)
     raw_out = pipeline.output
     output = (None if raw_out is None else parse_template(raw_out) if isinstance(raw_out, str)
               else {k: parse_template(v) for k, v in raw_out.items()})
-    return CompiledPipeline(pipeline, g, tuple(ctx.order), output, path)
+    return CompiledPipeline(pipeline, g, tuple(ctx.order), output, path,
+                            metadata={"output_type": output_type_of(ctx)})

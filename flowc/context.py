@@ -9,12 +9,12 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, TransformStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, PipelineStep, TransformStep
 from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep | TransformStep
+Step = LLMStep | MCPToolStep | TransformStep | PipelineStep
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,8 @@ class Use:
     span: Span
     # guarded: a Jinja read whose last part may be missing (`| default(..)`, `is defined`):
     # typed and checked, never a missing-value finding or a missing read at run time.
-    kind: Literal["data", "condition", "output", "guarded"]
+    # until: a `repeat: {until:}` condition, read after each attempt (it may read `self`).
+    kind: Literal["data", "condition", "output", "guarded", "until"]
     jinja: bool = False  # read by Jinja code (`{{ a.b }}`), not a `${...}` reference
 
 
@@ -42,6 +43,10 @@ class StepInfo:
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"
     skip_reason: str | None = None
+    items: Ref | None = None  # `for_each:` parsed
+    until: Node | None = None  # `repeat: {until:}` parsed
+    locals: dict[str, Type] = field(default_factory=dict)  # names only this step reads
+    callee: Any = None  # a `type: pipeline` step's compiled callee
 
 
 @dataclass

@@ -29,7 +29,7 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.expr import Literal as Lit
 from flowc.expr import Path, Ref
 from flowc.known_models import cache_file, provider_id
-from flowc.model import InputSpec, LLMStep, MCPToolStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, PipelineStep
 from flowc.template import LIMITS, Template, to_text
 
 if TYPE_CHECKING:
@@ -374,6 +374,10 @@ class _Bounds:
             sizes = [self.input(n) for n in self.c.inputs]
             return _add(*sizes, 2 + sum(len(n) + 8 for n in self.c.inputs))
         sid = self.producers.get(path.root)
+        if sid is None and path.root == "self":
+            return Unbounded("a repeated step's prompt reads its previous answer",
+                             "the run's max_cost_usd still stops it before a call that "
+                             "could go past it")
         if sid is None:
             return Unbounded(f"'{path.root}' has no producer", "fix the reference")
         whole = self.output(sid)
@@ -388,6 +392,8 @@ class _Bounds:
 
     def _schema_of(self, sid: str) -> Any:
         step = self.c.node(sid).step
+        if isinstance(step, PipelineStep) or step.for_each is not None:
+            return None
         if isinstance(step, LLMStep):
             rf = step.response_format
             return rf.schema_ if rf is not None else None
@@ -408,6 +414,9 @@ class _Bounds:
 
     def _output(self, sid: str) -> Size:
         step = self.c.node(sid).step
+        if isinstance(step, PipelineStep) or step.for_each is not None:
+            return Unbounded(f"the result of step '{sid}' has no size bound",
+                             "read a bounded field of it, or bound the inputs it reads")
         if not isinstance(step, LLMStep | MCPToolStep):
             return self._construct_output(sid)
         whole = schema_chars(self._schema_of(sid))
@@ -637,8 +646,26 @@ def _tool_result_chars(bounds: _Bounds, step: LLMStep) -> Size:
 def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     node = bounds.c.node(sid)
     step = node.step
-    if not isinstance(step, LLMStep):  # no model call
+    if not isinstance(step, LLMStep | PipelineStep):  # no model call, even per item
         return StepCost(sid, None, None, None, None, 0, Decimal(0), runs=node.runs)
+    if step.for_each is not None:  # the list's length has no bound the compiler knows
+        return StepCost(sid, getattr(step, "model", None), None, None, None, 0, None,
+                        kind="unbounded", runs=node.runs,
+                        problem=f"for_each runs once per item of {step.for_each}, a list "
+                                "of no known length",
+                        fix="the run's max_cost_usd still stops it before a call that "
+                            "could go past it")
+    if isinstance(step, PipelineStep):  # the callee's own worst case
+        assert node.callee is not None
+        inner = pipeline_cost(node.callee, bounds.config, bounds.catalog)
+        calls = sum(s.calls for s in inner.steps) * (step.retries + 1)
+        if inner.worst_usd is None:
+            return StepCost(sid, f"pipeline {node.callee.name}", None, None, None, calls, None,
+                            kind=inner.kind, runs=node.runs,
+                            problem=f"pipeline '{node.callee.name}': {inner.problem}",
+                            fix=f"`flowc cost {step.pipeline}` shows what to bound")
+        return StepCost(sid, f"pipeline {node.callee.name}", None, None, None, calls,
+                        inner.worst_usd * (step.retries + 1), runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
     targets = bounds.targets(step.model)
     if isinstance(targets, str):
@@ -676,7 +703,7 @@ def step_cost(bounds: _Bounds, sid: str) -> StepCost:
             answer, Unbounded) else step.max_tool_calls * (answer * CHARS_PER_TOKEN + result))
     if extra:
         sizes.append(len(json.dumps(extra)))
-    calls = (1 + step.retries) * rounds
+    calls = (1 + step.retries) * rounds * (step.repeat.max if step.repeat else 1)
     base = replace(base, calls=calls, note=note)
     chars = _add(*sizes)
     best: tuple[Decimal, str, int, int] | None = None

@@ -61,6 +61,12 @@ RULES: dict[str, Rule] = {
         Rule("unbounded-cost", _E, "max_cost_usd cannot be checked: a run's worst case is "
                                    "unbounded or unpriced"),
         Rule("expression-syntax", _E, "a transform's `expr:` that does not parse"),
+        Rule("for-each-not-a-list", _E, "`for_each` names a value that is not a list"),
+        Rule("pipeline-not-found", _E, "a `type: pipeline` step names no pipeline file"),
+        Rule("pipeline-cycle", _E, "pipelines call each other in a cycle"),
+        Rule("pipeline-errors", _E, "a sub-pipeline that does not compile"),
+        Rule("pipeline-inputs", _E, "a sub-pipeline's inputs: unknown, missing or mistyped"),
+        Rule("repeat-without-check", _E, "`repeat` with no `until:` and no schema to match"),
         Rule("constant-condition", _W, "a condition that is always true or always false"),
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),

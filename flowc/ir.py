@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from flowc.dag import Dag
 from flowc.expr import Node, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline, TransformStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline, PipelineStep, TransformStep
 from flowc.template import Template
 from flowc.types import Type
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepNode:
-    step: LLMStep | MCPToolStep | TransformStep
+    step: LLMStep | MCPToolStep | TransformStep | PipelineStep
     condition: Node | None  # parsed `when:` (None: always runs)
     templates: dict[str, Template]  # parsed prompt/system
     reads: tuple[str, ...]  # output names the step reads (data and condition)
@@ -35,6 +35,9 @@ class StepNode:
     skip_reason: str | None = None
     params: Any = None  # an mcp_tool step's params, each templated string a parsed Template
     construct: Any = None  # a transform's parsed expression(s); a switch's cases
+    items: Ref | None = None  # `for_each:` (the step runs once per item)
+    until: Node | None = None  # `repeat: {until:}`
+    callee: CompiledPipeline | None = None  # a `type: pipeline` step's pipeline
 
 
 @dataclass(frozen=True)

@@ -136,6 +136,17 @@ class ResponseFormat(_Strict):
         return self
 
 
+class Repeat(_Strict):
+    """`repeat:` on a step: a loop with a bound, for validate-and-repair."""
+
+    until: str | bool | None = Field(
+        default=None,
+        description="Condition over `${self.output}` (the attempt's answer) and any earlier "
+                    "value; without it, a step repeats until its answer matches its "
+                    "`response_format` schema.")
+    max: int = Field(ge=1, le=10, description="Most attempts, the first included.")
+
+
 class _StepBase(_Strict):
     id: str = Field(pattern=NAME_PATTERN, description="Unique step id.")
     output: str | None = Field(
@@ -156,6 +167,23 @@ class _StepBase(_Strict):
         default="fail",
         description="`fail` fails the run and cancels running steps; `continue` lets other "
                     "branches go on, and the step's output is missing (like a skip).")
+    for_each: str | None = Field(
+        default=None,
+        description="Map: run the step once per item of this list reference (`${input.docs}`); "
+                    "its result is the list of the items' results, in order. `when:`, "
+                    "`retries:`, `timeout:` and `on_error:` then apply to each item.")
+    as_: str = Field(default="item", alias="as", pattern=NAME_PATTERN,
+                     description="With `for_each`: the name the current item is read by "
+                                 "(`${item}`, `${item.field}`).")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="With `for_each`: most items running at once (default 10).")
+    repeat: Repeat | None = Field(
+        default=None,
+        description="Run the step again until `until` holds (and its answer matches its "
+                    "`response_format`), at most `max` times; `${self.previous}` and "
+                    "`${self.error}` tell an attempt what the last one answered and what was "
+                    "wrong with it.")
 
     @property
     def output_name(self) -> str:
@@ -214,9 +242,23 @@ class TransformStep(_StepBase):
         return self
 
 
-Step = Annotated[LLMStep | MCPToolStep | TransformStep, Field(discriminator="type")]
+class PipelineStep(_StepBase):
+    """Runs another pipeline (a sub-pipeline) and takes its `output:` as the result."""
+
+    type: Literal["pipeline"]
+    pipeline: str = Field(
+        min_length=1,
+        description="A pipeline file relative to this one (`./summarize.yaml`), or the `name:` "
+                    "of a pipeline file in this one's folder.")
+    inputs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The callee's inputs: values or templates with ${...} references.")
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep | PipelineStep,
+                 Field(discriminator="type")]
 STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
-                                          "transform": TransformStep}
+                                          "transform": TransformStep, "pipeline": PipelineStep}
 
 
 class Pipeline(_Strict):

@@ -21,7 +21,7 @@ import graphviz
 
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline, StepNode
-from flowc.model import LLMStep, MCPToolStep, TransformStep
+from flowc.model import LLMStep, MCPToolStep, PipelineStep, TransformStep
 
 _STYLE = {
     "llm": {"shape": "box", "style": "rounded,filled", "fillcolor": "#dbeafe",
@@ -30,6 +30,8 @@ _STYLE = {
                  "color": "#15803d"},
     "transform": {"shape": "parallelogram", "style": "filled", "fillcolor": "#f5f3ff",
                   "color": "#6d28d9"},
+    "pipeline": {"shape": "box3d", "style": "filled", "fillcolor": "#ede9fe",
+                 "color": "#6d28d9"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -76,10 +78,15 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
         attrs = dict(_STYLE[step.type])
         detail = (step.model + (f"\ntools: {', '.join(step.tool_refs)}" if step.tools else "")
                   if isinstance(step, LLMStep) else f"{step.server}.{step.tool}"
-                  if isinstance(step, MCPToolStep) else construct_detail(node))
+                  if isinstance(step, MCPToolStep) else step.pipeline
+                  if isinstance(step, PipelineStep) else construct_detail(node))
         label = f"{sid}\n[{step.type}] {detail}"
         if step.output and step.output != sid:
             label += f"\n→ {step.output}"
+        if step.for_each is not None:  # a map: drawn as a stack of its items
+            label += (f"\nfor each {step.as_} in {_short(step.for_each)}"
+                      f"\n(≤{step.max_concurrency or 10} at once)")
+            attrs["peripheries"] = "2"
         if step.when is not None:
             label += f"\nwhen {_short(str(step.when))}"
         inputs = sorted(_input_names(node.refs, None))
@@ -98,6 +105,12 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
             attrs.update(mark.attrs)
             tooltip = mark.tooltip
         dot.node(sid, label, tooltip=tooltip, **attrs)
+        if step.repeat is not None:
+            until = step.repeat.until if isinstance(step.repeat.until, str) else "valid"
+            dot.edge(sid, sid, label=_short(f"repeat until {until} (max {step.repeat.max})")
+                     if labels else None, style="dashed", color="#6d28d9")
+        if node.callee is not None:
+            _callee(dot, sid, node.callee)
         if sid in input_edges:
             style = _CONDITION if _input_names(node.refs, "condition") else {}
             dot.edge(INPUT_NODE, sid, label=f"input.{', input.'.join(inputs)}"
@@ -140,6 +153,21 @@ def construct_detail(node: StepNode) -> str:
         body = step.expr if isinstance(step.expr, str) else ", ".join(step.expr or {})
         return f"{_short(body)}\n→ {node.output_type}"
     return ""
+def _callee(dot: graphviz.Digraph, sid: str, callee: CompiledPipeline) -> None:
+    """A sub-pipeline's steps, in a box beside the step that calls it."""
+    with dot.subgraph(name=f"cluster_{sid}") as sub:
+        sub.attr(label=f"{sid}: pipeline {callee.name}", style="dashed", color="#6d28d9",
+                 fontsize="10")
+        for inner in callee.order:
+            step = callee.node(inner).step
+            sub.node(f"{sid}/{inner}", f"{inner}\n[{step.type}]", **_STYLE[step.type])
+            if callee.node(inner).callee is not None:
+                _callee(dot, f"{sid}/{inner}", callee.node(inner).callee)  # type: ignore[arg-type]
+        for producer, consumer in callee.graph.edges():
+            sub.edge(f"{sid}/{producer}", f"{sid}/{consumer}")
+    roots = [s for s in callee.order if callee.graph.in_degree(s) == 0]
+    for root in roots:
+        dot.edge(sid, f"{sid}/{root}", style="dotted", label="runs", color="#6d28d9")
 
 
 def _input_names(refs: tuple, kind: str | None) -> set[str]:
@@ -157,5 +185,11 @@ def _legend(dot: graphviz.Digraph) -> None:
         maybe = dict(_STYLE["llm"])
         maybe["style"] += ",dashed"
         lg.node("__legend_maybe", "may be skipped", **maybe)
+        lg.node("__legend_pipeline", "pipeline step\n(its steps boxed beside it)",
+                **_STYLE["pipeline"])
+        lg.node("__legend_map", "for_each step\n(once per item)", **_STYLE["llm"],
+                peripheries="2")
+        lg.edge("__legend_maybe", "__legend_pipeline", style="invis")
+        lg.edge("__legend_pipeline", "__legend_map", style="invis")
         lg.edge("__legend_llm", "__legend_mcp", label="data")
         lg.edge("__legend_mcp", "__legend_maybe", label="read in when", **_CONDITION)

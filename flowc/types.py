@@ -47,6 +47,9 @@ NUMBER = Type("number")
 BOOLEAN = Type("boolean")
 NULL = Type("null")
 OBJECT = Type("object")
+# In an array's ``optional``: its items may be missing (a `for_each` item that was skipped or
+# failed is null), so `${list[0]}` needs a fallback.
+ITEM_MAY_BE_MISSING = "[]"
 
 
 def from_json_schema(schema: Any, _depth: int = 0) -> Type:
@@ -166,6 +169,8 @@ def optional_field(t: Type, segments: tuple[str | int, ...]) -> str | None:
     """The first field along ``segments`` that the schema does not require, if any."""
     for seg in segments:
         if isinstance(seg, int):
+            if ITEM_MAY_BE_MISSING in t.optional:
+                return f"[{seg}]"
             t = t.items or ANY
             continue
         if seg in t.optional:

@@ -33,10 +33,11 @@ from flowc.expr import (
     single_reference,
 )
 from flowc.ir import CompiledPipeline, StepNode
-from flowc.model import LLMStep, MCPToolStep
+from flowc.model import LLMStep, MCPToolStep, PipelineStep
 from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
+from runtime import frame
 from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
@@ -71,6 +72,19 @@ class StepFailed(Exception):
     pass
 
 
+def schema_violation_error(message: str, answer: str, problem: str) -> StepFailed:
+    """A model's answer that is not JSON or breaks the step's `response_format` schema:
+    what `repeat:` repairs (``answer``: the text, ``problem``: what is wrong). Still a
+    StepFailed to everyone else (the run record's error type)."""
+    exc = StepFailed(message)
+    exc.answer, exc.problem = answer, problem  # type: ignore[attr-defined]
+    return exc
+
+
+def is_schema_violation(exc: BaseException) -> bool:
+    return isinstance(exc, StepFailed) and hasattr(exc, "problem")
+
+
 class BudgetExceeded(Exception):
     """The run would spend, or spent, more than its `max_cost_usd`: it fails whatever the
     step's `retries:` and `on_error:` say."""
@@ -90,14 +104,21 @@ class StepResult:
     model_calls: int = 0
     tool_calls: int = 0
     calls: list[dict[str, Any]] = field(default_factory=list)  # each model and tool call
+    items: list[dict[str, Any]] | None = None  # a `for_each` step's items, in order
+    steps: dict[str, StepResult] | None = None  # a sub-pipeline's own steps
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "status": self.status, "latency_ms": round(self.latency_ms, 1),
-                "cost": None if self.cost is None else float(self.cost),
-                "tokens": self.tokens, "attempts": self.attempts,
-                "model_calls": self.model_calls, "tool_calls": self.tool_calls,
-                "calls": self.calls,
-                "error": self.error, "skip_reason": self.skip_reason}
+        out = {"id": self.id, "status": self.status, "latency_ms": round(self.latency_ms, 1),
+               "cost": None if self.cost is None else float(self.cost),
+               "tokens": self.tokens, "attempts": self.attempts,
+               "model_calls": self.model_calls, "tool_calls": self.tool_calls,
+               "calls": self.calls,
+               "error": self.error, "skip_reason": self.skip_reason}
+        if self.items is not None:
+            out["items"] = self.items
+        if self.steps is not None:
+            out["steps"] = [s.to_dict() for s in self.steps.values()]
+        return out
 
 
 @dataclass
@@ -205,18 +226,21 @@ class _Run:
         self.spent = Decimal(0)  # the ledger-priced cost of the run's calls so far
         self.reserved = Decimal(0)  # the worst case of the calls under way
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
-            compiled.name, run_id, sid, ex.dry_run,
+            compiled.name, run_id, frame.label(sid), ex.dry_run,
             retries=compiled.node(sid).step.retries == 0, who=who)
 
     # -- scope -----------------------------------------------------------------------------
     def scope(self, name: str) -> Any:
         if name == "input":
             return self.inputs
+        names = frame.NAMES.get()
+        if names is not None and name in names:  # a `for_each` item, `self` in a `repeat:`
+            return names[name]
         return self.values.get(name, MISSING)
 
     def jinja_names(self) -> dict[str, Any]:
         return {"input": self.inputs, **{k: v for k, v in self.values.items()
-                                         if v is not MISSING}}
+                                         if v is not MISSING}, **(frame.NAMES.get() or {})}
 
     def _emit(self, r: StepResult) -> None:
         if self.listener:
@@ -343,7 +367,9 @@ class _Run:
         r = self.results[sid]
         t0 = time.perf_counter()
         try:
-            reason = self._skip_reason(node)
+            # A map's `when:` and reads are each item's: the step needs only its list.
+            reason = self._skip_reason(node) if node.items is None else \
+                self._missing_read(step, [node.items])
             if reason is not None:
                 r.status, r.skip_reason = "skipped", reason
                 self.missing_why[step.output_name] = f"step '{sid}' was skipped: {reason}"
@@ -351,12 +377,17 @@ class _Run:
                 return
             r.status = "running"
             self._emit(r)
-            async with self.limit:
-                if self.ex.global_limit is not None:
-                    async with self.ex.global_limit:
-                        output = await self._attempts(node, r)
-                else:
-                    output = await self._attempts(node, r)
+            if node.items is not None:
+                from runtime.foreach import run_foreach
+
+                output = await run_foreach(self, node, r)
+            else:
+                async with self.limit:
+                    if self.ex.global_limit is not None:
+                        async with self.ex.global_limit:
+                            output = await self.body(node, r)
+                    else:
+                        output = await self.body(node, r)
         except asyncio.CancelledError:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             raise
@@ -394,7 +425,8 @@ class _Run:
         elif step.when is False:
             return "condition is false"
         return self._missing_read(step, [ref for ref, kind in node.refs
-                                         if kind not in ("condition", "guarded")])
+                                         if kind not in ("condition", "guarded", "until")
+                                         and not _reads_self(step, ref)])
 
     def _missing_read(self, step: Any, refs: list[Ref]) -> str | None:
         for ref in refs:
@@ -407,6 +439,15 @@ class _Run:
                     return f"it reads {m} which is missing ({why})"
                 raise StepFailed(f"'{m}' is missing ({why})") from None
         return None
+
+    async def body(self, node: StepNode, r: StepResult) -> Any:
+        """One execution of the step (one item of a map): its attempts, repeated until
+        valid under `repeat:`."""
+        if node.step.repeat is not None:
+            from runtime.repeat import run_repeat
+
+            return await run_repeat(self, node, r)
+        return await self._attempts(node, r)
 
     async def _attempts(self, node: StepNode, r: StepResult) -> Any:
         step = node.step
@@ -425,6 +466,8 @@ class _Run:
                 err: Exception = StepFailed(f"timed out after {step.timeout:g} s")
             except (FlowcError, StepFailed) as exc:
                 err = exc
+                if step.repeat is not None and is_schema_violation(exc):
+                    raise  # `repeat:` asks again with the violation: no blind retry
             if attempt < step.retries:
                 r.error = None
                 await asyncio.sleep(min(8.0, 0.2 * 2 ** attempt))
@@ -434,7 +477,7 @@ class _Run:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _servers_of(self, step: Any) -> list[str]:
-        if self.ex.tools is None:
+        if self.ex.tools is None or isinstance(step, PipelineStep):
             return []
         if isinstance(step, MCPToolStep):
             return [step.server]
@@ -445,6 +488,10 @@ class _Run:
         step = node.step
         if isinstance(step, LLMStep):
             return await self._llm(node, step, r)
+        if isinstance(step, PipelineStep):
+            from runtime.subpipeline import run_pipeline
+
+            return await run_pipeline(self, node, r)
         if not isinstance(step, MCPToolStep):  # transform, switch: runtime/constructs
             from runtime.constructs import run_construct
 
@@ -536,12 +583,14 @@ class _Run:
             try:
                 value = json.loads(content)
             except ValueError:
-                raise StepFailed(f"model {step.model} did not answer with JSON: "
-                                 f"{content[:200]!r}") from None
+                raise schema_violation_error(f"model {step.model} did not answer with JSON: "
+                                             f"{content[:200]!r}", content,
+                                             "the answer is not JSON") from None
             problem = schema_violation(rf.schema_ or {"type": "object"}, value)
             if problem is not None:  # the compiler typed what follows by this schema
-                raise StepFailed(f"model {step.model} answered JSON that does not match the "
-                                 f"step's schema: {problem}")
+                raise schema_violation_error(f"model {step.model} answered JSON that does not "
+                                             f"match the step's schema: {problem}", content,
+                                             problem)
             return value
         return content
 
@@ -675,6 +724,12 @@ def schema_violation(schema: dict[str, Any], value: Any) -> str | None:
         return None
     at = json_path(err.absolute_path)
     return f"{at[1:] if at.startswith('.') else at or 'the answer'}: {err.message}"[:500]
+
+
+def _reads_self(step: LLMStep | MCPToolStep | PipelineStep, ref: Ref) -> bool:
+    """A read of `self` in a repeated step: bound per attempt (runtime/repeat.py)."""
+    return step.repeat is not None and any(
+        isinstance(a, Path) and a.root == "self" for a in ref.alts)
 
 
 def _describe(exc: BaseException) -> str:

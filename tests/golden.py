@@ -6,6 +6,7 @@ Regenerate after an intended change with `python -m tests.golden`, then review t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from flowc.compiler import Project, compile_source
@@ -24,7 +25,8 @@ def case_files() -> list[Path]:
 
 def render(case: Path, proj: Project) -> str:
     text = case.read_text()
-    result = compile_source(text, case.name, proj)
+    with contextlib.chdir(case.parent):  # a sub-pipeline is found relative to its caller
+        result = compile_source(text, case.name, proj)
     return format_text(result.diagnostics, sources={case.name: text})
 
 

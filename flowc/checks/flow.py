@@ -16,6 +16,7 @@ from flowc import types as T
 from flowc.context import Context, Use
 from flowc.dag import cyclic_components, shortest_cycle, topological_order, with_ancestors
 from flowc.expr import Literal, Node, Not, Path
+from flowc.scopes import missing_reason, root_type
 
 _RANK = {"always": 0, "maybe": 1, "never": 2}
 _OWN_CONDITION = "it has a `when:` condition"
@@ -56,7 +57,7 @@ def check_skips(ctx: Context) -> None:
         why = None
         if info.constant is False:
             runs, why = "never", "its condition is always false"
-        elif info.condition is not None and info.constant is not True:
+        elif info.condition is not None and info.constant is not True and info.items is None:
             runs, why = "maybe", _OWN_CONDITION
         own_only = True  # skipped by its own condition alone (a guard for if/else joins)
         for use in info.uses:
@@ -81,7 +82,7 @@ def check_skips(ctx: Context) -> None:
         if runs == "never":
             status[name] = "never"
             reason[name] = f"step '{sid}' never runs ({why})"
-        elif runs == "maybe" or step.on_error == "continue":
+        elif runs == "maybe" or (step.on_error == "continue" and info.items is None):
             status[name] = "maybe"
             reason[name] = (f"step '{sid}' may be skipped ({why})" if runs == "maybe"
                             else f"step '{sid}' may fail without failing the run "
@@ -136,7 +137,7 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
                     avail, name = "maybe", str(alt)
         else:
             avail, name = status.get(alt.root, "always"), alt.root
-            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
             if avail == "always" and absent is not None:
                 avail, name = "maybe", str(alt)
         if avail == "always":
@@ -159,7 +160,9 @@ def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
                 return (f"field '{absent}' of input '{alt.segments[0]}' may be left out (its "
                         "`required:` does not list it, or its schema allows null)")
         elif isinstance(alt, Path) and str(alt) == name:
-            absent = T.optional_field(ctx.output_types.get(alt.root, T.ANY), alt.segments)
+            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
+            if absent is not None and missing_reason(alt, absent):
+                return missing_reason(alt, absent)
             producer = ctx.producers.get(alt.root)
             if absent is not None and producer is not None \
                     and ctx.steps[producer].step.type == "transform":

@@ -10,6 +10,7 @@ from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
 from flowc.model import LLMStep, MCPToolStep
+from flowc.scopes import local_type
 from flowc.source import Span
 from flowc.template import Template, jinja_reads, parse_template
 from flowc.validate import did_you_mean, suggest
@@ -20,6 +21,7 @@ def collect_uses(ctx: Context) -> None:
     for info in ctx.steps.values():
         step = info.step
         base = ("steps", info.index)
+        constructs.scan(ctx, info, _scan_template, _scan_params)
         if isinstance(step, LLMStep):
             for name in ("prompt", "system"):
                 text = getattr(step, name)
@@ -132,7 +134,7 @@ def _collect_output(ctx: Context) -> None:
 def resolve_uses(ctx: Context) -> None:
     """Report references to undefined names and bad field paths; add data edges."""
     for info in ctx.steps.values():
-        ctx.output_types[info.step.output_name] = output_type(ctx, info)
+        ctx.output_types[info.step.output_name] = constructs.step_type(ctx, info, output_type)
     g = ctx.graph
     for info in ctx.steps.values():
         g.add_node(info.step.id)
@@ -140,6 +142,8 @@ def resolve_uses(ctx: Context) -> None:
         for use in info.uses:
             for producer in _resolve(ctx, use):
                 _add_edge(ctx, producer, info.step.id, use)
+            if use.ref is info.items:  # the item's type, before the reads of it
+                constructs.foreach.bind(ctx, info)
         derived = constructs.output_type(ctx, info)  # typed from what it reads, just typed
         if derived is not None:
             ctx.output_types[info.step.output_name] = derived
@@ -205,6 +209,10 @@ def _resolve(ctx: Context, use: Use) -> list[str]:
     for alt in use.ref.alts:
         if isinstance(alt, Literal):
             types.append(T.of_value(alt.value))
+            continue
+        local = local_type(ctx, use, alt.root)
+        if local is not None:  # a name the step binds itself (`for_each` item, `self`)
+            types.append(_walk(ctx, local, alt, 0, use.span) or T.ANY)
             continue
         t = path_type(ctx, alt, use.span)
         types.append(t or T.ANY)

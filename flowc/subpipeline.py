@@ -1,0 +1,155 @@
+"""`type: pipeline` steps (sub-pipelines): the callee is found, compiled and typed here;
+runtime/subpipeline.py runs it.
+
+`pipeline:` is a file relative to the caller (`./summarize.yaml`) or the `name:` of a
+pipeline file in the caller's folder. The step's `inputs:` are checked against the callee's
+declared inputs (unknown, missing, wrong type), and its result is typed from the callee's
+`output:`. Files that call each other in a cycle are an error naming the cycle.
+"""
+
+from __future__ import annotations
+
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from flowc import types as T
+from flowc.context import Context, StepInfo
+from flowc.expr import single_reference
+from flowc.validate import did_you_mean, suggest
+
+# The files being compiled, outermost first: a callee already on it is a cycle.
+_STACK: ContextVar[tuple[str, ...]] = ContextVar("flowc_pipeline_stack", default=())
+_KINDS_FIT = {("integer", "number")}  # (value, declared): an integer is a number
+
+
+def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
+    from flowc.model import PipelineStep
+
+    step = info.step
+    if not isinstance(step, PipelineStep):
+        return
+    base = ctx.step_path(step.id)
+    info.params = scan_params(ctx, info, (*base, "inputs"), step.inputs)
+    span = ctx.source.span_of((*base, "pipeline"))
+    target = find(Path(ctx.source.path), step.pipeline)
+    if target is None:
+        path_like = "/" in step.pipeline or step.pipeline.endswith((".yaml", ".yml"))
+        ctx.out.add("pipeline-not-found", f"pipeline '{step.pipeline}' not found: "
+                    + ("no such file" if path_like else "no such file, and no pipeline file "
+                       f"beside this one has `name: {step.pipeline}`"),
+                    span.start, span.end,
+                    help="give a path relative to this file (./summarize.yaml) or a "
+                         "pipeline's name")
+        return
+    here = str(Path(ctx.source.path).resolve())
+    stack = _STACK.get() or (here,)
+    if str(target) in stack:
+        chain = [*stack[stack.index(str(target)):], str(target)]
+        ctx.out.add("pipeline-cycle", "pipelines call each other in a cycle: "
+                    + " -> ".join(Path(p).name for p in chain), span.start, span.end,
+                    help="a pipeline cannot call itself, directly or through others")
+        return
+    from flowc.compiler import Project, compile_file
+
+    token = _STACK.set((*stack, str(target)))
+    try:
+        result = compile_file(target, Project(config=ctx.config, catalog=ctx.catalog))
+    finally:
+        _STACK.reset(token)
+    errors = result.errors
+    cycle = next((d for d in errors if d.rule == "pipeline-cycle"), None)
+    if cycle is not None:
+        ctx.out.add("pipeline-cycle", cycle.message, span.start, span.end, help=cycle.help)
+    elif errors:
+        first = errors[0]
+        ctx.out.add("pipeline-errors",
+                    f"pipeline '{step.pipeline}' has {len(errors)} error"
+                    f"{'s' if len(errors) != 1 else ''}; the first: {Path(first.path).name}:"
+                    f"{first.line}:{first.col}: {first.message}", span.start, span.end,
+                    help=f"run `flowc check {step.pipeline}`")
+    info.callee = result.compiled
+
+
+def find(caller: Path, ref: str) -> Path | None:
+    """The callee's file: a path relative to the caller, or a sibling file's `name:`."""
+    folder = caller.resolve().parent
+    candidate = (folder / ref).resolve()
+    if candidate.is_file():
+        return candidate
+    if "/" in ref or ref.endswith((".yaml", ".yml")):
+        return None
+    named = re.compile(rf"^name:\s*[\"']?{re.escape(ref)}[\"']?\s*(#.*)?$", re.M)
+    for path in sorted([*folder.glob("*.yaml"), *folder.glob("*.yml")]):
+        try:
+            if named.search(path.read_text(encoding="utf-8", errors="replace")):
+                return path.resolve()
+        except OSError:
+            continue
+    return None
+
+
+def result_type(info: StepInfo) -> T.Type:
+    callee = info.callee
+    return callee.metadata.get("output_type", T.ANY) if callee is not None else T.ANY
+
+
+def output_type_of(ctx: Context) -> T.Type:
+    """The type of a compiled pipeline's `output:` (what a caller's step gets)."""
+    raw = ctx.raw.get("output") if isinstance(ctx.raw, dict) else None
+
+    def one(text: str) -> T.Type:
+        ref = single_reference(text)
+        return ctx.ref_types.get(ref, T.ANY) if ref is not None else T.STRING
+
+    if isinstance(raw, str):
+        return one(raw)
+    if isinstance(raw, dict):
+        return T.Type("object", fields=tuple((str(k), one(v)) for k, v in raw.items()))
+    return T.OBJECT
+
+
+def check_inputs(ctx: Context, info: StepInfo) -> None:
+    """The step's `inputs:` against the callee's declared inputs."""
+    callee = info.callee
+    if callee is None:
+        return
+    step = info.step
+    base = ctx.step_path(step.id)
+    declared = callee.inputs
+    given: dict[str, Any] = step.inputs  # type: ignore[union-attr]
+    for name, value in given.items():
+        spec = declared.get(name)
+        if spec is None:
+            span = ctx.source.span_of((*base, "inputs", name), key=True)
+            ctx.out.add("pipeline-inputs", f"pipeline '{callee.name}' has no input '{name}'"
+                        + suggest(did_you_mean(name, declared)), span.start, span.end,
+                        help=f"its inputs: {', '.join(declared) or 'none'}")
+            continue
+        t = _value_type(ctx, value)
+        if t.kind not in ("any", spec.type) and (t.kind, spec.type) not in _KINDS_FIT:
+            span = ctx.source.span_of((*base, "inputs", name))
+            ctx.out.add("pipeline-inputs",
+                        f"input '{name}' of pipeline '{callee.name}' is {_a(spec.type)}, "
+                        f"but this value is {_a(str(t))}", span.start, span.end)
+    missing = [n for n, spec in declared.items() if spec.is_required and n not in given]
+    if missing:
+        span = ctx.source.span_of((*base, "inputs" if given else "pipeline"))
+        ctx.out.add("pipeline-inputs",
+                    f"pipeline '{callee.name}' needs input{'s' if len(missing) > 1 else ''} "
+                    + ", ".join(f"'{n}'" for n in missing), span.start, span.end,
+                    help="pass them under `inputs:`")
+
+
+def _value_type(ctx: Context, value: Any) -> T.Type:
+    if isinstance(value, str):
+        ref = single_reference(value)
+        if ref is not None:
+            return ctx.ref_types.get(ref, T.ANY)
+        return T.STRING
+    return T.of_value(value)
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind

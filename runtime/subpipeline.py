@@ -1,0 +1,88 @@
+"""Running a `type: pipeline` step (flowc/subpipeline.py): the callee runs as a nested run
+inside this one: same run id, the caller's budget, and its calls' ledger `step_id` is
+`caller/callee_step` (`map[2]/summarize` inside a map). Its steps go on the step's record
+(`steps`), and their costs, tokens and calls roll up into the step's."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from runtime import frame
+from runtime.executor import BudgetExceeded, StepFailed, _Run
+from runtime.inputs import InputError, check_inputs
+
+if TYPE_CHECKING:
+    from flowc.ir import CompiledPipeline, StepNode
+    from runtime.executor import StepResult
+    from runtime.gateway.calls import CallContext
+
+
+class _Nested(_Run):
+    """A callee's run. It spends from its caller's budget: ``spent`` and ``reserved`` are
+    the caller's, so concurrent steps on either side cannot overspend together."""
+
+    _parent: _Run | None = None
+
+    def __init__(self, parent: _Run, compiled: CompiledPipeline, inputs: dict[str, Any],
+                 prefix: str, base: CallContext) -> None:
+        super().__init__(parent.ex, compiled, inputs, parent.run_id, None)
+        self._parent = parent
+        self.budget = parent.budget
+        self.ctx = lambda sid: replace(base, step_id=f"{prefix}/{frame.label(sid)}",
+                                       retries=compiled.node(sid).step.retries == 0)
+
+    @property  # type: ignore[override]
+    def spent(self) -> Decimal:
+        return self._parent.spent if self._parent else self.__dict__["_spent"]
+
+    @spent.setter
+    def spent(self, value: Decimal) -> None:
+        if self._parent:
+            self._parent.spent = value
+        else:
+            self.__dict__["_spent"] = value
+
+    @property  # type: ignore[override]
+    def reserved(self) -> Decimal:
+        return self._parent.reserved if self._parent else self.__dict__["_reserved"]
+
+    @reserved.setter
+    def reserved(self, value: Decimal) -> None:
+        if self._parent:
+            self._parent.reserved = value
+        else:
+            self.__dict__["_reserved"] = value
+
+
+async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
+    step = node.step
+    callee = node.callee
+    assert callee is not None
+    args = await run._params(node.params, f"inputs of step '{step.id}'")
+    try:
+        values = check_inputs(callee.pipeline.inputs, args)
+    except InputError as exc:
+        raise StepFailed(f"pipeline '{callee.name}': {exc}") from None
+    child = _Nested(run, callee, values, frame.label(step.id), run.ctx(step.id))
+    names, label = frame.NAMES.set(None), frame.LABEL.set(None)  # the callee's own scope
+    try:
+        result = await child.execute()
+    finally:
+        frame.NAMES.reset(names)
+        frame.LABEL.reset(label)
+    r.steps = child.results
+    for s in child.results.values():
+        r.calls.extend({**c, "step": s.id} for c in s.calls)
+        r.tokens += s.tokens
+        r.model_calls += s.model_calls
+        r.tool_calls += s.tool_calls
+        r.cost = None if r.cost is None or s.cost is None else r.cost + s.cost
+    if result.status != "succeeded":
+        error = result.error or {}
+        message = f"pipeline '{callee.name}' failed: {error.get('message')}"
+        if error.get("type") == "BudgetExceeded":
+            raise BudgetExceeded(message)
+        raise StepFailed(message)
+    return result.output
