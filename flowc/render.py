@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import graphviz
 
+from flowc.caching import cache_of
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline
 from flowc.model import LLMStep
@@ -61,6 +62,9 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
         detail = (step.model + (f"\ntools: {', '.join(step.tool_refs)}" if step.tools else "")
                   if isinstance(step, LLMStep) else f"{step.server}.{step.tool}")
         label = f"{sid}\n[{step.type}] {detail}"
+        cached, ttl = cache_of(step)
+        if cached:
+            label += "\ncached" + (f" (ttl {step.cache.ttl})" if ttl else "")
         if step.output and step.output != sid:
             label += f"\n→ {step.output}"
         if step.when is not None:

@@ -464,6 +464,7 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
     from runtime.ledger.store import Ledger
     from runtime.mcp.manager import MCPManager
     from runtime.providers import Providers
+    from runtime.step_cache import StepCache
 
     ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
@@ -474,7 +475,7 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
                                 dry_run=True)
         else:
             caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
-            executor = Executor(caller, mcp)
+            executor = Executor(caller, mcp, cache=StepCache(ledger))
         # Ctrl-C cancels the run's steps; the record of what had finished is kept.
         outcome = await executor.run(compiled, inputs, listener=_live if live else None,
                                      on_cancel=lambda r: runs.save(ledger, r))

@@ -35,6 +35,7 @@ from runtime.ledger.store import Ledger, LedgerUnavailable
 from runtime.mcp.manager import MCPManager
 from runtime.mcp.serve import mcp_asgi_app
 from runtime.providers import FlowcError, Providers
+from runtime.step_cache import StepCache
 from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.server")
@@ -87,7 +88,8 @@ class Runtime:
         if dry_run:
             return Executor(DryRunModels(self.ledger), DryRunTools(), dry_run=True,
                             global_limit=self.limit)
-        return Executor(self.caller, self.mcp, global_limit=self.limit)
+        return Executor(self.caller, self.mcp, global_limit=self.limit,
+                        cache=StepCache(self.ledger))
 
     async def stop(self) -> None:
         await self.alerter.drain()
