@@ -156,6 +156,7 @@ class RunResult:
         }
         if self.inputs is not None:
             out["inputs"] = self.inputs
+            out["inputs_hash"] = self.inputs_hash
         if self.resumed_from is not None:
             out["resumed_from"] = self.resumed_from
         if self.error:

@@ -103,7 +103,9 @@ def resumable(run_id: str, record: dict[str, Any], workflow: str,
         raise ResumeError(f"run '{run_id}' was a dry run: run it again instead")
     recorded = record.get("inputs")
     if inputs is not None:
-        if recorded is not None and inputs_hash_of(inputs) != inputs_hash_of(recorded):
+        expected = record.get("inputs_hash") or (
+            None if recorded is None else inputs_hash_of(recorded))
+        if expected is not None and inputs_hash_of(inputs) != expected:
             raise ResumeError(f"the inputs given differ from run '{run_id}'s: a resume "
                               "runs with the same inputs (leave them out to reuse them)")
         return inputs
@@ -111,3 +113,21 @@ def resumable(run_id: str, record: dict[str, Any], workflow: str,
         raise ResumeError(f"run '{run_id}' did not record its inputs: give them again "
                           "(they are checked against the run's inputs hash)")
     return recorded
+
+
+async def resume_run(executor: Any, compiled: CompiledPipeline, run_id: str,
+                     record: dict[str, Any], inputs: dict[str, Any] | None = None, *,
+                     who: Any = None, listener: Any = None,
+                     decisions: dict[str, Decision] | None = None,
+                     check: bool = True) -> Any:
+    """Run ``compiled`` again as a resume of ``run_id`` (recorded as ``record``): a new
+    run, linked to it, that reuses what succeeded. ``check=False``: the run's state was
+    checked by the caller (an approval continues a waiting run)."""
+    from runtime.executor import inputs_hash
+    from runtime.inputs import check_inputs
+
+    given = None if inputs is None else check_inputs(compiled.pipeline.inputs, inputs)
+    values = (resumable(run_id, record, compiled.name, given, inputs_hash) if check
+              else record.get("inputs") or {})
+    return await executor.run(compiled, values, who=who, listener=listener,
+                              resume=plan(compiled, run_id, record, decisions))

@@ -44,9 +44,10 @@ def compile_yaml(text: str):
     return result.compiled
 
 
-def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None):
+def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None, act=None):
     """One run with a ledger at ``ledger_path`` (kept between runs, like a project's);
-    ``mcp``: MCP servers' configs (started for the run, closed after)."""
+    ``mcp``: MCP servers' configs (started for the run, closed after); ``act``: what to do
+    with the executor instead of a run of ``compiled`` with ``inputs``."""
     async def go():
         tools = MCPManager(mcp, ledger_path.parent) if mcp else None
         config = ProjectConfig.model_validate(CONFIG)
@@ -55,8 +56,8 @@ def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None):
         ledger = Ledger(ledger_path, 0.1)
         try:
             caller = ModelCaller(config, providers, Router(config, providers), ledger)
-            result = await Executor(caller, tools, cache=StepCache(ledger)).run(
-                compiled, inputs)
+            executor = Executor(caller, tools, cache=StepCache(ledger))
+            result = await (act(executor) if act else executor.run(compiled, inputs))
             ledger.flush()
             rows = ledger.select(
                 "SELECT step_id, cost_usd, cached, saved_usd, price_source, status "

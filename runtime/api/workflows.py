@@ -135,3 +135,12 @@ async def run_list(request: Request, a: Caller, limit: int = 50) -> Response:
     keys = ["run_id", "workflow", "status", "started_at", "latency_ms", "dry_run", "key_id",
             "team"]
     return json_response({"runs": [dict(zip(keys, r, strict=True)) for r in rows]})
+
+
+@router.post("/v1/runs/{run_id}/resume")
+async def resume_run(run_id: str, request: Request, a: Caller) -> Response:
+    """A new run that reuses what the run's steps produced and runs the rest
+    (runtime/api/run_control.py)."""
+    from runtime.api import run_control
+
+    return await run_control.resume(request, a, run_id, *_runs_scope(a))
