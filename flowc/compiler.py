@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from flowc.checks.budget import check_budget
+from flowc.checks.caching import check_caching
 from flowc.checks.conditions import check_conditions
 from flowc.checks.flow import check_cycles, check_skips, check_usage
 from flowc.checks.project import check_project
@@ -136,6 +137,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
         check_skips(ctx)
         check_usage(ctx)
         check_project(ctx)
+        check_caching(ctx)
     has_errors = any(d.severity is Severity.ERROR for d in out.results())
     compiled = None if has_errors else _build(ctx, path)
     if compiled is not None:  # a worst case needs the whole, valid pipeline

@@ -7,9 +7,10 @@ These models are the single definition of the language: the compiler validates a
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from flowc.schemas import schema_key, schema_problem
 
@@ -147,6 +148,42 @@ class Repeat(_Strict):
     max: int = Field(ge=1, le=10, description="Most attempts, the first included.")
 
 
+DURATION_PATTERN = r"^[1-9][0-9]*(s|m|h|d)$"
+
+
+class CacheSpec(_Strict):
+    """`cache:` with settings (`cache: true` is the same with none)."""
+
+    ttl: str | None = Field(
+        default=None, pattern=DURATION_PATTERN,
+        description="How long a cached result is reused: `30s`, `10m`, `1h`, `7d`. "
+                    "Without it, until the ledger is cleared.")
+
+
+def _cache_shape(value: Any) -> Any:
+    """One clear message for a wrong `cache:` instead of one per member of its union."""
+    if isinstance(value, bool | CacheSpec):
+        return value
+    if isinstance(value, dict):
+        unknown = sorted(str(k) for k in value if k != "ttl")
+        if unknown:
+            raise ValueError(f"unknown cache setting '{unknown[0]}' (cache takes only ttl)")
+        ttl = value.get("ttl")
+        if ttl is not None and not (isinstance(ttl, str) and re.match(DURATION_PATTERN, ttl)):
+            raise ValueError(f"cache ttl must be a duration such as 30s, 10m, 1h or 7d, "
+                             f"not {ttl!r}")
+        return value
+    raise ValueError("`cache` must be true, false or {ttl: <duration>}, not "
+                     f"{type(value).__name__} {value!r}")
+
+
+CACHE_DESCRIPTION = ("Reuse the result of an identical earlier call (same rendered "
+                     "request, model and parameters) instead of calling again: $0 in the "
+                     "ledger, with the saving recorded. `true`, or `{ttl: 1h}`.")
+
+Cache = Annotated[bool | CacheSpec, BeforeValidator(_cache_shape)]
+
+
 class _StepBase(_Strict):
     id: str = Field(pattern=NAME_PATTERN, description="Unique step id.")
     output: str | None = Field(
@@ -204,6 +241,7 @@ class LLMStep(_StepBase):
         default=None,
         description="MCP tools offered to the model: `server.tool`, or `server.*`.")
     max_tool_calls: int = Field(default=10, ge=1, le=100)
+    cache: Cache = Field(default=False, description=CACHE_DESCRIPTION)
 
     @property
     def tool_refs(self) -> list[str]:
@@ -219,6 +257,7 @@ class MCPToolStep(_StepBase):
     server: str = Field(min_length=1)
     tool: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
+    cache: Cache = Field(default=False, description=CACHE_DESCRIPTION)
 
 
 class TransformStep(_StepBase):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import graphviz
 
+from flowc.caching import cache_of
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline, StepNode
 from flowc.model import LLMStep, MCPToolStep, PipelineStep, TransformStep
@@ -81,6 +82,9 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
                   if isinstance(step, MCPToolStep) else step.pipeline
                   if isinstance(step, PipelineStep) else construct_detail(node))
         label = f"{sid}\n[{step.type}] {detail}"
+        cached, ttl = cache_of(step)
+        if cached:
+            label += "\ncached" + (f" (ttl {step.cache.ttl})" if ttl else "")
         if step.output and step.output != sid:
             label += f"\n→ {step.output}"
         if step.for_each is not None:  # a map: drawn as a stack of its items

@@ -462,9 +462,12 @@ _ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "ca
 def _live(step: Any) -> None:
     """One line per step state change, on stderr (readable in a terminal and in CI logs)."""
     detail = ""
-    if step.status == "done":
+    if step.status == "done" and step.marks.get("resumed_from"):
+        detail = f"reused from run {step.marks['resumed_from']}"
+    elif step.status == "done":
         cost = "?" if step.cost is None else f"${step.cost:.6f}"
-        detail = f"{step.latency_ms:7.0f} ms  {cost}  {step.tokens} tokens"
+        detail = f"{step.latency_ms:7.0f} ms  {cost}  {step.tokens} tokens" + (
+            "  (cached)" if step.cached else "")
     elif step.status == "skipped":
         detail = step.skip_reason or ""
     elif step.status == "failed":
@@ -481,9 +484,12 @@ def _live(step: Any) -> None:
 @click.option("--dry-run", is_flag=True,
               help="Replace model and tool calls by deterministic stand-ins ($0).")
 @click.option("--json", "as_json", is_flag=True, help="Print the run as JSON.")
+@click.option("--resume", "resume_id", metavar="RUN_ID",
+              help="Resume a failed or cancelled run: reuse what its steps produced and "
+                   "run only the steps that did not succeed, with the run's own inputs.")
 @_config_option
 def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: bool,
-        as_json: bool, config: Path | None) -> None:
+        as_json: bool, config: Path | None, resume_id: str | None = None) -> None:
     """Run a pipeline, showing each step as it goes."""
     import asyncio
 
@@ -499,17 +505,23 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
         click.echo(format_text(result.errors), err=True, nl=False)
         raise click.ClickException(f"{file} does not compile ({len(result.errors)} errors)")
     compiled = result.compiled
+    if resume_id and dry_run:
+        raise click.ClickException("--resume cannot be combined with --dry-run")
     try:
         inputs = json.loads(input_json) if input_json else {}
         inputs.update(parse_cli_inputs(pairs, compiled.pipeline.inputs))
-        check_inputs(compiled.pipeline.inputs, inputs)
+        if resume_id and not (input_json or pairs):
+            inputs = None  # the run's own, as recorded
+        else:
+            check_inputs(compiled.pipeline.inputs, inputs)
     except InputError as exc:
         raise click.ClickException("; ".join(exc.problems)) from None
     except ValueError as exc:
         raise click.ClickException(f"--input-json is not valid JSON: {exc}") from None
     if dry_run:
         click.echo("DRY RUN: model and tool calls are stand-ins; nothing is billed.", err=True)
-    outcome = asyncio.run(_run(compiled, inputs, cfg, project_dir, dry_run, not as_json))
+    outcome = asyncio.run(_run(compiled, inputs, cfg, project_dir, dry_run, not as_json,
+                               resume_id))
     if as_json:
         click.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
     else:
@@ -517,8 +529,9 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
     sys.exit(0 if outcome.status == "succeeded" else 1)
 
 
-async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, project_dir: Path,
-               dry_run: bool, live: bool) -> Any:
+async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
+               project_dir: Path, dry_run: bool, live: bool, resume_id: str | None = None
+               ) -> Any:
     import asyncio
 
     from runtime import runs
@@ -529,6 +542,7 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
     from runtime.ledger.store import Ledger
     from runtime.mcp.manager import MCPManager
     from runtime.providers import Providers
+    from runtime.step_cache import StepCache
 
     ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
@@ -539,9 +553,20 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
                                 dry_run=True)
         else:
             caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
-            executor = Executor(caller, mcp)
+            executor = Executor(caller, mcp, cache=StepCache(ledger))
+        if resume_id:
+            from runtime.resume import ResumeError, resume_run
+
+            record = _run_record(ledger, cfg, project_dir, resume_id)
+            try:
+                outcome = await resume_run(executor, compiled, resume_id, record, inputs,
+                                           listener=_live if live else None)
+            except ResumeError as exc:
+                raise click.ClickException(str(exc)) from None
+            runs.save(ledger, outcome)
+            return outcome
         # Ctrl-C cancels the run's steps; the record of what had finished is kept.
-        outcome = await executor.run(compiled, inputs, listener=_live if live else None,
+        outcome = await executor.run(compiled, inputs or {}, listener=_live if live else None,
                                      on_cancel=lambda r: runs.save(ledger, r))
         runs.save(ledger, outcome)
         return outcome
@@ -549,6 +574,20 @@ async def _run(compiled: Any, inputs: dict[str, Any], cfg: ProjectConfig, projec
         await mcp.close()
         await providers.close()
         await asyncio.to_thread(ledger.close)
+
+
+def _run_record(ledger: Any, cfg: ProjectConfig, project_dir: Path, run_id: str
+                ) -> dict[str, Any]:
+    """A run's record: from the ledger this process holds, else through the project's
+    server (which holds it)."""
+    from runtime.resume import parse_record
+
+    sql = "SELECT record FROM runs WHERE id = ?"
+    rows = (ledger.execute(sql, [run_id]) if ledger.owner
+            else _remote_select(cfg, project_dir, ledger.path)(sql, [run_id])[1])
+    if not rows:
+        raise click.ClickException(f"no run '{run_id}'")
+    return parse_record(rows[0][0])
 
 
 def _output_schemas(cfg: ProjectConfig) -> dict[tuple[str, str], dict[str, Any]]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Protocol
 
+from flowc.caching import cache_of
 from flowc.cost import usd
 from flowc.expr import (
     MISSING,
@@ -42,6 +43,8 @@ from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
 from runtime.providers import FlowcError
+from runtime.resume import Paused, Resume, fingerprints
+from runtime.step_cache import StepCache, cache_key, elapsed_ms, entry_now
 
 log = logging.getLogger("flowc.run")
 
@@ -106,6 +109,10 @@ class StepResult:
     calls: list[dict[str, Any]] = field(default_factory=list)  # each model and tool call
     items: list[dict[str, Any]] | None = None  # a `for_each` step's items, in order
     steps: dict[str, StepResult] | None = None  # a sub-pipeline's own steps
+    cached: bool = False  # its result came from the step cache (`cache:`)
+    saved: Decimal | None = None  # on a cache hit: what the call had cost
+    marks: dict[str, Any] = field(default_factory=dict)  # resumed_from, waiting_for, ...
+    fingerprint: str | None = None  # of the step's definition (a resume reuses a match)
 
     def to_dict(self) -> dict[str, Any]:
         out = {"id": self.id, "status": self.status, "latency_ms": round(self.latency_ms, 1),
@@ -118,7 +125,14 @@ class StepResult:
             out["items"] = self.items
         if self.steps is not None:
             out["steps"] = [s.to_dict() for s in self.steps.values()]
-        return out
+        if self.status == "done":  # what a resume of the run reuses
+            out["output"] = self.output
+        if self.fingerprint is not None:
+            out["fingerprint"] = self.fingerprint
+        if self.cached:
+            out["cached"] = True
+            out["saved_usd"] = None if self.saved is None else float(self.saved)
+        return {**out, **self.marks}
 
 
 @dataclass
@@ -133,6 +147,8 @@ class RunResult:
     dry_run: bool
     error: dict[str, Any] | None = None
     started_at: float = 0.0
+    inputs: dict[str, Any] | None = None  # as checked: a resume runs with them again
+    resumed_from: str | None = None  # the run this one resumed (`flowc run --resume`)
 
     @property
     def total_cost(self) -> Decimal | None:
@@ -158,6 +174,11 @@ class RunResult:
             },
             "dry_run": self.dry_run,
         }
+        if self.inputs is not None:
+            out["inputs"] = self.inputs
+            out["inputs_hash"] = self.inputs_hash
+        if self.resumed_from is not None:
+            out["resumed_from"] = self.resumed_from
         if self.error:
             out["error"] = self.error
         failed = [s.id for s in self.steps.values() if s.status == "failed"]
@@ -176,9 +197,11 @@ def inputs_hash(inputs: dict[str, Any]) -> str:
 class Executor:
     def __init__(self, models: ModelCalls, tools: ToolCalls | None = None, *,
                  dry_run: bool = False, max_concurrency: int = 64,
-                 global_limit: asyncio.Semaphore | None = None) -> None:
+                 global_limit: asyncio.Semaphore | None = None,
+                 cache: StepCache | None = None) -> None:
         self.models = models
         self.tools = tools
+        self.cache = cache  # for steps with `cache:` (never in a dry run)
         self.dry_run = dry_run
         self.max_concurrency = max_concurrency
         self.global_limit = global_limit
@@ -187,15 +210,19 @@ class Executor:
                   run_id: str | None = None, listener: Listener | None = None,
                   who: Principal | None = None,
                   max_cost_usd: Decimal | None = None,
-                  on_cancel: Callable[[RunResult], None] | None = None) -> RunResult:
+                  on_cancel: Callable[[RunResult], None] | None = None,
+                  resume: Resume | None = None) -> RunResult:
         """``who``: the caller its model calls are charged to (a virtual key, over HTTP);
         ``max_cost_usd``: a cap on this run beside the pipeline's own (the smaller holds).
 
         Cancelling the call cancels every running step before the CancelledError goes on;
-        ``on_cancel`` then gets the run as it stood (status "cancelled"), to be recorded."""
+        ``on_cancel`` then gets the run as it stood (status "cancelled"), to be recorded.
+
+        ``resume``: the recorded outputs of another run's steps to reuse instead of running
+        them again (runtime/resume.py), and approval decisions."""
         values = check_inputs(compiled.pipeline.inputs, inputs)
         run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener, who,
-                   max_cost_usd)
+                   max_cost_usd, resume)
         try:
             return await run.execute()
         except asyncio.CancelledError:
@@ -209,7 +236,7 @@ class Executor:
 class _Run:
     def __init__(self, ex: Executor, compiled: CompiledPipeline, inputs: dict[str, Any],
                  run_id: str, listener: Listener | None, who: Principal | None = None,
-                 max_cost_usd: Decimal | None = None) -> None:
+                 max_cost_usd: Decimal | None = None, resume: Resume | None = None) -> None:
         self.ex = ex
         self.c = compiled
         self.inputs = inputs
@@ -217,7 +244,11 @@ class _Run:
         self.listener = listener
         self.values: dict[str, Any] = {}  # output name -> value (absent = not yet / missing)
         self.missing_why: dict[str, str] = {}
-        self.results = {sid: StepResult(sid) for sid in compiled.order}
+        fingerprint = fingerprints(compiled)
+        self.results = {sid: StepResult(sid, fingerprint=fingerprint[sid])
+                        for sid in compiled.order}
+        self.resume = resume or Resume()
+        self.paused: set[str] = set()  # approval steps waiting for a decision
         self.started, self.t0 = time.time(), time.perf_counter()
         self.limit = asyncio.Semaphore(ex.max_concurrency)
         caps = [Decimal(str(c)) for c in (compiled.pipeline.max_cost_usd, max_cost_usd)
@@ -250,7 +281,8 @@ class _Run:
     def result(self, status: str, output: Any, error: dict[str, Any] | None) -> RunResult:
         return RunResult(self.run_id, self.c.name, status, output, self.results,
                          (time.perf_counter() - self.t0) * 1000, inputs_hash(self.inputs),
-                         self.ex.dry_run, error, self.started)
+                         self.ex.dry_run, error, self.started, self.inputs,
+                         self.resume.run_id)
 
     async def execute(self) -> RunResult:
         self.started, self.t0 = time.time(), time.perf_counter()
@@ -268,6 +300,8 @@ class _Run:
             raise
         if error is not None:
             self._cancel_unfinished()
+        elif self.paused:  # an approval waits: what depends on it has not started
+            return self.result("waiting", None, None)
         else:
             error = self._all_failed()
         output = None
@@ -308,7 +342,7 @@ class _Run:
                 if exc is not None and error is None:
                     error = {"step": sid, "type": type(exc).__name__,
                              "message": self.results[sid].error or str(exc)}
-                if error is None:
+                if error is None and sid not in self.paused:
                     for succ in g.successors(sid):
                         waiting[succ] -= 1
                         if waiting[succ] == 0:
@@ -366,6 +400,12 @@ class _Run:
         step = node.step
         r = self.results[sid]
         t0 = time.perf_counter()
+        if sid in self.resume.outputs:  # it succeeded in the run resumed: not run again
+            r.status, r.output, r.marks["resumed_from"] = ("done", self.resume.outputs[sid],
+                                                          self.resume.run_id)
+            self.values[step.output_name] = r.output
+            self._emit(r)
+            return
         try:
             # A map's `when:` and reads are each item's: the step needs only its list.
             reason = self._skip_reason(node) if node.items is None else \
@@ -391,6 +431,12 @@ class _Run:
         except asyncio.CancelledError:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             raise
+        except Paused as waiting:
+            r.latency_ms = (time.perf_counter() - t0) * 1000
+            r.status, r.marks["waiting_for"] = "waiting", waiting.what
+            self.paused.add(sid)
+            self._emit(r)
+            return
         except Exception as exc:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             r.status = "failed"
@@ -500,14 +546,56 @@ class _Run:
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")
         args = await self._params(node.params, f"params template of step '{step.id}'")
+        key = await self._cache_key(step, "mcp_tool", {
+            "server": step.server, "tool": step.tool, "arguments": args})
+        if key is not None and (hit := await self._cache_hit(step, key, r)) is not None:
+            return hit[0]
         res = await self._call_tool(r, step.server, step.tool, args, step.timeout)
         if res.is_error:
             raise StepFailed(f"tool {step.server}.{step.tool} failed: {res.text}")
         if res.structured is None or node.output_type.kind == "string":
-            return res.text  # typed as text: the tool's text, whatever else it sent
-        if is_wrapped_result(res.structured) and node.output_type.field(WRAPPED_RESULT) is None:
-            return res.structured[WRAPPED_RESULT]  # a plain value, as the compiler typed it
-        return res.structured
+            value = res.text  # typed as text: the tool's text, whatever else it sent
+        elif is_wrapped_result(res.structured) and \
+                node.output_type.field(WRAPPED_RESULT) is None:
+            value = res.structured[WRAPPED_RESULT]  # a plain value, as the compiler typed it
+        else:
+            value = res.structured
+        if key is not None:
+            await self._cache_store(step, key, entry_now(value, Decimal(0), 0))
+        return value
+
+    # -- the step cache (`cache:`) ---------------------------------------------------------
+    async def _cache_key(self, step: LLMStep | MCPToolStep, kind: str,
+                         request: dict[str, Any]) -> str | None:
+        """The step's cache key, or None when it is not cached (off, a dry run, no cache)."""
+        on, _ = cache_of(step)
+        if not on or self.ex.cache is None or self.ex.dry_run:
+            return None
+        return cache_key(kind, request)
+
+    async def _cache_hit(self, step: LLMStep | MCPToolStep, key: str, r: StepResult
+                         ) -> tuple[Any] | None:
+        """A cached result (as a 1-tuple: a result may be null), recorded as a $0 call
+        with its saving; None on a miss."""
+        assert self.ex.cache is not None
+        t0 = time.perf_counter()
+        entry = await self.ex.cache.get(key, cache_of(step)[1])
+        if entry is None:
+            return None
+        r.cached, r.saved, r.cost = True, entry.cost, Decimal(0)
+        r.calls.append({"kind": "cache", "key": key, "model": entry.served_model or entry.model,
+                        "cost": 0.0, "saved_usd": None if entry.cost is None
+                        else float(entry.cost), "ms": round(elapsed_ms(t0), 1)})
+        record = getattr(self.ex.models, "record_cached", None)
+        if isinstance(step, LLMStep) and record is not None:
+            record(step.model, entry.provider, entry.served_model, entry.cost, elapsed_ms(t0),
+                   self.ctx(step.id))
+        return (entry.output,)
+
+    async def _cache_store(self, step: LLMStep | MCPToolStep, key: str, entry: Any) -> None:
+        assert self.ex.cache is not None
+        await self.ex.cache.put(key, entry, workflow=self.c.name, step_id=step.id,
+                                run_id=self.run_id)
 
     async def _params(self, value: Any, what: str) -> Any:
         """Tool params with references filled in (a lone reference keeps its type); the
@@ -543,6 +631,10 @@ class _Run:
             tools = await self.ex.tools.function_tools(step.tool_refs)
             req["tools"] = tools
         offered = {t["function"]["name"] for t in tools}
+        key = await self._cache_key(step, "llm", req)
+        if key is not None and (hit := await self._cache_hit(step, key, r)) is not None:
+            return hit[0]
+        paid: list[tuple[Decimal | None, int]] = []  # this attempt's calls: cost, tokens
         calls = 0
         while True:
             t0 = time.perf_counter()
@@ -565,6 +657,7 @@ class _Run:
                             "cost": None if out.cost is None else float(out.cost),
                             "ms": round((time.perf_counter() - t0) * 1000, 1)})
             r.tokens += out.usage.total_tokens
+            paid.append((out.cost, out.usage.total_tokens))
             r.cost = None if r.cost is None or out.cost is None else r.cost + out.cost
             self._spend(step, out.cost)  # after the step's record has the call
             message = out.body["choices"][0]["message"]
@@ -591,8 +684,15 @@ class _Run:
                 raise schema_violation_error(f"model {step.model} answered JSON that does not "
                                              f"match the step's schema: {problem}", content,
                                              problem)
-            return value
-        return content
+        else:
+            value = content
+        if key is not None:
+            costs = [c for c, _ in paid]
+            cost = None if None in costs else sum(costs, Decimal(0))  # type: ignore[arg-type]
+            await self._cache_store(step, key, entry_now(
+                value, cost, sum(t for _, t in paid), step.model, out.target.provider,
+                r.calls[-1].get("model")))
+        return value
 
     # -- the budget (`max_cost_usd`) -------------------------------------------------------
     def _reserve(self, step: LLMStep, req: dict[str, Any]) -> Decimal:

@@ -39,6 +39,7 @@ from runtime.mcp.serve import mcp_asgi_app
 from runtime.pg.db import StoreError
 from runtime.pg.ledger import PgLedger, default_instance
 from runtime.providers import FlowcError, Providers
+from runtime.step_cache import StepCache
 from runtime.workflows import Registry
 
 if TYPE_CHECKING:
@@ -134,7 +135,8 @@ class Runtime:
         if dry_run:
             return Executor(DryRunModels(self.ledger), DryRunTools(), dry_run=True,
                             global_limit=self.limit)
-        return Executor(self.caller, self.mcp, global_limit=self.limit)
+        return Executor(self.caller, self.mcp, global_limit=self.limit,
+                        cache=StepCache(self.ledger))
 
     async def stop(self) -> None:
         await self.alerter.drain()

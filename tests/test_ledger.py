@@ -273,7 +273,8 @@ def test_migrations_are_named_and_applied_once(tmp_path):
     con = connect(tmp_path / "l.duckdb")
     names = [r[0] for r in con.execute("SELECT name FROM schema_migrations ORDER BY 1").fetchall()]
     assert names == ["0001_requests", "0002_workflows", "0003_runs", "0004_bigint_tokens",
-                     "0005_cache_write_1h", "0006_status_estimates", "0007_keys"]
+                     "0005_cache_write_1h", "0006_status_estimates", "0007_keys",
+                     "0008_step_cache"]
     cols = {r[0] for r in con.execute("DESCRIBE requests").fetchall()}
     assert {"id", "ts", "workflow_name", "model", "prompt_tokens", "completion_tokens",
             "total_tokens", "cost_usd", "latency_ms", "success", "error"} <= cols

@@ -159,3 +159,12 @@ async def run_graph(run_id: str, request: Request, a: Caller) -> Response:
         return error_response(err)
     headers = {"x-flowc-graph-note": note.encode("ascii", "replace").decode()} if note else {}
     return Response(svg, media_type="image/svg+xml", headers=headers)
+
+
+@router.post("/v1/runs/{run_id}/resume")
+async def resume_run(run_id: str, request: Request, a: Caller) -> Response:
+    """A new run that reuses what the run's steps produced and runs the rest
+    (runtime/api/run_control.py)."""
+    from runtime.api import run_control
+
+    return await run_control.resume(request, a, run_id, *_runs_scope(a))

@@ -192,6 +192,20 @@ class ModelCaller:
                      latency_ms=0.0, usage=None, ctx=ctx, rule=None, stream=stream,
                      error=error, bill=self._bill(ctx, tags))
 
+    def record_cached(self, model: str, provider: str | None, served: str | None,
+                      saved: Decimal | None, latency_ms: float, ctx: CallContext) -> None:
+        """A pipeline step's cached result reused instead of a call (`cache:`): a row of
+        its own, $0, marked cached, with what the call had cost as its saving."""
+        if self.ledger is None:
+            return
+        bill = self._bill(ctx, None)
+        self.ledger.record(CallRecord(
+            model=model, provider=provider, served_model=served, success=True, status="ok",
+            latency_ms=latency_ms, cost_usd=Decimal(0), price_source="cache", cached=True,
+            saved_usd=saved, dry_run=ctx.dry_run, workflow_name=ctx.workflow_name,
+            run_id=ctx.run_id, step_id=ctx.step_id, key_id=bill.key_id,
+            key_name=bill.key_name, team=bill.team, tags=bill.tags))
+
     def _bill(self, ctx: CallContext, tags: str | None) -> Bill:
         key = ctx.who.key if ctx.who is not None else None
         if key is None:

@@ -10,7 +10,7 @@ REQUEST_COLUMNS = (
     "cache_write_tokens", "reasoning_tokens", "cost_usd", "price_source", "latency_ms",
     "ttft_ms", "success", "error", "error_class", "route", "stream", "dry_run",
     "cache_write_1h_tokens", "status", "usage_estimated", "clamped", "key_id", "key_name",
-    "team", "tags",
+    "team", "tags", "cached", "saved_usd",
 )
 STATUSES = ("ok", "error", "cancelled")
 
@@ -120,6 +120,26 @@ MIGRATIONS: list[tuple[str, str]] = [
             spent_usd DECIMAL(18, 9),
             period VARCHAR,
             period_start TIMESTAMP
+        )""",
+    ])),
+    # Step caching (docs/dsl.md, `cache:`): the cached results, keyed by the SHA-256 of the
+    # step's rendered request; a hit is a requests row with cost_usd 0, cached = true and
+    # saved_usd the cost the call had when its result was stored.
+    ("0008_step_cache", ";".join([
+        "ALTER TABLE requests ADD COLUMN cached BOOLEAN DEFAULT false",
+        "ALTER TABLE requests ADD COLUMN saved_usd DECIMAL(18, 9)",
+        """CREATE TABLE step_cache (
+            key VARCHAR PRIMARY KEY,          -- SHA-256 of the canonical JSON request
+            workflow_name VARCHAR,            -- where it was stored from
+            step_id VARCHAR,
+            run_id VARCHAR,
+            model VARCHAR,                    -- as requested; NULL for a tool call
+            provider VARCHAR,
+            served_model VARCHAR,
+            output JSON NOT NULL,             -- the step's result
+            cost_usd DECIMAL(18, 9),          -- what producing it cost (NULL: unpriced)
+            tokens BIGINT,
+            created_at TIMESTAMP NOT NULL     -- UTC
         )""",
     ])),
 ]

@@ -177,6 +177,8 @@ class CallRecord:
     key_name: str | None = None
     team: str | None = None
     tags: str | None = None  # "k=v,k2=v2", sorted: the key's tags and the request's
+    cached: bool = False  # a step's cached result was reused: no call was made
+    saved_usd: Decimal | None = None  # on a cached row: what the call had cost
     id: str = ""
     ts: float = field(default_factory=time.time)  # when the call ended (epoch seconds)
 
@@ -325,18 +327,19 @@ _INSERT = """
         cache_write_1h_tokens,
         coalesce(CAST(status AS VARCHAR), CASE WHEN success THEN 'ok' ELSE 'error' END),
         usage_estimated, clamped, CAST(key_id AS VARCHAR), CAST(key_name AS VARCHAR),
-        CAST(team AS VARCHAR), CAST(tags AS VARCHAR)
+        CAST(team AS VARCHAR), CAST(tags AS VARCHAR), cached, CAST(saved AS DECIMAL(18, 9))
     FROM batch"""
 _TEXT = ("workflow_name", "run_id", "step_id", "model", "provider", "served_model",
          "price_source", "error", "error_class", "route", "status", "key_id", "key_name",
          "team", "tags")
 _INTS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens", "cache_write_1h_tokens")
-_BOOLS = ("success", "stream", "dry_run", "usage_estimated")
+_BOOLS = ("success", "stream", "dry_run", "usage_estimated", "cached")
 # A row waits as the tuple of its record's `_FIELDS` (read by an attrgetter, in C); a frame
 # travels as `Columns` (one sequence per name, transposed in C) with the cost as text:
 # pickling a Decimal costs ~2.6 µs, its text ~0.1.
-_FIELDS = ("id", "ts", "cost_usd", "latency_ms", "ttft_ms", *_TEXT, *_INTS, *_BOOLS)
+_FIELDS = ("id", "ts", "cost_usd", "latency_ms", "ttft_ms", *_TEXT, *_INTS, *_BOOLS,
+           "saved_usd")
 _fields_of = operator.attrgetter(*_FIELDS)
 Columns = dict[str, Sequence[Any]]
 
@@ -349,6 +352,7 @@ def _columns_of(rows: Sequence[tuple[Any, ...]]) -> Columns:
     """Rows of `_FIELDS` (as `record()` queues them) as `Columns`."""
     cols: Columns = dict(zip(_FIELDS, zip(*rows, strict=True), strict=True))
     cols["cost_usd"] = tuple(map(_text, cols["cost_usd"]))
+    cols["saved_usd"] = tuple(map(_text, cols["saved_usd"]))
     return cols
 
 
@@ -407,6 +411,7 @@ def _columns(c: Columns) -> dict[str, Any]:
         "id": np.array(c["id"], dtype=object),
         "ts_us": (ts * 1_000_000).astype(np.int64),
         "cost": np.array(c["cost_usd"], dtype=object),  # text or None
+        "saved": np.array(c["saved_usd"], dtype=object),  # text or None
         "latency_ms": np.array(c["latency_ms"], dtype=np.float64),
         "ttft_ms": np.array(c["ttft_ms"], dtype=object),
         "clamped": np.array(c["clamped"], dtype=np.bool_) if "clamped" in c
@@ -526,6 +531,7 @@ def _sanitized(c: Columns) -> Columns:
         fix(name, _fix_text)
     fix("id", _fix_text)
     fix("cost_usd", _fix_cost)
+    fix("saved_usd", _fix_cost)
     fix("ts", _fix_ts)
     fix("latency_ms", lambda v: _fix_float(v, nullable=False))
     fix("ttft_ms", lambda v: _fix_float(v, nullable=True))
@@ -601,6 +607,7 @@ def _segment_columns(t: dict[str, Any]) -> Columns:
                                                      "latency_ms", "ttft_ms", "clamped")}
     c["ts"] = (t["ts"].astype("datetime64[us]").astype(np.int64) / 1_000_000).tolist()
     c["cost_usd"] = t["cost_text"].tolist()  # exact, as text
+    c["saved_usd"] = plain(t["saved_text"])
     return c
 
 
@@ -759,9 +766,11 @@ class _Store:
                     have = {d[0] for d in mem.execute("SELECT * FROM read_parquet(?) LIMIT 0",
                                                       [str(f)]).description or ()}
                     columns = ", ".join(_segment_column(c, have) for c in REQUEST_COLUMNS)
+                    saved = ("CAST(saved_usd AS VARCHAR)" if "saved_usd" in have
+                             else "NULL::VARCHAR")
                     got = mem.execute(
-                        f"SELECT {columns}, CAST(cost_usd AS VARCHAR) AS cost_text "
-                        "FROM read_parquet(?)", [str(f)]).fetchnumpy()
+                        f"SELECT {columns}, CAST(cost_usd AS VARCHAR) AS cost_text, "
+                        f"{saved} AS saved_text FROM read_parquet(?)", [str(f)]).fetchnumpy()
                     self.insert_rows(_segment_columns(got))
                 except duckdb.Error:
                     log.exception("ledger: segment %s left in place", f)
