@@ -253,3 +253,29 @@ def test_postgres_down_for_ten_seconds_loses_nothing(cluster: Cluster, postgres)
     assert all(rows[t] == 1 for t in answered)
     wait_until(lambda: httpx.get(c.base(0) + "/ready", timeout=5).json()["ledger"]
                ["connected"], 30)
+
+
+def test_a_pipeline_registered_on_one_instance_is_served_by_all(cluster: Cluster) -> None:
+    c = cluster
+    good = "name: shared\nsteps:\n  - {id: a, type: llm, model: fast, prompt: hi}\noutput: ${a}\n"
+    r = httpx.put(f"{c.base(0)}/v1/workflows/shared", json={"yaml": good}, timeout=30)
+    assert r.status_code == 200 and r.json()["registered"] is True
+
+    def served_by_all() -> bool:
+        return all(any(w["name"] == "shared" for w in httpx.get(
+            f"{c.base(i)}/v1/workflows", timeout=10).json()["workflows"]) for i in (1, 2))
+
+    wait_until(served_by_all, 15)
+    r = httpx.post(f"{c.base(1)}/v1/workflow/shared", json={"input": {}}, timeout=60)
+    assert r.status_code == 200 and r.json()["output"] == "echo: hi", r.text
+    run_id = r.json()["run_id"]
+    # the run record and its call are on the shared store, readable from another instance
+    record = httpx.get(f"{c.base(2)}/v1/runs/{run_id}", timeout=10)
+    assert record.status_code == 200 and record.json()["run_id"] == run_id
+    listed = c.flowc("runs", "--store", c.url)
+    assert listed.returncode == 0 and run_id in listed.stdout, listed.stderr
+    assert c.rows(f"run_id = '{run_id}' AND instance = 'i1'") == 1
+    dash = httpx.get(f"{c.base(2)}/v1/costs/dashboard", timeout=30).json()
+    assert dash["overall"]["calls"] == c.rows()
+    csv_text = httpx.get(f"{c.base(0)}/v1/costs/export.csv", timeout=60).text
+    assert len(csv_text.splitlines()) == c.rows() + 1
