@@ -180,10 +180,11 @@ def test_retention_drops_whole_day_partitions(store: str, tmp_path: Path) -> Non
         for age in (0, 1, 29, 40, 41):
             ledger.record(_call(age, ts=now - age * 86400))
         ledger.flush()
-        # the writer's retention pass ran after the rows arrived: days past 30 are gone
-        assert _count(store) == 3
-        assert day(29) in _partitions(store) and day(40) not in _partitions(store)
+        assert _count(store) == 5  # late rows are stored; the next pass drops them
         with psycopg.connect(store, autocommit=True) as conn:
+            assert sorted(ledger.drop_old(conn)) == [day(41), day(40)]
+            assert _count(store) == 3
+            assert day(29) in _partitions(store) and day(40) not in _partitions(store)
             dropped = ledger.drop_old(conn, now=datetime.now(UTC) + timedelta(days=5))
         assert dropped == [day(29)]
         assert _count(store) == 2

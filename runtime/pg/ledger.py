@@ -398,14 +398,22 @@ class PgLedger:
             _configure(self._conn)
             self._conn.execute(_STAGE)
             self._days.clear()
-            today = datetime.now(UTC).date()  # made ahead: the first rows need not wait
-            self.ensure_partitions(self._conn, [str(today), str(today + timedelta(days=1))])
+            self._next_retention = 0.0  # the upkeep runs on this connection's first pass
         return self._conn
 
     def _send(self) -> None:
         import psycopg
 
         conn = self._connection()
+        if time.monotonic() >= self._next_retention:  # hourly upkeep
+            self._next_retention = time.monotonic() + _RETENTION_EVERY
+            # Partitions a day ahead: making one locks `requests` for a moment, better
+            # not while rows wait for it.
+            today = datetime.now(UTC).date()
+            self.ensure_partitions(conn, [d for d in (str(today),
+                                                      str(today + timedelta(days=1)))
+                                          if d not in self._days])
+            self.drop_old(conn)
         segments = self.spool.segments()
         while segments:
             batch, size = [], 0
@@ -419,7 +427,10 @@ class PgLedger:
             fresh = not any(p.name in self._tried for p in batch)
             self._tried.update(p.name for p in batch)
             try:
-                rows = self._insert(conn, datas, dedupe=not fresh)
+                try:
+                    rows = self._insert(conn, datas, dedupe=not fresh)
+                except psycopg.errors.UniqueViolation:  # it was there after all
+                    rows = self._insert(conn, datas, dedupe=True)
             except psycopg.OperationalError:
                 raise
             except psycopg.Error as exc:  # a row Postgres refuses must not block the rest
@@ -427,6 +438,7 @@ class PgLedger:
                           _reason(exc))
                 rows = self._insert_each(conn, datas)
             self.spool.done(batch, rows)
+            self._tried.difference_update(p.name for p in batch)
             self.sent += rows
         for run_file in sorted(self.spool.folder.glob("run-*.json")):
             _insert_run(conn, json.loads(run_file.read_text()), self.instance)
@@ -435,9 +447,6 @@ class PgLedger:
             if self.error:
                 log.warning("ledger: the shared store is reachable again; spooled rows sent")
             self.connected, self.error, self._backoff = True, None, 0.5
-        if self.retention is not None and time.monotonic() >= self._next_retention:
-            self._next_retention = time.monotonic() + _RETENTION_EVERY
-            self.drop_old(conn)
 
     def _insert(self, conn: Any, datas: list[tuple[bytes, int]], dedupe: bool = True
                 ) -> int:
