@@ -10,6 +10,7 @@ import subprocess
 import textwrap
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -66,7 +67,9 @@ def cluster(postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clus
            "FLOWC_ADMIN_KEY": ADMIN, "PYTHONPATH": str(ROOT),
            "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "sk-test-openai"}
     ports = [free_port() for _ in range(3)]
-    procs = [start_server(project, env, p, "--store", store) for p in ports]
+    with ThreadPoolExecutor(3) as pool:  # started together, as migrations must allow
+        procs = list(pool.map(lambda p: start_server(project, env, p, "--store", store),
+                              ports))
     c = Cluster([f"http://127.0.0.1:{p}" for p in ports], store, procs, upstream)
     yield c
     for p in procs:

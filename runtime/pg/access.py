@@ -42,7 +42,7 @@ from runtime.access.budgets import (
 from runtime.access.gate import Denied
 from runtime.access.keys import Key
 from runtime.ledger.store import LedgerUnavailable
-from runtime.pg.db import connect, migrate, redact
+from runtime.pg.db import migrate, redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -374,13 +374,15 @@ class PgAccessStore:
     def _connect(self) -> psycopg.Connection:
         import psycopg
 
+        # A request waits on the store only to lease more budget, on the event loop: never
+        # for long, even when the network drops packets instead of refusing them.
         try:
-            conn = connect(self.url)
+            conn = psycopg.connect(self.url, autocommit=True, application_name="flowc",
+                                   connect_timeout=2, tcp_user_timeout=3000)
+            conn.execute("SET statement_timeout = 2000")
         except psycopg.Error as exc:
             raise StoreUnavailable(f"the shared store {redact(self.url)} is unreachable: "
                                    f"{str(exc).strip()}") from None
-        # A request waits on the store only to lease more budget: never for long.
-        conn.execute("SET statement_timeout = 2000")
         return conn
 
     def _run(self, which: str, work: Callable[[psycopg.Connection], Any]) -> Any:
