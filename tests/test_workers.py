@@ -237,3 +237,17 @@ def test_a_worker_killed_with_9_is_started_again_and_nothing_answered_is_lost(se
     wait_until(lambda: served.ok_rows() - before_rows >= answered, 20)
     rows = served.ok_rows() - before_rows
     assert answered <= rows <= served.upstream_calls() - before_up
+
+
+def test_a_rate_limit_holds_across_both_workers(served):
+    made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
+                      json={"name": "limited", "rpm": 30}, timeout=30)
+    assert made.status_code == 201, made.text
+    results = asyncio.run(crowd(served.url, {"authorization": f"Bearer {made.json()['key']}"},
+                                120, 32))
+    ok = [r for r in results if r[0] == 200]
+    limited = [r for r in results if r[0] == 429]
+    assert len(ok) == 30 and len(limited) == 90, {r[0] for r in results}
+    assert len({pid for _, pid, _ in results}) == 2  # both workers took part
+    for _, _, raw in limited:
+        assert b"rate limit reached for key 'limited': 30 requests per minute" in raw, raw

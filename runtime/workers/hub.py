@@ -169,7 +169,7 @@ class Hub:
             fut = self._acks.pop(message[1], None)
             if fut is not None:
                 fut.set_result(None)
-        elif op in ("reserve", "window", "status"):
+        elif op in ("admit", "status"):
             rid, *args = message[1:]
             self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))
         else:
@@ -184,31 +184,37 @@ class Hub:
         w.send(reply)
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
-    def _reserve(self, w: _Worker, scopes: list[tuple[str, str]], amount: str) -> Any:
+    def _admit(self, w: _Worker, windows: list[tuple[str, str]],
+               scopes: list[tuple[str, str]], amount: str | None) -> Any:
+        """`Gate.admit`'s check, reserve, take, for one call from a worker: ("limited",
+        message, retry_after), or ("ok", each window's headers, the reservation's id or
+        the refusing budget's state)."""
         with self.lock:
-            try:
-                r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
-                                              Decimal(amount), time.time())
-            except BudgetExceeded as exc:
-                c = exc.counter
-                return (c.scope.kind, c.scope.name, c.scope.label, str(c.limit), c.period,
-                        str(c.spent), str(c.reserved))
-            rid = next(self._ids)
-            w.held[rid] = r
-            return rid
-
-    def _window(self, w: _Worker, kind: str, name: str) -> Any:
-        with self.lock:
-            win = self.gate._windows.get(Scope(kind, name))
-            if win is None:  # not limited (yet) here
-                return ("ok", [])
             now = time.monotonic()
+            found = [self.gate._windows.get(Scope(k, n)) for k, n in windows]
             try:
-                win.check(now)
+                for win in found:
+                    if win is not None:
+                        win.check(now)
             except RateLimited as exc:
                 return ("limited", str(exc), exc.retry_after)
-            win.take(now)
-            return ("ok", win.headers(now))
+            held = None
+            if amount is not None:
+                try:
+                    r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
+                                                  Decimal(amount), time.time())
+                except BudgetExceeded as exc:
+                    c = exc.counter
+                    return ("ok", [[] for _ in found],
+                            (c.scope.kind, c.scope.name, c.scope.label, str(c.limit),
+                             c.period, str(c.spent), str(c.reserved)))
+                held = next(self._ids)
+                w.held[held] = r
+            for win in found:
+                if win is not None:
+                    win.take(now)
+            return ("ok", [win.headers(now) if win is not None else [] for win in found],
+                    held)
 
     def _status(self, w: _Worker, kind: str, name: str) -> Any:
         with self.lock:
