@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ from runtime.ledger.store import Ledger, LedgerUnavailable
 log = logging.getLogger("flowc.workers")
 _ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
 _CALLS = 4  # calls that wait on the ledger file, at once
+_WORKFLOW_WRITE = re.compile(r"\s*INSERT\s+INTO\s+workflows\b", re.I)  # Registry.register
 
 
 class OwnerLedger(Ledger):
@@ -226,7 +228,10 @@ class Hub:
             sql, params, timeout = args
             return self.ledger.select(sql, params, timeout=timeout)
         if op == "execute":
-            return self.ledger.execute(*args)
+            rows = self.ledger.execute(*args)
+            if _WORKFLOW_WRITE.match(args[0]):  # a pipeline registered over HTTP
+                self._broadcast(w, ("workflows",))
+            return rows
         if op == "run":
             self.ledger.record_run(args[0])
             return None
@@ -243,6 +248,10 @@ class Hub:
         change is answered."""
         with self.lock:
             self.gate.put(key)
+        self._broadcast(origin, ("key", key))
+
+    def _broadcast(self, origin: _Worker, what: tuple[Any, ...]) -> None:
+        """``what`` to every worker but ``origin``, waiting until each says it is live."""
         waits = []
         for w in list(self._workers):
             if w is origin:
@@ -251,14 +260,15 @@ class Hub:
             fut: Future[None] = Future()
             self._acks[ack] = fut
             waits.append((ack, fut))
-            w.send((0, "key", ack, key))
+            w.send((0, what[0], ack, *what[1:]))
         deadline = time.monotonic() + _ACK_WAIT
         for ack, fut in waits:
             try:
                 fut.result(max(0.0, deadline - time.monotonic()))
-            except Exception:  # a worker that died or hangs gets the keys when it starts
+            except Exception:  # a worker that died or hangs reads it when it starts
                 self._acks.pop(ack, None)
-                log.warning("workers: a worker did not confirm key %s in time", key.id)
+                log.warning("workers: a worker did not confirm a change (%s) in time",
+                            what[0])
 
     def workers(self) -> int:
         return len(self._workers)

@@ -11,7 +11,8 @@ all go through one connection to the supervisor, which owns the ledger (hub.py).
   the reservation (exact across workers).
 - Keys: a change is saved, then sent to every other worker, which puts it live on its
   event loop before the change is answered (hub.py), so a key made through one worker
-  works on all of them at once.
+  works on all of them at once. A pipeline registered over HTTP is served by every
+  worker the same way.
 
 The messages are `_ProcessStore`'s (runtime/ledger/store.py): calls carry an id and are
 answered with it, or with the error's module, type and text; pushes from the supervisor
@@ -51,6 +52,7 @@ from runtime.ledger.store import (
     _fields_of,
     _ProcessStore,
 )
+from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.workers")
 _RETRY = 1.0  # seconds between attempts to reach the supervisor again
@@ -277,6 +279,9 @@ class WorkerLink:
         # loop, no await in between; see RemoteWindow).
         self.windows: list[RemoteWindow] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._parent = os.getppid()  # the supervisor
+        self.hub_ledger: HubLedger | None = None
+        self.registry: Registry | None = None  # set by Runtime.start
 
     def connect(self) -> HubStore:
         self.store = HubStore(self.address, self.authkey, self._pushed)
@@ -310,7 +315,8 @@ class WorkerLink:
 
     # -- the parts of a worker's Runtime ----------------------------------------------------
     def ledger(self, path: Path, flush_interval: float) -> HubLedger:
-        return HubLedger(self, path, flush_interval)
+        self.hub_ledger = HubLedger(self, path, flush_interval)
+        return self.hub_ledger
 
     def access_store(self, ledger: Ledger) -> HubAccessStore:
         assert isinstance(ledger, HubLedger)
@@ -330,15 +336,30 @@ class WorkerLink:
         where requests read it."""
         what = message[0]
         if what == "gone":
-            if os.getppid() == 1 or not _alive(os.getppid()):
-                log.warning("worker: the supervisor is gone; shutting down")
-                os.kill(os.getpid(), signal.SIGTERM)
+            # Adopted: the supervisor is gone (its socket closes just before the adoption).
+            for _ in range(50):
+                if os.getppid() != self._parent:
+                    log.warning("worker: the supervisor is gone; shutting down")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                time.sleep(0.1)
             return
         if what == "key":
             _, ack, key = message
             self._on_loop(lambda: self._put(key), lambda: self.post("ack", ack))
+        elif what == "workflows":  # reads the ledger: not on this thread, which answers
+            threading.Thread(target=self._refresh, args=(message[1],), daemon=True).start()
         elif what == "alert" and self.alert is not None:
             self._on_loop(lambda: self.alert(message[1]), None)  # type: ignore[misc]
+
+    def _refresh(self, ack: int) -> None:
+        try:
+            if self.registry is not None and self.hub_ledger is not None:
+                self.registry.refresh(self.hub_ledger)
+        except Exception:
+            log.exception("worker: could not load the pipelines registered on another")
+        finally:
+            self.post("ack", ack)
 
     def _put(self, key: Key) -> None:
         if self.gate is not None:
@@ -357,13 +378,3 @@ class WorkerLink:
             run()
         else:
             loop.call_soon_threadsafe(run)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
