@@ -548,6 +548,8 @@ class PgAccessStore:
             log.warning("the shared store is reachable again: budgets are checked again")
         self.online, self.error = True, None
         totals, lost, granted, keys, live = out
+        if final:  # shutting down: nothing more to apply (an alert now would not be sent)
+            return
         if b is not None:
             b.refresh(totals, lost, granted)
         if gate is not None:
