@@ -71,6 +71,34 @@ def shutdown() -> None:
         _active.provider.shutdown()
 
 
+# What a gateway request's SERVER span repeats of its answering attempt (each attribute is
+# copied and encoded again: the rest is on the attempt's span, one level down).
+_ON_SERVER = ("gen_ai.provider.name", "gen_ai.request.model", "gen_ai.response.model",
+              "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "flowc.cost_usd")
+
+
+class _DropsNow(logging.Filter):
+    """The SDK logs each span it drops when its queue is full (an endpoint that is down or
+    slow): one line a minute instead, with the count, so a flood costs no log I/O."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+        self.next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Queue full"):
+            return True
+        self.dropped += 1
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + 60
+        record.msg, record.args = ("tracing: the span queue is full (the OTLP endpoint is "
+                                   "down or slow): %d spans dropped so far"), (self.dropped,)
+        return True
+
+
 def _text(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:MAX_CONTENT]
@@ -178,6 +206,7 @@ class Tracing:
         attrs = {"service.version": __version__, **({} if named else {"service.name": "flowc"})}
         self.provider = TracerProvider(resource=Resource.create(attrs))
         self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        logging.getLogger("opentelemetry.sdk._shared_internal").addFilter(_DropsNow())
         self.tracer = self.provider.get_tracer("flowc", __version__)
         self.trace, self.context, self.propagate = trace, context, propagate
         from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -298,10 +327,9 @@ class Tracing:
             span.set_status(self.Status(self.StatusCode.ERROR, error_text))
         span.end(end_time=end)
         server = self.request.get()
-        if server is not None:  # the gateway request takes on the call's facts
+        if server is not None:  # the gateway request takes on the answering call's names
             server.update_name(f"{operation} {model or requested}")
-            server.set_attributes({k: v for k, v in attrs.items()
-                                   if k.startswith("gen_ai.") or k == "flowc.cost_usd"})
+            server.set_attributes({k: attrs[k] for k in _ON_SERVER if k in attrs})
             if error is not None and status != "ok":
                 server.set_attribute("error.type", type(error).__name__)
 
