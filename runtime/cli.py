@@ -132,6 +132,9 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
             err=True, fg="red", bold=True)
     url = f"http://{host}:{port}"
     shared = _store_url(store, cfg)
+    if shared is not None:
+        instance = instance or _default_instance(port)
+        _check_store(shared, project_dir, instance)
     if shared is not None and workers > 1:
         raise click.UsageError("--workers shares the project's own ledger; with --store, "
                                "run one instance per port (docs/scaling.md)")
@@ -151,7 +154,7 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
     app = create_app(cfg, project_dir, pipelines=pipelines or project_dir / "pipelines",
                      env=env, public_url=url, bind_host=host, allow_hosts=allow_hosts,
                      allow_origins=allow_origins, store=shared,
-                     instance=instance or _default_instance(port) if shared else None)
+                     instance=instance)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
 
@@ -160,6 +163,29 @@ def _default_instance(port: int) -> str:
     import socket
 
     return f"{socket.gethostname()}:{port}"
+
+
+def _check_store(url: str, project_dir: Path, instance: str) -> None:
+    """Before serving: the shared store answers and its schema is current, and no other
+    process uses this instance's spool; else a clear error, not a start-up traceback."""
+    import psycopg
+
+    from runtime.pg.db import redact
+    from runtime.pg.ledger import migrate
+    from runtime.pg.spool import Spool, SpoolLocked
+    from runtime.server import SPOOL, spool_name
+
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            migrate(conn)
+    except psycopg.Error as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise click.ClickException(f"cannot use the shared store {redact(url)}: {reason}"
+                                   ) from None
+    try:
+        Spool(project_dir / SPOOL / spool_name(instance)).close()
+    except SpoolLocked as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _read_admin_key_file(path: Path) -> str:

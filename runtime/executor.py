@@ -38,7 +38,7 @@ from flowc.model import LLMStep, MCPToolStep, PipelineStep
 from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
-from runtime import frame
+from runtime import frame, observe
 from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
@@ -223,14 +223,15 @@ class Executor:
         values = check_inputs(compiled.pipeline.inputs, inputs)
         run = _Run(self, compiled, values, run_id or uuid.uuid4().hex, listener, who,
                    max_cost_usd, resume)
-        try:
-            return await run.execute()
-        except asyncio.CancelledError:
-            if on_cancel is not None:
-                on_cancel(run.result("cancelled", None, {
-                    "step": None, "type": "Cancelled",
-                    "message": "the run was cancelled by its caller"}))
-            raise
+        with observe.pipeline_run(compiled.name, run.run_id, self.dry_run, run.results) as seen:
+            try:
+                return seen(await run.execute())
+            except asyncio.CancelledError:
+                if on_cancel is not None:
+                    on_cancel(run.result("cancelled", None, {
+                        "step": None, "type": "Cancelled",
+                        "message": "the run was cancelled by its caller"}))
+                raise
 
 
 class _Run:
@@ -329,7 +330,8 @@ class _Run:
         error: dict[str, Any] | None = None
 
         def start(sid: str) -> None:
-            tasks[asyncio.create_task(self._step(sid), name=sid)] = sid
+            tasks[asyncio.create_task(observe.step(self._step(sid), sid, self.results[sid]),
+                                      name=sid)] = sid
 
         for sid in self.c.order:
             if waiting[sid] == 0:

@@ -60,21 +60,9 @@ def _access_store(ledger: Ledger | PgLedger, store: str | None) -> Any:
     """Where keys, alerts and spend live: the ledger file, or the shared store."""
     if store is None or not isinstance(ledger, PgLedger):
         return LedgerAccessStore(ledger)
-    try:
-        from runtime.pg.access import PgAccessStore  # type: ignore[attr-defined]
-    except ImportError:
-        return _NoSharedKeys()
+    from runtime.pg.access import PgAccessStore
+
     return PgAccessStore(store)
-
-
-class _NoSharedKeys:
-    """Until keys and budgets live on the shared store: keys are refused (503), calls
-    without one are served."""
-
-    def _missing(self, *_: Any) -> Any:
-        raise StoreError("keys and budgets are not on the shared store yet")
-
-    load_keys = save_key = spend = add_alert = _missing
 
 
 @dataclass
@@ -117,6 +105,8 @@ class Runtime:
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
+        if link:  # a pipeline registered through another worker is served here too
+            link.registry = registry
         calls_ledger = ledger if config.ledger.enabled else None
         access = link.access_store(ledger) if link else _access_store(ledger, store)
         alerter = Alerter(config.alerts, access)

@@ -15,6 +15,7 @@ import psycopg
 import pytest
 
 from flowc.config import ProjectConfig
+from runtime.access.alerts import Alerter
 from runtime.access.budgets import BudgetExceeded
 from runtime.access.gate import Denied, Gate, Principal
 from runtime.access.limits import RateLimited
@@ -22,6 +23,7 @@ from runtime.ledger.pricing import price
 from runtime.pg.access import TICK, PgAccessStore
 from runtime.providers import Target
 from runtime.providers.base import Usage
+from tests.fakes import FakeServer
 
 MINI = Target("openai", "gpt-4o-mini")
 REQ = {"model": "fast", "max_tokens": 400, "messages": [{"role": "user", "content": "hi"}]}
@@ -31,18 +33,22 @@ assert COST is not None
 
 
 def gate(url: str, config: ProjectConfig | None = None, **kw: Any) -> Gate:
-    g = Gate(config or ProjectConfig(), PgAccessStore(url, **kw), None)
+    config = config or ProjectConfig()
+    store = PgAccessStore(url, **kw)
+    g = Gate(config, store, None, Alerter(config.alerts, store))
     g.load()
     return g
 
 
 @asynccontextmanager
-async def instances(url: str, n: int, **kw: Any) -> AsyncIterator[list[Gate]]:
-    gates = [gate(url, **kw) for _ in range(n)]
+async def instances(url: str, n: int, config: ProjectConfig | None = None, **kw: Any
+                    ) -> AsyncIterator[list[Gate]]:
+    gates = [gate(url, config, **kw) for _ in range(n)]
     try:
         yield gates
     finally:
         for g in gates:
+            await g.budgets._alert.drain()  # type: ignore[union-attr]
             await g.store.aclose()  # type: ignore[attr-defined]
 
 
@@ -240,3 +246,35 @@ def test_store_down_with_budgets_open_serves_and_settles_when_it_is_back(postgre
             await until(lambda: settled(url, "key", key.id)[0] == 4 * COST, timeout=10)
 
     asyncio.run(main())
+
+
+def test_a_threshold_crossed_is_one_alert_row_and_one_webhook_across_instances(
+        postgres) -> None:
+    url = postgres.fresh_database()
+    hook = FakeServer("openai").start()
+    config = ProjectConfig.model_validate({"alerts": {"thresholds": [50, 80],
+                                                      "webhook": hook.url + "/hook"}})
+
+    async def main() -> None:
+        async with instances(url, 3, config) as gates:
+            key, _ = gates[0].create({"name": "watched", "budget_usd": str(COST * 20)})
+            await until(lambda: all(key.id in g.keys for g in gates))
+            who = [Principal("key", g.keys[key.id]) for g in gates]
+            served = 0
+            while served < 17:  # past 80%: calls three at a time, one on each instance
+                served += sum(await asyncio.gather(*(
+                    call(g, w) for g, w in zip(gates, who, strict=True))))
+                await asyncio.sleep(TICK)
+            await asyncio.sleep(4 * TICK)  # every instance sees the others' spend
+
+    try:
+        asyncio.run(main())
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT threshold, scope_name FROM alerts ORDER BY 1"
+                                ).fetchall()
+        assert [r[0] for r in rows] == [50, 80]
+        posted = sorted(r.body["threshold_percent"] for r in hook.requests
+                        if r.path == "/hook")
+        assert posted == [50, 80]
+    finally:
+        hook.stop()

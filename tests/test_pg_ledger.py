@@ -180,10 +180,11 @@ def test_retention_drops_whole_day_partitions(store: str, tmp_path: Path) -> Non
         for age in (0, 1, 29, 40, 41):
             ledger.record(_call(age, ts=now - age * 86400))
         ledger.flush()
-        # the writer's retention pass ran after the rows arrived: days past 30 are gone
-        assert _count(store) == 3
-        assert day(29) in _partitions(store) and day(40) not in _partitions(store)
+        assert _count(store) == 5  # late rows are stored; the next pass drops them
         with psycopg.connect(store, autocommit=True) as conn:
+            assert sorted(ledger.drop_old(conn)) == [day(41), day(40)]
+            assert _count(store) == 3
+            assert day(29) in _partitions(store) and day(40) not in _partitions(store)
             dropped = ledger.drop_old(conn, now=datetime.now(UTC) + timedelta(days=5))
         assert dropped == [day(29)]
         assert _count(store) == 2
@@ -271,3 +272,26 @@ def test_any_text_reaches_postgres_as_recorded(store: str, tmp_path_factory,
     want = {str(i): t.encode("utf-8", "replace").decode("utf-8").replace("\0", "")
             for i, t in enumerate(texts)}
     assert dict(rows) == want
+
+
+def test_the_runs_view_reads_run_records_on_postgres(store: str, tmp_path: Path) -> None:
+    from runtime import runlist
+
+    ledger = PgLedger(store, tmp_path / "spool", "a", flush_interval=0.1)
+    try:
+        ledger.execute("CREATE TABLE IF NOT EXISTS keys (id TEXT PRIMARY KEY, name TEXT)")
+        ledger.execute("INSERT INTO keys VALUES ('k1', 'bot') ON CONFLICT DO NOTHING")
+        for i, cost in enumerate((0.25, None)):
+            ledger.record_run({
+                "id": f"r{i}", "workflow_name": "wf", "inputs_hash": "h", "status": "ok",
+                "started_at": datetime(2026, 1, 1, 0, i), "finished_at": None,
+                "latency_ms": 5.0, "dry_run": False, "key_id": "k1", "team": "red",
+                "record": {"metrics": {"total_cost_usd": cost, "total_tokens": 29,
+                                       "steps": [{"id": "a", "status": "done"},
+                                                 {"id": "b", "status": "skipped"}]}}})
+        got = runlist.recent(ledger.report, since="2026-01-01", until="2026-01-01")
+        assert [r["run_id"] for r in got["runs"]] == ["r1", "r0"]
+        assert got["runs"][1]["step_statuses"] == {"done": 1, "skipped": 1}
+        assert got["filters"]["key"] == [{"id": "k1", "name": "bot"}]
+    finally:
+        ledger.close()

@@ -6,6 +6,7 @@ running server or from the ledger file."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from tests.fakes import FakeServer, http_error, openai_text, wait_until
+from tests.fakes import FakeServer, http_error, openai_text, slow, wait_until
 from tests.keyed import ADMIN, Keyed, close, keyed
 from tests.tools import require
 
@@ -296,6 +297,59 @@ def test_flowc_runs_graph_through_the_running_server(srv, runs, tmp_path):
     assert r.returncode == 2 and ".svg" in r.stderr
 
 
+# A run stopped by a failure: `check` fails at once, so `ask` (still waiting for its model)
+# and `answer` (waiting for `ask`) are cancelled.
+CASCADE = """\
+name: cascade
+inputs:
+  question: {type: string}
+steps:
+  - id: ask
+    type: llm
+    model: flat
+    prompt: "${input.question}"
+  - id: check
+    type: llm
+    model: judge
+    prompt: "Is this answerable? ${input.question}"
+  - id: answer
+    type: llm
+    model: flat
+    prompt: "Answer ${ask} if ${check}"
+output: ${answer}
+"""
+
+
+def test_a_stopped_runs_cancelled_steps_are_drawn_so(tmp_path):
+    openai, anthropic = FakeServer("openai").start(), FakeServer("anthropic").start()
+    try:
+        (tmp_path / "flowc.yaml").write_text(CONFIG.replace("prices:\n", (
+            "  judge: anthropic/judge-model\n"
+            "prices:\n  anthropic/judge-model: {input: 0, output: 10}\n")))
+        pipeline = tmp_path / "cascade.yaml"
+        pipeline.write_text(CASCADE)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": openai.url + "/v1",
+               "OPENAI_API_KEY": "sk-test-openai", "ANTHROPIC_BASE_URL": anthropic.url,
+               "ANTHROPIC_API_KEY": "sk-ant-test"}
+        openai.then(slow(30, openai_text("late")))
+        anthropic.then(http_error(400, "prompt is too long", kind="anthropic"))
+        r = flowc(tmp_path, env, "run", str(pipeline), "-i", "question=Why?", "--json")
+        assert r.returncode == 1, r.stderr
+        run_id = json.loads(r.stdout)["run_id"]
+        out = tmp_path / "run.svg"
+        r = flowc(tmp_path, env, "runs", run_id, "--graph", str(out), "--pipelines",
+                  str(tmp_path))
+        assert r.returncode == 0, r.stderr
+        nodes = svg_statuses(out.read_bytes())
+        assert {s: n[:2] for s, n in nodes.items()} == {
+            "ask": ("cancelled", "#ffedd5"), "check": ("failed", "#fee2e2"),
+            "answer": ("cancelled", "#ffedd5")}
+        assert "prompt is too long" in nodes["check"][2]
+    finally:
+        openai.stop()
+        anthropic.stop()
+
+
 def test_flowc_runs_graph_from_the_ledger_and_when_the_pipeline_changed(tmp_path):
     """No server: the run is read from the ledger file and drawn over the project's
     pipeline; once the pipeline has changed, or is gone, from the run's own steps."""
@@ -312,8 +366,6 @@ def test_flowc_runs_graph_from_the_ledger_and_when_the_pipeline_changed(tmp_path
         r = flowc(tmp_path, env, "run", str(pipeline), "-i", "ticket=Charged twice.",
                   "--json")
         assert r.returncode == 0, r.stderr
-        import json
-
         run_id = json.loads(r.stdout)["run_id"]
         out = tmp_path / "run.svg"
         r = flowc(tmp_path, env, "runs", run_id, "--graph", str(out))

@@ -156,6 +156,30 @@ def test_a_key_made_through_one_worker_works_on_the_other_at_once(served):
         assert len(seen) == 2, seen
 
 
+PIPELINE = """\
+name: {name}
+inputs: {{topic: {{type: string}}}}
+steps:
+  - {{id: a, type: llm, model: fast, prompt: "say ${{input.topic}}"}}
+output: ${{a}}
+"""
+
+
+def test_a_pipeline_registered_through_one_worker_is_served_by_both_at_once(served):
+    for name in ("digest", "brief"):
+        r = httpx.put(f"{served.url}/v1/workflows/{name}", headers=served.admin,
+                      json={"yaml": PIPELINE.format(name=name)}, timeout=30)
+        assert r.status_code == 200, r.text
+        listed_by = set()
+        for _ in range(500):  # new connections until both workers have answered
+            r = httpx.get(f"{served.url}/v1/workflows", headers=served.admin, timeout=30)
+            assert name in {w["name"] for w in r.json()["workflows"]}, r.headers[WORKER]
+            listed_by.add(r.headers[WORKER])
+            if len(listed_by) == 2:
+                break
+        assert len(listed_by) == 2
+
+
 def test_a_budget_holds_across_both_workers_under_concurrent_load(served):
     budget = ONE_CALL * 20  # what 20 calls really cost
     made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
@@ -237,3 +261,17 @@ def test_a_worker_killed_with_9_is_started_again_and_nothing_answered_is_lost(se
     wait_until(lambda: served.ok_rows() - before_rows >= answered, 20)
     rows = served.ok_rows() - before_rows
     assert answered <= rows <= served.upstream_calls() - before_up
+
+
+def test_a_rate_limit_holds_across_both_workers(served):
+    made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
+                      json={"name": "limited", "rpm": 30}, timeout=30)
+    assert made.status_code == 201, made.text
+    results = asyncio.run(crowd(served.url, {"authorization": f"Bearer {made.json()['key']}"},
+                                120, 32))
+    ok = [r for r in results if r[0] == 200]
+    limited = [r for r in results if r[0] == 429]
+    assert len(ok) == 30 and len(limited) == 90, {r[0] for r in results}
+    assert len({pid for _, pid, _ in results}) == 2  # both workers took part
+    for _, _, raw in limited:
+        assert b"rate limit reached for key 'limited': 30 requests per minute" in raw, raw

@@ -1,5 +1,6 @@
-"""The gateway's own GET endpoints: the base URL, health, readiness and the model lists.
-The model APIs themselves (POST) are answered in runtime/gateway/hotpath.py."""
+"""The gateway's own GET endpoints: the base URL, health, readiness, the model lists and
+`/metrics` (runtime/api/metrics.py). The model APIs themselves (POST) are answered in
+runtime/gateway/hotpath.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 
 from flowc import __version__
 from runtime.access.gate import OPEN, Principal
+from runtime.api import metrics
 from runtime.api.common import current, json_response
 from runtime.gateway.anthropic_api import count_tokens as anthropic_count_tokens
 from runtime.gateway.anthropic_api import messages as anthropic_messages
@@ -30,6 +32,7 @@ MODEL_APIS: dict[str, Handler] = {
 }
 
 router = APIRouter()
+router.include_router(metrics.router)
 
 
 @router.api_route("/", methods=["GET", "HEAD"])
@@ -42,7 +45,7 @@ async def root(request: Request) -> Response:
         "endpoints": {**{path: "POST" for path in MODEL_APIS},
                       "/v1/models": "GET", "/v1/models/{model}": "GET",
                       "/v1/workflows": "GET", "/v1/costs/summary": "GET",
-                      "/dashboard": "GET", "/health": "GET"},
+                      "/dashboard": "GET", "/health": "GET", "/metrics": "GET"},
         "docs": "/docs"})
 
 

@@ -12,6 +12,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 
 from flowc.config import ProjectConfig
+from runtime import observe
 from runtime.access.budgets import BudgetExceeded
 from runtime.access.gate import OPEN, Denied, Gate, Grant, Principal, Unpriced
 from runtime.access.limits import RateLimited
@@ -88,6 +89,8 @@ class Bill:
     team: str | None = None
     tags: str | None = None
     grant: Grant | None = None
+    attempt: int = 0  # the call's upstream attempt under way (1, 2, ...), for its trace
+    fallback: int = 0  # which of the plan's targets it is at (0: the first)
 
     def close(self) -> None:
         if self.grant is not None:
@@ -142,12 +145,14 @@ class ModelCaller:
         self.router = router
         self.ledger = ledger
         self.gate = gate
+        observe.METRICS.configure(config)  # the model names its calls are counted under
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _record(self, requested: str, target: Target | None, served: str | None, *,
                 status: str, latency_ms: float, usage: Usage | None, ctx: CallContext,
                 rule: str | None, stream: bool, error: BaseException | None = None,
-                ttft_ms: float | None = None, bill: Bill | None = None) -> Decimal | None:
+                ttft_ms: float | None = None, bill: Bill | None = None, req: Any = None,
+                answer: Any = None, finish: str | None = None) -> Decimal | None:
         """One ledger row. ``status``: ok | error | cancelled. A cost is never $0 for want
         of a count: without ``usage`` it is NULL; an estimated usage is priced and marked."""
         ok = status == "ok"
@@ -177,6 +182,10 @@ class ModelCaller:
                 stream=stream, dry_run=ctx.dry_run, workflow_name=ctx.workflow_name,
                 run_id=ctx.run_id, step_id=ctx.step_id, key_id=bill.key_id,
                 key_name=bill.key_name, team=bill.team, tags=bill.tags))
+        observe.call(self._describe, requested, target, served, status=status,
+                     latency_ms=latency_ms, usage=usage, cost=cost, ttft_ms=ttft_ms,
+                     error=error, stream=stream, ctx=ctx, bill=bill, req=req, answer=answer,
+                     finish=finish)
         return cost
 
     def refused(self, req: Any, error: BaseException, *, stream: bool = False,
@@ -190,7 +199,7 @@ class ModelCaller:
         model = req.get("model") if isinstance(req, dict) else None
         self._record(model if isinstance(model, str) else "", None, None, status="refused",
                      latency_ms=0.0, usage=None, ctx=ctx, rule=None, stream=stream,
-                     error=error, bill=self._bill(ctx, tags))
+                     error=error, bill=self._bill(ctx, tags), req=req)
 
     def record_cached(self, model: str, provider: str | None, served: str | None,
                       saved: Decimal | None, latency_ms: float, ctx: CallContext) -> None:
@@ -228,7 +237,7 @@ class ModelCaller:
             err = access_error(exc)
             self._record(str(req.get("model", "")), None, None, status="refused",
                          latency_ms=0.0, usage=None, ctx=ctx, rule=plan.rule, stream=stream,
-                         error=err, bill=bill)
+                         error=err, bill=bill, req=req)
             raise err from None
         return bill
 
@@ -275,6 +284,7 @@ class ModelCaller:
             while True:
                 t0 = time.perf_counter()
                 made += 1
+                bill.attempt, bill.fallback = made, i
                 try:
                     return target, await call(target), made
                 except asyncio.CancelledError:
@@ -284,7 +294,7 @@ class ModelCaller:
                                  latency_ms=(time.perf_counter() - t0) * 1000,
                                  usage=estimate_usage(req, 0), ctx=ctx, rule=plan.rule,
                                  stream=stream, error=asyncio.CancelledError(CANCELLED),
-                                 bill=bill)
+                                 bill=bill, req=req)
                     raise
                 except Exception as err:
                     ms = (time.perf_counter() - t0) * 1000
@@ -293,7 +303,7 @@ class ModelCaller:
                     status = "refused" if isinstance(err, RequestError) else "error"
                     self._record(requested, target, None, status=status, latency_ms=ms,
                                  usage=None, ctx=ctx, rule=plan.rule, stream=stream, error=err,
-                                 bill=bill)
+                                 bill=bill, req=req)
                     if not isinstance(err, UpstreamError) or not err.retryable:
                         err.attempts = made  # type: ignore[attr-defined]
                         raise  # the request is wrong, or the provider said no for good
@@ -301,11 +311,13 @@ class ModelCaller:
                     delay = self._delay(attempt, err, ctx)
                     if delay is None:
                         break
+                    observe.retried(target)
                     log.info("retrying %s in %.2fs after %s", target, delay,
                              self._describe(err))
                     await asyncio.sleep(delay)
                     attempt += 1
             if i + 1 < len(plan.targets):
+                observe.fell_back(target)
                 log.warning("%s failed (%s): falling back to %s", target,
                             self._describe(last), plan.targets[i + 1])
             else:
@@ -337,7 +349,7 @@ class ModelCaller:
             ms = (time.perf_counter() - t0) * 1000
             cost = self._record(requested, target, _served(result.body, target), status="ok",
                                 latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
-                                stream=False, bill=bill)
+                                stream=False, bill=bill, req=req, answer=result.body)
         finally:
             bill.close()
         return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule,
@@ -393,7 +405,8 @@ class ModelCaller:
             self._record(requested, target, served, status=status,
                          latency_ms=(time.perf_counter() - state.started) * 1000,
                          usage=usage, ctx=ctx, rule=plan.rule, stream=True, error=error,
-                         ttft_ms=state.first_token_ms, bill=bill)
+                         ttft_ms=state.first_token_ms, bill=bill, req=req,
+                         finish=state.finish_reason)
             bill.close()
 
         async def replay() -> AsyncIterator[Any]:

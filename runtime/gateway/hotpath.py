@@ -35,6 +35,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
+from runtime import observe
 from runtime.access.gate import OPEN, Denied, Gate
 from runtime.gateway.anthropic_api import error_type as anthropic_error_type
 from runtime.gateway.calls import ModelCaller
@@ -233,6 +234,15 @@ class HotPaths:
         self.gate = gate or (lambda: None)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        traced = observe.tracing.active()  # None unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+        if traced is not None and scope["type"] == "http":
+            api = scope["method"] == "POST" and scope["path"] in self.routes
+            await traced.serve(self._serve, scope, receive, send,
+                               observe.OPERATIONS.get(scope["path"]) if api else None)
+            return
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -310,10 +320,15 @@ class HotPaths:
         tags = seen[_TAGS]
         incoming = Incoming(body, scope["headers"], scope.get("query_string", b""),
                             tags.decode("latin-1") if tags is not None else None, t0, who)
-        response = await handler(incoming, self.caller())
-        if limited:  # counted once the handler has admitted (or refused) the call
-            response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
-        await response(scope, receive, send)
+        observe.model_api(path)
+        response = None
+        try:
+            response = await handler(incoming, self.caller())
+            if limited:  # counted once the handler has admitted (or refused) the call
+                response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
+            await response(scope, receive, send)
+        finally:
+            observe.request_ended(path, response)
 
     async def _read(self, receive: Any, send: Any, path: str) -> bytes | None:
         """The whole body, or None when the client left or it was too large (answered)."""

@@ -1031,7 +1031,8 @@ class Ledger:
         # is left once per interval). See `record()` for why.
         self._rows: list[tuple[Any, ...]] = []
         self._rows_lock = threading.Lock()
-        self._frames: collections.deque[bytes] = collections.deque()
+        self._frames: collections.deque[tuple[int, bytes]] = collections.deque()  # (rows, frame)
+        self.rows_written = 0  # for /metrics (runtime/observe/metrics.py)
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._started = self._generation = 0  # writer passes started and completed
@@ -1119,9 +1120,13 @@ class Ledger:
 
     def _seal(self, rows: list[tuple[Any, ...]]) -> None:
         try:
-            self._frames.append(_frame(rows))
+            self._frames.append((len(rows), _frame(rows)))
         except Exception:  # never fail the request that happened to record the 500th row
             log.exception("ledger: could not seal %d rows", len(rows))
+
+    def queued(self) -> int:
+        """Rows recorded and not yet written (for /metrics)."""
+        return len(self._rows) + sum(n for n, _ in list(self._frames))
 
     def close(self) -> None:
         """Write everything queued, then stop."""
@@ -1211,9 +1216,9 @@ class Ledger:
                 rows, self._rows = self._rows, []
             if rows:
                 self._seal(rows)
-            frames = [self._frames.popleft() for _ in range(len(self._frames))]
-            if frames:
-                self._write(frames)
+            sealed = [self._frames.popleft() for _ in range(len(self._frames))]
+            if sealed and self._write([frame for _, frame in sealed]):
+                self.rows_written += sum(n for n, _ in sealed)
             store = self._store
             if sync and store is not None:
                 try:
@@ -1228,18 +1233,20 @@ class Ledger:
             if stopping and not self._frames and not self._rows:
                 return
 
-    def _write(self, frames: list[bytes]) -> None:
+    def _write(self, frames: list[bytes]) -> bool:
         store = self._store
         try:
             if store is not None:
                 try:
                     store.insert_frames(frames)
-                    return
+                    return True
                 except LedgerUnavailable:  # the rows go to the inbox instead
                     self._lost(store)
             self._write_segment(_unframe(frames))
         except Exception:  # the writer must survive a bad batch; the rows are logged
             log.exception("ledger: could not write %d frames of rows", len(frames))
+            return False
+        return True
 
     def _write_segment(self, rows: Columns) -> None:
         """A Parquet file the owner will ingest (written to a temp name, then renamed)."""

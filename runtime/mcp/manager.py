@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flowc.config import TOOL_CACHE, MCPServerConfig, ToolCatalog
+from runtime import observe
 from runtime.executor import StepFailed, ToolResult
 from runtime.mcp.tools import function_tool
 
@@ -201,7 +202,8 @@ class MCPManager:
 
     async def call_tool(self, server: str, tool: str, args: dict[str, Any],
                         timeout: float | None = None) -> ToolResult:
-        return await self._session(server).call(tool, args, timeout)
+        with observe.tool_call(server, tool, args) as seen:
+            return seen(await self._session(server).call(tool, args, timeout))
 
     async def start(self, server: str) -> None:
         await self._session(server).ensure()

@@ -42,7 +42,7 @@ from runtime.access.budgets import (
 from runtime.access.gate import Denied
 from runtime.access.keys import Key
 from runtime.ledger.store import LedgerUnavailable
-from runtime.pg.db import connect, migrate, redact
+from runtime.pg.db import migrate, redact
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -206,13 +206,14 @@ class SharedCounter(Counter):
     ``leased_all``: the store's totals as last read. Reservations (``reserved``) and
     pending charges stay within the lease (or are refused)."""
 
-    __slots__ = ("demand", "lease", "leased_all", "pending", "settled")
+    __slots__ = ("demand", "lease", "leased_all", "pending", "rate", "settled")
 
     def __init__(self, scope: Scope, limit: Decimal, period: Any, start: datetime,
                  end: float | None) -> None:
         super().__init__(scope, limit, period, start, end)
         self.lease = self.pending = self.settled = self.leased_all = ZERO
-        self.demand = ZERO  # reserved since the last tick: how much lease to keep
+        self.demand = ZERO  # reserved since the last tick
+        self.rate = ZERO  # reserved in the tick before: what the next may need
 
 
 class SharedBudgets(Budgets):
@@ -282,9 +283,10 @@ class SharedBudgets(Budgets):
         super().charge(counters, cost)
 
     # -- the tick, on the event loop around its work in the store ---------------------------
-    def settlements(self) -> list[tuple[SharedCounter, Decimal, Decimal, Decimal]]:
-        """Take what to settle and hand back: ``(counter, charged, of it against the
-        lease, handed back)``; the counters already count it gone (see `restore`)."""
+    def settlements(self) -> list[Settlement]:
+        """Take what to settle, hand back and lease ahead: ``(counter, charged, of it
+        against the lease, handed back, to lease more)``; the counters already count what
+        is settled and handed back as gone (see `restore`)."""
         out = []
         live = {id(c) for c in self.counters.values()}
         for c in [*self.counters.values(), *self.retired]:
@@ -292,23 +294,24 @@ class SharedBudgets(Budgets):
             d = c.pending
             dl = min(d, c.lease)
             spare = c.lease - dl - c.reserved
-            retired = id(c) not in live
             free = c.limit - c.settled - c.leased_all
-            # Keep about one tick's worth of demand, unless others may need it more (the
-            # budget near its end): then hand back all that no reservation holds.
-            keep = ZERO if retired or free < 2 * c.demand else c.demand
-            back = max(spare - keep, ZERO)
-            c.demand = ZERO
-            if d or back:
+            # Hold about two ticks' worth of this instance's demand, leased here ahead of
+            # the requests (so they rarely wait on the store), unless others may need the
+            # rest more (the budget near its end): then hold only what is reserved.
+            target = ZERO if id(c) not in live or free < 4 * c.demand else 2 * c.demand
+            back = max(spare - target, ZERO)
+            more = target - spare if spare < target / 2 else ZERO
+            c.rate, c.demand = c.demand, ZERO
+            if d or back or more:
                 c.pending -= d
                 c.lease -= dl + back
-                out.append((c, d, dl, back))
+                out.append((c, d, dl, back, more))
         self.retired = [c for c in self.retired if c.lease or c.pending or c.reserved]
         return out
 
-    def restore(self, taken: list[tuple[SharedCounter, Decimal, Decimal, Decimal]]) -> None:
+    def restore(self, taken: list[Settlement]) -> None:
         """The tick failed: what it took is pending again."""
-        for c, d, dl, back in taken:
+        for c, d, dl, back, _ in taken:
             c.pending += d
             c.lease += dl + back
         known = {id(c) for c in [*self.counters.values(), *self.retired]}
@@ -318,18 +321,24 @@ class SharedBudgets(Budgets):
                 self.retired.append(c)
 
     def refresh(self, totals: dict[tuple[str, str, datetime], tuple[Decimal, Decimal]],
-                lost: set[int]) -> None:
+                lost: set[int], granted: dict[int, Decimal]) -> None:
         """The store's totals as read by the tick; ``lost``: counters (ids) whose lease was
-        taken back while this instance could not renew it."""
+        taken back while this instance could not renew it; ``granted``: leased ahead."""
         for c in self.counters.values():
             assert isinstance(c, SharedCounter)
             if id(c) in lost:
                 c.lease = ZERO
+            c.lease += granted.get(id(c), ZERO)
             got = totals.get((c.scope.kind, c.scope.name, c.start))
             if got is not None:
                 c.settled, c.leased_all = got
                 c.spent = c.settled + c.pending
                 self._crossed(c)  # others' spend may cross a threshold: one alert fires
+
+
+# What one tick takes from a counter: (counter, charged, of it against the lease, handed
+# back, to lease ahead).
+Settlement = tuple[SharedCounter, Decimal, Decimal, Decimal, Decimal]
 
 
 class PgAccessStore:
@@ -365,13 +374,15 @@ class PgAccessStore:
     def _connect(self) -> psycopg.Connection:
         import psycopg
 
+        # A request waits on the store only to lease more budget, on the event loop: never
+        # for long, even when the network drops packets instead of refusing them.
         try:
-            conn = connect(self.url)
+            conn = psycopg.connect(self.url, autocommit=True, application_name="flowc",
+                                   connect_timeout=2, tcp_user_timeout=3000)
+            conn.execute("SET statement_timeout = 2000")
         except psycopg.Error as exc:
             raise StoreUnavailable(f"the shared store {redact(self.url)} is unreachable: "
                                    f"{str(exc).strip()}") from None
-        # A request waits on the store only to lease more budget: never for long.
-        conn.execute("SET statement_timeout = 2000")
         return conn
 
     def _run(self, which: str, work: Callable[[psycopg.Connection], Any]) -> Any:
@@ -460,7 +471,7 @@ class PgAccessStore:
         request waits one round trip, once per lease); False when the budget has not that
         much left. While the store is unreachable, fails closed or open."""
         need = need.quantize(CENT, ROUND_CEILING)
-        want = max(need, (need + 8 * amount).quantize(CENT, ROUND_FLOOR))
+        want = max(need, (need + max(8 * amount, c.rate)).quantize(CENT, ROUND_FLOOR))
         if need + c.settled > c.limit:
             return False  # known already: no round trip
         args = {"want": want, "need": need, "limit": c.limit, "n": max(self.instances, 1),
@@ -522,7 +533,7 @@ class PgAccessStore:
             for c in [*b.counters.values(), *b.retired]:
                 assert isinstance(c, SharedCounter)
                 if c.lease:
-                    taken.append((c, ZERO, ZERO, c.lease))
+                    taken.append((c, ZERO, ZERO, c.lease, ZERO))
                     c.lease = ZERO
         watched = list(b.counters.values()) if b is not None else []
         try:
@@ -536,9 +547,11 @@ class PgAccessStore:
         if not self.online:
             log.warning("the shared store is reachable again: budgets are checked again")
         self.online, self.error = True, None
-        totals, lost, keys, live = out
+        totals, lost, granted, keys, live = out
+        if final:  # shutting down: nothing more to apply (an alert now would not be sent)
+            return
         if b is not None:
-            b.refresh(totals, lost)
+            b.refresh(totals, lost, granted)
         if gate is not None:
             for key in keys:
                 gate.put(key)
@@ -547,17 +560,26 @@ class PgAccessStore:
                 self.rank, self.instances = rank, max(len(live), 1)
                 gate.set_share(self.rank, self.instances)
 
-    def _sync(self, conn: psycopg.Connection, taken: list[Any], watched: list[SharedCounter],
-              final: bool) -> tuple[dict[Any, Any], set[int], list[Key], list[str]]:
+    def _sync(self, conn: psycopg.Connection, taken: list[Settlement],
+              watched: list[SharedCounter], final: bool
+              ) -> tuple[dict[Any, Any], set[int], dict[int, Decimal], list[Key], list[str]]:
         lost: set[int] = set()
+        granted: dict[int, Decimal] = {}
         with conn.transaction():
-            for c, d, dl, back in taken:
-                held = conn.execute(_SETTLE, {
-                    "back": dl + back, "d": d, "dl": dl, "me": self.instance,
-                    "kind": c.scope.kind, "name": c.scope.name, "start": c.start,
-                    "ttl": self.lease_ttl}).fetchone()
-                if held is not None and not held[0]:
-                    lost.add(id(c))
+            for c, d, dl, back, more in taken:
+                where = {"me": self.instance, "kind": c.scope.kind, "name": c.scope.name,
+                         "start": c.start, "ttl": self.lease_ttl}
+                if d or back:
+                    held = conn.execute(_SETTLE, {"back": dl + back, "d": d, "dl": dl,
+                                                  **where}).fetchone()
+                    if held is not None and not held[0]:
+                        lost.add(id(c))
+                if more and not final:
+                    row = conn.execute(_GRANT, {
+                        "want": more.quantize(CENT, ROUND_FLOOR), "need": CENT,
+                        "limit": c.limit, "n": max(self.instances, 1), **where}).fetchone()
+                    if row is not None:
+                        granted[id(c)] = row[0]
             conn.execute("DELETE FROM budget_leases WHERE instance = %s AND amount <= 0",
                          [self.instance])
             conn.execute("UPDATE budget_leases SET expires_at = now() + "
@@ -584,7 +606,7 @@ class PgAccessStore:
                     "make_interval(secs => %s) ORDER BY id", [LIVE])]
         if keys:
             self.version = max(r[-1] for r in keys)
-        return totals, lost, [_key(r) for r in keys], live
+        return totals, lost, granted, [_key(r) for r in keys], live
 
     def _down(self, error: str) -> None:
         if self.online:

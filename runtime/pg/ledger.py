@@ -29,6 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -49,7 +50,7 @@ from runtime.pg.spool import Spool, read
 
 log = logging.getLogger("flowc.ledger")
 _BATCH = 20_000  # rows in the open segment that wake the writer before its interval
-_SEND_MAX = 64 << 20  # bytes of segments sent in one transaction, at most
+_SEND_MAX = 16 << 20  # bytes of segments sent in one transaction (~50k rows), at most
 _RETRY_MAX = 10.0  # seconds between attempts to reach Postgres, at most
 _CONNECT_TIMEOUT = 3  # seconds
 _RETENTION_EVERY = 3600.0  # seconds between retention passes
@@ -239,6 +240,7 @@ class PgLedger:
         self._prefix = uuid.uuid4().hex[:16] + "-"
         self._ids = itertools.count(1)
         self._conn: Any = None  # the writer's connection
+        self._conn2: Any = None  # and a second, for a backlog
         self._days: set[str] = set()  # partitions known to exist
         self.connected = False
         self.error: str | None = None
@@ -309,9 +311,10 @@ class PgLedger:
         self.spool.close()
         with contextlib.suppress(Exception):
             self._pool.close()
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._conn.close()
+        for conn in (self._conn, self._conn2):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     # -- what /ready shows -------------------------------------------------------------------
     @property
@@ -381,6 +384,8 @@ class PgLedger:
             if time.monotonic() >= self._next_try or stopping:
                 try:
                     self._send()
+                    self._send_runs(self._connection())
+                    self._sent()
                 except Exception as exc:
                     self._lost(exc)
             with self._flushed:
@@ -389,55 +394,92 @@ class PgLedger:
             if stopping:
                 return
 
-    def _connection(self) -> Any:
-        if self._conn is None or self._conn.closed:
+    def _connection(self, second: bool = False) -> Any:
+        """The writer's connection (``second``: the one a backlog is also sent on)."""
+        conn = self._conn2 if second else self._conn
+        if conn is None or conn.closed:
             import psycopg
 
-            self._conn = psycopg.connect(self.url, autocommit=True, application_name="flowc",
-                                         connect_timeout=_CONNECT_TIMEOUT)
-            _configure(self._conn)
-            self._conn.execute(_STAGE)
-            self._days.clear()
-            today = datetime.now(UTC).date()  # made ahead: the first rows need not wait
-            self.ensure_partitions(self._conn, [str(today), str(today + timedelta(days=1))])
-        return self._conn
+            conn = psycopg.connect(self.url, autocommit=True, application_name="flowc",
+                                   connect_timeout=_CONNECT_TIMEOUT)
+            _configure(conn)
+            conn.execute(_STAGE)
+            if second:
+                self._conn2 = conn
+            else:
+                self._conn = conn
+                self._days.clear()
+                self._next_retention = 0.0  # the upkeep runs on this connection's first pass
+        return conn
 
     def _send(self) -> None:
+        conn = self._connection()
+        if time.monotonic() >= self._next_retention:  # hourly upkeep
+            self._next_retention = time.monotonic() + _RETENTION_EVERY
+            # Partitions a day ahead: making one locks `requests` for a moment, better
+            # not while rows wait for it.
+            today = datetime.now(UTC).date()
+            self.ensure_partitions(conn, [d for d in (str(today),
+                                                      str(today + timedelta(days=1)))
+                                          if d not in self._days])
+            self.drop_old(conn)
+        batches: list[list[Path]] = []
+        size = _SEND_MAX
+        for p in self.spool.segments():
+            if size >= _SEND_MAX:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += p.stat().st_size
+        # A backlog (after an outage, a burst) goes two batches at a time on two
+        # connections: Postgres parses and inserts each on its own core.
+        for i in range(0, len(batches), 2):
+            pair = batches[i:i + 2]
+            if len(pair) == 1:
+                self.sent += self._send_batch(conn, pair[0])
+                continue
+            second = self._connection(second=True)
+            with ThreadPoolExecutor(1) as pool:
+                other = pool.submit(self._send_batch, second, pair[1])
+                sent = self._send_batch(conn, pair[0])
+                self.sent += sent + other.result()
+
+    def _send_batch(self, conn: Any, batch: list[Path]) -> int:
+        """Send closed segments in one transaction, then delete them; the rows sent."""
         import psycopg
 
-        conn = self._connection()
-        segments = self.spool.segments()
-        while segments:
-            batch, size = [], 0
-            while segments and (not batch or size < _SEND_MAX):
-                batch.append(segments.pop(0))
-                size += batch[-1].stat().st_size
-            datas = [read(p) for p in batch]
-            # A segment never tried before cannot be in Postgres yet: a plain INSERT (~1.5x
-            # the rows/s of ON CONFLICT's checks). One tried before (its commit may have
-            # happened) or left by a previous process is deduplicated.
-            fresh = not any(p.name in self._tried for p in batch)
-            self._tried.update(p.name for p in batch)
+        datas = [read(p) for p in batch]
+        # A segment never tried before cannot be in Postgres yet: a plain INSERT (~1.5x
+        # the rows/s of ON CONFLICT's checks). One tried before (its commit may have
+        # happened) or left by a previous process is deduplicated.
+        fresh = not any(p.name in self._tried for p in batch)
+        self._tried.update(p.name for p in batch)
+        try:
             try:
                 rows = self._insert(conn, datas, dedupe=not fresh)
-            except psycopg.OperationalError:
-                raise
-            except psycopg.Error as exc:  # a row Postgres refuses must not block the rest
-                log.error("ledger: a batch was refused (%s); sending its rows one by one",
-                          _reason(exc))
-                rows = self._insert_each(conn, datas)
-            self.spool.done(batch, rows)
-            self.sent += rows
+            except psycopg.errors.UniqueViolation:  # it was there after all
+                rows = self._insert(conn, datas, dedupe=True)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:  # a row Postgres refuses must not block the rest
+            log.error("ledger: a batch was refused (%s); sending its rows one by one",
+                      _reason(exc))
+            rows = self._insert_each(conn, datas)
+        self.spool.done(batch, rows)
+        self._tried.difference_update(p.name for p in batch)
+        return rows
+
+    def _send_runs(self, conn: Any) -> None:
         for run_file in sorted(self.spool.folder.glob("run-*.json")):
             _insert_run(conn, json.loads(run_file.read_text()), self.instance)
             run_file.unlink()
+
+    def _sent(self) -> None:
+        """A pass reached Postgres: say so if it had not."""
         if not self.connected:
             if self.error:
                 log.warning("ledger: the shared store is reachable again; spooled rows sent")
             self.connected, self.error, self._backoff = True, None, 0.5
-        if self.retention is not None and time.monotonic() >= self._next_retention:
-            self._next_retention = time.monotonic() + _RETENTION_EVERY
-            self.drop_old(conn)
 
     def _insert(self, conn: Any, datas: list[tuple[bytes, int]], dedupe: bool = True
                 ) -> int:
@@ -523,8 +565,10 @@ class PgLedger:
         return dropped
 
     def _lost(self, exc: Exception) -> None:
-        if self._conn is not None and (self._conn.closed or self._conn.broken):
-            self._conn = None
+        for name in ("_conn", "_conn2"):
+            conn = getattr(self, name)
+            if conn is not None and (conn.closed or conn.broken):
+                setattr(self, name, None)
         reason = _reason(exc)
         if self.connected or self.error != reason:
             log.warning("ledger: cannot reach the shared store %s (%s): rows wait in the "

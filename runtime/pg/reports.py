@@ -30,6 +30,9 @@ _EXACT = (
     ("any_value(", "min("),  # PostgreSQL 16 has any_value; 15 does not
 )
 _QUANTILE = re.compile(r"quantile_cont\((\w+), ([0-9.]+)\)")
+# Run records' JSON (runtime/runlist.py): DuckDB's JSON paths as jsonb's.
+_JSON_LIST = re.compile(r"json_extract_string\(([\w.]+), '\$\.([\w.]+)\[\*\]\.(\w+)'\)")
+_JSON = re.compile(r"json_extract\(([\w.]+), '\$\.([\w.]+)'\)")
 # sum() of a BIGINT is NUMERIC in PostgreSQL (a Decimal), HUGEINT (an int) in DuckDB
 _TOKEN_SUM = re.compile(r"sum\((\w*tokens)\)")
 
@@ -39,8 +42,16 @@ def to_postgres(sql: str) -> str:
     for duck, pg in _EXACT:
         sql = sql.replace(duck, pg)
     sql = _QUANTILE.sub(r"percentile_cont(\2) WITHIN GROUP (ORDER BY \1)", sql)
+    sql = _JSON_LIST.sub(lambda m: f"ARRAY(SELECT e->>'{m[3]}' FROM jsonb_array_elements("
+                                   f"{m[1]} #> '{_path(m[2])}') AS e)", sql)
+    sql = _JSON.sub(lambda m: f"({m[1]} #>> '{_path(m[2])}')", sql)
+    sql = sql.replace(" AS DOUBLE)", " AS DOUBLE PRECISION)")
     sql = _TOKEN_SUM.sub(r"sum(\1)::bigint", sql)
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+def _path(dotted: str) -> str:
+    return "{" + dotted.replace(".", ",") + "}"
 
 
 Select = Callable[..., tuple[list[str], list[tuple[Any, ...]]]]

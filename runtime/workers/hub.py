@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,7 @@ from runtime.ledger.store import Ledger, LedgerUnavailable
 log = logging.getLogger("flowc.workers")
 _ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
 _CALLS = 4  # calls that wait on the ledger file, at once
+_WORKFLOW_WRITE = re.compile(r"\s*INSERT\s+INTO\s+workflows\b", re.I)  # Registry.register
 
 
 class OwnerLedger(Ledger):
@@ -169,7 +171,7 @@ class Hub:
             fut = self._acks.pop(message[1], None)
             if fut is not None:
                 fut.set_result(None)
-        elif op in ("reserve", "window", "status"):
+        elif op in ("admit", "status"):
             rid, *args = message[1:]
             self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))
         else:
@@ -184,31 +186,37 @@ class Hub:
         w.send(reply)
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
-    def _reserve(self, w: _Worker, scopes: list[tuple[str, str]], amount: str) -> Any:
+    def _admit(self, w: _Worker, windows: list[tuple[str, str]],
+               scopes: list[tuple[str, str]], amount: str | None) -> Any:
+        """`Gate.admit`'s check, reserve, take, for one call from a worker: ("limited",
+        message, retry_after), or ("ok", each window's headers, the reservation's id or
+        the refusing budget's state)."""
         with self.lock:
-            try:
-                r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
-                                              Decimal(amount), time.time())
-            except BudgetExceeded as exc:
-                c = exc.counter
-                return (c.scope.kind, c.scope.name, c.scope.label, str(c.limit), c.period,
-                        str(c.spent), str(c.reserved))
-            rid = next(self._ids)
-            w.held[rid] = r
-            return rid
-
-    def _window(self, w: _Worker, kind: str, name: str) -> Any:
-        with self.lock:
-            win = self.gate._windows.get(Scope(kind, name))
-            if win is None:  # not limited (yet) here
-                return ("ok", [])
             now = time.monotonic()
+            found = [self.gate._windows.get(Scope(k, n)) for k, n in windows]
             try:
-                win.check(now)
+                for win in found:
+                    if win is not None:
+                        win.check(now)
             except RateLimited as exc:
                 return ("limited", str(exc), exc.retry_after)
-            win.take(now)
-            return ("ok", win.headers(now))
+            held = None
+            if amount is not None:
+                try:
+                    r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
+                                                  Decimal(amount), time.time())
+                except BudgetExceeded as exc:
+                    c = exc.counter
+                    return ("ok", [[] for _ in found],
+                            (c.scope.kind, c.scope.name, c.scope.label, str(c.limit),
+                             c.period, str(c.spent), str(c.reserved)))
+                held = next(self._ids)
+                w.held[held] = r
+            for win in found:
+                if win is not None:
+                    win.take(now)
+            return ("ok", [win.headers(now) if win is not None else [] for win in found],
+                    held)
 
     def _status(self, w: _Worker, kind: str, name: str) -> Any:
         with self.lock:
@@ -220,7 +228,10 @@ class Hub:
             sql, params, timeout = args
             return self.ledger.select(sql, params, timeout=timeout)
         if op == "execute":
-            return self.ledger.execute(*args)
+            rows = self.ledger.execute(*args)
+            if _WORKFLOW_WRITE.match(args[0]):  # a pipeline registered over HTTP
+                self._broadcast(w, ("workflows",))
+            return rows
         if op == "run":
             self.ledger.record_run(args[0])
             return None
@@ -237,6 +248,10 @@ class Hub:
         change is answered."""
         with self.lock:
             self.gate.put(key)
+        self._broadcast(origin, ("key", key))
+
+    def _broadcast(self, origin: _Worker, what: tuple[Any, ...]) -> None:
+        """``what`` to every worker but ``origin``, waiting until each says it is live."""
         waits = []
         for w in list(self._workers):
             if w is origin:
@@ -245,14 +260,15 @@ class Hub:
             fut: Future[None] = Future()
             self._acks[ack] = fut
             waits.append((ack, fut))
-            w.send((0, "key", ack, key))
+            w.send((0, what[0], ack, *what[1:]))
         deadline = time.monotonic() + _ACK_WAIT
         for ack, fut in waits:
             try:
                 fut.result(max(0.0, deadline - time.monotonic()))
-            except Exception:  # a worker that died or hangs gets the keys when it starts
+            except Exception:  # a worker that died or hangs reads it when it starts
                 self._acks.pop(ack, None)
-                log.warning("workers: a worker did not confirm key %s in time", key.id)
+                log.warning("workers: a worker did not confirm a change (%s) in time",
+                            what[0])
 
     def workers(self) -> int:
         return len(self._workers)

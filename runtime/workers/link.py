@@ -5,13 +5,14 @@ all go through one connection to the supervisor, which owns the ledger (hub.py).
   instead of waiting in this process for a frame: what a worker has answered is in the
   socket's buffer or beyond it, so a worker killed with -9 loses no answered row.
 - Budgets: every reservation is made on the supervisor's counters (one round trip, only
-  for callers with a budget), so the workers together never pass a budget; charges and
-  releases are sent without waiting.
-- Rate limits: checked and taken on the supervisor's windows in one round trip (exact
-  across workers); a call that a later check then refuses has still taken its request.
+  for callers with a budget or a rate limit), so the workers together never pass a
+  budget; charges and releases are sent without waiting.
+- Rate limits: checked and taken on the supervisor's windows, in the same round trip as
+  the reservation (exact across workers).
 - Keys: a change is saved, then sent to every other worker, which puts it live on its
   event loop before the change is answered (hub.py), so a key made through one worker
-  works on all of them at once.
+  works on all of them at once. A pipeline registered over HTTP is served by every
+  worker the same way.
 
 The messages are `_ProcessStore`'s (runtime/ledger/store.py): calls carry an id and are
 answered with it, or with the error's module, type and text; pushes from the supervisor
@@ -51,6 +52,7 @@ from runtime.ledger.store import (
     _fields_of,
     _ProcessStore,
 )
+from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.workers")
 _RETRY = 1.0  # seconds between attempts to reach the supervisor again
@@ -196,8 +198,7 @@ class RemoteBudgets(Budgets):
 
     def reserve_on(self, counters: list[Counter], amount: Decimal, now: float
                    ) -> RemoteReservation:  # type: ignore[override]
-        got = self._link.call("reserve", [(c.scope.kind, c.scope.name) for c in counters],
-                              str(amount))
+        got = self._link.admit([(c.scope.kind, c.scope.name) for c in counters], str(amount))
         if isinstance(got, int):
             return RemoteReservation(self._link, got)
         kind, name, label, limit, period, spent, reserved = got
@@ -212,30 +213,31 @@ class RemoteBudgets(Budgets):
 
 
 class RemoteWindow(Window):
-    """A scope's rate limits, counted on the supervisor's window; the headers are those of
-    this worker's last check."""
+    """A scope's rate limits, counted on the supervisor's window. `Gate.admit` checks every
+    window, reserves, then takes every window, with no await between: here a check only
+    joins the call's admission, which the reservation (or, with no budget, the first
+    take) sends in one round trip that checks, reserves and takes together. The headers
+    are those of this worker's last admission."""
 
     def __init__(self, link: WorkerLink, scope: Scope, rpm: int | None, tpm: int | None
                  ) -> None:
         super().__init__(str(scope), rpm, tpm)
-        self._link, self._scope = link, scope
-        self._headers: list[tuple[bytes, bytes]] = []
+        self._link, self.scope = link, scope
+        self.shown: list[tuple[bytes, bytes]] = []
 
     def check(self, now: float) -> None:
-        got = self._link.call("window", self._scope.kind, self._scope.name)
-        if got[0] == "limited":
-            raise RateLimited(got[1], got[2])
-        self._headers = got[1]
+        self._link.windows.append(self)
 
     def take(self, now: float) -> None:
-        """Taken with the check, on the supervisor."""
+        if self._link.windows:  # no budget: the windows go on their own
+            self._link.admit([], None)
 
     def add_tokens(self, now: float, n: int) -> None:
         if self.tpm is not None and n > 0:
-            self._link.post("tokens", self._scope.kind, self._scope.name, n)
+            self._link.post("tokens", self.scope.kind, self.scope.name, n)
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        return self._headers
+        return self.shown
 
 
 class WorkerGate(Gate):
@@ -246,6 +248,13 @@ class WorkerGate(Gate):
         super().__init__(config, store, admin_key, alert)
         self.budgets = RemoteBudgets(link, config.alerts.thresholds)
         self._link = link
+
+    def admit(self, *args: Any, **kwargs: Any) -> Any:
+        self._link.windows.clear()
+        try:
+            return super().admit(*args, **kwargs)
+        finally:  # a call refused before its admission was sent (an unpriced model)
+            self._link.windows.clear()
 
     def _configure(self, scope: Scope, usd: Decimal | None, period: Any, rpm: int | None,
                    tpm: int | None) -> None:
@@ -266,7 +275,13 @@ class WorkerLink:
         self.store: HubStore | None = None
         self.gate: WorkerGate | None = None
         self.alert: Callable[[Alert], None] | None = None
+        # The windows `Gate.admit` has checked for the call it is admitting (on the event
+        # loop, no await in between; see RemoteWindow).
+        self.windows: list[RemoteWindow] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._parent = os.getppid()  # the supervisor
+        self.hub_ledger: HubLedger | None = None
+        self.registry: Registry | None = None  # set by Runtime.start
 
     def connect(self) -> HubStore:
         self.store = HubStore(self.address, self.authkey, self._pushed)
@@ -285,9 +300,23 @@ class WorkerLink:
         with contextlib.suppress(LedgerUnavailable):
             self._live().post(*message)
 
+    def admit(self, scopes: list[tuple[str, str]], amount: str | None) -> Any:
+        """One call's admission on the supervisor: the windows checked so far, then the
+        budgets' reservation of ``amount`` (None: none), then the windows taken; raises
+        RateLimited, or returns the reservation's id or the budget that refused it."""
+        windows, self.windows = self.windows, []
+        got = self.call("admit", [(w.scope.kind, w.scope.name) for w in windows], scopes,
+                        amount)
+        if got[0] == "limited":
+            raise RateLimited(got[1], got[2])
+        for w, shown in zip(windows, got[1], strict=True):
+            w.shown = shown
+        return got[2]
+
     # -- the parts of a worker's Runtime ----------------------------------------------------
     def ledger(self, path: Path, flush_interval: float) -> HubLedger:
-        return HubLedger(self, path, flush_interval)
+        self.hub_ledger = HubLedger(self, path, flush_interval)
+        return self.hub_ledger
 
     def access_store(self, ledger: Ledger) -> HubAccessStore:
         assert isinstance(ledger, HubLedger)
@@ -307,15 +336,30 @@ class WorkerLink:
         where requests read it."""
         what = message[0]
         if what == "gone":
-            if os.getppid() == 1 or not _alive(os.getppid()):
-                log.warning("worker: the supervisor is gone; shutting down")
-                os.kill(os.getpid(), signal.SIGTERM)
+            # Adopted: the supervisor is gone (its socket closes just before the adoption).
+            for _ in range(50):
+                if os.getppid() != self._parent:
+                    log.warning("worker: the supervisor is gone; shutting down")
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+                time.sleep(0.1)
             return
         if what == "key":
             _, ack, key = message
             self._on_loop(lambda: self._put(key), lambda: self.post("ack", ack))
+        elif what == "workflows":  # reads the ledger: not on this thread, which answers
+            threading.Thread(target=self._refresh, args=(message[1],), daemon=True).start()
         elif what == "alert" and self.alert is not None:
             self._on_loop(lambda: self.alert(message[1]), None)  # type: ignore[misc]
+
+    def _refresh(self, ack: int) -> None:
+        try:
+            if self.registry is not None and self.hub_ledger is not None:
+                self.registry.refresh(self.hub_ledger)
+        except Exception:
+            log.exception("worker: could not load the pipelines registered on another")
+        finally:
+            self.post("ack", ack)
 
     def _put(self, key: Key) -> None:
         if self.gate is not None:
@@ -334,13 +378,3 @@ class WorkerLink:
             run()
         else:
             loop.call_soon_threadsafe(run)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -1,0 +1,174 @@
+"""`flowc serve --workers 2` against one worker, on this machine's cores, in one run.
+
+Starts the instant loopback upstream (Node, benchmarks/gateway/upstream.mjs) and, in
+alternating rounds, `flowc serve` with one worker, with two workers on one shared socket
+(the default) and with two workers on SO_REUSEPORT sockets (`--listen reuseport`), then
+drives each with wrk at concurrency 32: req/s, p99, and the CPU the whole server used per
+request (every process: supervisor, workers, ledger process). Last, two workers with auth
+on and a key with a budget, rpm and tpm (every request reserves on the supervisor's
+counters: two round trips) against one worker with the same key. wrk and the upstream run
+on the same cores as the server, so two workers cannot double the rate here; the load
+average before each round says how busy the machine was. Writes a section into
+docs/benchmarks.md.
+
+    python benchmarks/bench_workers.py [--duration 10] [--rounds 3] [--print-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_gateway import (  # noqa: E402  (the gateway benchmark's wrk setup)
+    ADMIN,
+    GW,
+    ROOT,
+    bench_key,
+    free_port,
+    start,
+    stop,
+    wait_http,
+    wrk,
+)
+
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- workers:begin -->", "<!-- workers:end -->"
+MODEL = "openai/gpt-4o-mini"
+# (label, --workers, --listen, auth on with a budgeted key)
+VARIANTS = [
+    ("1 worker", 1, "shared", False),
+    ("2 workers, one shared socket (default)", 2, "shared", False),
+    ("2 workers, SO_REUSEPORT sockets", 2, "reuseport", False),
+    ("1 worker, key with budget, rpm, tpm", 1, "shared", True),
+    ("2 workers, key with budget, rpm, tpm", 2, "shared", True),
+]
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and every process under it."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        p = int(stat.parent.name)
+        parents[p] = int(fields[1])
+        used[p] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += used.get(p, 0.0)
+        todo += [c for c, parent in parents.items() if parent == p]
+    return total
+
+
+def load() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def serve(upstream: str, workers: int, listen: str, auth: bool, project: Path
+          ) -> tuple[subprocess.Popen, str, dict[str, str]]:
+    project.joinpath("flowc.yaml").write_text("ledger:\n  enabled: true\n")
+    env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1", "OPENAI_API_KEY": "sk-bench",
+           "PYTHONPATH": str(ROOT)}
+    env.pop("FLOWC_ADMIN_KEY", None)
+    headers: dict[str, str] = {}
+    if auth:
+        env["FLOWC_ADMIN_KEY"] = ADMIN
+        headers = {"authorization": f"Bearer {bench_key(project)}"}
+    port = free_port()
+    p = start([sys.executable, "-m", "runtime.cli", "serve", "--port", str(port),
+               "--log-level", "warning", "--workers", str(workers), "--listen", listen],
+              env, project)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", 120)  # workers start slowly on a busy machine
+    except RuntimeError:
+        stop(p)
+        raise
+    time.sleep(2.0 if workers > 1 else 0.0)  # the second worker's start-up
+    return p, url + "/v1/chat/completions", headers
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--duration", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--print-only", action="store_true", help="do not write the doc")
+    args = ap.parse_args()
+    procs: list[subprocess.Popen] = []
+    runs: dict[str, list[dict]] = {v[0]: [] for v in VARIANTS}
+    try:
+        up_port = free_port()
+        procs.append(start(["node", "upstream.mjs"], {**os.environ, "PORT": str(up_port)}, GW))
+        upstream = f"http://127.0.0.1:{up_port}"
+        wait_http(upstream)
+        with tempfile.TemporaryDirectory() as tmp:
+            servers = {}
+            for i, (label, workers, listen, auth) in enumerate(VARIANTS):
+                project = Path(tmp, str(i))
+                project.mkdir()
+                p, url, headers = serve(upstream, workers, listen, auth, project)
+                procs.append(p)
+                servers[label] = (p, url, headers)
+                wrk(url, MODEL, 32, 3, headers)  # warm up
+            # Every variant runs once a round, in turn, all servers up (idle ones cost
+            # nothing): the machine's load drifts by more than two runs far apart differ.
+            for r in range(args.rounds):
+                order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+                for label, *_ in order:
+                    p, url, headers = servers[label]
+                    before, busy = tree_cpu(p.pid), load()
+                    m = wrk(url, MODEL, 32, args.duration, headers)
+                    m["cpu_us"] = (tree_cpu(p.pid) - before) * 1e6 / max(m["requests"], 1)
+                    m["load"] = busy
+                    runs[label].append(m)
+                    print(f"round {r + 1}: {label}: {m['rps']:,.0f} req/s, p99 "
+                          f"{m['p99']:.2f} ms, {m['cpu_us']:.0f} us CPU/request, load "
+                          f"{busy:.1f}, {m['errors']} errors", flush=True)
+    finally:
+        for p in procs:
+            stop(p)
+    one = statistics.median(m["rps"] for m in runs[VARIANTS[0][0]])
+    table = ["| | req/s at c=32 (median) | vs 1 worker | p99 (ms) | server CPU per request "
+             "(us) | errors |", "|---|---:|---:|---:|---:|---:|"]
+    for label, *_ in VARIANTS:
+        ms = runs[label]
+        rps = statistics.median(m["rps"] for m in ms)
+        table.append(f"| {label} | {rps:,.0f} | {rps / one - 1:+.0%} | "
+                     f"{statistics.median(m['p99'] for m in ms):.2f} | "
+                     f"{statistics.median(m['cpu_us'] for m in ms):.0f} | "
+                     f"{sum(m['errors'] for m in ms)} |")
+    loads = [m["load"] for ms in runs.values() for m in ms]
+    text = "\n".join(table) + (
+        f"\n\n{args.rounds} alternating rounds of {args.duration} s per variant; load average "
+        f"before a run {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores "
+        f"(wrk and the upstream share them). Measured {time.strftime('%Y-%m-%d %H:%M')} UTC "
+        "with `python benchmarks/bench_workers.py`.")
+    print(text)
+    if args.print_only:
+        return
+    doc = DOC.read_text()
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in doc:
+        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), block, doc, flags=re.S)
+    else:
+        doc += "\n## One machine, all its cores: `flowc serve --workers N`\n\n" + block + "\n"
+    DOC.write_text(doc)
+
+
+if __name__ == "__main__":
+    main()
