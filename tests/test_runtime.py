@@ -99,7 +99,8 @@ def test_fan_out_runs_in_parallel(openai_fake, tmp_path):
     result, rows = run(compiled, {"topic": "x"}, fake=openai_fake, tmp_path=tmp_path)
     elapsed = time.perf_counter() - t0
     assert result.status == "succeeded"
-    assert elapsed < 0.5 * 3, elapsed  # ten 0.5 s calls in parallel, not 5 s in sequence
+    # ten 0.5 s calls in parallel, not 5 s in sequence (with room for a loaded machine)
+    assert elapsed < 4.0, elapsed
     assert len(rows) == 11 and {r[1] for r in rows} == {result.run_id}
     assert {r[0] for r in rows} == {*(f"s{i}" for i in range(10)), "join"}
     assert all(r[2] == "fan" and r[3] for r in rows)
