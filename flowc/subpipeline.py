@@ -128,7 +128,17 @@ def check_inputs(ctx: Context, info: StepInfo) -> None:
                         help=f"its inputs: {', '.join(declared) or 'none'}")
             continue
         t = _value_type(ctx, value)
-        if t.kind not in ("any", spec.type) and (t.kind, spec.type) not in _KINDS_FIT:
+        if spec.type == "string":
+            continue  # any value, passed as the text a prompt would read
+        if t.kind == "any":
+            span = ctx.source.span_of((*base, "inputs", name))
+            ctx.out.add("pipeline-inputs",
+                        f"input '{name}' of pipeline '{callee.name}' is {_a(spec.type)}, but "
+                        "this value's type is not known", span.start, span.end,
+                        help="pass a value whose type is known: an input or a schema's "
+                             f"{spec.type} field")
+            continue
+        if t.kind != spec.type and (t.kind, spec.type) not in _KINDS_FIT:
             span = ctx.source.span_of((*base, "inputs", name))
             ctx.out.add("pipeline-inputs",
                         f"input '{name}' of pipeline '{callee.name}' is {_a(spec.type)}, "

@@ -51,7 +51,7 @@ steps:
       Digest: {%% for s in summaries %%}[{{ s.topic }}] {{ s.summary }} {%% endfor %%}
 output:
   digest: ${digest}
-  first_topic: ${summaries[0].topic}
+  first_topic: ${summaries[0].topic ?? ""}
 """
 
 
@@ -189,16 +189,17 @@ def test_inputs_are_checked_against_the_callees_declared_inputs(tmp_path):
         name: main
         inputs:
           n: {type: integer}
+          label: {type: string}
         steps:
           - id: s
             type: pipeline
             pipeline: ./summarize.yaml
-            inputs: {text: "${input.n}", words: "${input.n}", tone: dry}
+            inputs: {text: "${input.n}", words: "${input.label}", tone: dry}
         output: ${s.summery}
         """, summarize=SUMMARIZE)
     assert diagnostics(main) == [
-        ("pipeline-inputs", "input 'text' of pipeline 'summarize' is a string, but this "
-                            "value is an integer"),
+        ("pipeline-inputs", "input 'words' of pipeline 'summarize' is an integer, but this "
+                            "value is a string"),
         ("pipeline-inputs", "pipeline 'summarize' has no input 'tone'"),
         ("unknown-field-path", "'s' has no field 'summery'; did you mean 'summary'?"),
     ]
