@@ -203,3 +203,16 @@ def test_inputs_are_checked_against_the_callees_declared_inputs(tmp_path):
         ("pipeline-inputs", "pipeline 'summarize' has no input 'tone'"),
         ("unknown-field-path", "'s' has no field 'summery'; did you mean 'summary'?"),
     ]
+
+
+def test_an_editor_hover_on_a_sub_pipelines_result_names_the_callee(tmp_path):
+    from flowc.lsp.analysis import hover, symbols
+
+    write(tmp_path, summarize=SUMMARIZE)
+    text = ("name: one\nsteps:\n  - id: s\n    type: pipeline\n    pipeline: ./summarize.yaml\n"
+            "    inputs: {text: hi}\noutput: ${s.topic}\n")
+    sym = symbols(text, str(tmp_path / "one.yaml"), project())
+    assert sym is not None
+    shown, _, _ = hover(sym, text.index("s.topic") + 2)
+    assert "s.topic: string" in shown
+    assert "The result of step `s` (pipeline, pipeline `./summarize.yaml`), line 3." in shown
