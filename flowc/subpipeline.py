@@ -127,7 +127,7 @@ def check_inputs(ctx: Context, info: StepInfo) -> None:
                         + suggest(did_you_mean(name, declared)), span.start, span.end,
                         help=f"its inputs: {', '.join(declared) or 'none'}")
             continue
-        t = _value_type(ctx, value)
+        t = _value_type(ctx, info, value)
         if spec.type == "string":
             continue  # any value, passed as the text a prompt would read
         if t.kind == "any":
@@ -152,11 +152,12 @@ def check_inputs(ctx: Context, info: StepInfo) -> None:
                     help="pass them under `inputs:`")
 
 
-def _value_type(ctx: Context, value: Any) -> T.Type:
+def _value_type(ctx: Context, info: StepInfo, value: Any) -> T.Type:
     if isinstance(value, str):
         ref = single_reference(value)
         if ref is not None:
-            return ctx.ref_types.get(ref, T.ANY)
+            local = info.local_ref_types.get(ref)
+            return local if local is not None else ctx.ref_types.get(ref, T.ANY)
         return T.STRING
     return T.of_value(value)
 

@@ -242,3 +242,28 @@ def test_flowc_schema_covers_for_each_sub_pipelines_and_repeat():
                 {**step, "as": "no spaces"}, {**call, "pipeline": ""},
                 {**step, "repeat": {"until": "x"}}):
         assert list(validator.iter_errors({"name": "p", "steps": [bad]})), bad
+
+
+def test_two_maps_type_their_items_each_on_its_own(tmp_path):
+    path = write(tmp_path, two="""\
+        name: two
+        steps:
+          - id: a
+            type: llm
+            model: m
+            prompt: "p"
+            response_format:
+              schema:
+                type: object
+                properties:
+                  ns: {type: array, items: {type: integer}}
+                  ss: {type: array, items: {type: string}}
+                required: [ns, ss]
+          - {id: m1, type: llm, model: m, for_each: "${a.ns}", when: "${item} > 1",
+             prompt: "n ${item}"}
+          - {id: m2, type: llm, model: m, for_each: "${a.ss}", when: "${item} > 1",
+             prompt: "s ${item}"}
+        output: {a: "${m1}", b: "${m2}"}
+        """)
+    assert diagnostics(path) == [("type-mismatch", "cannot compare string value ${item} "
+                                                   "with integer 1 using '>'")]
