@@ -46,6 +46,7 @@ class StepInfo:
     items: Ref | None = None  # `for_each:` parsed
     until: Node | None = None  # `repeat: {until:}` parsed
     locals: dict[str, Type] = field(default_factory=dict)  # names only this step reads
+    local_ref_types: dict[Ref, Type] = field(default_factory=dict)  # refs reading them
     callee: Any = None  # a `type: pipeline` step's compiled callee
 
 

@@ -3,8 +3,9 @@
 The step runs once per item of a list reference, the item bound to `as:` (`item` by
 default). Its result is the list of the items' results in order; an item whose `when:` was
 false, whose reads were missing (`on_missing: skip`) or that failed under
-`on_error: continue` is null there, and the list's type says so: `${results[0]}` needs a
-`??` fallback (Jinja loops filter with `{% for r in results if r %}`).
+`on_error: continue` is null there. The list's type says an item may be missing (the list
+may also be shorter than an index): `${results[0]}` needs a `??` fallback; the whole list
+`${results}` does not (Jinja loops filter with `{% for r in results if r %}`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 from flowc import types as T
 from flowc.context import Context, StepInfo
-from flowc.expr import Path, single_reference
+from flowc.expr import single_reference
 from flowc.scopes import list_of
 
 DEFAULT_CONCURRENCY = 10
@@ -71,21 +72,6 @@ def _shown(info: StepInfo) -> str:
 
 
 def result_type(ctx: Context, info: StepInfo, body: T.Type) -> T.Type:
-    """A list of the body's results; its items may be missing when an item can be skipped
-    or fail without failing the step."""
-    step = info.step
-    may_miss = (step.when is not None and step.when is not True) \
-        or step.on_error == "continue" or step.on_missing == "skip" \
-        or _reads_gappy_list(ctx, info)
-    return list_of(body, may_miss)
-
-
-def _reads_gappy_list(ctx: Context, info: StepInfo) -> bool:
-    """Whether the list may hold missing items (it is another map's result): those items are
-    skipped, so this map's result has gaps too."""
-    for alt in info.items.alts if info.items is not None else ():
-        if isinstance(alt, Path):
-            producer = ctx.producer_of(alt)
-            if producer is not None and ctx.steps[producer].step.for_each is not None:
-                return True
-    return False
+    """A list of the body's results. An item read by index may be missing: the list may be
+    shorter (its length is the mapped list's), or the item was skipped or failed."""
+    return list_of(body, True)

@@ -10,9 +10,13 @@ result. An answer that breaks the step's `response_format` schema never ends the
 
 from __future__ import annotations
 
+import re
+
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, parse_condition, references
 from flowc.model import LLMStep
+from flowc.scopes import SELF
+from flowc.template import Template
 
 
 def scan(ctx: Context, info: StepInfo) -> None:
@@ -45,7 +49,10 @@ def scan(ctx: Context, info: StepInfo) -> None:
 
 
 def check(ctx: Context, info: StepInfo) -> None:
-    """Type-check `until:` like a `when:` condition."""
+    """Type-check `until:` like a `when:` condition; `self` is read with `${...}` only."""
+    if info.step.repeat is not None:
+        for name, template in info.templates.items():
+            _jinja_self(ctx, info, name, template)
     if info.until is None:
         return
     from flowc.checks.conditions import _Checker
@@ -54,3 +61,25 @@ def check(ctx: Context, info: StepInfo) -> None:
     checker.path = (*ctx.step_path(info.step.id), "repeat", "until")
     checker.text = info.step.repeat.until  # type: ignore[union-attr,assignment]
     checker.type_of(info.until)
+
+
+def _jinja_self(ctx: Context, info: StepInfo, name: str, template: Template) -> None:
+    """Jinja code cannot read the repeated step's `self`: to Jinja it is the template."""
+    if template.jinja_source is None:
+        return
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        tree = ImmutableSandboxedEnvironment().parse(template.jinja_source)
+    except Exception:  # reported as template-syntax already
+        return
+    if not any(n.name == SELF for n in tree.find_all(nodes.Name)):
+        return
+    m = re.search(r"(\{\{|\{%)[^}]*?\bself\b", template.text)
+    start = m.end() - len(SELF) if m else 0
+    span = ctx.value_span((*ctx.step_path(info.step.id), name), template.text, start,
+                          start + len(SELF))
+    ctx.out.add("reference-syntax", "in Jinja code `self` is the template itself, not the "
+                "repeated step", span.start, span.end,
+                help='read it with a reference: ${self.previous ?? "none"}')

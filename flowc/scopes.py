@@ -43,8 +43,8 @@ def root_type(ctx: Context, use: Use, root: str) -> T.Type:
 def missing_reason(path: Path, absent: str) -> str | None:
     """Why a part of a step-local value or of a list may be missing (for `maybe-skipped`)."""
     if absent.startswith("["):
-        return (f"item {absent} of '{path.root}' is missing when that item was skipped or "
-                "failed (for_each with `when:` or `on_error: continue`)")
+        return (f"item {absent} of '{path.root}' may be missing: the for_each list may be "
+                "shorter, or that item was skipped or failed")
     if path.root == SELF:
         return f"'self.{absent}' is missing on the first attempt"
     return None

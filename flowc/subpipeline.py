@@ -127,8 +127,18 @@ def check_inputs(ctx: Context, info: StepInfo) -> None:
                         + suggest(did_you_mean(name, declared)), span.start, span.end,
                         help=f"its inputs: {', '.join(declared) or 'none'}")
             continue
-        t = _value_type(ctx, value)
-        if t.kind not in ("any", spec.type) and (t.kind, spec.type) not in _KINDS_FIT:
+        t = _value_type(ctx, info, value)
+        if spec.type == "string":
+            continue  # any value, passed as the text a prompt would read
+        if t.kind == "any":
+            span = ctx.source.span_of((*base, "inputs", name))
+            ctx.out.add("pipeline-inputs",
+                        f"input '{name}' of pipeline '{callee.name}' is {_a(spec.type)}, but "
+                        "this value's type is not known", span.start, span.end,
+                        help="pass a value whose type is known: an input or a schema's "
+                             f"{spec.type} field")
+            continue
+        if t.kind != spec.type and (t.kind, spec.type) not in _KINDS_FIT:
             span = ctx.source.span_of((*base, "inputs", name))
             ctx.out.add("pipeline-inputs",
                         f"input '{name}' of pipeline '{callee.name}' is {_a(spec.type)}, "
@@ -142,11 +152,12 @@ def check_inputs(ctx: Context, info: StepInfo) -> None:
                     help="pass them under `inputs:`")
 
 
-def _value_type(ctx: Context, value: Any) -> T.Type:
+def _value_type(ctx: Context, info: StepInfo, value: Any) -> T.Type:
     if isinstance(value, str):
         ref = single_reference(value)
         if ref is not None:
-            return ctx.ref_types.get(ref, T.ANY)
+            local = info.local_ref_types.get(ref)
+            return local if local is not None else ctx.ref_types.get(ref, T.ANY)
         return T.STRING
     return T.of_value(value)
 

@@ -35,7 +35,7 @@ async def run_foreach(run: _Run, node: StepNode, r: StepResult) -> list[Any]:
                          f"{type(items).__name__}")
     n = len(items)
     out: list[Any] = [None] * n
-    records: list[dict[str, Any]] = [{}] * n
+    records: list[dict[str, Any]] = [{"index": i, "status": "waiting"} for i in range(n)]
     r.items = records
     base, outer, name = frame.label(step.id), frame.NAMES.get() or {}, step.as_
     limit = run.ex.global_limit
@@ -53,10 +53,12 @@ async def run_foreach(run: _Run, node: StepNode, r: StepResult) -> list[Any]:
             if reason is not None:
                 rec.status, rec.skip_reason = "skipped", reason
             elif limit is not None:
+                rec.status = "running"
                 async with limit:
                     out[i] = await run.body(node, rec)
                 rec.status = "done"
             else:
+                rec.status = "running"
                 out[i] = await run.body(node, rec)
                 rec.status = "done"
         except Exception as exc:
@@ -66,6 +68,8 @@ async def run_foreach(run: _Run, node: StepNode, r: StepResult) -> list[Any]:
                     raise
                 raise StepFailed(f"item {i}: {rec.error}") from None
         finally:
+            if rec.status == "running":  # cancelled: another item failed the step
+                rec.status = "cancelled"
             rec.latency_ms = (time.perf_counter() - t0) * 1000
             records[i] = _record(i, rec)
             _add(r, rec, i)

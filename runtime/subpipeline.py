@@ -1,10 +1,12 @@
 """Running a `type: pipeline` step (flowc/subpipeline.py): the callee runs as a nested run
 inside this one: same run id, the caller's budget, and its calls' ledger `step_id` is
 `caller/callee_step` (`map[2]/summarize` inside a map). Its steps go on the step's record
-(`steps`), and their costs, tokens and calls roll up into the step's."""
+(`steps`), and their costs, tokens and calls roll up into the step's. A value passed to a
+string input that is not a string is passed as its JSON text, as a prompt would read it."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
@@ -61,6 +63,10 @@ async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
     callee = node.callee
     assert callee is not None
     args = await run._params(node.params, f"inputs of step '{step.id}'")
+    for name, value in args.items():  # a string input takes any value as a prompt would
+        spec = callee.inputs.get(name)
+        if spec is not None and spec.type == "string" and not isinstance(value, str):
+            args[name] = json.dumps(value, ensure_ascii=False, default=str)
     try:
         values = check_inputs(callee.pipeline.inputs, args)
     except InputError as exc:

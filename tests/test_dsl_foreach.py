@@ -153,10 +153,10 @@ def test_a_structured_body_maps_to_a_typed_list_a_later_step_reads(fake, tmp_pat
             type: llm
             model: m
             prompt: |
-              Report: first {{ score[0].score }}, first via ref ${score[0].score};
+              Report: first ${score[0].score ?? 0};
               {% for s in score %}{{ s.score }} {% endfor %}
         output:
-          first: ${score[0].score}
+          first: ${score[0].score ?? 0}
           report: ${report}
         """)
     compiled = compiled_at(path)
@@ -167,7 +167,7 @@ def test_a_structured_body_maps_to_a_typed_list_a_later_step_reads(fake, tmp_pat
     result, rows = execute(compiled, {"text": "x yy"}, fake, tmp_path)
     assert result.status == "succeeded", result.error
     assert result.output["first"] == 1
-    assert "Report: first 1, first via ref 1;\n1 2" in result.output["report"]
+    assert "Report: first 1;\n1 2" in result.output["report"]
     assert sorted(r[0] for r in rows) == ["report", "score[0]", "score[1]", "split"]
 
 
@@ -202,7 +202,7 @@ def test_the_compiler_types_the_item_and_the_result(tmp_path):
         """)
     found = diagnostics(path)
     assert ("unknown-field-path", "'part' has no field 'titel'; did you mean 'title'?") in found
-    assert any(rule == "maybe-skipped" and "item [0] of 'each' is missing" in message
+    assert any(rule == "maybe-skipped" and "item [0] of 'each' may be missing" in message
                for rule, message in found)
 
 
@@ -217,3 +217,53 @@ def test_a_map_over_a_value_that_is_not_a_list_is_an_error(tmp_path):
         """)
     assert diagnostics(path) == [("for-each-not-a-list",
                                   "`for_each` needs a list; 'input.n' is an integer")]
+
+
+def test_flowc_schema_covers_for_each_sub_pipelines_and_repeat():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import jsonschema
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "flowc.cli", "schema"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(root)})
+    validator = jsonschema.Draft202012Validator(json.loads(r.stdout))
+    step = {"id": "s", "type": "llm", "model": "m", "prompt": "p ${d}",
+            "for_each": "${input.docs}", "as": "d", "max_concurrency": 5,
+            "repeat": {"until": "${self.output} != ''", "max": 3}}
+    call = {"id": "c", "type": "pipeline", "pipeline": "./summarize.yaml",
+            "inputs": {"text": "${s}"}}
+    doc = {"name": "p", "steps": [step, call]}
+    assert not list(validator.iter_errors(doc))
+    for bad in ({**step, "for_eachh": "x"}, {**step, "repeat": {"max": 0}},
+                {**step, "as": "no spaces"}, {**call, "pipeline": ""},
+                {**step, "repeat": {"until": "x"}}):
+        assert list(validator.iter_errors({"name": "p", "steps": [bad]})), bad
+
+
+def test_two_maps_type_their_items_each_on_its_own(tmp_path):
+    path = write(tmp_path, two="""\
+        name: two
+        steps:
+          - id: a
+            type: llm
+            model: m
+            prompt: "p"
+            response_format:
+              schema:
+                type: object
+                properties:
+                  ns: {type: array, items: {type: integer}}
+                  ss: {type: array, items: {type: string}}
+                required: [ns, ss]
+          - {id: m1, type: llm, model: m, for_each: "${a.ns}", when: "${item} > 1",
+             prompt: "n ${item}"}
+          - {id: m2, type: llm, model: m, for_each: "${a.ss}", when: "${item} > 1",
+             prompt: "s ${item}"}
+        output: {a: "${m1}", b: "${m2}"}
+        """)
+    assert diagnostics(path) == [("type-mismatch", "cannot compare string value ${item} "
+                                                   "with integer 1 using '>'")]

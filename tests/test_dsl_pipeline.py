@@ -51,7 +51,7 @@ steps:
       Digest: {%% for s in summaries %%}[{{ s.topic }}] {{ s.summary }} {%% endfor %%}
 output:
   digest: ${digest}
-  first_topic: ${summaries[0].topic}
+  first_topic: ${summaries[0].topic ?? ""}
 """
 
 
@@ -189,16 +189,30 @@ def test_inputs_are_checked_against_the_callees_declared_inputs(tmp_path):
         name: main
         inputs:
           n: {type: integer}
+          label: {type: string}
         steps:
           - id: s
             type: pipeline
             pipeline: ./summarize.yaml
-            inputs: {text: "${input.n}", words: "${input.n}", tone: dry}
+            inputs: {text: "${input.n}", words: "${input.label}", tone: dry}
         output: ${s.summery}
         """, summarize=SUMMARIZE)
     assert diagnostics(main) == [
-        ("pipeline-inputs", "input 'text' of pipeline 'summarize' is a string, but this "
-                            "value is an integer"),
+        ("pipeline-inputs", "input 'words' of pipeline 'summarize' is an integer, but this "
+                            "value is a string"),
         ("pipeline-inputs", "pipeline 'summarize' has no input 'tone'"),
         ("unknown-field-path", "'s' has no field 'summery'; did you mean 'summary'?"),
     ]
+
+
+def test_an_editor_hover_on_a_sub_pipelines_result_names_the_callee(tmp_path):
+    from flowc.lsp.analysis import hover, symbols
+
+    write(tmp_path, summarize=SUMMARIZE)
+    text = ("name: one\nsteps:\n  - id: s\n    type: pipeline\n    pipeline: ./summarize.yaml\n"
+            "    inputs: {text: hi}\noutput: ${s.topic}\n")
+    sym = symbols(text, str(tmp_path / "one.yaml"), project())
+    assert sym is not None
+    shown, _, _ = hover(sym, text.index("s.topic") + 2)
+    assert "s.topic: string" in shown
+    assert "The result of step `s` (pipeline, pipeline `./summarize.yaml`), line 3." in shown

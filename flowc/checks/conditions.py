@@ -72,7 +72,8 @@ class _Checker:
         if isinstance(node, Literal):
             return T.of_value(node.value)
         if isinstance(node, Ref):
-            return self.ctx.ref_types.get(node, T.ANY)
+            local = self.info.local_ref_types.get(node)
+            return local if local is not None else self.ctx.ref_types.get(node, T.ANY)
         if isinstance(node, Not):
             self.type_of(node.operand)
             return T.BOOLEAN

@@ -205,7 +205,7 @@ def _add_edge(ctx: Context, producer: str, consumer: str, use: Use) -> None:
 
 def _resolve(ctx: Context, use: Use) -> list[str]:
     """Check each alternative of a reference; return the steps it reads from."""
-    producers, types = [], []
+    producers, types, local_read = [], [], False
     for alt in use.ref.alts:
         if isinstance(alt, Literal):
             types.append(T.of_value(alt.value))
@@ -213,6 +213,7 @@ def _resolve(ctx: Context, use: Use) -> list[str]:
         local = local_type(ctx, use, alt.root)
         if local is not None:  # a name the step binds itself (`for_each` item, `self`)
             types.append(_walk(ctx, local, alt, 0, use.span) or T.ANY)
+            local_read = True
             continue
         t = path_type(ctx, alt, use.span)
         types.append(t or T.ANY)
@@ -221,7 +222,10 @@ def _resolve(ctx: Context, use: Use) -> list[str]:
         producer = ctx.producer_of(alt)
         if producer is not None:
             producers.append(producer)
-    ctx.ref_types[use.ref] = T.join(types)
+    if local_read:  # typed per step: `${item}` is another value in another map
+        ctx.steps[use.consumer].local_ref_types[use.ref] = T.join(types)  # type: ignore[index]
+    else:
+        ctx.ref_types[use.ref] = T.join(types)
     return producers
 
 

@@ -24,7 +24,7 @@ from flowc.diagnostics import Collector, Diagnostic
 from flowc.expr import ExprSyntaxError, Literal, parse_reference
 from flowc.expr import Path as RefPath
 from flowc.lsp.positions import BOM, CompilerLines
-from flowc.model import LLMStep
+from flowc.model import LLMStep, PipelineStep
 from flowc.source import SourceFile, Span, YamlError, load_yaml
 
 
@@ -191,6 +191,7 @@ def _describe(sym: Symbols, alt: RefPath | Literal) -> str:
         return head
     step = info.step
     what = f"model `{step.model}`" if isinstance(step, LLMStep) else \
+        f"pipeline `{step.pipeline}`" if isinstance(step, PipelineStep) else \
         f"tool `{step.server}.{step.tool}`" if hasattr(step, "server") else \
         f"typed {ctx.output_types.get(step.output_name, T.ANY)}"
     lines.append(f"The result of step `{step.id}` ({step.type}, {what}), line "
