@@ -29,7 +29,7 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.expr import Literal as Lit
 from flowc.expr import Path, Ref
 from flowc.known_models import cache_file, provider_id
-from flowc.model import InputSpec, LLMStep, MCPToolStep
+from flowc.model import ApprovalStep, InputSpec, LLMStep, MCPToolStep
 from flowc.template import LIMITS, Template, to_text
 
 if TYPE_CHECKING:
@@ -391,6 +391,9 @@ class _Bounds:
         if isinstance(step, LLMStep):
             rf = step.response_format
             return rf.schema_ if rf is not None else None
+        if isinstance(step, ApprovalStep):
+            return step.schema_ if step.schema_ is not None or step.value is not None \
+                else {"type": "boolean"}
         tool = self._tool(step.server, step.tool)
         return tool.output_schema if tool is not None else None
 
@@ -407,6 +410,11 @@ class _Bounds:
     def _output(self, sid: str) -> Size:
         step = self.c.node(sid).step
         whole = schema_chars(self._schema_of(sid))
+        if isinstance(step, ApprovalStep):  # the approver may send an edited value
+            return whole if whole is not None else Unbounded(
+                f"the value approval step '{sid}' outputs may be edited by its approver, and "
+                "has no size bound", f"give step '{sid}' a `schema:` that bounds it "
+                                     "(maxLength, maxItems, enum)")
         if isinstance(step, MCPToolStep):
             if whole is not None:
                 return whole
@@ -624,7 +632,7 @@ def _tool_result_chars(bounds: _Bounds, step: LLMStep) -> Size:
 def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     node = bounds.c.node(sid)
     step = node.step
-    if isinstance(step, MCPToolStep):  # no model call
+    if isinstance(step, MCPToolStep | ApprovalStep):  # no model call
         return StepCost(sid, None, None, None, None, 0, Decimal(0), runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
     targets = bounds.targets(step.model)

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import graphviz
 
+from flowc.approval import approval_label
 from flowc.caching import cache_of
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline
-from flowc.model import LLMStep
+from flowc.model import LLMStep, MCPToolStep
 
 _STYLE = {
     "llm": {"shape": "box", "style": "rounded,filled", "fillcolor": "#dbeafe",
             "color": "#1d4ed8"},
     "mcp_tool": {"shape": "component", "style": "filled", "fillcolor": "#dcfce7",
                  "color": "#15803d"},
+    "approval": {"shape": "octagon", "style": "filled", "fillcolor": "#fce7f3",
+                 "color": "#be185d"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -60,7 +63,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
         step = node.step
         attrs = dict(_STYLE[step.type])
         detail = (step.model + (f"\ntools: {', '.join(step.tool_refs)}" if step.tools else "")
-                  if isinstance(step, LLMStep) else f"{step.server}.{step.tool}")
+                  if isinstance(step, LLMStep) else f"{step.server}.{step.tool}"
+                  if isinstance(step, MCPToolStep) else approval_label(step))
         label = f"{sid}\n[{step.type}] {detail}"
         cached, ttl = cache_of(step)
         if cached:
@@ -124,6 +128,8 @@ def _legend(dot: graphviz.Digraph) -> None:
         lg.attr(label="legend", fontsize="10", style="dashed", color="#9ca3af")
         lg.node("__legend_llm", "llm step\n(model)", **_STYLE["llm"])
         lg.node("__legend_mcp", "mcp_tool step\n(server.tool)", **_STYLE["mcp_tool"])
+        lg.node("__legend_approval", "approval step\n(waits for a person)",
+                **_STYLE["approval"])
         maybe = dict(_STYLE["llm"])
         maybe["style"] += ",dashed"
         lg.node("__legend_maybe", "may be skipped", **maybe)

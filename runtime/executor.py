@@ -38,6 +38,7 @@ from flowc.model import LLMStep, MCPToolStep
 from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
+from runtime import approval
 from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
@@ -485,12 +486,15 @@ class _Run:
             return []
         if isinstance(step, MCPToolStep):
             return [step.server]
-        return sorted({ref.partition(".")[0] for ref in step.tool_refs}) if step.tools else []
+        return sorted({ref.partition(".")[0] for ref in step.tool_refs}) \
+            if isinstance(step, LLMStep) and step.tools else []
 
     async def _execute(self, node: StepNode, r: StepResult) -> Any:
         step = node.step
         if isinstance(step, LLMStep):
             return await self._llm(node, step, r)
+        if step.type == "approval":
+            return await approval.run_step(self, node, r)
         assert isinstance(step, MCPToolStep)
         if self.ex.tools is None:
             raise StepFailed("no MCP servers are configured (mcpServers in flowc.yaml)")

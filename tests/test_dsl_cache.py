@@ -33,7 +33,8 @@ fake, openai_fake = _fake, _openai_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = {"command": sys.executable, "args": [str(ROOT / "tests" / "mcp" / "search_server.py")]}
-CONFIG = {"models": {"m": "openai/gpt-4o-mini"}, "retry": {"attempts": 0},
+CONFIG = {"models": {"m": "openai/gpt-4o-mini", "fast": "openai/gpt-4o-mini"},
+          "retry": {"attempts": 0},
           "mcpServers": {"search": SEARCH}}
 
 

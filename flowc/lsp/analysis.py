@@ -24,7 +24,7 @@ from flowc.diagnostics import Collector, Diagnostic
 from flowc.expr import ExprSyntaxError, Literal, parse_reference
 from flowc.expr import Path as RefPath
 from flowc.lsp.positions import BOM, CompilerLines
-from flowc.model import LLMStep
+from flowc.model import LLMStep, MCPToolStep
 from flowc.source import SourceFile, Span, YamlError, load_yaml
 
 
@@ -191,7 +191,8 @@ def _describe(sym: Symbols, alt: RefPath | Literal) -> str:
         return head
     step = info.step
     what = f"model `{step.model}`" if isinstance(step, LLMStep) else \
-        f"tool `{step.server}.{step.tool}`"
+        f"tool `{step.server}.{step.tool}`" if isinstance(step, MCPToolStep) else \
+        "approved by a person"
     lines.append(f"The result of step `{step.id}` ({step.type}, {what}), line "
                  f"{sym.line_of(_step_span(sym, info.index).start)}.")
     if step.when is not None and step.when is not True:
