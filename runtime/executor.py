@@ -533,7 +533,7 @@ class _Run:
         assert self.ex.cache is not None
         t0 = time.perf_counter()
         entry = await self.ex.cache.get(key, cache_of(step)[1])
-        if entry is None:
+        if entry is None or not self._may_reuse(step, entry):
             return None
         r.cached, r.saved, r.cost = True, entry.cost, Decimal(0)
         r.calls.append({"kind": "cache", "key": key, "model": entry.served_model or entry.model,
@@ -544,6 +544,16 @@ class _Run:
             record(step.model, entry.provider, entry.served_model, entry.cost, elapsed_ms(t0),
                    self.ctx(step.id))
         return (entry.output,)
+
+    def _may_reuse(self, step: LLMStep | MCPToolStep, entry: Any) -> bool:
+        """A key may not get from the cache what it may not call: a miss, so the call is
+        refused as it would be (read-only, or outside the key's models)."""
+        key = self.ctx(step.id).who
+        key = key.key if key is not None else None
+        if key is None or not isinstance(step, LLMStep):
+            return True
+        return not key.read_only and (key.allows_model(step.model) or key.allows_model(
+            f"{entry.provider}/{entry.served_model}"))
 
     async def _cache_store(self, step: LLMStep | MCPToolStep, key: str, entry: Any) -> None:
         assert self.ex.cache is not None

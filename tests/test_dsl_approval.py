@@ -267,7 +267,8 @@ def test_with_keys_on_approving_needs_what_running_the_pipeline_needs(tmp_path):
         k.keys({"name": "writer", "team": "press"},
                {"name": "reader", "team": "press", "read_only": True},
                {"name": "limited", "team": "press", "pipelines": ["research-*"]},
-               {"name": "outsider", "team": "sales"})
+               {"name": "outsider", "team": "sales"},
+               {"name": "claude-only", "team": "press", "models": ["anthropic/*"]})
         k.openai.then(*[answers] * 6)
         k.start("--pipelines", str(ROOT / "pipelines"))
         start = httpx.post(f"{k.url}/v1/workflow/draft-approve-publish",
@@ -289,6 +290,13 @@ def test_with_keys_on_approving_needs_what_running_the_pipeline_needs(tmp_path):
         wait_until(lambda: bool(k.sql(f"SELECT 1 FROM runs WHERE id = '{done['run_id']}'")))
         assert k.sql(f"SELECT step_id, key_id FROM requests WHERE run_id = '{done['run_id']}'"
                      ) == [["publish", k.ids["writer"]]]
+        # A key may not get from the cache what it may not call.
+        denied = httpx.post(f"{k.url}/v1/workflow/draft-approve-publish",
+                            json={"input": {"topic": "x"}}, headers=k.auth("claude-only"),
+                            timeout=60).json()
+        assert denied["status"] == "failed" and "may not use model" in denied["error"][
+            "message"], denied
+        assert len(k.openai.requests) == 2
         # The admin may decide any team's run.
         second = httpx.post(f"{k.url}/v1/workflow/draft-approve-publish",
                             json={"input": {"topic": "y"}}, headers=k.auth("outsider"),
