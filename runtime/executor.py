@@ -594,7 +594,10 @@ class _Run:
             tools = await self.ex.tools.function_tools(step.tool_refs)
             req["tools"] = tools
         offered = {t["function"]["name"] for t in tools}
-        key = await self._cache_key(step, "llm", req)
+        # An alias pointed elsewhere in flowc.yaml is another request: the key has its target.
+        config = getattr(self.ex.models, "config", None)
+        target = config.resolve_model(step.model) if config is not None else None
+        key = await self._cache_key(step, "llm", {**req, "target": target})
         if key is not None and (hit := await self._cache_hit(step, key, r)) is not None:
             return hit[0]
         paid: list[tuple[Decimal | None, int]] = []  # this attempt's calls: cost, tokens
