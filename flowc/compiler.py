@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from flowc.approval import check_approvals
 from flowc.checks.budget import check_budget
 from flowc.checks.caching import check_caching
 from flowc.checks.conditions import check_conditions
@@ -138,6 +139,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
         check_usage(ctx)
         check_project(ctx)
         check_caching(ctx)
+        check_approvals(ctx)
     has_errors = any(d.severity is Severity.ERROR for d in out.results())
     compiled = None if has_errors else _build(ctx, path)
     if compiled is not None:  # a worst case needs the whole, valid pipeline

@@ -29,7 +29,7 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.expr import Literal as Lit
 from flowc.expr import Path, Ref
 from flowc.known_models import cache_file, provider_id
-from flowc.model import InputSpec, LLMStep, MCPToolStep, PipelineStep
+from flowc.model import ApprovalStep, InputSpec, LLMStep, MCPToolStep, PipelineStep
 from flowc.template import LIMITS, Template, to_text
 
 if TYPE_CHECKING:
@@ -397,6 +397,9 @@ class _Bounds:
         if isinstance(step, LLMStep):
             rf = step.response_format
             return rf.schema_ if rf is not None else None
+        if isinstance(step, ApprovalStep):
+            return step.schema_ if step.schema_ is not None or step.value is not None \
+                else {"type": "boolean"}
         if not isinstance(step, MCPToolStep):
             return None  # a transform or switch: sized from what it reads (`_output`)
         tool = self._tool(step.server, step.tool)
@@ -420,6 +423,11 @@ class _Bounds:
         if not isinstance(step, LLMStep | MCPToolStep):
             return self._construct_output(sid)
         whole = schema_chars(self._schema_of(sid))
+        if isinstance(step, ApprovalStep):  # the approver may send an edited value
+            return whole if whole is not None else Unbounded(
+                f"the value approval step '{sid}' outputs may be edited by its approver, and "
+                "has no size bound", f"give step '{sid}' a `schema:` that bounds it "
+                                     "(maxLength, maxItems, enum)")
         if isinstance(step, MCPToolStep):
             if whole is not None:
                 return whole

@@ -71,6 +71,8 @@ RULES: dict[str, Rule] = {
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),
         Rule("unused-step", _W, "a step whose result nothing uses"),
+        Rule("approval-value", _E, "an approval step's value is not of the type its `schema:` "
+                                   "declares"),
         Rule("cached-tool-calls", _W, "a cached model step that offers MCP tools: a hit makes "
                                       "no tool calls"),
     ]

@@ -294,10 +294,36 @@ class PipelineStep(_StepBase):
         description="The callee's inputs: values or templates with ${...} references.")
 
 
-Step = Annotated[LLMStep | MCPToolStep | TransformStep | PipelineStep,
+class ApprovalStep(_StepBase):
+    """Waits for a person's decision: the run stops in the `waiting` state until the step
+    is approved (`flowc runs approve`, `POST /v1/runs/{id}/steps/{step}/approve`) or
+    rejected; only then do the steps that read it run."""
+
+    type: Literal["approval"]
+    message: str = Field(
+        min_length=1, description="What to approve, shown to the approver: a template "
+                                  "with ${...} references.")
+    value: str | None = Field(
+        default=None,
+        description="The value put up for approval (a reference such as ${draft}, or a "
+                    "template): the step's output once approved, unless the approver "
+                    "sends an edited one. Without it and `schema`, the output is true.")
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema",
+        description="JSON Schema of the value: the step's output type; an edited value "
+                    "must match it. Without `value`, the approver must send one.")
+
+    @field_validator("schema_")
+    @classmethod
+    def _valid_json_schema(cls, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+        return ResponseFormat._valid_json_schema(schema)  # the same check
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep | PipelineStep | ApprovalStep,
                  Field(discriminator="type")]
 STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
-                                          "transform": TransformStep, "pipeline": PipelineStep}
+                                          "transform": TransformStep, "pipeline": PipelineStep,
+                                          "approval": ApprovalStep}
 
 
 class Pipeline(_Strict):

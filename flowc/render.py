@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import graphviz
 
+from flowc.approval import approval_label
 from flowc.caching import cache_of
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline, StepNode
@@ -33,6 +34,8 @@ _STYLE = {
                   "color": "#6d28d9"},
     "pipeline": {"shape": "box3d", "style": "filled", "fillcolor": "#ede9fe",
                  "color": "#6d28d9"},
+    "approval": {"shape": "octagon", "style": "filled", "fillcolor": "#fce7f3",
+                 "color": "#be185d"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -80,7 +83,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
         detail = (step.model + (f"\ntools: {', '.join(step.tool_refs)}" if step.tools else "")
                   if isinstance(step, LLMStep) else f"{step.server}.{step.tool}"
                   if isinstance(step, MCPToolStep) else step.pipeline
-                  if isinstance(step, PipelineStep) else construct_detail(node))
+                  if isinstance(step, PipelineStep) else approval_label(step)
+                  if step.type == "approval" else construct_detail(node))
         label = f"{sid}\n[{step.type}] {detail}"
         cached, ttl = cache_of(step)
         if cached:
@@ -186,6 +190,8 @@ def _legend(dot: graphviz.Digraph) -> None:
         lg.attr(label="legend", fontsize="10", style="dashed", color="#9ca3af")
         lg.node("__legend_llm", "llm step\n(model)", **_STYLE["llm"])
         lg.node("__legend_mcp", "mcp_tool step\n(server.tool)", **_STYLE["mcp_tool"])
+        lg.node("__legend_approval", "approval step\n(waits for a person)",
+                **_STYLE["approval"])
         maybe = dict(_STYLE["llm"])
         maybe["style"] += ",dashed"
         lg.node("__legend_maybe", "may be skipped", **maybe)

@@ -482,7 +482,8 @@ def explain(model: str, tags: str, tools: bool, vision: bool, prompt_chars: int,
 
 
 # -- runs ------------------------------------------------------------------------------------
-_ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "cancelled": "⊘"}
+_ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "cancelled": "⊘",
+         "waiting": "⏸"}
 
 
 def _live(step: Any) -> None:
@@ -498,6 +499,8 @@ def _live(step: Any) -> None:
         detail = step.skip_reason or ""
     elif step.status == "failed":
         detail = step.error or ""
+    elif step.status == "waiting" and step.marks.get("waiting_for"):
+        detail = f"for approval: {step.marks['waiting_for'].get('message')}"
     click.echo(f"  {_ICON.get(step.status, ' ')} {step.id:<20} {step.status:<9} {detail}",
                err=True)
 
@@ -552,7 +555,8 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
         click.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
     else:
         _print_outcome(outcome)
-    sys.exit(0 if outcome.status == "succeeded" else 1)
+    # 3: waiting for an approval (flowc runs approve), neither done nor failed
+    sys.exit({"succeeded": 0, "waiting": 3}.get(outcome.status, 1))
 
 
 async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
@@ -623,6 +627,9 @@ def _output_schemas(cfg: ProjectConfig) -> dict[tuple[str, str], dict[str, Any]]
 
 
 def _print_outcome(outcome: Any) -> None:
+    if outcome.status == "waiting":
+        _print_waiting(json.loads(json.dumps(outcome.to_dict(), default=str)))
+        return
     if outcome.status != "succeeded":
         err = outcome.error or {}
         click.echo(f"\nrun {outcome.run_id} failed at step '{err.get('step')}': "
@@ -637,17 +644,61 @@ def _print_outcome(outcome: Any) -> None:
                f"{outcome.latency_ms:.0f} ms{tag}", err=True)
 
 
-@cli.command("runs")
-@click.argument("run_id", required=False)
+class _RunsGroup(click.Group):
+    """`flowc runs [RUN_ID]` shows runs; `flowc runs approve|reject ...` decides."""
+
+    def resolve_command(self, ctx: click.Context, args: list[str]
+                        ) -> tuple[str | None, click.Command | None, list[str]]:
+        if args and args[0] not in self.commands:  # a run id
+            return "show", self.commands["show"], args
+        return super().resolve_command(ctx, args)
+
+
+_RUNS_OPTIONS = (
+    click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path),
+                 help="Draw the run to this .svg file: its pipeline's DAG with each step "
+                      "coloured by status, its cost and latency, skip reasons and errors on "
+                      "hover."),
+    click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
+                 help="Folder of the project's pipelines, for --graph without a running "
+                      "server (default: ./pipelines)."),
+    _config_option,
+    _store_option,
+)
+
+
+def _runs_options(f: Any) -> Any:
+    for option in reversed(_RUNS_OPTIONS):
+        f = option(f)
+    return f
+
+
+@cli.group("runs", cls=_RunsGroup, invoke_without_command=True)
 @click.option("--limit", default=20, show_default=True)
-@click.option("--graph", "graph_file", type=click.Path(dir_okay=False, path_type=Path),
-              help="Draw the run to this .svg file: its pipeline's DAG with each step "
-                   "coloured by status, its cost and latency, skip reasons and errors on hover.")
-@click.option("--pipelines", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder of the project's pipelines, for --graph without a running server "
-                   "(default: ./pipelines).")
-@_config_option
-@_store_option
+@_runs_options
+@click.pass_context
+def runs_group(ctx: click.Context, limit: int, graph_file: Path | None,
+               pipelines: Path | None, config: Path | None, store: str | None = None) -> None:
+    """List recent runs; `flowc runs RUN_ID` shows one (with why each skipped step was
+    skipped; `--graph out.svg` draws it); `flowc runs approve|reject RUN_ID STEP` decides a
+    waiting approval."""
+    if ctx.invoked_subcommand is None:
+        runs_cmd(None, limit, graph_file, pipelines, config, store)
+
+
+@runs_group.command("show", hidden=True)
+@click.argument("run_id")
+@_runs_options
+@click.pass_context
+def runs_show(ctx: click.Context, run_id: str, graph_file: Path | None,
+              pipelines: Path | None, config: Path | None, store: str | None = None) -> None:
+    # `flowc runs --graph x.svg RUN_ID` and `flowc runs RUN_ID --graph x.svg` both work
+    given = ctx.parent.params if ctx.parent is not None else {}
+    runs_cmd(run_id, 20, graph_file or given.get("graph_file"),
+             pipelines or given.get("pipelines"), config or given.get("config"),
+             store or given.get("store"))
+
+
 def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
              pipelines: Path | None, config: Path | None, store: str | None = None) -> None:
     """List recent runs, or show one (with why each skipped step was skipped)."""
@@ -735,6 +786,133 @@ def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
         return run_svg(record, workflows)
     except GraphUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@runs_group.command("approve")
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--value", "value_json", metavar="JSON",
+              help="An edited value to approve instead of the one put up (JSON; checked "
+                   "against the step's type).")
+@click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
+@_config_option
+def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
+                 config: Path | None) -> None:
+    """Approve a waiting approval step: the run goes on as a new run that resumes it."""
+    body: dict[str, Any] = {}
+    if value_json is not None:
+        try:
+            body["value"] = json.loads(value_json)
+        except ValueError as exc:
+            raise click.ClickException(f"--value is not valid JSON: {exc}") from None
+    _decide(run_id, step, body, True, as_json, config)
+
+
+@runs_group.command("reject")
+@click.argument("run_id")
+@click.argument("step")
+@click.option("--reason", help="Why: recorded with the decision.")
+@click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
+@_config_option
+def runs_reject(run_id: str, step: str, reason: str | None, as_json: bool,
+                config: Path | None) -> None:
+    """Reject a waiting approval step: it fails, and the run with it unless the step says
+    `on_error: continue`."""
+    _decide(run_id, step, {} if reason is None else {"reason": reason}, False, as_json,
+            config)
+
+
+def _decide(run_id: str, step: str, body: dict[str, Any], approved: bool, as_json: bool,
+            config: Path | None) -> None:
+    """Through the project's server when one runs (it holds the ledger), else here."""
+    import asyncio
+
+    cfg, project_dir = load_project(config)
+    info = _running_server(project_dir)
+    if info is not None:
+        server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
+        verb = "approve" if approved else "reject"
+        out = server.call("POST", f"/v1/runs/{_quoted(run_id)}/steps/{_quoted(step)}/{verb}",
+                          body=body, timeout=None)
+    else:
+        out = asyncio.run(_decide_here(run_id, step, body, approved, cfg, project_dir))
+    if as_json:
+        click.echo(json.dumps(out, indent=2, default=str))
+        return
+    click.echo(f"run {run_id}: step '{step}' {'approved' if approved else 'rejected'}; "
+               f"continued as run {out.get('run_id')} ({out.get('status')})", err=True)
+    if out.get("status") == "succeeded":
+        result = out.get("output")
+        click.echo(result if isinstance(result, str) else json.dumps(result, indent=2))
+    elif out.get("status") == "waiting":
+        _print_waiting(out)
+    elif out.get("error"):
+        click.echo(f"failed at step '{out['error'].get('step')}': "
+                   f"{out['error'].get('message')}", err=True)
+
+
+async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: bool,
+                       cfg: ProjectConfig, project_dir: Path) -> dict[str, Any]:
+    import asyncio
+
+    from flowc.compiler import compile_file
+    from runtime import runs
+    from runtime.approval import continued, decide
+    from runtime.executor import Executor
+    from runtime.gateway.calls import ModelCaller
+    from runtime.gateway.routing import Router
+    from runtime.ledger.store import Ledger
+    from runtime.mcp.manager import MCPManager
+    from runtime.providers import Providers
+    from runtime.resume import ResumeError, resume_run
+    from runtime.step_cache import StepCache
+
+    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    providers = Providers(cfg)
+    mcp = MCPManager(cfg.mcp_servers, project_dir)
+    try:
+        record = _run_record(ledger, cfg, project_dir, run_id)
+        name = record.get("workflow")
+        project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE))
+        found = [r.compiled for p in sorted((project_dir / "pipelines").glob("*.y*ml"))
+                 if (r := compile_file(p, project)).compiled is not None
+                 and r.compiled.name == name]
+        if not found:
+            raise click.ClickException(f"run '{run_id}' is of pipeline '{name}', which is "
+                                       f"not in {project_dir / 'pipelines'}")
+        try:
+            decision = decide(found[0], run_id, record, step, approved=approved,
+                              value=body.get("value"), has_value="value" in body,
+                              by="cli", reason=body.get("reason"))
+            caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
+            outcome = await resume_run(Executor(caller, mcp, cache=StepCache(ledger)),
+                                       found[0], run_id, record, check=False,
+                                       decisions={step: decision}, listener=_live)
+        except ResumeError as exc:
+            raise click.ClickException(str(exc)) from None
+        runs.save(ledger, outcome)
+        ledger.execute("UPDATE runs SET status = 'continued', record = ? WHERE id = ?",
+                       [json.dumps(continued(record, outcome.run_id, step, decision),
+                                   default=str), run_id])
+        return json.loads(json.dumps(outcome.to_dict(), default=str))
+    finally:
+        await mcp.close()
+        await providers.close()
+        await asyncio.to_thread(ledger.close)
+
+
+def _print_waiting(out: dict[str, Any]) -> None:
+    for s in (out.get("metrics") or {}).get("steps") or []:
+        what = s.get("waiting_for")
+        if s.get("status") == "waiting" and what:
+            click.echo(f"\nrun {out.get('run_id')} waits for approval of step '{s['id']}': "
+                       f"{what.get('message')}", err=True)
+            if what.get("value") is not None:
+                click.echo("value put up: " + json.dumps(what["value"], default=str),
+                           err=True)
+            click.echo(f"  flowc runs approve {out.get('run_id')} {s['id']} [--value JSON]"
+                       f"\n  flowc runs reject {out.get('run_id')} {s['id']} [--reason TEXT]",
+                       err=True)
 
 
 # -- keys --------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from flowc.model import LLMStep, MCPToolStep, PipelineStep
 from flowc.schemas import json_path, schema_key, schema_validator
 from flowc.template import Template, TemplateLimitError, render_async
 from flowc.types import WRAPPED_RESULT, is_wrapped_result
-from runtime import frame, observe
+from runtime import approval, frame, observe
 from runtime.access.gate import Principal
 from runtime.gateway.calls import CallContext, Outcome
 from runtime.inputs import check_inputs
@@ -536,6 +536,8 @@ class _Run:
         step = node.step
         if isinstance(step, LLMStep):
             return await self._llm(node, step, r)
+        if step.type == "approval":
+            return await approval.run_step(self, node, r)
         if isinstance(step, PipelineStep):
             from runtime.subpipeline import run_pipeline
 
@@ -582,7 +584,7 @@ class _Run:
         assert self.ex.cache is not None
         t0 = time.perf_counter()
         entry = await self.ex.cache.get(key, cache_of(step)[1])
-        if entry is None:
+        if entry is None or not self._may_reuse(step, entry):
             return None
         r.cached, r.saved, r.cost = True, entry.cost, Decimal(0)
         r.calls.append({"kind": "cache", "key": key, "model": entry.served_model or entry.model,
@@ -593,6 +595,16 @@ class _Run:
             record(step.model, entry.provider, entry.served_model, entry.cost, elapsed_ms(t0),
                    self.ctx(step.id))
         return (entry.output,)
+
+    def _may_reuse(self, step: LLMStep | MCPToolStep, entry: Any) -> bool:
+        """A key may not get from the cache what it may not call: a miss, so the call is
+        refused as it would be (read-only, or outside the key's models)."""
+        key = self.ctx(step.id).who
+        key = key.key if key is not None else None
+        if key is None or not isinstance(step, LLMStep):
+            return True
+        return not key.read_only and (key.allows_model(step.model) or key.allows_model(
+            f"{entry.provider}/{entry.served_model}"))
 
     async def _cache_store(self, step: LLMStep | MCPToolStep, key: str, entry: Any) -> None:
         assert self.ex.cache is not None
@@ -633,7 +645,10 @@ class _Run:
             tools = await self.ex.tools.function_tools(step.tool_refs)
             req["tools"] = tools
         offered = {t["function"]["name"] for t in tools}
-        key = await self._cache_key(step, "llm", req)
+        # An alias pointed elsewhere in flowc.yaml is another request: the key has its target.
+        config = getattr(self.ex.models, "config", None)
+        target = config.resolve_model(step.model) if config is not None else None
+        key = await self._cache_key(step, "llm", {**req, "target": target})
         if key is not None and (hit := await self._cache_hit(step, key, r)) is not None:
             return hit[0]
         paid: list[tuple[Decimal | None, int]] = []  # this attempt's calls: cost, tokens

@@ -78,6 +78,19 @@ def plan(compiled: CompiledPipeline, run_id: str, record: dict[str, Any],
     return Resume(run_id, outputs, dict(decisions or {}))
 
 
+def decided(record: dict[str, Any]) -> dict[str, Decision]:
+    """The approval decisions a run was continued with: a continuation of a run that
+    waited carries them, so a step decided (and rejected under `on_error: continue`) is
+    not put up again when a later approval continues the run."""
+    out = {}
+    for s in (record.get("metrics") or {}).get("steps") or []:
+        d = s.get("decision") if isinstance(s, dict) else None
+        if isinstance(d, dict):
+            out[s["id"]] = Decision(bool(d.get("approved")), s.get("output"),
+                                    bool(d.get("edited")), d.get("by"), d.get("reason"))
+    return out
+
+
 def parse_record(raw: Any) -> dict[str, Any]:
     record = json.loads(raw) if isinstance(raw, str | bytes) else raw
     if not isinstance(record, dict):
@@ -129,5 +142,7 @@ async def resume_run(executor: Any, compiled: CompiledPipeline, run_id: str,
     given = None if inputs is None else check_inputs(compiled.pipeline.inputs, inputs)
     values = (resumable(run_id, record, compiled.name, given, inputs_hash) if check
               else record.get("inputs") or {})
+    if not check:  # continuing a waiting run: the decisions it was made with hold
+        decisions = {**decided(record), **(decisions or {})}
     return await executor.run(compiled, values, who=who, listener=listener,
                               resume=plan(compiled, run_id, record, decisions))

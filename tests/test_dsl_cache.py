@@ -33,7 +33,8 @@ fake, openai_fake = _fake, _openai_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = {"command": sys.executable, "args": [str(ROOT / "tests" / "mcp" / "search_server.py")]}
-CONFIG = {"models": {"m": "openai/gpt-4o-mini"}, "retry": {"attempts": 0},
+CONFIG = {"models": {"m": "openai/gpt-4o-mini", "fast": "openai/gpt-4o-mini"},
+          "retry": {"attempts": 0},
           "mcpServers": {"search": SEARCH}}
 
 
@@ -44,18 +45,19 @@ def compile_yaml(text: str):
     return result.compiled
 
 
-def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None, act=None):
+def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None, act=None,
+        config=None):
     """One run with a ledger at ``ledger_path`` (kept between runs, like a project's);
     ``mcp``: MCP servers' configs (started for the run, closed after); ``act``: what to do
     with the executor instead of a run of ``compiled`` with ``inputs``."""
     async def go():
         tools = MCPManager(mcp, ledger_path.parent) if mcp else None
-        config = ProjectConfig.model_validate(CONFIG)
-        providers = Providers(config, env={"OPENAI_BASE_URL": fake.url + "/v1",
-                                           "OPENAI_API_KEY": "k"})
+        cfg = ProjectConfig.model_validate(config or CONFIG)
+        providers = Providers(cfg, env={"OPENAI_BASE_URL": fake.url + "/v1",
+                                        "OPENAI_API_KEY": "k"})
         ledger = Ledger(ledger_path, 0.1)
         try:
-            caller = ModelCaller(config, providers, Router(config, providers), ledger)
+            caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
             executor = Executor(caller, tools, cache=StepCache(ledger))
             result = await (act(executor) if act else executor.run(compiled, inputs))
             ledger.flush()
@@ -114,6 +116,20 @@ def test_another_request_misses(openai_fake, tmp_path):
     assert len(openai_fake.requests) == 2
     assert rows[0][2] is False and rows[0][1] > 0
     assert "cached" not in result.to_dict()["metrics"]["steps"][0]
+
+
+def test_an_alias_pointed_at_another_model_misses(openai_fake, tmp_path):
+    compiled = compile_yaml(CACHED)
+    path = tmp_path / "ledger.duckdb"
+    run(compiled, {"text": "same"}, fake=openai_fake, ledger_path=path)
+    moved = {**CONFIG, "models": {**CONFIG["models"], "m": "openai/gpt-4o"}}
+    _, rows = run(compiled, {"text": "same"}, fake=openai_fake, ledger_path=path,
+                  config=moved)
+    assert len(openai_fake.requests) == 2 and rows[0][2] is False
+    assert openai_fake.requests[1].body["model"] == "gpt-4o"
+    _, rows = run(compiled, {"text": "same"}, fake=openai_fake, ledger_path=path,
+                  config=moved)
+    assert len(openai_fake.requests) == 2 and rows[0][2] is True
 
 
 def test_a_step_without_cache_always_calls(openai_fake, tmp_path):

@@ -81,7 +81,8 @@ def test_workflows_are_listed_with_their_inputs(served):
     listed = {w["name"]: w for w in httpx.get(url + "/v1/workflows").json()["workflows"]}
     assert set(listed) == {"research-assistant", "support-triage", "translate-fanout",
                            "invoice-extract", "meeting-planner", "batch-translate",
-                           "summarize", "document-digest", "extract-repair"}
+                           "summarize", "document-digest", "extract-repair",
+                           "draft-approve-publish"}
     assert listed["support-triage"]["inputs"]["depth"] == {
         "type": "integer", "default": 1, "description": "1 = brief answers, 3 = thorough"}
 

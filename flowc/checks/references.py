@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flowc import constructs
+from flowc import approval, constructs
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
-from flowc.model import LLMStep, MCPToolStep
+from flowc.model import ApprovalStep, LLMStep, MCPToolStep
 from flowc.scopes import local_type
 from flowc.source import Span
 from flowc.template import Template, jinja_reads, parse_template
@@ -31,6 +31,13 @@ def collect_uses(ctx: Context) -> None:
                         info.templates[name] = template
         elif isinstance(step, MCPToolStep):
             info.params = _scan_params(ctx, info, (*base, "params"), step.params)
+        elif isinstance(step, ApprovalStep):
+            for name in ("message", "value"):
+                text = getattr(step, name)
+                if text is not None:
+                    template = _scan_template(ctx, info, (*base, name), text)
+                    if template is not None:
+                        info.templates[name] = template
         else:
             constructs.collect(ctx, info)
         if isinstance(step.when, str):
@@ -134,7 +141,9 @@ def _collect_output(ctx: Context) -> None:
 def resolve_uses(ctx: Context) -> None:
     """Report references to undefined names and bad field paths; add data edges."""
     for info in ctx.steps.values():
-        ctx.output_types[info.step.output_name] = constructs.step_type(ctx, info, output_type)
+        if info.step.output_name not in ctx.output_types:  # an approval may have typed it
+            ctx.output_types[info.step.output_name] = constructs.step_type(ctx, info,
+                                                                           output_type)
     g = ctx.graph
     for info in ctx.steps.values():
         g.add_node(info.step.id)
@@ -305,6 +314,13 @@ def _a(t: T.Type) -> str:
 def output_type(ctx: Context, info: StepInfo) -> T.Type:
     """The static type of a step's result."""
     step = info.step
+    if isinstance(step, ApprovalStep):  # typed from what it puts up for approval
+        known = ctx.output_types.get(step.output_name)
+        if known is None:
+            ctx.output_types[step.output_name] = T.ANY  # a cycle is reported elsewhere
+            known = approval.output_type(ctx, step, lambda i: output_type(ctx, i))
+            ctx.output_types[step.output_name] = known
+        return known
     if isinstance(step, LLMStep):
         rf = step.response_format
         if rf is None or rf.type == "text":

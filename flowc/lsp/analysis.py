@@ -24,7 +24,7 @@ from flowc.diagnostics import Collector, Diagnostic
 from flowc.expr import ExprSyntaxError, Literal, parse_reference
 from flowc.expr import Path as RefPath
 from flowc.lsp.positions import BOM, CompilerLines
-from flowc.model import LLMStep, PipelineStep
+from flowc.model import ApprovalStep, LLMStep, MCPToolStep, PipelineStep
 from flowc.source import SourceFile, Span, YamlError, load_yaml
 
 
@@ -192,7 +192,8 @@ def _describe(sym: Symbols, alt: RefPath | Literal) -> str:
     step = info.step
     what = f"model `{step.model}`" if isinstance(step, LLMStep) else \
         f"pipeline `{step.pipeline}`" if isinstance(step, PipelineStep) else \
-        f"tool `{step.server}.{step.tool}`" if hasattr(step, "server") else \
+        f"tool `{step.server}.{step.tool}`" if isinstance(step, MCPToolStep) else \
+        "approved by a person" if isinstance(step, ApprovalStep) else \
         f"typed {ctx.output_types.get(step.output_name, T.ANY)}"
     lines.append(f"The result of step `{step.id}` ({step.type}, {what}), line "
                  f"{sym.line_of(_step_span(sym, info.index).start)}.")

@@ -88,3 +88,43 @@ async def resume(request: Request, a: Access, run_id: str, where: str, params: l
         return await continue_run(request, a, run_id, record, inputs)
     except RequestError as exc:
         return error_response(exc)
+
+
+async def decide(request: Request, a: Access, run_id: str, step_id: str, where: str,
+                 params: list[Any], *, approved: bool) -> Response:
+    """Approve (`{"value": ...}` optional: an edited value) or reject (`{"reason": ...}`)
+    a waiting approval step; the run continues as a new run that resumes it."""
+    from runtime.approval import continued
+    from runtime.approval import decide as decision_for
+
+    rt = current(request)
+    try:
+        body = await body_of(request)
+        record = await run_record(request, run_id, where, params)
+        wf = rt.registry.workflows.get(str(record.get("workflow")))
+        if wf is None:
+            raise RequestError(f"run '{run_id}' is of pipeline '{record.get('workflow')}', "
+                               "which this server no longer serves", status=409,
+                               code="workflow_not_found")
+        reason = body.get("reason", body.get("note"))
+        if reason is not None and not isinstance(reason, str):
+            raise RequestError("'reason' must be a string", param="reason")
+        key = a.who.key
+        by = f"key '{key.name}'" if key is not None else "admin" if a.who.kind == "admin" \
+            else None
+        try:
+            decision = decision_for(wf.compiled, run_id, record, step_id, approved=approved,
+                                    value=body.get("value"), has_value="value" in body,
+                                    by=by, reason=reason)
+        except ResumeError as exc:
+            raise RequestError(str(exc), status=409, code="not_waiting") from None
+        response = await continue_run(request, a, run_id, record, None, check=False,
+                                      decisions={step_id: decision})
+        if response.status_code == 200:
+            new_id = orjson.loads(response.body)["run_id"]
+            await query(rt, "UPDATE runs SET status = 'continued', record = ? WHERE id = ?",
+                        [orjson.dumps(continued(record, new_id, step_id, decision),
+                                      default=str).decode(), run_id])
+        return response
+    except RequestError as exc:
+        return error_response(exc)

@@ -168,3 +168,23 @@ async def resume_run(run_id: str, request: Request, a: Caller) -> Response:
     from runtime.api import run_control
 
     return await run_control.resume(request, a, run_id, *_runs_scope(a))
+
+
+@router.post("/v1/runs/{run_id}/steps/{step_id}/approve")
+async def approve_step(run_id: str, step_id: str, request: Request, a: Caller) -> Response:
+    """Approve a waiting approval step (`{"value": ...}`: an edited value); the run goes on
+    as a new run that resumes it."""
+    from runtime.api import run_control
+
+    return await run_control.decide(request, a, run_id, step_id, *_runs_scope(a),
+                                    approved=True)
+
+
+@router.post("/v1/runs/{run_id}/steps/{step_id}/reject")
+async def reject_step(run_id: str, step_id: str, request: Request, a: Caller) -> Response:
+    """Reject a waiting approval step (`{"reason": ...}`): the step fails, and the run
+    with it unless the step says `on_error: continue`."""
+    from runtime.api import run_control
+
+    return await run_control.decide(request, a, run_id, step_id, *_runs_scope(a),
+                                    approved=False)
