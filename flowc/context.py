@@ -9,12 +9,12 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, TransformStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, SwitchStep, TransformStep
 from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep | TransformStep
+Step = LLMStep | MCPToolStep | TransformStep | SwitchStep
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class StepInfo:
     templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
     params: Any = None  # an mcp_tool step's params, templated strings parsed
     construct: Any = None  # what flowc.constructs parsed for a transform or switch step
+    case: str | None = None  # "case 'billing' of switch 'route'": the case that gates it
+    case_test: Node | None = None  # when that case is taken
+    runs_in_case: str = "always"  # whether it runs once its case is taken
     condition: Node | None = None
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"

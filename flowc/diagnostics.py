@@ -61,6 +61,9 @@ RULES: dict[str, Rule] = {
         Rule("unbounded-cost", _E, "max_cost_usd cannot be checked: a run's worst case is "
                                    "unbounded or unpriced"),
         Rule("expression-syntax", _E, "a transform's `expr:` that does not parse"),
+        Rule("switch-case", _E, "a switch case names an unknown step, or one another case "
+                                "or switch already runs"),
+        Rule("unreachable-case", _W, "a switch's `default` when its cases cover every value"),
         Rule("constant-condition", _W, "a condition that is always true or always false"),
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),

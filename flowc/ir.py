@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from flowc.dag import Dag
 from flowc.expr import Node, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline, TransformStep
+from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline, SwitchStep, TransformStep
 from flowc.template import Template
 from flowc.types import Type
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepNode:
-    step: LLMStep | MCPToolStep | TransformStep
+    step: LLMStep | MCPToolStep | TransformStep | SwitchStep
     condition: Node | None  # parsed `when:` (None: always runs)
     templates: dict[str, Template]  # parsed prompt/system
     reads: tuple[str, ...]  # output names the step reads (data and condition)
@@ -35,6 +35,8 @@ class StepNode:
     skip_reason: str | None = None
     params: Any = None  # an mcp_tool step's params, each templated string a parsed Template
     construct: Any = None  # a transform's parsed expression(s); a switch's cases
+    case: str | None = None  # the switch case that gates the step ("case 'x' of switch 'y'")
+    case_test: Node | None = None  # when that case is taken
 
 
 @dataclass(frozen=True)

@@ -214,9 +214,43 @@ class TransformStep(_StepBase):
         return self
 
 
-Step = Annotated[LLMStep | MCPToolStep | TransformStep, Field(discriminator="type")]
+CaseBody = Annotated[str | list[str], Field(
+    description="The step id the case runs, or a list of them: the last one's result is the "
+                "case's (and the switch's) result.")]
+
+
+class SwitchStep(_StepBase):
+    """Runs one case of several by a value: the steps a case names run only when it is
+    taken, and the switch's result is the result of the case that ran."""
+
+    type: Literal["switch"]
+    on: str = Field(min_length=1, description="The value to switch on: an expression, "
+                                              "usually one reference (${classify.label}).")
+    cases: dict[str | bool | int, CaseBody] = Field(
+        min_length=1, description="Case value -> the step (or steps) it runs.")
+    default: CaseBody | None = Field(
+        default=None, description="What runs when no case matches. Without it, the cases "
+                                  "must cover every value of an enum-typed `on` for the "
+                                  "switch's result to be always there.")
+
+    @model_validator(mode="after")
+    def _no_condition(self) -> SwitchStep:
+        if self.when is not None:
+            raise ValueError("a switch takes no `when:`: its cases are its conditions (give "
+                             "the value it switches on a case, or a `default`)")
+        return self
+
+    def case_bodies(self) -> list[tuple[str | int | None, list[str]]]:
+        """Each case's value (None for the default) and its steps."""
+        bodies = [*self.cases.items(), *([(None, self.default)] if self.default else [])]
+        return [(label, [body] if isinstance(body, str) else list(body))
+                for label, body in bodies]
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep | SwitchStep,
+                 Field(discriminator="type")]
 STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
-                                          "transform": TransformStep}
+                                          "transform": TransformStep, "switch": SwitchStep}
 
 
 class Pipeline(_Strict):

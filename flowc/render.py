@@ -18,7 +18,7 @@ import graphviz
 
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline, StepNode
-from flowc.model import LLMStep, MCPToolStep, TransformStep
+from flowc.model import LLMStep, MCPToolStep, SwitchStep, TransformStep
 
 _STYLE = {
     "llm": {"shape": "box", "style": "rounded,filled", "fillcolor": "#dbeafe",
@@ -27,6 +27,8 @@ _STYLE = {
                  "color": "#15803d"},
     "transform": {"shape": "parallelogram", "style": "filled", "fillcolor": "#f5f3ff",
                   "color": "#6d28d9"},
+    "switch": {"shape": "diamond", "style": "filled", "fillcolor": "#ffedd5",
+               "color": "#c2410c"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -68,6 +70,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
             label += f"\n→ {step.output}"
         if step.when is not None:
             label += f"\nwhen {_short(str(step.when))}"
+        if node.case is not None:
+            label += f"\nin {_short(node.case)}"
         inputs = sorted(_input_names(node.refs, None))
         if inputs and sid not in input_edges:
             label += f"\nreads input.{', input.'.join(inputs)}"
@@ -86,6 +90,12 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True) -> graphviz.Digraph:
     for producer, consumer, data in compiled.graph.edges(data=True):
         names = sorted({*data.get("vars", []), *data.get("conditions", [])})
         style = _CONDITION if data.get("conditions") else {}
+        plan = compiled.node(consumer).construct
+        if isinstance(compiled.node(consumer).step, SwitchStep) and names and \
+                names[0] in getattr(plan, "results", {}):  # a case's result joins the switch
+            dot.edge(producer, consumer, label=f"case {plan.label_of(names[0])}"
+                     if labels else None, style="dashed", color="#c2410c")
+            continue
         if names:
             dot.edge(producer, consumer, label=", ".join(names) if labels else None, **style)
         elif data.get("order"):
@@ -119,6 +129,8 @@ def construct_detail(node: StepNode) -> str:
             return "template → " + str(node.output_type)
         body = step.expr if isinstance(step.expr, str) else ", ".join(step.expr or {})
         return f"{_short(body)}\n→ {node.output_type}"
+    if isinstance(step, SwitchStep):
+        return f"on {_short(step.on)}\n→ {node.output_type}"
     return ""
 
 

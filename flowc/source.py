@@ -329,6 +329,8 @@ class _Builder:
 
     def _key(self, key_node: yaml.Node) -> Any:
         key = key_node.value if key_node.tag == _STR_TAG else self._construct(key_node)
+        if isinstance(key, bool) and key_node.value.lower() not in ("true", "false"):
+            key = key_node.value  # YAML 1.1's on/off/yes/no: a word as a key (as in YAML 1.2)
         if not isinstance(key, str | int | float | bool) or key is None:
             key = str(key)
         return key

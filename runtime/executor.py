@@ -71,6 +71,11 @@ class StepFailed(Exception):
     pass
 
 
+class StepSkipped(Exception):
+    """A step that finds, as it runs, that it has no result (a switch whose case produced
+    none): its output is missing, as if it had been skipped."""
+
+
 class BudgetExceeded(Exception):
     """The run would spend, or spent, more than its `max_cost_usd`: it fails whatever the
     step's `retries:` and `on_error:` say."""
@@ -360,6 +365,11 @@ class _Run:
         except asyncio.CancelledError:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             raise
+        except StepSkipped as skipped:
+            r.status, r.skip_reason = "skipped", str(skipped)
+            self.missing_why[step.output_name] = f"step '{sid}' was skipped: {skipped}"
+            self._emit(r)
+            return
         except Exception as exc:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             r.status = "failed"
@@ -383,6 +393,14 @@ class _Run:
         reason = self._missing_read(step, [ref for ref, kind in node.refs if kind == "condition"])
         if reason is not None:
             return reason
+        if node.case_test is not None:  # a switch case's step: is its case taken?
+            try:
+                if not evaluate(node.case_test, self.scope):
+                    return f"{node.case} was not taken"
+            except Missing:
+                return f"{node.case} has no value to switch on"
+            except EvalError as exc:
+                raise StepFailed(f"{node.case} could not be decided: {exc}") from None
         if node.condition is not None:
             try:
                 holds = bool(evaluate(node.condition, self.scope))

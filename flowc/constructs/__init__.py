@@ -4,11 +4,11 @@ fields, what they read, and the type of their result."""
 from __future__ import annotations
 
 from flowc import types as T
-from flowc.constructs import transform
+from flowc.constructs import switch, transform
 from flowc.context import Context, StepInfo
 from flowc.model import LLMStep, MCPToolStep
 
-_TYPED_FROM_READS = {"transform": transform}
+_TYPED_FROM_READS = {"transform": transform, "switch": switch}
 
 
 def derives_type(step: object) -> bool:
@@ -33,3 +33,9 @@ def missing_reason(ctx: Context, info: StepInfo) -> str | None:
     """Why the step's result may be missing even when it ran, or None."""
     module = _TYPED_FROM_READS.get(info.step.type)
     return None if module is None else module.missing_reason(ctx, info)
+
+
+def same_case(ctx: Context, consumer: str | None, output_name: str) -> bool:
+    """Whether a maybe-skipped read is always there for this reader: both run in the same
+    switch case."""
+    return switch.same_case(ctx, consumer, output_name)
