@@ -176,12 +176,54 @@ class LLMStep(_StepBase):
         default=None,
         description="MCP tools offered to the model: `server.tool`, or `server.*`.")
     max_tool_calls: int = Field(default=10, ge=1, le=100)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Up to 4 sequences where the model stops.")
+    seed: int | None = Field(default=None, description="For providers that sample "
+                                                        "deterministically with one.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        Field(default=None, description="How hard a reasoning model thinks (a thinking "
+                                        "budget on Anthropic, `think` on Ollama)."))
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other request parameters, passed to the provider as written "
+                    "(e.g. frequency_penalty, logit_bias, user, service_tier).")
+    fallback_models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=10,
+        description="Models to try, in order, when the step's model fails (after the "
+                    "gateway's own fallbacks for it).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_count(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and not 1 <= len(stop) <= 4:
+            raise ValueError("`stop` takes 1 to 4 sequences")
+        return stop
+
+    @field_validator("params")
+    @classmethod
+    def _params_are_extra(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for key in params:
+            if key in _LLM_FIELDS_OF_REQUEST:
+                raise ValueError(f"`{key}` is a step field: set it on the step, not under "
+                                 "`params`")
+            if key in _SET_BY_FLOWC:
+                raise ValueError(f"`{key}` is set by flowc from the step (it cannot go "
+                                 "under `params`)")
+        return params
 
     @property
     def tool_refs(self) -> list[str]:
         if self.tools is None:
             return []
         return [self.tools] if isinstance(self.tools, str) else list(self.tools)
+
+
+# Request parameters a step sets with its own fields, and those flowc itself sends.
+_LLM_FIELDS_OF_REQUEST = {"temperature", "max_tokens", "response_format", "tools", "top_p",
+                          "stop", "seed", "reasoning_effort"}
+_SET_BY_FLOWC = {"model", "messages", "stream", "stream_options", "n", "tool_choice",
+                 "max_completion_tokens"}
 
 
 class MCPToolStep(_StepBase):

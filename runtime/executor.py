@@ -211,7 +211,8 @@ class _Run:
         self.reserved = Decimal(0)  # the worst case of the calls under way
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
             compiled.name, run_id, sid, ex.dry_run,
-            retries=compiled.node(sid).step.retries == 0, who=who)
+            retries=compiled.node(sid).step.retries == 0, who=who,
+            fallbacks=tuple(getattr(compiled.node(sid).step, "fallback_models", ())))
 
     # -- scope -----------------------------------------------------------------------------
     def scope(self, name: str) -> Any:
@@ -499,7 +500,10 @@ class _Run:
                 node.templates["system"], names, f"system template of step '{step.id}'")})
         messages.append({"role": "user", "content": await self._render(
             node.templates["prompt"], names, f"prompt template of step '{step.id}'")})
-        req: dict[str, Any] = {"model": step.model, "messages": messages}
+        req: dict[str, Any] = {**step.params, "model": step.model, "messages": messages}
+        for name in ("top_p", "stop", "seed", "reasoning_effort"):
+            if getattr(step, name) is not None:
+                req[name] = getattr(step, name)
         if step.temperature is not None:
             req["temperature"] = step.temperature
         if step.max_tokens is not None:
@@ -597,10 +601,12 @@ class _Run:
                                  f"{usd(self.budget)} (the call of step '{step.id}' cost "
                                  f"{usd(cost)})")
 
-    def _targets(self, req: dict[str, Any]) -> list[Any]:
+    def _targets(self, req: dict[str, Any], step: LLMStep | None = None) -> list[Any]:
         plan = getattr(self.ex.models, "plan", None)
+        fallbacks = tuple(step.fallback_models) if step is not None else ()
         try:
-            return list(plan(req, None).targets) if plan else []
+            return list((plan(req, None, fallbacks) if fallbacks else plan(req, None)).targets
+                        ) if plan else []
         except Exception:  # an unknown model: the call itself is refused, on the books
             return []
 
@@ -614,7 +620,7 @@ class _Run:
         extra = {k: req[k] for k in ("tools", "response_format") if k in req}
         prompt = tokens_of(request_chars(req) + (len(json.dumps(extra)) if extra else 0))
         worst: tuple[Decimal, str] | None = None
-        for target in self._targets(req):
+        for target in self._targets(req, step):
             name = f"{target.provider}/{target.model}"
             limit = step.max_tokens
             if limit is None:  # an answer can be no longer than the context window
