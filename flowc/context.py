@@ -67,9 +67,14 @@ class Context:
     acyclic: bool = True
     order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
+    file_bases: dict[tuple[Any, ...], int] = field(default_factory=dict)  # prompt files
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
-        """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``."""
+        """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``
+        (or the text of the prompt file the value at ``path`` names)."""
+        base = self.file_bases.get(path)
+        if base is not None:
+            return Span(base + start, base + max(end, start + 1))
         return self.source.span_in_value(path, text, start, end - start)
 
     def step_path(self, step_id: str) -> tuple[Any, ...]:

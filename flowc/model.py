@@ -136,6 +136,13 @@ class ResponseFormat(_Strict):
         return self
 
 
+class PromptFile(_Strict):
+    """A prompt kept in its own file (a template like an inline one)."""
+
+    file: str = Field(min_length=1, description="Path of the template, relative to the "
+                                                "pipeline file: prompts/answer.md.j2")
+
+
 class _StepBase(_Strict):
     id: str = Field(pattern=NAME_PATTERN, description="Unique step id.")
     output: str | None = Field(
@@ -167,8 +174,11 @@ class LLMStep(_StepBase):
 
     type: Literal["llm"]
     model: str = Field(min_length=1, description="An alias from flowc.yaml or provider/model.")
-    prompt: str = Field(description="The user message: a template with ${...} references.")
-    system: str | None = None
+    prompt: str | PromptFile = Field(
+        description="The user message: a template with ${...} references, or {file: ...}.")
+    system: str | PromptFile | None = Field(
+        default=None, description="The system message: a template, or {file: ...} (a "
+                                  "snippet several pipelines share).")
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
     response_format: ResponseFormat | None = None
@@ -266,13 +276,13 @@ class SwitchStep(_StepBase):
     taken, and the switch's result is the result of the case that ran."""
 
     type: Literal["switch"]
-    on: str = Field(min_length=1, description="The value to switch on: an expression, "
+    value: str = Field(min_length=1, description="The value to switch on: an expression, "
                                               "usually one reference (${classify.label}).")
     cases: dict[str | bool | int, CaseBody] = Field(
         min_length=1, description="Case value -> the step (or steps) it runs.")
     default: CaseBody | None = Field(
         default=None, description="What runs when no case matches. Without it, the cases "
-                                  "must cover every value of an enum-typed `on` for the "
+                                  "must cover every value of an enum-typed `value` for the "
                                   "switch's result to be always there.")
 
     @model_validator(mode="after")

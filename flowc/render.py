@@ -130,7 +130,7 @@ def construct_detail(node: StepNode) -> str:
         body = step.expr if isinstance(step.expr, str) else ", ".join(step.expr or {})
         return f"{_short(body)}\n→ {node.output_type}"
     if isinstance(step, SwitchStep):
-        return f"on {_short(step.on)}\n→ {node.output_type}"
+        return f"on {_short(step.value)}\n→ {node.output_type}"
     return ""
 
 

@@ -84,7 +84,7 @@ def test_the_json_schema_covers_switch_steps():
     from flowc.cli import cli
 
     doc = json.loads(CliRunner().invoke(cli, ["schema"]).output)
-    assert {"on", "cases", "default"} <= set(doc["$defs"]["SwitchStep"]["properties"])
+    assert {"value", "cases", "default"} <= set(doc["$defs"]["SwitchStep"]["properties"])
 
 
 @pytest.fixture(scope="module")

@@ -90,7 +90,7 @@ def pipelines(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, str], dict[str
                 modes[sid] = draw(st.sampled_from(MODES))
                 ids.append(sid)
             cases[label] = ids if len(ids) > 1 else ids[0]
-        switch: dict[str, Any] = {"id": f"w{k}", "type": "switch", "on": on, "cases": cases}
+        switch: dict[str, Any] = {"id": f"w{k}", "type": "switch", "value": on, "cases": cases}
         if draw(st.booleans()):
             sid = f"s{n}"
             n += 1

@@ -1,9 +1,9 @@
-"""`type: switch`: one case of several runs, by the value of `on:`.
+"""`type: switch`: one case of several runs, by the switch's `value:`.
 
 The steps a case names are gated by it (they run only when it is taken) and the switch's
 result is the result of the case that ran: the join of the cases, typed as the join of their
 result types. The switch's result is always there when the cases are exhaustive (a `default`,
-or a case for every value of an enum-typed `on:`) and each case's result step runs whenever
+or a case for every value of an enum-typed `value:`) and each case's result step runs whenever
 its case is taken: then a four-way router needs no `??` fallback. Steps of the same case read
 each other without fallbacks too.
 """
@@ -35,7 +35,7 @@ Label = str | bool | int | None  # a case's value; None is the default
 
 @dataclass
 class SwitchPlan:
-    on: Node
+    on: Node  # the parsed `value:`
     cases: list[tuple[Label, list[str]]]  # each case's value and its (known) step ids
     results: dict[str, Label] = field(default_factory=dict)  # result output name -> case
     unmatched: list[Any] | None = None  # enum values no case takes (None: not an enum)
@@ -56,13 +56,13 @@ def collect(ctx: Context, info: StepInfo) -> None:
     assert isinstance(step, SwitchStep)
     base = ("steps", info.index)
     try:
-        on = parse_condition(step.on)
+        on = parse_condition(step.value)
     except ExprSyntaxError as exc:
-        at = ctx.value_span((*base, "on"), step.on, exc.offset, exc.offset + 1)
+        at = ctx.value_span((*base, "value"), step.value, exc.offset, exc.offset + 1)
         ctx.out.add("expression-syntax", f"invalid expression: {exc.message}", at.start,
                     at.end)
         return
-    on_uses = [Use(step.id, ref, ctx.value_span((*base, "on"), step.on, *ref.span),
+    on_uses = [Use(step.id, ref, ctx.value_span((*base, "value"), step.value, *ref.span),
                    "condition") for ref in references(on)]
     info.uses.extend(on_uses)
     plan = SwitchPlan(on, [])
@@ -89,7 +89,7 @@ def collect(ctx: Context, info: StepInfo) -> None:
                             help="give the other case a step of its own")
                 continue
             member.case, member.case_test = case_name(step.id, label), test
-            # The case's steps read the value switched on (typed; `on:` itself must be there).
+            # The case's steps read the value switched on (typed; `value:` itself must be there).
             member.uses.extend(Use(sid, u.ref, u.span, "guarded") for u in on_uses)
             known.append(sid)
         plan.cases.append((label, known))
@@ -111,17 +111,17 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
     if not isinstance(plan, SwitchPlan):
         return T.ANY
     base = ("steps", info.index)
-    on_type = ExprChecker(ctx, info, (*base, "on"), step.on).type_of(plan.on)
+    on_type = ExprChecker(ctx, info, (*base, "value"), step.value).type_of(plan.on)
     for label in step.cases:
         at = ctx.source.span_of((*base, "cases", label), key=True)
         if on_type.kind != "any" and not T.comparable(T.of_value(label), on_type, "=="):
             ctx.out.add("type-mismatch", f"case {json.dumps(label)} is {T.of_value(label)}, "
-                        f"but `on:` is {on_type}: it can never match", at.start, at.end)
+                        f"but {step.value} is {on_type}: it can never match", at.start, at.end)
         elif on_type.values is not None and not any(
                 label == v and isinstance(v, bool) == isinstance(label, bool)
                 for v in on_type.values):
             hint = did_you_mean(str(label), [str(v) for v in on_type.values])
-            ctx.out.add("not-in-enum", f"{json.dumps(label)} is not a value `on:` can have"
+            ctx.out.add("not-in-enum", f"{json.dumps(label)} is not a value {step.value} can have"
                         + (f"; did you mean {json.dumps(hint)}?" if hint else ""),
                         at.start, at.end, help="its schema's enum: " + ", ".join(
                             json.dumps(v) for v in on_type.values))
@@ -130,8 +130,8 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
     plan.exhaustive = step.default is not None or plan.unmatched == []
     if step.default is not None and plan.unmatched == []:
         at = ctx.source.span_of((*base, "default"), key=True)
-        ctx.out.add("unreachable-case", f"every value `on:` can have has a case: the default "
-                    f"of switch '{step.id}' never runs", at.start, at.end,
+        ctx.out.add("unreachable-case", f"every value {step.value} can have has a case: the "
+                    f"default of switch '{step.id}' never runs", at.start, at.end,
                     help="remove `default`, or the case it repeats")
     types = [ctx.output_types.get(name, T.ANY) for name in plan.results]
     return T.join(types) if types else T.ANY
@@ -146,7 +146,7 @@ def missing_reason(ctx: Context, info: StepInfo) -> str | None:
     if not plan.exhaustive:
         values = ", ".join(json.dumps(v) for v in plan.unmatched or ())
         return (f"switch '{step.id}' has no case for " + (values if values else
-                "every value of its `on:`") + " and no `default`")
+                "every value of its `value:`") + " and no `default`")
     for name, label in plan.results.items():
         member = ctx.steps[ctx.producers[name]]
         if member.runs_in_case != "always" or member.step.on_error == "continue":
