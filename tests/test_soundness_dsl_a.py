@@ -146,3 +146,50 @@ def test_a_pipeline_with_switches_and_transforms_that_passes_check_runs_as_promi
                    if r.status == "failed"), (text, modes, real.error)
     else:
         assert all(v is not None for v in real.output.values()), (text, real.output)
+
+
+PIECES = ["Hello ", "${input.q}", "${input.nope}", "${s0.label}", "{{ input.q }}",
+          "{% if input.q %}yes{% endif %}", "{% if %}", "${", "\n", "{{ s0.text }}",
+          "${s0.text ?? \"none\"}", "{{ s0.label | upper }}"]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pieces=st.lists(st.sampled_from(PIECES), min_size=1, max_size=6),
+       system=st.booleans())
+def test_a_prompt_file_checks_and_runs_as_the_same_prompt_inline(pieces, system, tmp_path):
+    """A prompt moved into a file is checked to the same findings (each at the file's own
+    line) and, when it passes, renders to the same request."""
+    import json as _json
+
+    from flowc.compiler import compile_file
+
+    text = "".join(pieces)
+    field = "system" if system else "prompt"
+    doc = {"name": "p", "inputs": {"q": {"type": "string"}},
+           "steps": [{"id": "s0", "type": "llm", "model": "m", "prompt": "[s0] go",
+                      "response_format": {"schema": {"type": "object", "properties": {
+                          "label": {"type": "string"}, "text": {"type": "string"}},
+                          "required": ["label", "text"]}}},
+                     {"id": "s1", "type": "llm", "model": "m", "prompt": "[s1] go"}],
+           "output": "${s1}"}
+    case = tmp_path / str(abs(hash((text, system))))
+    (case / "prompts").mkdir(parents=True)
+    (case / "prompts" / "t.md.j2").write_text(text)
+    inline = case / "inline.yaml"
+    inline.write_text(yaml.safe_dump({**doc, "steps": [doc["steps"][0], {
+        **doc["steps"][1], field: text}]}))
+    filed = case / "filed.yaml"
+    filed.write_text(yaml.safe_dump({**doc, "steps": [doc["steps"][0], {
+        **doc["steps"][1], field: {"file": "prompts/t.md.j2"}}]}))
+    project = Project(config=ProjectConfig.model_validate(CONFIG))
+    a, b = compile_file(inline, project), compile_file(filed, project)
+    assert [(d.rule, d.message) for d in a.diagnostics] == \
+        [(d.rule, d.message) for d in b.diagnostics]
+    assert all(d.path.endswith("t.md.j2") for d in b.diagnostics if d.rule not in (
+        "unused-step", "unused-output"))
+    if a.compiled is None:
+        return
+    ra = _run(a.compiled, {"q": "why"}, None)
+    rb = _run(b.compiled, {"q": "why"}, None)
+    assert (ra.status, _json.dumps(ra.output)) == (rb.status, _json.dumps(rb.output))
