@@ -187,8 +187,8 @@ def _build(ctx: Context, path: str) -> CompiledPipeline:
             reads=tuple(reads), refs=tuple((u.ref, u.kind) for u in info.uses),
             output_type=ctx.output_types[info.step.output_name],
             runs=info.runs, skip_reason=info.skip_reason, params=info.params,
-            construct=info.construct, items=info.items, until=info.until,
-            callee=info.callee)
+            construct=info.construct, case=info.case, case_test=info.case_test,
+            items=info.items, until=info.until, callee=info.callee)
     raw_out = pipeline.output
     output = (None if raw_out is None else parse_template(raw_out) if isinstance(raw_out, str)
               else {k: parse_template(v) for k, v in raw_out.items()})

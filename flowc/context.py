@@ -9,12 +9,20 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.dag import Dag
 from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, PipelineStep, TransformStep
+from flowc.model import (
+    ApprovalStep,
+    InputSpec,
+    LLMStep,
+    MCPToolStep,
+    PipelineStep,
+    SwitchStep,
+    TransformStep,
+)
 from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep | TransformStep | PipelineStep
+Step = LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
 
 
 @dataclass(frozen=True)
@@ -39,6 +47,9 @@ class StepInfo:
     templates: dict[str, Template] = field(default_factory=dict)  # prompt, system
     params: Any = None  # an mcp_tool step's params, templated strings parsed
     construct: Any = None  # what flowc.constructs parsed for a transform or switch step
+    case: str | None = None  # "case 'billing' of switch 'route'": the case that gates it
+    case_test: Node | None = None  # when that case is taken
+    runs_in_case: str = "always"  # whether it runs once its case is taken
     condition: Node | None = None
     constant: bool | None = None  # the condition's value when it is constant
     runs: Literal["always", "maybe", "never"] = "always"
@@ -70,9 +81,14 @@ class Context:
     acyclic: bool = True
     order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
+    file_bases: dict[tuple[Any, ...], int] = field(default_factory=dict)  # prompt files
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
-        """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``."""
+        """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``
+        (or the text of the prompt file the value at ``path`` names)."""
+        base = self.file_bases.get(path)
+        if base is not None:
+            return Span(base + start, base + max(end, start + 1))
         return self.source.span_in_value(path, text, start, end - start)
 
     def step_path(self, step_id: str) -> tuple[Any, ...]:

@@ -453,7 +453,7 @@ class _Bounds:
         window among the models it may reach."""
         if step.max_tokens is not None:
             return step.max_tokens
-        targets = self.targets(step.model)
+        targets = step_targets(self, step)
         windows = [] if isinstance(targets, str) else [
             r.context if r else None for r in (rates(p, m, self.config) for p, m in targets)]
         if not windows or None in windows:
@@ -651,6 +651,21 @@ def _tool_result_chars(bounds: _Bounds, step: LLMStep) -> Size:
     return _max(sizes)
 
 
+def step_targets(bounds: _Bounds, step: LLMStep) -> list[tuple[str, str]] | str:
+    """Every target a step's call may reach: its model's, then its `fallback_models:`'
+    (a name that resolves to nothing, as `targets` gives it)."""
+    found = bounds.targets(step.model)
+    if isinstance(found, str):
+        return found
+    out = list(found)
+    for name in step.fallback_models:
+        more = bounds.targets(name)
+        if isinstance(more, str):
+            return more
+        out += [t for t in more if t not in out]
+    return out
+
+
 def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     node = bounds.c.node(sid)
     step = node.step
@@ -675,7 +690,7 @@ def step_cost(bounds: _Bounds, sid: str) -> StepCost:
         return StepCost(sid, f"pipeline {node.callee.name}", None, None, None, calls,
                         inner.worst_usd * (step.retries + 1), runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
-    targets = bounds.targets(step.model)
+    targets = step_targets(bounds, step)
     if isinstance(targets, str):
         return replace(base, kind="unknown", problem=f"model '{targets}' resolves to nothing",
                        fix="name a model flowc.yaml or a provider knows")

@@ -67,6 +67,10 @@ RULES: dict[str, Rule] = {
         Rule("pipeline-errors", _E, "a sub-pipeline that does not compile"),
         Rule("pipeline-inputs", _E, "a sub-pipeline's inputs: unknown, missing or mistyped"),
         Rule("repeat-without-check", _E, "`repeat` with no `until:` and no schema to match"),
+        Rule("prompt-file", _E, "a prompt file that cannot be read"),
+        Rule("switch-case", _E, "a switch case names an unknown step, or one another case "
+                                "or switch already runs"),
+        Rule("unreachable-case", _W, "a switch's `default` when its cases cover every value"),
         Rule("constant-condition", _W, "a condition that is always true or always false"),
         Rule("unreachable-step", _W, "a step that can never run"),
         Rule("unused-output", _W, "an output no step and no pipeline output reads"),
@@ -156,9 +160,11 @@ class Collector:
     def add(self, rule: str, message: str, start: int, end: int | None = None,
             help: str | None = None) -> None:
         assert rule in RULES, rule
-        a = self.source.position(start)
-        b = self.source.position(end if end is not None and end > start else start + 1)
-        d = Diagnostic(self.source.path, a.line, a.col, b.line, b.col, rule, message, help)
+        source, local = self.source.locate(start)  # a prompt file's finding names that file
+        end_local = local + (end - start if end is not None and end > start else 1)
+        a = source.position(local)
+        b = source.position(end_local)
+        d = Diagnostic(source.path, a.line, a.col, b.line, b.col, rule, message, help)
         self._found.setdefault((d.line, d.col, d.rule, d.message), d)
 
     def results(self, ignore: frozenset[str] = frozenset()) -> list[Diagnostic]:

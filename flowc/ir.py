@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from flowc.dag import Dag
 from flowc.expr import Node, Ref
-from flowc.model import InputSpec, LLMStep, MCPToolStep, Pipeline, PipelineStep, TransformStep
+from flowc.model import (
+    ApprovalStep,
+    InputSpec,
+    LLMStep,
+    MCPToolStep,
+    Pipeline,
+    PipelineStep,
+    SwitchStep,
+    TransformStep,
+)
 from flowc.template import Template
 from flowc.types import Type
 
@@ -25,7 +34,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepNode:
-    step: LLMStep | MCPToolStep | TransformStep | PipelineStep
+    step: LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
     condition: Node | None  # parsed `when:` (None: always runs)
     templates: dict[str, Template]  # parsed prompt/system
     reads: tuple[str, ...]  # output names the step reads (data and condition)
@@ -38,6 +47,8 @@ class StepNode:
     items: Ref | None = None  # `for_each:` (the step runs once per item)
     until: Node | None = None  # `repeat: {until:}`
     callee: CompiledPipeline | None = None  # a `type: pipeline` step's pipeline
+    case: str | None = None  # the switch case that gates the step ("case 'x' of switch 'y'")
+    case_test: Node | None = None  # when that case is taken
 
 
 @dataclass(frozen=True)

@@ -184,6 +184,13 @@ CACHE_DESCRIPTION = ("Reuse the result of an identical earlier call (same render
 Cache = Annotated[bool | CacheSpec, BeforeValidator(_cache_shape)]
 
 
+class PromptFile(_Strict):
+    """A prompt kept in its own file (a template like an inline one)."""
+
+    file: str = Field(min_length=1, description="Path of the template, relative to the "
+                                                "pipeline file: prompts/answer.md.j2")
+
+
 class _StepBase(_Strict):
     id: str = Field(pattern=NAME_PATTERN, description="Unique step id.")
     output: str | None = Field(
@@ -232,8 +239,11 @@ class LLMStep(_StepBase):
 
     type: Literal["llm"]
     model: str = Field(min_length=1, description="An alias from flowc.yaml or provider/model.")
-    prompt: str = Field(description="The user message: a template with ${...} references.")
-    system: str | None = None
+    prompt: str | PromptFile = Field(
+        description="The user message: a template with ${...} references, or {file: ...}.")
+    system: str | PromptFile | None = Field(
+        default=None, description="The system message: a template, or {file: ...} (a "
+                                  "snippet several pipelines share).")
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
     response_format: ResponseFormat | None = None
@@ -242,12 +252,54 @@ class LLMStep(_StepBase):
         description="MCP tools offered to the model: `server.tool`, or `server.*`.")
     max_tool_calls: int = Field(default=10, ge=1, le=100)
     cache: Cache = Field(default=False, description=CACHE_DESCRIPTION)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    stop: str | list[Annotated[str, Field(min_length=1)]] | None = Field(
+        default=None, description="Up to 4 sequences where the model stops.")
+    seed: int | None = Field(default=None, description="For providers that sample "
+                                                        "deterministically with one.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = (
+        Field(default=None, description="How hard a reasoning model thinks (a thinking "
+                                        "budget on Anthropic, `think` on Ollama)."))
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other request parameters, passed to the provider as written "
+                    "(e.g. frequency_penalty, logit_bias, user, service_tier).")
+    fallback_models: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, max_length=10,
+        description="Models to try, in order, when the step's model fails (after the "
+                    "gateway's own fallbacks for it).")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_count(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and not 1 <= len(stop) <= 4:
+            raise ValueError("`stop` takes 1 to 4 sequences")
+        return stop
+
+    @field_validator("params")
+    @classmethod
+    def _params_are_extra(cls, params: dict[str, Any]) -> dict[str, Any]:
+        for key in params:
+            if key in _LLM_FIELDS_OF_REQUEST:
+                raise ValueError(f"`{key}` is a step field: set it on the step, not under "
+                                 "`params`")
+            if key in _SET_BY_FLOWC:
+                raise ValueError(f"`{key}` is set by flowc from the step (it cannot go "
+                                 "under `params`)")
+        return params
 
     @property
     def tool_refs(self) -> list[str]:
         if self.tools is None:
             return []
         return [self.tools] if isinstance(self.tools, str) else list(self.tools)
+
+
+# Request parameters a step sets with its own fields, and those flowc itself sends.
+_LLM_FIELDS_OF_REQUEST = {"temperature", "max_tokens", "response_format", "tools", "top_p",
+                          "stop", "seed", "reasoning_effort"}
+_SET_BY_FLOWC = {"model", "messages", "stream", "stream_options", "n", "tool_choice",
+                 "max_completion_tokens"}
 
 
 class MCPToolStep(_StepBase):
@@ -319,11 +371,44 @@ class ApprovalStep(_StepBase):
         return ResponseFormat._valid_json_schema(schema)  # the same check
 
 
-Step = Annotated[LLMStep | MCPToolStep | TransformStep | PipelineStep | ApprovalStep,
-                 Field(discriminator="type")]
-STEP_TYPES: dict[str, type[_StepBase]] = {"llm": LLMStep, "mcp_tool": MCPToolStep,
-                                          "transform": TransformStep, "pipeline": PipelineStep,
-                                          "approval": ApprovalStep}
+CaseBody = Annotated[str | list[str], Field(
+    description="The step id the case runs, or a list of them: the last one's result is the "
+                "case's (and the switch's) result.")]
+
+
+class SwitchStep(_StepBase):
+    """Runs one case of several by a value: the steps a case names run only when it is
+    taken, and the switch's result is the result of the case that ran."""
+
+    type: Literal["switch"]
+    value: str = Field(min_length=1, description="The value to switch on: an expression, "
+                                              "usually one reference (${classify.label}).")
+    cases: dict[str | bool | int, CaseBody] = Field(
+        min_length=1, description="Case value -> the step (or steps) it runs.")
+    default: CaseBody | None = Field(
+        default=None, description="What runs when no case matches. Without it, the cases "
+                                  "must cover every value of an enum-typed `value` for the "
+                                  "switch's result to be always there.")
+
+    @model_validator(mode="after")
+    def _no_condition(self) -> SwitchStep:
+        if self.when is not None:
+            raise ValueError("a switch takes no `when:`: its cases are its conditions (give "
+                             "the value it switches on a case, or a `default`)")
+        return self
+
+    def case_bodies(self) -> list[tuple[str | int | None, list[str]]]:
+        """Each case's value (None for the default) and its steps."""
+        bodies = [*self.cases.items(), *([(None, self.default)] if self.default else [])]
+        return [(label, [body] if isinstance(body, str) else list(body))
+                for label, body in bodies]
+
+
+Step = Annotated[LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep
+                 | ApprovalStep, Field(discriminator="type")]
+STEP_TYPES: dict[str, type[_StepBase]] = {
+    "llm": LLMStep, "mcp_tool": MCPToolStep, "transform": TransformStep, "switch": SwitchStep,
+    "pipeline": PipelineStep, "approval": ApprovalStep}
 
 
 class Pipeline(_Strict):

@@ -23,7 +23,7 @@ from flowc.approval import approval_label
 from flowc.caching import cache_of
 from flowc.expr import Path
 from flowc.ir import CompiledPipeline, StepNode
-from flowc.model import LLMStep, MCPToolStep, PipelineStep, TransformStep
+from flowc.model import LLMStep, MCPToolStep, PipelineStep, SwitchStep, TransformStep
 
 _STYLE = {
     "llm": {"shape": "box", "style": "rounded,filled", "fillcolor": "#dbeafe",
@@ -36,6 +36,8 @@ _STYLE = {
                  "color": "#6d28d9"},
     "approval": {"shape": "octagon", "style": "filled", "fillcolor": "#fce7f3",
                  "color": "#be185d"},
+    "switch": {"shape": "diamond", "style": "filled", "fillcolor": "#ffedd5",
+               "color": "#c2410c"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -97,6 +99,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
             attrs["peripheries"] = "2"
         if step.when is not None:
             label += f"\nwhen {_short(str(step.when))}"
+        if node.case is not None:
+            label += f"\nin {_short(node.case)}"
         inputs = sorted(_input_names(node.refs, None))
         if inputs and sid not in input_edges:
             label += f"\nreads input.{', input.'.join(inputs)}"
@@ -127,6 +131,12 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
     for producer, consumer, data in compiled.graph.edges(data=True):
         names = sorted({*data.get("vars", []), *data.get("conditions", [])})
         style = _CONDITION if data.get("conditions") else {}
+        plan = compiled.node(consumer).construct
+        if isinstance(compiled.node(consumer).step, SwitchStep) and names and \
+                names[0] in getattr(plan, "results", {}):  # a case's result joins the switch
+            dot.edge(producer, consumer, label=f"case {plan.label_of(names[0])}"
+                     if labels else None, style="dashed", color="#c2410c")
+            continue
         if names:
             dot.edge(producer, consumer, label=", ".join(names) if labels else None, **style)
         elif data.get("order"):
@@ -160,6 +170,8 @@ def construct_detail(node: StepNode) -> str:
             return "template → " + str(node.output_type)
         body = step.expr if isinstance(step.expr, str) else ", ".join(step.expr or {})
         return f"{_short(body)}\n→ {node.output_type}"
+    if isinstance(step, SwitchStep):
+        return f"on {_short(step.value)}\n→ {node.output_type}"
     return ""
 def _callee(dot: graphviz.Digraph, sid: str, callee: CompiledPipeline) -> None:
     """A sub-pipeline's steps, in a box beside the step that calls it."""

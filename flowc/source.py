@@ -72,6 +72,9 @@ class SourceFile:
     values: dict[Path, Span] = field(default_factory=dict)
     keys: dict[Path, Span] = field(default_factory=dict)
     duplicate_keys: list[tuple[str, int]] = field(default_factory=list)  # (key, offset)
+    # Files read along with this one (prompt files): each at a base offset past this text,
+    # so a span in one is an offset like any other and a finding names its own file.
+    attachments: list[tuple[int, SourceFile]] = field(default_factory=list)
     _line_starts: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +88,20 @@ class SourceFile:
     def read(cls, path: str | FsPath) -> SourceFile:
         raw = FsPath(path).read_bytes()
         return cls(str(path), raw.decode("utf-8", errors="replace"))
+
+    def attach(self, other: SourceFile) -> int:
+        """Read ``other`` along with this file; returns the base offset of its text."""
+        last = self.attachments[-1] if self.attachments else None
+        base = (last[0] + len(last[1].text) + 1) if last else len(self.text) + 1
+        self.attachments.append((base, other))
+        return base
+
+    def locate(self, offset: int) -> tuple[SourceFile, int]:
+        """The file an offset is in (this one or an attachment) and the offset in it."""
+        for base, other in reversed(self.attachments):
+            if offset >= base:
+                return other, offset - base
+        return self, offset
 
     # -- positions -------------------------------------------------------------------------
     def position(self, offset: int) -> Position:
@@ -329,6 +346,8 @@ class _Builder:
 
     def _key(self, key_node: yaml.Node) -> Any:
         key = key_node.value if key_node.tag == _STR_TAG else self._construct(key_node)
+        if isinstance(key, bool) and key_node.value.lower() not in ("true", "false"):
+            key = key_node.value  # YAML 1.1's on/off/yes/no: a word as a key (as in YAML 1.2)
         if not isinstance(key, str | int | float | bool) or key is None:
             key = str(key)
         return key

@@ -88,6 +88,11 @@ def is_schema_violation(exc: BaseException) -> bool:
     return isinstance(exc, StepFailed) and hasattr(exc, "problem")
 
 
+class StepSkipped(Exception):
+    """A step that finds, as it runs, that it has no result (a switch whose case produced
+    none): its output is missing, as if it had been skipped."""
+
+
 class BudgetExceeded(Exception):
     """The run would spend, or spent, more than its `max_cost_usd`: it fails whatever the
     step's `retries:` and `on_error:` say."""
@@ -259,7 +264,8 @@ class _Run:
         self.reserved = Decimal(0)  # the worst case of the calls under way
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
             compiled.name, run_id, frame.label(sid), ex.dry_run,
-            retries=compiled.node(sid).step.retries == 0, who=who)
+            retries=compiled.node(sid).step.retries == 0, who=who,
+            fallbacks=tuple(getattr(compiled.node(sid).step, "fallback_models", ())))
 
     # -- scope -----------------------------------------------------------------------------
     def scope(self, name: str) -> Any:
@@ -437,6 +443,9 @@ class _Run:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             r.status, r.marks["waiting_for"] = "waiting", waiting.what
             self.paused.add(sid)
+        except StepSkipped as skipped:
+            r.status, r.skip_reason = "skipped", str(skipped)
+            self.missing_why[step.output_name] = f"step '{sid}' was skipped: {skipped}"
             self._emit(r)
             return
         except Exception as exc:
@@ -462,6 +471,14 @@ class _Run:
         reason = self._missing_read(step, [ref for ref, kind in node.refs if kind == "condition"])
         if reason is not None:
             return reason
+        if node.case_test is not None:  # a switch case's step: is its case taken?
+            try:
+                if not evaluate(node.case_test, self.scope):
+                    return f"{node.case} was not taken"
+            except Missing:
+                return f"{node.case} has no value to switch on"
+            except EvalError as exc:
+                raise StepFailed(f"{node.case} could not be decided: {exc}") from None
         if node.condition is not None:
             try:
                 holds = bool(evaluate(node.condition, self.scope))
@@ -630,7 +647,10 @@ class _Run:
                 node.templates["system"], names, f"system template of step '{step.id}'")})
         messages.append({"role": "user", "content": await self._render(
             node.templates["prompt"], names, f"prompt template of step '{step.id}'")})
-        req: dict[str, Any] = {"model": step.model, "messages": messages}
+        req: dict[str, Any] = {**step.params, "model": step.model, "messages": messages}
+        for name in ("top_p", "stop", "seed", "reasoning_effort"):
+            if getattr(step, name) is not None:
+                req[name] = getattr(step, name)
         if step.temperature is not None:
             req["temperature"] = step.temperature
         if step.max_tokens is not None:
@@ -745,10 +765,12 @@ class _Run:
                                  f"{usd(self.budget)} (the call of step '{step.id}' cost "
                                  f"{usd(cost)})")
 
-    def _targets(self, req: dict[str, Any]) -> list[Any]:
+    def _targets(self, req: dict[str, Any], step: LLMStep | None = None) -> list[Any]:
         plan = getattr(self.ex.models, "plan", None)
+        fallbacks = tuple(step.fallback_models) if step is not None else ()
         try:
-            return list(plan(req, None).targets) if plan else []
+            return list((plan(req, None, fallbacks) if fallbacks else plan(req, None)).targets
+                        ) if plan else []
         except Exception:  # an unknown model: the call itself is refused, on the books
             return []
 
@@ -762,7 +784,7 @@ class _Run:
         extra = {k: req[k] for k in ("tools", "response_format") if k in req}
         prompt = tokens_of(request_chars(req) + (len(json.dumps(extra)) if extra else 0))
         worst: tuple[Decimal, str] | None = None
-        for target in self._targets(req):
+        for target in self._targets(req, step):
             name = f"{target.provider}/{target.model}"
             limit = step.max_tokens
             if limit is None:  # an answer can be no longer than the context window

@@ -36,7 +36,7 @@ steps:
     model: m
     when: ${input.user.tier} == "pro"
     prompt: >-
-      Digest ${input.docs[0].title} (${input.docs[0].words ?? 0} words)
+      Digest ${input.docs[0].title ?? "nothing"} (${input.docs[0].words ?? 0} words)
       for ${input.user.name}
 output: ${digest ?? "free tier"}
 """
@@ -50,7 +50,7 @@ def compiled(text: str = PIPELINE):
 
 
 def test_elements_and_fields_are_typed_from_the_input_on():
-    bad = PIPELINE.replace("${input.docs[0].title}", "${input.docs[0].titel}").replace(
+    bad = PIPELINE.replace("${input.docs[0].title", "${input.docs[0].titel").replace(
         '"pro"', '"gold"')
     result = compile_source(bad, "digest.yaml",
                             Project(config=ProjectConfig.model_validate(CONFIG)))
@@ -66,6 +66,14 @@ def test_a_field_the_input_does_not_require_needs_a_fallback():
                             Project(config=ProjectConfig.model_validate(CONFIG)))
     assert [d.rule for d in result.errors] == ["maybe-skipped"]
     assert "field 'words' of input 'docs' may be left out" in result.errors[0].message
+    bad = PIPELINE.replace("for ${input.user.name}", "for ${input.user.nickname}").replace(
+        "      name: {type: string}\n",
+        "      name: {type: string}\n      nickname: {type: string}\n")
+    result = compile_source(bad, "digest.yaml",
+                            Project(config=ProjectConfig.model_validate(CONFIG)))
+    assert [d.message.split(": ", 1)[1] for d in result.errors] == [
+        "field 'nickname' of input 'user' may be left out (its `required:` does not list it, "
+        "or its schema allows null)"]
 
 
 def test_a_run_refuses_values_that_break_the_inputs_schema():

@@ -154,6 +154,19 @@ class _Checker:
             return "'in' needs a string, array or object on its right"
         return None
 
+    def _check_alternatives(self, fn: str, ref: Ref, accepted: str) -> None:
+        """`${a ?? b}` of two kinds is typed `any` (the types have no unions), yet each
+        alternative may come: each must be a kind the function takes."""
+        from flowc.checks.references import path_type
+
+        for alt in ref.alts:
+            t = T.of_value(alt.value) if isinstance(alt, Literal) else path_type(
+                self.ctx, alt, self.ctx.value_span(self.path, self.text, *ref.span))
+            if t is not None and t.kind != "any" and t.kind not in accepted.split("|"):
+                self._error("type-mismatch", f"{fn}() needs {accepted.replace('|', ' or ')}, "
+                            f"but {self._describe(ref)} may be {t} ({alt})", ref)
+                return
+
     def _call(self, node: Call) -> T.Type:
         fn = FUNCTIONS.get(node.name)
         arg_types = [self.type_of(a) for a in node.args]
@@ -178,6 +191,8 @@ class _Checker:
                             f", but {self._describe(arg)} may have no value",
                             arg, help="give it a value to fall back on: get(x, key, <default>)"
                                       " or default(..., <default>)")
+            elif t.kind == "any" and accepted != "any" and isinstance(arg, Ref):
+                self._check_alternatives(node.name, arg, accepted)
             elif t.kind != "any" and accepted != "any" and t.kind not in accepted.split("|"):
                 self._error("type-mismatch", f"{node.name}() needs "
                             f"{accepted.replace('|', ' or ')}, not {t} {self._describe(arg)}",

@@ -76,6 +76,10 @@ def check_skips(ctx: Context) -> None:
                     why += f" and reads {_first_path(use)}, which may be missing"
             else:
                 _report_unguarded(ctx, use, missing, reason, avail)
+        if info.case is not None:  # a switch case's step runs only when the case is taken
+            info.runs_in_case, own_only = runs, False
+            if runs == "always":
+                runs, why = "maybe", f"it runs only when {info.case} is taken"
         info.runs = runs  # type: ignore[assignment]
         info.skip_reason = why
         name = step.output_name
@@ -137,6 +141,8 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
                     avail, name = "maybe", str(alt)
         else:
             avail, name = status.get(alt.root, "always"), alt.root
+            if avail == "maybe" and constructs.same_case(ctx, use.consumer, alt.root):
+                avail = "always"
             absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
             if avail == "always" and absent is not None:
                 avail, name = "maybe", str(alt)
@@ -154,23 +160,24 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
 
 def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
     for alt in use.ref.alts:
-        if isinstance(alt, Path) and str(alt) == name and alt.root == "input":
-            absent = T.optional_field(ctx.input_type(str(alt.segments[0])), alt.segments[1:])
-            if absent is not None:
-                return (f"field '{absent}' of input '{alt.segments[0]}' may be left out (its "
-                        "`required:` does not list it, or its schema allows null)")
-        elif isinstance(alt, Path) and str(alt) == name:
-            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
-            if absent is not None and missing_reason(alt, absent):
-                return missing_reason(alt, absent)
-            producer = ctx.producers.get(alt.root)
-            if absent is not None and producer is not None \
-                    and ctx.steps[producer].step.type == "transform":
-                return (f"field '{absent}' may have no value (its expression may be null: "
-                        "get() without a default, min/max of an empty array, from_json)")
-            if absent is not None:
-                return (f"field '{absent}' may be null or left out (its schema allows null, "
-                        "or does not list it in `required`)")
+        if not isinstance(alt, Path) or str(alt) != name:
+            continue
+        on_input = alt.root == "input"
+        absent = T.optional_field(ctx.input_type(str(alt.segments[0])), alt.segments[1:]) \
+            if on_input else T.optional_field(root_type(ctx, use, alt.root), alt.segments)
+        producer = ctx.producers.get(alt.root)
+        if absent is None:
+            continue
+        if on_input:
+            return (f"field '{absent}' of input '{alt.segments[0]}' may be left out (its "
+                    "`required:` does not list it, or its schema allows null)")
+        if missing_reason(alt, absent):
+            return missing_reason(alt, absent)
+        if producer is not None and ctx.steps[producer].step.type == "transform":
+            return (f"field '{absent}' may have no value (its expression may be null: "
+                    "get() without a default, min/max of an empty array, from_json)")
+        return (f"field '{absent}' may be null or left out (its schema allows null, "
+                "or does not list it in `required`)")
     return None
 
 

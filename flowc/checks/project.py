@@ -23,6 +23,9 @@ def check_project(ctx: Context) -> None:
         step = info.step
         if isinstance(step, LLMStep):
             _check_model(ctx, info, step)
+            for i, name in enumerate(step.fallback_models):  # checked as `model:` is
+                _check_model_name(ctx, name, ctx.source.span_of(
+                    (*ctx.step_path(step.id), "fallback_models", i)))
             for i, tool_ref in enumerate(step.tool_refs):
                 _check_tool_ref(ctx, info, i, tool_ref, isinstance(step.tools, str))
         elif isinstance(step, MCPToolStep):
@@ -30,24 +33,27 @@ def check_project(ctx: Context) -> None:
 
 
 def _check_model(ctx: Context, info: StepInfo, step: LLMStep) -> None:
+    _check_model_name(ctx, step.model, ctx.source.span_of((*ctx.step_path(step.id), "model")))
+
+
+def _check_model_name(ctx: Context, model: str, span: Span) -> None:
     config = ctx.config
     if config is None:
         return
-    span = ctx.source.span_of((*ctx.step_path(step.id), "model"))
-    target = config.resolve_model(step.model)
+    target = config.resolve_model(model)
     if target is not None:
-        _check_listed(ctx, step.model, target, span)
+        _check_listed(ctx, model, target, span)
         return
-    if "/" in step.model:
-        provider = step.model.partition("/")[0]
+    if "/" in model:
+        provider = model.partition("/")[0]
         hint = did_you_mean(provider, config.provider_names)
-        ctx.out.add("unknown-model", f"unknown provider '{provider}' in model '{step.model}'"
+        ctx.out.add("unknown-model", f"unknown provider '{provider}' in model '{model}'"
                     + suggest(hint), span.start, span.end,
                     help=f"providers: {', '.join(config.provider_names)}")
         return
-    hint = did_you_mean(step.model, config.models)
+    hint = did_you_mean(model, config.models)
     aliases = ", ".join(sorted(config.models)) or "none defined"
-    ctx.out.add("unknown-model", f"unknown model '{step.model}'"
+    ctx.out.add("unknown-model", f"unknown model '{model}'"
                 + suggest(hint), span.start, span.end,
                 help=f"use an alias from flowc.yaml ({aliases}), provider/model "
                      "(ollama/llama3.2) or a bare name: gpt-4o-mini, claude-sonnet-4-6, "

@@ -9,7 +9,8 @@ from flowc import approval, constructs
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Literal, Path, Ref, parse_condition, references
-from flowc.model import ApprovalStep, LLMStep, MCPToolStep
+from flowc.model import ApprovalStep, LLMStep, MCPToolStep, PromptFile
+from flowc.prompt_files import read_prompt_file
 from flowc.scopes import local_type
 from flowc.source import Span
 from flowc.template import Template, jinja_reads, parse_template
@@ -25,6 +26,8 @@ def collect_uses(ctx: Context) -> None:
         if isinstance(step, LLMStep):
             for name in ("prompt", "system"):
                 text = getattr(step, name)
+                if isinstance(text, PromptFile):  # read, then checked as an inline one
+                    text = read_prompt_file(ctx, (*base, name), text.file)
                 if text is not None:
                     template = _scan_template(ctx, info, (*base, name), text)
                     if template is not None:

@@ -9,11 +9,11 @@ from typing import Any
 
 from flowc import foreach, repeat, subpipeline
 from flowc import types as T
-from flowc.constructs import transform
+from flowc.constructs import switch, transform
 from flowc.context import Context, StepInfo
 from flowc.model import LLMStep, MCPToolStep, PipelineStep
 
-_TYPED_FROM_READS = {"transform": transform}
+_TYPED_FROM_READS = {"transform": transform, "switch": switch}
 
 
 def derives_type(step: object) -> bool:
@@ -65,3 +65,9 @@ def check(ctx: Context) -> None:
         if isinstance(info.step, PipelineStep):
             subpipeline.check_inputs(ctx, info)
         repeat.check(ctx, info)
+
+
+def same_case(ctx: Context, consumer: str | None, output_name: str) -> bool:
+    """Whether a maybe-skipped read is always there for this reader: both run in the same
+    switch case."""
+    return switch.same_case(ctx, consumer, output_name)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from runtime.constructs import transform
+from runtime.constructs import switch, transform
 
 if TYPE_CHECKING:
     from flowc.ir import StepNode
     from runtime.executor import StepResult, _Run
 
-_RUNNERS = {"transform": transform.run}
+_RUNNERS = {"transform": transform.run, "switch": switch.run}
 
 
 async def run_construct(run: _Run, node: StepNode, r: StepResult) -> Any:

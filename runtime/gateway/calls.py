@@ -52,6 +52,8 @@ class CallContext:
     # An upper bound on the prompt's tokens (the request body's size), for reserving a
     # budget; None: bounded from the request itself.
     prompt_bound: int | None = None
+    # Models to try after the plan's own targets (a pipeline step's `fallback_models:`).
+    fallbacks: tuple[str, ...] = ()
 
 
 NO_CONTEXT = CallContext()
@@ -258,13 +260,15 @@ class ModelCaller:
             return max(backoff, err.retry_after)
         return backoff
 
-    def plan(self, req: dict[str, Any], tags: str | None) -> Plan:
-        return self.router.plan(Traits.of(req, tags))
+    def plan(self, req: dict[str, Any], tags: str | None,
+             fallbacks: tuple[str, ...] = ()) -> Plan:
+        plan = self.router.plan(Traits.of(req, tags))
+        return self.router.with_fallbacks(plan, fallbacks) if fallbacks else plan
 
     def _plan_or_refuse(self, req: dict[str, Any], tags: str | None, ctx: CallContext,
                         stream: bool) -> Plan:
         try:
-            return self.plan(req, tags)
+            return self.plan(req, tags, ctx.fallbacks)
         except Exception as err:  # an unknown model, no route: refused, and on the books
             self.refused(req, err, stream=stream, ctx=ctx, tags=tags)
             raise

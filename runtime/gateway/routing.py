@@ -178,6 +178,17 @@ class Router:
         targets = [c[0] for c in candidates]
         return Plan(self._with_fallbacks(targets, str(targets[0])), route.name, reasons)
 
+    def with_fallbacks(self, plan: Plan, models: tuple[str, ...]) -> Plan:
+        """The plan with a caller's own fallback models after its targets (a pipeline
+        step's `fallback_models:`); an unknown one is an error, as an unknown model is."""
+        targets = list(plan.targets)
+        for name in models:
+            target = self._resolve(name)
+            if target not in targets:
+                targets.append(target)
+        return Plan(targets, plan.rule, [*plan.reasons,
+                                         "then the step's fallback_models: " + ", ".join(models)])
+
     def _with_fallbacks(self, targets: list[Target], name: str) -> list[Target]:
         out = list(targets)
         for fb in self.config.fallbacks.get(name, []) + self.config.fallbacks.get(
