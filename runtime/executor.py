@@ -443,6 +443,8 @@ class _Run:
             r.latency_ms = (time.perf_counter() - t0) * 1000
             r.status, r.marks["waiting_for"] = "waiting", waiting.what
             self.paused.add(sid)
+            self._emit(r)
+            return
         except StepSkipped as skipped:
             r.status, r.skip_reason = "skipped", str(skipped)
             self.missing_why[step.output_name] = f"step '{sid}' was skipped: {skipped}"
