@@ -158,8 +158,13 @@ class _Checker:
         """`${a ?? b}` of two kinds is typed `any` (the types have no unions), yet each
         alternative may come: each must be a kind the function takes."""
         from flowc.checks.references import path_type
+        from flowc.scopes import SELF
 
+        step, items = self.info.step, self.info.items
         for alt in ref.alts:
+            if not isinstance(alt, Literal) and (
+                    alt.root == SELF or (items is not None and alt.root == step.as_)):
+                continue  # a name the step binds itself (`self`, the `for_each` item)
             t = T.of_value(alt.value) if isinstance(alt, Literal) else path_type(
                 self.ctx, alt, self.ctx.value_span(self.path, self.text, *ref.span))
             if t is not None and t.kind != "any" and t.kind not in accepted.split("|"):
