@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -21,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import test_dashboard_access
 from tests.conftest import ROOT
 from tests.fakes import FakeServer, http_error, openai_text, slow, wait_until
 from tests.keyed import ADMIN, Keyed, close, keyed
-from tests.tools import require
 
+browser = test_dashboard_access.browser  # the same headless Chromium fixture
 ARTIFACTS = ROOT / "test-artifacts"
 CONFIG = """\
 models:
@@ -191,20 +191,6 @@ def test_the_graph_colours_each_step_by_status_with_why_on_hover(srv, runs):
     nodes = svg_statuses(get(srv, f"/v1/runs/{runs['done']['run_id']}/graph.svg").content)
     assert {s: n[0] for s, n in nodes.items()} == {
         "classify": "done", "escalate": "done", "reply": "done"}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    require("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
 
 
 def table(page: Any, box: str) -> list[list[str]]:
