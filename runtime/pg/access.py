@@ -215,6 +215,12 @@ class SharedCounter(Counter):
         self.demand = ZERO  # reserved since the last tick
         self.rate = ZERO  # reserved in the tick before: what the next may need
 
+    def left(self) -> Decimal:
+        """What this instance may still reserve: the headroom no instance holds, and what
+        it holds itself and has not used."""
+        return (self.limit - self.settled - self.leased_all
+                + self.lease - self.pending - self.reserved)
+
 
 class SharedBudgets(Budgets):
     """`Budgets` whose hard limits hold across instances (see the module's docstring)."""
@@ -484,23 +490,31 @@ class PgAccessStore:
                 "kind": c.scope.kind, "name": c.scope.name, "start": c.start,
                 "me": self.instance, "ttl": self.lease_ttl}
 
+        where = [c.scope.kind, c.scope.name, c.start]
+
         def work(conn: psycopg.Connection) -> Any:
             row = conn.execute(_GRANT, args).fetchone()
             if row is None:  # no row yet for this budget and period, or not enough left
                 conn.execute("INSERT INTO budget_spend (kind, name, period_start) VALUES "
-                             "(%s, %s, %s) ON CONFLICT DO NOTHING",
-                             [c.scope.kind, c.scope.name, c.start])
+                             "(%s, %s, %s) ON CONFLICT DO NOTHING", where)
                 row = conn.execute(_GRANT, args).fetchone()
-            return row
+            if row is None:  # refused: the totals, for a message that says what is left
+                totals = conn.execute("SELECT spent, leased FROM budget_spend WHERE kind = "
+                                      "%s AND name = %s AND period_start = %s",
+                                      where).fetchone()
+                return None, totals
+            return row, None
 
         try:
-            row = self._run("_inline", work)
+            row, totals = self._run("_inline", work)
         except StoreUnavailable as exc:
             self._down(str(exc))
             if self.on_outage == "closed":
                 raise self.outage(c) from None
             return True
         if row is None:
+            if totals is not None:
+                c.settled, c.leased_all = totals
             return False
         granted, c.settled, c.leased_all = row
         c.lease += granted
