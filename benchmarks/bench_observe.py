@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,6 +198,7 @@ def end_to_end(before: str, after: str, requests: int, rounds: int, seconds: int
         for tree in trees.values():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                             str(tree)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_doc(text: str) -> None:
