@@ -51,9 +51,20 @@ class PostgresServer:
         subprocess.run([*self._as, *args], check=True, capture_output=True, timeout=120)
 
     def start(self) -> None:
-        self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "log"), "-w",
-                  "-o", f"-p {self.port} -k {self.sockets} -c listen_addresses=127.0.0.1 "
-                        "-c fsync=off -c max_connections=200", "start")
+        """Start on ``self.port``; a first start that finds its free port taken since it was
+        picked tries another (a restart keeps the port the tests' URLs name)."""
+        for attempt in range(5):
+            try:
+                self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.data / "log"),
+                          "-w", "-o", f"-p {self.port} -k {self.sockets} "
+                          "-c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+                          "start")
+                self.started = True
+                return
+            except subprocess.CalledProcessError:
+                if getattr(self, "started", False) or attempt == 4:
+                    raise
+                self.port = _free_port()
 
     def stop(self, mode: str = "fast") -> None:
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")

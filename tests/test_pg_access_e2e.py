@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import textwrap
 import time
@@ -112,7 +113,13 @@ def test_one_budget_hammered_on_three_instances_is_never_passed(cluster: Cluster
     for r in refused:
         assert r.status_code == 429, r.text
         assert r.json()["error"]["code"] == "insufficient_quota"
-        assert "budget exceeded for key 'shared'" in r.json()["error"]["message"]
+        message = r.json()["error"]["message"]
+        assert "budget exceeded for key 'shared'" in message
+        # What it says is left is less than what the call might cost (here or, for a
+        # call refused while others held slices, what this instance could still get).
+        left, worst = re.search(r"\$([\d.]+) left, and this request may cost up to "
+                                r"\$([\d.]+)", message).groups()  # type: ignore[union-attr]
+        assert Decimal(left) < Decimal(worst) == WORST, message
     # Settled within a few ticks of the last answer (and on shutdown at the latest).
     wait_until(lambda: settled(cluster.store, key_id)[0] == len(served) * COST, 10)
     spent, _ = settled(cluster.store, key_id)

@@ -96,22 +96,28 @@ def test_a_batch_sent_twice_is_stored_once(store: str, postgres, tmp_path: Path)
             for i in range(300):
                 ledger.record(_call(i))
             ledger.flush()
-            assert ledger.status()["connected"] is False
-            assert ledger.status()["spooled_rows"] == 300
+            status = ledger.status()
+            assert status["connected"] is False and status["owner"] is False
+            assert status["spooled_rows"] == 300 and status["error"]
+            assert status["spool_full"] is False
             saved = tmp_path / "saved"
             saved.mkdir()
             for seg in spool.glob("*.copy"):
                 shutil.copy(seg, saved / seg.name)
             assert list(saved.iterdir())
+            ledger.spool_limit = status["spool_bytes"] * 3 // 2
+            for i in range(300):
+                ledger.record(_call(i))
+            assert ledger.status()["spool_full"] is True  # /ready: take it out of rotation
         finally:
             postgres.start()
         ledger._next_try = 0.0
         ledger.flush()
-        assert _count(store) == 300
+        assert _count(store) == 600
         for seg in saved.iterdir():
             shutil.copy(seg, spool / seg.name)
         ledger.flush()
-        assert _count(store) == 300
+        assert _count(store) == 600
         assert ledger.status()["connected"] is True
         assert not list(spool.glob("*.copy"))
     finally:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -21,11 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import test_dashboard_access
 from tests.conftest import ROOT
 from tests.fakes import FakeServer, http_error, openai_text, slow, wait_until
 from tests.keyed import ADMIN, Keyed, close, keyed
-from tests.tools import require
 
+browser = test_dashboard_access.browser  # the same headless Chromium fixture
 ARTIFACTS = ROOT / "test-artifacts"
 CONFIG = """\
 models:
@@ -191,20 +191,6 @@ def test_the_graph_colours_each_step_by_status_with_why_on_hover(srv, runs):
     nodes = svg_statuses(get(srv, f"/v1/runs/{runs['done']['run_id']}/graph.svg").content)
     assert {s: n[0] for s, n in nodes.items()} == {
         "classify": "done", "escalate": "done", "reply": "done"}
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    require("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(
-            executable_path=shutil.which("chromium"),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"])
-        yield b
-        b.close()
 
 
 def table(page: Any, box: str) -> list[list[str]]:
@@ -406,3 +392,44 @@ def test_any_runs_filter_is_answered_or_refused_with_a_reason(srv, runs, params)
         assert isinstance(r.json()["runs"], list)
     else:
         assert r.json()["error"]["message"]
+
+
+def test_with_auth_off_the_runs_view_opens_without_a_key(browser, tmp_path):
+    from playwright.sync_api import expect
+
+    from tests.conftest import start_server, stop_server
+    from tests.fakes import free_port
+
+    fake = FakeServer("openai").start()
+    (tmp_path / "flowc.yaml").write_text(CONFIG)
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "triage.yaml").write_text(TRIAGE)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": fake.url + "/v1",
+           "OPENAI_API_KEY": "sk-test-openai"}
+    env.pop("FLOWC_ADMIN_KEY", None)
+    port = free_port()
+    proc = start_server(tmp_path, env, port)
+    context = browser.new_context()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        fake.then(openai_text("billing"), openai_text("Refunded."))
+        r = httpx.post(f"{url}/v1/workflow/triage", json={"input": {"ticket": "Twice."}},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["status"] == "succeeded", r.text
+        run_id = r.json()["run_id"]
+        page = context.new_page()
+        page.goto(f"{url}/dashboard#run/{run_id}")
+        expect(page.locator("#run-graph svg g.step")).to_have_count(3, timeout=15000)
+        assert not page.get_by_label("flowc key").is_visible()
+        assert {s: n[0] for s, n in svg_statuses(page.inner_html("#run-graph")).items()} == {
+            "classify": "done", "escalate": "skipped", "reply": "done"}
+        page.get_by_role("link", name="← all runs").click()
+        expect(page.locator("#runs tr")).to_have_count(2, timeout=15000)
+        # started, run, pipeline, status, steps, cost, tokens, latency: no key or team
+        assert [r[1:5] for r in table(page, "runs")] == [
+            [run_id, "triage", "succeeded", "2 done · 1 skipped"]]
+        assert len(table(page, "runs")[0]) == 8
+    finally:
+        context.close()
+        stop_server(proc)
+        fake.stop()

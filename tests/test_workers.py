@@ -207,6 +207,17 @@ def test_a_budget_holds_across_both_workers_under_concurrent_load(served):
     assert spent <= budget
     shown = httpx.get(f"{served.url}/v1/keys/{key_id}", headers=served.admin, timeout=30)
     assert Decimal(shown.json()["spend"]["key"]["spent_usd"]) == spent
+    # Each threshold the spend crossed fired one alert, not one per worker.
+    crossed = [t for t in (50, 80, 100) if spent * 100 >= budget * t]
+    assert crossed, spent
+
+    def alerted() -> list[int]:
+        r = httpx.get(f"{served.url}/v1/alerts", headers=served.admin, timeout=30)
+        return sorted(a["threshold"] for a in r.json()["alerts"]
+                      if a["scope_name"] == key_id)
+
+    wait_until(lambda: len(alerted()) >= len(crossed), 10)
+    assert alerted() == crossed
 
 
 def test_a_worker_killed_with_9_is_started_again_and_nothing_answered_is_lost(served):

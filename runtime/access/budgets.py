@@ -79,7 +79,7 @@ class BudgetExceeded(Exception):
     limit and what is left."""
 
     def __init__(self, counter: Counter, needed: Decimal) -> None:
-        left = max(counter.limit - counter.spent - counter.reserved, ZERO)
+        left = max(counter.left(), ZERO)
         per = "in total" if counter.period == "total" else f"per {counter.period}"
         super().__init__(
             f"budget exceeded for {counter.scope}: limit ${_usd(counter.limit)} {per}, "

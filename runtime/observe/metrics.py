@@ -2,7 +2,7 @@
 
 Counting happens on the request path, so it is plain Python: each series is a small object
 found by one dict lookup on its label values, its histogram buckets are a list of counts
-found by bisection (about a microsecond a model call, measured in docs/benchmarks.md). No
+found by bisection (1.7 us of CPU a model call, measured in docs/benchmarks.md). No
 lock: every update runs on the event loop's thread. `prometheus_client` turns the counts
 into its metric families only when `/metrics` is read (a custom collector), and writes the
 text format; it is imported then, not before.

@@ -5,8 +5,8 @@ in one atomic statement (`spent + leased + need <= limit`), reserves and charges
 against its lease in memory (the same reserve-worst-case, charge-actual rule as on one
 node), and every `TICK` seconds settles what it charged and hands back what it does not
 need, in one transaction for all its budgets. Slices shrink as a budget nears its end
-(at most an even share of what is left among the live instances), so the leases of all
-instances together never pass the limit. A lease is renewed on each tick; one left by a
+(at most half an even share of what is left among the live instances), so the leases of
+all instances together never pass the limit. A lease is renewed on each tick; one left by a
 killed instance expires after `LEASE_TTL` and its unsettled rest counts as spent (it may
 have been spent: a budget is never passed, at worst under-used by that rest).
 
@@ -127,8 +127,8 @@ _KEY_COLUMNS = ("id", "name", "hash", "hint", "team", "budget_usd", "period", "r
 _SELECT_KEYS = f"SELECT {', '.join(_KEY_COLUMNS)}, version FROM keys"
 
 # One statement, so atomic: grow this instance's lease on a budget by at least `need`
-# and at most `want`, never past an even share of the headroom left, and never so that
-# all leases and spend together pass the limit.
+# and at most `want`, never past a share of the headroom left (`n`: see `_split`), and
+# never so that all leases and spend together pass the limit.
 _GRANT = """
 WITH c AS (
     UPDATE budget_spend SET
@@ -214,6 +214,12 @@ class SharedCounter(Counter):
         self.lease = self.pending = self.settled = self.leased_all = ZERO
         self.demand = ZERO  # reserved since the last tick
         self.rate = ZERO  # reserved in the tick before: what the next may need
+
+    def left(self) -> Decimal:
+        """What this instance may still reserve: the headroom no instance holds, and what
+        it holds itself and has not used."""
+        return (self.limit - self.settled - self.leased_all
+                + self.lease - self.pending - self.reserved)
 
 
 class SharedBudgets(Budgets):
@@ -466,6 +472,12 @@ class PgAccessStore:
             "shared store is unreachable, and budgets fail closed (budgets.on_store_outage "
             "in flowc.yaml). Please retry your request after a brief wait."))
 
+    def _split(self) -> int:
+        """Into how many parts a lease divides the headroom left at most: twice the live
+        instances, so half of it stays free for whichever instance needs it next (an
+        instance may not know of the others yet, or hold a slice it is not using)."""
+        return 2 * max(self.instances, 1)
+
     def grant(self, c: SharedCounter, need: Decimal, amount: Decimal) -> bool:
         """Lease at least ``need`` more of ``c``'s budget now (on the event loop: a
         request waits one round trip, once per lease); False when the budget has not that
@@ -474,27 +486,35 @@ class PgAccessStore:
         want = max(need, (need + max(8 * amount, c.rate)).quantize(CENT, ROUND_FLOOR))
         if need + c.settled > c.limit:
             return False  # known already: no round trip
-        args = {"want": want, "need": need, "limit": c.limit, "n": max(self.instances, 1),
+        args = {"want": want, "need": need, "limit": c.limit, "n": self._split(),
                 "kind": c.scope.kind, "name": c.scope.name, "start": c.start,
                 "me": self.instance, "ttl": self.lease_ttl}
+
+        where = [c.scope.kind, c.scope.name, c.start]
 
         def work(conn: psycopg.Connection) -> Any:
             row = conn.execute(_GRANT, args).fetchone()
             if row is None:  # no row yet for this budget and period, or not enough left
                 conn.execute("INSERT INTO budget_spend (kind, name, period_start) VALUES "
-                             "(%s, %s, %s) ON CONFLICT DO NOTHING",
-                             [c.scope.kind, c.scope.name, c.start])
+                             "(%s, %s, %s) ON CONFLICT DO NOTHING", where)
                 row = conn.execute(_GRANT, args).fetchone()
-            return row
+            if row is None:  # refused: the totals, for a message that says what is left
+                totals = conn.execute("SELECT spent, leased FROM budget_spend WHERE kind = "
+                                      "%s AND name = %s AND period_start = %s",
+                                      where).fetchone()
+                return None, totals
+            return row, None
 
         try:
-            row = self._run("_inline", work)
+            row, totals = self._run("_inline", work)
         except StoreUnavailable as exc:
             self._down(str(exc))
             if self.on_outage == "closed":
                 raise self.outage(c) from None
             return True
         if row is None:
+            if totals is not None:
+                c.settled, c.leased_all = totals
             return False
         granted, c.settled, c.leased_all = row
         c.lease += granted
@@ -577,7 +597,7 @@ class PgAccessStore:
                 if more and not final:
                     row = conn.execute(_GRANT, {
                         "want": more.quantize(CENT, ROUND_FLOOR), "need": CENT,
-                        "limit": c.limit, "n": max(self.instances, 1), **where}).fetchone()
+                        "limit": c.limit, "n": self._split(), **where}).fetchone()
                     if row is not None:
                         granted[id(c)] = row[0]
             conn.execute("DELETE FROM budget_leases WHERE instance = %s AND amount <= 0",
