@@ -80,7 +80,8 @@ def alternating_p50(a: tuple[str, dict[str, str], int], b: tuple[str, dict[str, 
                     n: int) -> float:
     """Median latency through ``b`` less through ``a``, in ms, over ``n`` sequential requests
     to each, one to one server then the other on two kept-alive connections: the machine's
-    load drifts alike for both, so a difference of a few microseconds shows."""
+    load drifts alike for both, so a difference of a few microseconds shows. Which server is
+    asked first swaps every request: the second of a pair measured ~0.13 ms slower."""
     payload = json.dumps({"model": "openai/gpt-4o-mini", **CHAT}).encode()
     conns = []
     for url, headers, _ in (a, b):
@@ -90,7 +91,8 @@ def alternating_p50(a: tuple[str, dict[str, str], int], b: tuple[str, dict[str, 
                       {"content-type": "application/json", **headers}))
     times: list[list[float]] = [[], []]
     for i in range(n + 100):
-        for side, (conn, path, headers) in enumerate(conns):
+        for side in ((0, 1) if i % 2 == 0 else (1, 0)):
+            conn, path, headers = conns[side]
             t0 = time.perf_counter()
             conn.request("POST", path, payload, headers)
             resp = conn.getresponse()
