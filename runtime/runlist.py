@@ -8,7 +8,9 @@ from typing import Any
 
 from runtime.ledger.reports import Select, time_range
 
-RUN_STATUSES = ("succeeded", "failed", "cancelled")
+# `waiting`: an approval step waits for a decision; `continued`: decided, and run on as a
+# new run (its record names it). See runtime/approval.py.
+RUN_STATUSES = ("succeeded", "failed", "cancelled", "waiting", "continued")
 COLUMNS = ("run_id", "workflow", "status", "started_at", "latency_ms", "dry_run", "key_id",
            "team", "key_name", "cost_usd", "tokens", "step_statuses")
 

@@ -191,6 +191,9 @@ def test_draft_approve_publish_over_http(served, openai_fake):
     shown = httpx.get(f"{url}/v1/runs/{start['run_id']}", timeout=10).json()
     assert steps_of(shown)["review"]["waiting_for"]["value"] == DRAFT
     assert len(openai_fake.requests) == 1
+    # The runs list (and the dashboard's filter) finds the runs waiting for a decision.
+    listed = httpx.get(f"{url}/v1/runs", params={"status": "waiting"}, timeout=10).json()
+    assert start["run_id"] in [r["run_id"] for r in listed["runs"]]
 
     bad = httpx.post(f"{url}/v1/runs/{start['run_id']}/steps/review/approve",
                      json={"value": {"title": 5, "body": "b"}}, timeout=60)
@@ -206,6 +209,8 @@ def test_draft_approve_publish_over_http(served, openai_fake):
     # The waiting run is marked as continued; a second decision is refused.
     original = httpx.get(f"{url}/v1/runs/{start['run_id']}", timeout=10).json()
     assert original["status"] == "continued" and original["continued_in"] == done["run_id"]
+    listed = httpx.get(f"{url}/v1/runs", params={"status": "continued"}, timeout=10).json()
+    assert [r["run_id"] for r in listed["runs"]] == [start["run_id"]]
     again = httpx.post(f"{url}/v1/runs/{start['run_id']}/steps/review/approve", timeout=60)
     assert again.status_code == 409 and "it continued as run" in again.text
 

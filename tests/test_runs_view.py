@@ -153,7 +153,8 @@ def test_the_runs_list_filters_by_pipeline_status_time_and_team(srv, runs):
     assert ids(run_id=failed) == [failed]
     r = get(srv, "/v1/runs", status="broken")
     assert r.status_code == 400
-    assert "status must be one of succeeded, failed, cancelled" in r.json()["error"]["message"]
+    assert ("status must be one of succeeded, failed, cancelled, waiting, continued"
+            in r.json()["error"]["message"])
     r = get(srv, "/v1/runs", since="yesterday")
     assert r.status_code == 400 and "must be a date" in r.json()["error"]["message"]
 
