@@ -509,3 +509,30 @@ def test_the_token_cap_keeps_the_named_tools_first(tmp_path: Path) -> None:
 
     names = asyncio.run(go())
     assert names == ["time__get_current_time", "slow"]
+
+
+def test_typed_inputs_reach_the_tools_input_schema() -> None:
+    from flowc.compiler import compile_source
+    from runtime.mcp.serve_schema import input_schema
+
+    compiled = compile_source(textwrap.dedent("""\
+        name: tagged
+        inputs:
+          tags: {type: array, items: {type: string}, description: Labels}
+          user:
+            type: object
+            properties: {name: {type: string}, tier: {type: string, enum: [free, pro]}}
+            required: [name]
+          lang: {type: string, enum: [en, de], default: en}
+        steps:
+          - {id: a, type: transform, expr: "join(${input.tags}, ', ')"}
+        """), "tagged.yaml").compiled
+    assert compiled is not None
+    assert input_schema(compiled) == {
+        "type": "object", "additionalProperties": False, "required": ["tags", "user"],
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string"}, "description": "Labels"},
+            "user": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string"},
+                "tier": {"type": "string", "enum": ["free", "pro"]}}},
+            "lang": {"type": "string", "enum": ["en", "de"], "default": "en"}}}

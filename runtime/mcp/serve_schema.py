@@ -23,7 +23,7 @@ def input_schema(compiled: CompiledPipeline) -> dict[str, Any]:
     props: dict[str, Any] = {}
     required = []
     for name, spec in compiled.inputs.items():
-        prop: dict[str, Any] = {"type": spec.type}
+        prop = spec.json_schema()  # its elements, fields and values too (DSL v2 inputs)
         if spec.description:
             prop["description"] = spec.description
         if spec.default is not None:
