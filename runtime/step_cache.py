@@ -70,6 +70,9 @@ class StepCache:
         except LedgerUnavailable as exc:
             self._unavailable(exc)
             return None
+        except Exception as exc:  # a cache that cannot be read is a miss, not a failed step
+            self._unavailable(exc)
+            return None
         if not rows:
             return None
         output, cost, tokens, model, provider, served, created = rows[0]
@@ -82,9 +85,15 @@ class StepCache:
         try:
             await asyncio.to_thread(
                 self.ledger.execute,
-                "INSERT OR REPLACE INTO step_cache (key, workflow_name, step_id, run_id, "
+                # ON CONFLICT: the upsert DuckDB and Postgres (`--store`) both take
+                "INSERT INTO step_cache (key, workflow_name, step_id, run_id, "
                 "model, provider, served_model, output, cost_usd, tokens, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                "workflow_name = excluded.workflow_name, step_id = excluded.step_id, "
+                "run_id = excluded.run_id, model = excluded.model, "
+                "provider = excluded.provider, served_model = excluded.served_model, "
+                "output = excluded.output, cost_usd = excluded.cost_usd, "
+                "tokens = excluded.tokens, created_at = excluded.created_at",
                 [key, workflow, step_id, run_id, entry.model, entry.provider,
                  entry.served_model, json.dumps(entry.output, ensure_ascii=False, default=str),
                  entry.cost, entry.tokens, entry.created_at])

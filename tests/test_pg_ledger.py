@@ -220,6 +220,36 @@ def test_runs_and_pipelines_are_shared(store: str, tmp_path: Path) -> None:
         b.close()
 
 
+def test_a_step_result_cached_on_one_instance_is_reused_by_another(store: str,
+                                                                 tmp_path: Path) -> None:
+    import asyncio
+
+    from runtime.step_cache import Entry, StepCache
+
+    a = PgLedger(store, tmp_path / "a", "a", flush_interval=0.1)
+    b = PgLedger(store, tmp_path / "b", "b", flush_interval=0.1)
+    try:
+        now = datetime.now(UTC).replace(tzinfo=None)
+        for output in ({"title": "old"}, {"title": "Hi"}):  # stored twice: the last holds
+            entry = Entry(output, Decimal("0.000120000"), 42, "fast", "openai",
+                          "gpt-4o-mini", now)
+            asyncio.run(StepCache(a).put("k1", entry, workflow="wf", step_id="draft",
+                                         run_id="r1"))
+        got = asyncio.run(StepCache(b).get("k1", 3600))
+        assert got is not None and got.output == {"title": "Hi"}
+        assert got.cost == Decimal("0.000120000") and got.tokens == 42
+        assert asyncio.run(StepCache(b).get("missing", None)) is None
+        a.record(CallRecord(model="fast", provider="openai", served_model="gpt-4o-mini",
+                            success=True, latency_ms=0.0, cached=True,
+                            cost_usd=Decimal(0), saved_usd=Decimal("0.00012")))
+        a.flush()
+        assert b.execute("SELECT cached, saved_usd, cost_usd FROM requests") == [
+            (True, Decimal("0.000120000"), Decimal("0E-9"))]
+    finally:
+        a.close()
+        b.close()
+
+
 def test_costs_from_a_laptop_read_every_instance(store: str, tmp_path: Path) -> None:
     ledgers = [PgLedger(store, tmp_path / n, n, flush_interval=0.1) for n in "abc"]
     try:

@@ -105,7 +105,7 @@ def _fixed(fields: tuple[Any, ...]) -> list[Any]:
     out = list(fields)
     for name, i in _AT.items():
         v, i = out[i - 1], i - 1
-        if name == "cost_usd":
+        if name in _COSTS:
             if not (type(v) is Decimal and v.is_finite() and -_COST_MAX <= v <= _COST_MAX):
                 out[i] = _fix_cost(v)
         elif name in _INTS:
@@ -125,7 +125,8 @@ def _fixed(fields: tuple[Any, ...]) -> list[Any]:
 
 _INTS = {"prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
          "reasoning_tokens", "cache_write_1h_tokens"}
-_BOOLS = {"success", "stream", "dry_run", "usage_estimated"}
+_BOOLS = {"success", "stream", "dry_run", "usage_estimated", "cached"}
+_COSTS = {"cost_usd", "saved_usd"}
 
 
 def _fix_int(v: Any) -> int:
@@ -166,7 +167,7 @@ def _column(name: str) -> str:
     at = f"r->>{_AT[name]}"
     if name == "ts":
         return f"to_timestamp(({at})::float8) AT TIME ZONE 'UTC'"
-    if name == "cost_usd":
+    if name in _COSTS:
         return f"({at})::numeric(18, 9)"
     if name in _INTS:
         return f"({at})::bigint"

@@ -23,7 +23,7 @@ SPOOL_FIELDS = (
     "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
     "reasoning_tokens", "cost_usd", "price_source", "latency_ms", "ttft_ms", "success",
     "error", "error_class", "route", "stream", "dry_run", "cache_write_1h_tokens", "status",
-    "usage_estimated", "key_id", "key_name", "team", "tags",
+    "usage_estimated", "key_id", "key_name", "team", "tags", "cached", "saved_usd",
 )
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -86,6 +86,24 @@ MIGRATIONS: list[tuple[str, str]] = [
             instance TEXT
         );
         CREATE INDEX runs_started ON runs (started_at)"""),
+    # Step caching (docs/dsl.md, `cache:`), as the embedded ledger's 0008_step_cache: a hit
+    # is a $0 row marked cached, with what the call had cost.
+    ("ledger_0002_step_cache", """
+        ALTER TABLE requests ADD COLUMN cached BOOLEAN DEFAULT false,
+                             ADD COLUMN saved_usd NUMERIC(18, 9);
+        CREATE TABLE step_cache (
+            key TEXT PRIMARY KEY,             -- SHA-256 of the canonical JSON request
+            workflow_name TEXT,
+            step_id TEXT,
+            run_id TEXT,
+            model TEXT,
+            provider TEXT,
+            served_model TEXT,
+            output TEXT NOT NULL,             -- the step's result as JSON
+            cost_usd NUMERIC(18, 9),
+            tokens BIGINT,
+            created_at TIMESTAMP NOT NULL     -- UTC
+        )"""),
 ]
 
 
