@@ -213,14 +213,9 @@ def _with_headers(send: Any, extra: Callable[[], list[tuple[bytes, bytes]]]) -> 
 
 
 def _with_cors(send: Any, origin: bytes) -> Any:
-    async def cors_send(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [
-                *message.get("headers", ()), (b"access-control-allow-origin", origin),
-                (b"access-control-expose-headers", CORS_EXPOSE), (b"vary", b"origin")]}
-        await send(message)
-
-    return cors_send
+    cors = [(b"access-control-allow-origin", origin),
+            (b"access-control-expose-headers", CORS_EXPOSE), (b"vary", b"origin")]
+    return _with_headers(send, lambda: cors)
 
 
 class HotPaths:
