@@ -223,6 +223,8 @@ def test_the_runs_view_in_chromium(browser, srv, runs):
         page.get_by_label("status", exact=True).select_option("failed")
         expect(page.locator("#runs tr")).to_have_count(2, timeout=15000)
         page.get_by_label("status", exact=True).select_option("")
+        # Wait for the unfiltered list: the one-row failed list would satisfy the next wait.
+        expect(page.locator("#runs tr[data-run]")).to_have_count(2, timeout=15000)
         page.get_by_label("team", exact=True).select_option("research")
         expect(page.locator("#runs tr[data-run]")).to_have_count(1, timeout=15000)
         assert page.get_attribute("#runs tr[data-run]", "data-run") == runs["done"]["run_id"]

@@ -1032,6 +1032,7 @@ class Ledger:
         self._rows: list[tuple[Any, ...]] = []
         self._rows_lock = threading.Lock()
         self._frames: collections.deque[tuple[int, bytes]] = collections.deque()  # (rows, frame)
+        self._runs: collections.deque[dict[str, Any]] = collections.deque()  # run records
         self.rows_written = 0  # for /metrics (runtime/observe/metrics.py)
         self._wake = threading.Event()
         self._flushed = threading.Condition()
@@ -1140,10 +1141,15 @@ class Ledger:
             self._store.close()
 
     def record_run(self, row: dict[str, Any]) -> None:
-        """Store a run record (see runtime/runs.py); written at once, or to the inbox when
-        another process holds the ledger. The run's calls are written first: a run that
-        can be read has all its rows on the books (this waits for one writer pass)."""
-        self.flush()
+        """Queue a run record (see runtime/runs.py; never blocks). The writer stores it in
+        the pass after its calls' rows, so a run that can be read has all its rows on the
+        books; reads wait for queued runs (`_settled`), requests never do."""
+        self._runs.append(row)
+        self._wake.set()
+
+    def _store_run(self, row: dict[str, Any]) -> None:
+        """On the writer thread: into the store, or to the inbox when another process holds
+        the ledger."""
         store = self._store
         if store is not None:
             try:
@@ -1169,6 +1175,8 @@ class Ledger:
 
     # -- reading (owner only) --------------------------------------------------------------
     def _holder(self) -> _Store | _ProcessStore:
+        if self._runs:  # read your own writes: a run just recorded is readable
+            self.flush()
         store = self._store
         if store is None:
             retry = " (it takes the file over once that process lets go)" \
@@ -1203,6 +1211,9 @@ class Ledger:
             stopping = self._closing
             with self._flushed:
                 self._started += 1
+                # Runs queued before this pass began had their rows recorded before them,
+                # so the rows taken below include them: runs go in after their rows.
+                runs = len(self._runs)
                 asked, self._sync = self._sync, False
             # The inbox is taken in once per interval (or when a flush asks), not on every
             # full batch: each take-in is a round trip to the store that also waits for the
@@ -1219,6 +1230,8 @@ class Ledger:
             sealed = [self._frames.popleft() for _ in range(len(self._frames))]
             if sealed and self._write([frame for _, frame in sealed]):
                 self.rows_written += sum(n for n, _ in sealed)
+            for _ in range(runs):
+                self._store_run(self._runs.popleft())
             store = self._store
             if sync and store is not None:
                 try:
@@ -1230,7 +1243,7 @@ class Ledger:
             with self._flushed:
                 self._generation += 1
                 self._flushed.notify_all()
-            if stopping and not self._frames and not self._rows:
+            if stopping and not self._frames and not self._rows and not self._runs:
                 return
 
     def _write(self, frames: list[bytes]) -> bool:
