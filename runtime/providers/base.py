@@ -29,6 +29,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from runtime.providers.http1 import Pool
+
 # -- usage and results -------------------------------------------------------------------------
 
 
@@ -329,9 +331,11 @@ def error_message(provider: str, status: int, raw: bytes) -> tuple[str, Any]:
 class Endpoint:
     """One provider endpoint: where it is, how to authenticate, and its pooled client.
 
-    aiohttp rather than httpx on this path: measured on the reference machine, httpx's CPU
-    cost per request doubles under concurrency (~720 req/s through a minimal proxy, against
-    ~8,600 with aiohttp); see docs/benchmarks.md.
+    One-shot POSTs (`post`) go through flowc's own keep-alive HTTP/1.1 pool
+    (runtime/providers/http1.py): about 0.2 ms less per request than aiohttp's client.
+    Streams and GETs use aiohttp, rather than httpx: measured on the reference machine,
+    httpx's CPU cost per request doubles under concurrency (~720 req/s through a minimal
+    proxy, against ~8,600 with aiohttp); see docs/benchmarks.md.
     """
 
     name: str  # the provider name models are addressed by (openai, anthropic, groq, ...)
@@ -342,6 +346,7 @@ class Endpoint:
     responses: bool = False  # serves OpenAI's Responses API (/v1/responses goes verbatim)
     headers: dict[str, str] = field(default_factory=dict)
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _pool: Pool | None = field(default=None, repr=False)
     _redactor: tuple[str | None, Callable[[bytes, bool], bytes] | None] = field(
         default=(None, None), repr=False)
 
@@ -358,7 +363,14 @@ class Endpoint:
             )
         return self._session
 
+    def pool(self) -> Pool:
+        if self._pool is None or self._pool.url != self.base_url:
+            self._pool = Pool(self.base_url)
+        return self._pool
+
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         if self._session is not None and not self._session.closed:
             await self._session.close()
 
@@ -385,10 +397,15 @@ class Endpoint:
                    ) -> tuple[int, Any, bytes, float]:
         """POST JSON; returns status, headers, body and the upstream time in ms."""
         t0 = time.perf_counter()
-        with self._failures():
-            async with self._post(path, payload, headers) as resp:
-                body = await resp.read()
-                return resp.status, resp.headers, body, (time.perf_counter() - t0) * 1000
+        try:
+            status, got, body = await self.pool().post(
+                path, orjson.dumps(payload),
+                {"content-type": "application/json", **self.headers, **headers}, self.timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(self.name, self.timeout) from None
+        except OSError as exc:  # refused, reset, unreadable (http1.ProtocolError)
+            raise UpstreamUnavailable(self.name, type(exc).__name__) from None
+        return status, got, body, (time.perf_counter() - t0) * 1000
 
     async def open_stream(self, path: str, payload: dict[str, Any], headers: dict[str, str]
                           ) -> aiohttp.ClientResponse:
