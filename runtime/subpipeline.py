@@ -11,6 +11,7 @@ from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from flowc.expr import MISSING
 from runtime import frame
 from runtime.executor import BudgetExceeded, StepFailed, _Run
 from runtime.inputs import InputError, check_inputs
@@ -71,8 +72,24 @@ async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
         values = check_inputs(callee.pipeline.inputs, args)
     except InputError as exc:
         raise StepFailed(f"pipeline '{callee.name}': {exc}") from None
-    child = _Nested(run, callee, values, frame.label(step.id), run.ctx(step.id))
-    names, label = frame.NAMES.set(None), frame.LABEL.set(None)  # the callee's own scope
+    return await run_nested(run, node, r, values, f"pipeline '{callee.name}'")
+
+
+async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str, Any],
+                     what: str, seen: dict[str, Any] | None = None) -> Any:
+    """Run the step's callee (``node.callee``) as a nested run and return its output. A
+    sub-pipeline sees only its ``inputs``; a block (``seen``: the values it reads from
+    around it, by name) also keeps the item and `self` it runs with."""
+    step, callee = node.step, node.callee
+    assert callee is not None
+    child = _Nested(run, callee, inputs, frame.label(step.id), run.ctx(step.id))
+    for name, value in (seen or {}).items():
+        if value is MISSING:
+            child.missing_why[name] = run.missing_why.get(name, f"'{name}' has no value")
+        else:
+            child.values[name] = value
+    names = frame.NAMES.set(frame.NAMES.get() if seen is not None else None)
+    label = frame.LABEL.set(None)  # the callee's steps are labelled under the step's
     try:
         result = await child.execute()
     finally:
@@ -87,7 +104,7 @@ async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
         r.cost = None if r.cost is None or s.cost is None else r.cost + s.cost
     if result.status != "succeeded":
         error = result.error or {}
-        message = f"pipeline '{callee.name}' failed: {error.get('message')}"
+        message = f"{what} failed: {error.get('message')}"
         if error.get("type") == "BudgetExceeded":
             raise BudgetExceeded(message)
         raise StepFailed(message)
