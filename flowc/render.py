@@ -93,8 +93,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
         cached, ttl = cache_of(step)
         if cached:
             label += "\ncached" + (f" (ttl {step.cache.ttl})" if ttl else "")
-        if isinstance(step.output, str) and step.output != sid:
-            label += f"\n→ {step.output}"
+        if step.output_name != sid:
+            label += f"\n→ {step.output_name}"
         if step.for_each is not None:  # a map: drawn as a stack of its items
             label += (f"\nfor each {step.as_} in {_short(step.for_each)}"
                       f"\n(≤{step.max_concurrency or 10} at once)")

@@ -82,7 +82,8 @@ async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str,
     around it, by name) also keeps the item and `self` it runs with."""
     step, callee = node.step, node.callee
     assert callee is not None
-    child = _Nested(run, callee, inputs, frame.label(step.id), run.ctx(step.id))
+    base = run.ctx(step.id)  # its step_id is the whole path: `outer[0]/inner`
+    child = _Nested(run, callee, inputs, base.step_id, base)
     for name, value in (seen or {}).items():
         if value is MISSING:
             child.missing_why[name] = run.missing_why.get(name, f"'{name}' has no value")

@@ -223,7 +223,7 @@ def check_usage(ctx: Context) -> None:
         step = info.step
         if info.runs == "never":
             continue
-        if isinstance(step.output, str) and step.output not in read and (
+        if step.output == step.output_name and step.output not in read and (
                 has_output or _is_read_by_needs(ctx, sid)):
             span = ctx.source.span_of((*ctx.step_path(sid), "output"))
             ctx.out.add("unused-output",
