@@ -11,6 +11,7 @@ sub-pipeline's is from its callee's `output:`.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,8 @@ from flowc.diagnostics import Severity
 from flowc.expr import Literal, Path, Ref
 from flowc.model import BlockStep
 from flowc.scopes import SELF, local_type, self_type
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a pipeline's `name:`
 
 
 @dataclass
@@ -65,7 +68,9 @@ def collect(ctx: Context, info: StepInfo) -> None:
     assert isinstance(step, BlockStep)
     out = copy.copy(ctx.out)  # the same findings, placed through the block's paths
     out.source = _Within(ctx.source, ctx.step_path(step.id))  # type: ignore[assignment]
-    raw = {"name": "block", "steps": list(step.steps), "output": step.output}
+    name = ctx.raw.get("name")  # the pipeline's (its cached results are filed under it)
+    raw = {"name": name if isinstance(name, str) and re.match(NAME, name) else "block",
+           "steps": list(step.steps), "output": step.output}
     inner = Context(out.source, out, raw, ctx.config, ctx.catalog)  # type: ignore[arg-type]
     block = info.construct = Block(inner, errors=_errors(ctx))
     inner.outer = dict.fromkeys(_visible(ctx, info), T.ANY)  # typed once resolved
