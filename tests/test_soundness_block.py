@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from flowc import Project, compile_source
 from flowc.config import ProjectConfig
 from tests.test_soundness import CONFIG, MODES, _run, answer, pipelines, upstream
-from tests.test_soundness_dsl_b import DECLARED
+from tests.test_soundness_dsl_b import _broken_promises
 
 __all__ = ["upstream"]  # the loopback server fixture, shared with tests/test_soundness.py
 
@@ -98,17 +98,6 @@ def block_pipelines(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, str], di
     doc["output"] = {"base": doc["output"], "block": f"${{{BLOCK} ?? \"none\"}}",
                      "reader": f"${{{READER} ?? \"none\"}}"}
     return doc, modes, given_inputs
-
-
-def _broken_promises(result: Any) -> list[str]:
-    out = []
-    for sid, r in result.steps.items():
-        if r.status == "failed" and not DECLARED.search(r.error or ""):
-            out.append(f"{sid}: {r.error}")
-        for item in r.items or ():  # items failed under on_error: continue
-            if item["status"] == "failed" and not DECLARED.search(item.get("error") or ""):
-                out.append(f"{sid}[{item['index']}]: {item.get('error')}")
-    return out
 
 
 @settings(max_examples=120, deadline=None,
