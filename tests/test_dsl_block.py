@@ -408,3 +408,41 @@ def test_flowc_schema_covers_blocks():
                 {k: v for k, v in block.items() if k != "output"},
                 {**block, "steps": [{**block["steps"][0], "promt": "x"}]}):
         assert list(validator.iter_errors({"name": "p", "steps": [bad]})), bad
+
+
+def test_findings_in_a_block_point_at_their_file_line_and_column(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "s.md.j2").write_text("Summarize ${doc}\nand ${nope}\n")
+    write(tmp_path, callee="""\
+        name: callee
+        inputs: {q: {type: string}}
+        steps:
+          - {id: a, type: llm, model: m, prompt: "A ${input.q}"}
+        output: {said: "${a}"}
+        """)
+    path = write(tmp_path, main="""\
+        name: main
+        inputs:
+          docs: {type: array, items: {type: string}}
+        steps:
+          - id: blk
+            type: block
+            for_each: ${input.docs}
+            as: doc
+            steps:
+              - id: s
+                type: llm
+                model: m
+                prompt: {file: prompts/s.md.j2}
+              - id: c
+                type: pipeline
+                pipeline: ./callee.yaml
+                inputs: {q: "${s}", r: 1}
+            output: {said: "${c.sayd}"}
+        output: ${blk}
+        """)
+    found = [(Path(d.path).name, d.line, d.col, d.rule) for d in
+             compile_file(path, project()).diagnostics]
+    assert found == [("main.yaml", 17, 29, "pipeline-inputs"),
+                     ("main.yaml", 18, 21, "unknown-field-path"),
+                     ("s.md.j2", 2, 5, "undefined-reference")]
