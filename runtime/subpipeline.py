@@ -100,16 +100,10 @@ async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str,
     label = frame.LABEL.set(None)  # the callee's steps are labelled under the step's
     try:
         result = await child.execute()
-    finally:
+    finally:  # also when cut off (a timeout): what its steps did stays on the record
         frame.NAMES.reset(names)
         frame.LABEL.reset(label)
-    r.steps = child.results
-    for s in child.results.values():
-        r.calls.extend({**c, "step": s.id} for c in s.calls)
-        r.tokens += s.tokens
-        r.model_calls += s.model_calls
-        r.tool_calls += s.tool_calls
-        r.cost = None if r.cost is None or s.cost is None else r.cost + s.cost
+        _roll_up(r, child.results)
     if result.status != "succeeded":
         error = result.error or {}
         message = f"{what} failed: {error.get('message')}"
@@ -117,3 +111,14 @@ async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str,
             raise BudgetExceeded(message)
         raise StepFailed(message)
     return result.output
+
+
+def _roll_up(r: StepResult, steps: dict[str, StepResult]) -> None:
+    """The nested steps go on the step's record; their calls, tokens and costs into its."""
+    r.steps = steps
+    for s in steps.values():
+        r.calls.extend({**c, "step": s.id} for c in s.calls)
+        r.tokens += s.tokens
+        r.model_calls += s.model_calls
+        r.tool_calls += s.tool_calls
+        r.cost = None if r.cost is None or s.cost is None else r.cost + s.cost

@@ -446,3 +446,36 @@ def test_findings_in_a_block_point_at_their_file_line_and_column(tmp_path):
     assert found == [("main.yaml", 17, 29, "pipeline-inputs"),
                      ("main.yaml", 18, 21, "unknown-field-path"),
                      ("s.md.j2", 2, 5, "undefined-reference")]
+
+
+def test_a_block_past_its_timeout_is_cancelled_with_its_calls_on_the_books(fake, tmp_path):
+    compiled = compiled_at(write(tmp_path, slow="""\
+        name: slow
+        steps:
+          - id: pair
+            type: block
+            timeout: 1.5
+            on_error: continue
+            steps:
+              - {id: quick, type: llm, model: m, prompt: "quick"}
+              - {id: slow, type: llm, model: m, prompt: "slow after ${quick}"}
+            output: ${slow}
+          - {id: after, type: llm, model: m, prompt: "after ${pair ?? 'nothing'}"}
+        output: ${after}
+        """))
+
+    async def late(rec):
+        import asyncio
+
+        await asyncio.sleep(4)
+        return openai_text("too late")(rec)
+    Answers({"^slow": [late]}).serve(fake)
+    result, rows = execute(compiled, {}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == "echo: after nothing"
+    pair = result.steps["pair"]
+    assert (pair.status, pair.error) == ("failed", "timed out after 1.5 s")
+    assert [(s.id, s.status) for s in pair.steps.values()] == [("quick", "done"),
+                                                               ("slow", "cancelled")]
+    assert [(r[0], r[2]) for r in rows] == [("after", True), ("pair/quick", True),
+                                            ("pair/slow", False)]
