@@ -479,3 +479,18 @@ def test_a_block_past_its_timeout_is_cancelled_with_its_calls_on_the_books(fake,
                                                                ("slow", "cancelled")]
     assert [(r[0], r[2]) for r in rows] == [("after", True), ("pair/quick", True),
                                             ("pair/slow", False)]
+
+
+def test_a_block_whose_step_reads_the_block_is_a_cycle(tmp_path):
+    path = write(tmp_path, selfread="""\
+        name: selfread
+        steps:
+          - id: pair
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A ${pair.b ?? ''}"}
+            output: {b: "${a}"}
+        output: ${pair}
+        """)
+    assert diagnostics(path) == [("cycle", 'steps depend on each other in a cycle: "pair" '
+                                           '-> "pair"')]

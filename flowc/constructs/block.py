@@ -108,7 +108,7 @@ def _visible(ctx: Context, info: StepInfo) -> list[str]:
         names.append(step.as_)
     if step.repeat is not None:
         names.append(SELF)
-    return [n for n in names if n != step.output_name]
+    return names  # its own result too: a read of it is a cycle, reported as one
 
 
 def _outer_read(inner: Context, use: Use, block: str) -> Use | None:
