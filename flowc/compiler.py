@@ -131,15 +131,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
     check_structure(ctx)
     if isinstance(raw, dict):
         collect_uses(ctx)
-        resolve_uses(ctx)
-        check_constructs(ctx)
-        check_cycles(ctx)
-        check_conditions(ctx)
-        check_skips(ctx)
-        check_usage(ctx)
-        check_project(ctx)
-        check_caching(ctx)
-        check_approvals(ctx)
+        check_resolved(ctx)
     has_errors = any(d.severity is Severity.ERROR for d in out.results())
     compiled = None if has_errors else _build(ctx, path)
     if compiled is not None:  # a worst case needs the whole, valid pipeline
@@ -147,6 +139,19 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
         if any(d.severity is Severity.ERROR for d in out.results(ignore)):
             compiled = None  # a budget finding may be ignored: the run still enforces it
     return CompileResult(path, out.results(ignore), compiled)
+
+
+def check_resolved(ctx: Context) -> None:
+    """Every check after the references are collected (a block's steps get them too)."""
+    resolve_uses(ctx)
+    check_constructs(ctx)
+    check_cycles(ctx)
+    check_conditions(ctx)
+    check_skips(ctx)
+    check_usage(ctx)
+    check_project(ctx)
+    check_caching(ctx)
+    check_approvals(ctx)
 
 
 def compile_file(path: str | Path, project: Project | None = None,

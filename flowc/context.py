@@ -11,6 +11,7 @@ from flowc.diagnostics import Collector
 from flowc.expr import Node, Path, Ref
 from flowc.model import (
     ApprovalStep,
+    BlockStep,
     InputSpec,
     LLMStep,
     MCPToolStep,
@@ -22,7 +23,8 @@ from flowc.source import SourceFile, Span
 from flowc.template import Template
 from flowc.types import Type
 
-Step = LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
+Step = (LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
+        | BlockStep)
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,9 @@ class Context:
     order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
     file_bases: dict[tuple[Any, ...], int] = field(default_factory=dict)  # prompt files
+    # In a block (flowc/constructs/block.py): names its steps read from around it, typed.
+    outer: dict[str, Type] = field(default_factory=dict)
+    inner_names: dict[str, str] = field(default_factory=dict)  # a block's step -> the block
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
         """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``

@@ -29,7 +29,7 @@ from flowc.config import ProjectConfig, ToolCatalog
 from flowc.expr import Literal as Lit
 from flowc.expr import Path, Ref
 from flowc.known_models import cache_file, provider_id
-from flowc.model import ApprovalStep, InputSpec, LLMStep, MCPToolStep, PipelineStep
+from flowc.model import ApprovalStep, BlockStep, InputSpec, LLMStep, MCPToolStep, PipelineStep
 from flowc.template import LIMITS, Template, to_text
 
 if TYPE_CHECKING:
@@ -349,6 +349,7 @@ class _Bounds:
         self.producers = {compiled.node(s).step.output_name: s for s in compiled.order}
         self._outputs: dict[str, Size] = {}
         self._targets: dict[str, list[tuple[str, str]] | str] = {}
+        self.around: _Bounds | None = None  # a block's: the pipeline it is in
 
     def targets(self, model: str) -> list[tuple[str, str]] | str:
         if model not in self._targets:  # steps share a few models
@@ -374,6 +375,8 @@ class _Bounds:
             sizes = [self.input(n) for n in self.c.inputs]
             return _add(*sizes, 2 + sum(len(n) + 8 for n in self.c.inputs))
         sid = self.producers.get(path.root)
+        if sid is None and self.around is not None:  # a block reads around it
+            return self.around.path(path)
         if sid is None and path.root == "self":
             return Unbounded("a repeated step's prompt reads its previous answer",
                              "the run's max_cost_usd still stops it before a call that "
@@ -392,7 +395,7 @@ class _Bounds:
 
     def _schema_of(self, sid: str) -> Any:
         step = self.c.node(sid).step
-        if isinstance(step, PipelineStep) or step.for_each is not None:
+        if isinstance(step, PipelineStep | BlockStep) or step.for_each is not None:
             return None
         if isinstance(step, LLMStep):
             rf = step.response_format
@@ -417,7 +420,7 @@ class _Bounds:
 
     def _output(self, sid: str) -> Size:
         step = self.c.node(sid).step
-        if isinstance(step, PipelineStep) or step.for_each is not None:
+        if isinstance(step, PipelineStep | BlockStep) or step.for_each is not None:
             return Unbounded(f"the result of step '{sid}' has no size bound",
                              "read a bounded field of it, or bound the inputs it reads")
         if not isinstance(step, LLMStep | MCPToolStep):
@@ -669,26 +672,34 @@ def step_targets(bounds: _Bounds, step: LLMStep) -> list[tuple[str, str]] | str:
 def step_cost(bounds: _Bounds, sid: str) -> StepCost:
     node = bounds.c.node(sid)
     step = node.step
-    if not isinstance(step, LLMStep | PipelineStep):  # no model call, even per item
+    if not isinstance(step, LLMStep | PipelineStep | BlockStep):  # no model call, even per item
         return StepCost(sid, None, None, None, None, 0, Decimal(0), runs=node.runs)
     if step.for_each is not None:  # the list's length has no bound the compiler knows
-        return StepCost(sid, getattr(step, "model", None), None, None, None, 0, None,
+        return StepCost(sid, "block" if isinstance(step, BlockStep) else getattr(
+                        step, "model", None), None, None, None, 0, None,
                         kind="unbounded", runs=node.runs,
                         problem=f"for_each runs once per item of {step.for_each}, a list "
                                 "of no known length",
                         fix="the run's max_cost_usd still stops it before a call that "
                             "could go past it")
-    if isinstance(step, PipelineStep):  # the callee's own worst case
+    if isinstance(step, PipelineStep | BlockStep):  # the callee's own worst case
         assert node.callee is not None
-        inner = pipeline_cost(node.callee, bounds.config, bounds.catalog)
-        calls = sum(s.calls for s in inner.steps) * (step.retries + 1)
+        block = isinstance(step, BlockStep)
+        inner = pipeline_cost(node.callee, bounds.config, bounds.catalog,
+                              around=bounds if block else None)
+        times = (step.retries + 1) * (step.repeat.max if step.repeat and block else 1)
+        calls = sum(s.calls for s in inner.steps) * times
+        what = "block" if block else f"pipeline {node.callee.name}"
         if inner.worst_usd is None:
-            return StepCost(sid, f"pipeline {node.callee.name}", None, None, None, calls, None,
+            return StepCost(sid, what, None, None, None, calls, None,
                             kind=inner.kind, runs=node.runs,
-                            problem=f"pipeline '{node.callee.name}': {inner.problem}",
-                            fix=f"`flowc cost {step.pipeline}` shows what to bound")
-        return StepCost(sid, f"pipeline {node.callee.name}", None, None, None, calls,
-                        inner.worst_usd * (step.retries + 1), runs=node.runs)
+                            problem=(f"block '{sid}'" if block else
+                                     f"pipeline '{node.callee.name}'") + f": {inner.problem}",
+                            fix=next((s.fix for s in inner.steps if s.worst_usd is None),
+                                     None) if block else
+                            f"`flowc cost {step.pipeline}` shows what to bound")
+        return StepCost(sid, what, None, None, None, calls, inner.worst_usd * times,
+                        runs=node.runs)
     base = StepCost(sid, step.model, None, None, None, 0, None, runs=node.runs)
     targets = step_targets(bounds, step)
     if isinstance(targets, str):
@@ -786,11 +797,12 @@ def _branches(compiled: CompiledPipeline) -> list[tuple[list[str], list[str]]]:
 
 
 def pipeline_cost(compiled: CompiledPipeline, config: ProjectConfig | None = None,
-                  catalog: ToolCatalog | None = None, history: History | None = None
-                  ) -> RunCost:
+                  catalog: ToolCatalog | None = None, history: History | None = None,
+                  around: _Bounds | None = None) -> RunCost:
     """The worst case of one run, per step and in all; with ``history``, the ledger's
-    average next to it."""
+    average next to it. ``around``: a block's steps read the pipeline it is in."""
     bounds = _Bounds(compiled, config, catalog)
+    bounds.around = around
     seen = history(compiled.name) if history else {}
     steps = []
     for sid in compiled.order:

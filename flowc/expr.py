@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from flowc import types as T
@@ -444,6 +445,7 @@ def _closing_brace(text: str, i: int) -> int:
     return -1
 
 
+@lru_cache(maxsize=4096)  # a run reads each output template once per item of a map
 def single_reference(text: str) -> Ref | None:
     """The reference when ``text`` is exactly one ``${...}`` (its value keeps its type)."""
     s = text.strip()

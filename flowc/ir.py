@@ -17,6 +17,7 @@ from flowc.dag import Dag
 from flowc.expr import Node, Ref
 from flowc.model import (
     ApprovalStep,
+    BlockStep,
     InputSpec,
     LLMStep,
     MCPToolStep,
@@ -34,7 +35,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StepNode:
-    step: LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
+    step: (LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep | ApprovalStep
+           | BlockStep)
     condition: Node | None  # parsed `when:` (None: always runs)
     templates: dict[str, Template]  # parsed prompt/system
     reads: tuple[str, ...]  # output names the step reads (data and condition)
@@ -46,7 +48,7 @@ class StepNode:
     construct: Any = None  # a transform's parsed expression(s); a switch's cases
     items: Ref | None = None  # `for_each:` (the step runs once per item)
     until: Node | None = None  # `repeat: {until:}`
-    callee: CompiledPipeline | None = None  # a `type: pipeline` step's pipeline
+    callee: CompiledPipeline | None = None  # a `type: pipeline` step's pipeline, a block's steps
     case: str | None = None  # the switch case that gates the step ("case 'x' of switch 'y'")
     case_test: Node | None = None  # when that case is taken
 

@@ -10,7 +10,15 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
 
 from flowc.schemas import schema_key, schema_problem
 
@@ -404,11 +412,44 @@ class SwitchStep(_StepBase):
                 for label, body in bodies]
 
 
+def _raw_steps(value: Any) -> list[dict[str, Any]]:
+    """A block's steps stay as written: the compiler checks each one as it checks a
+    pipeline's, at its own place in the file (the JSON Schema still describes them)."""
+    if not isinstance(value, list) or not value:
+        raise ValueError("a block's `steps` is a list of one or more steps")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"step [{i}] of the block is a {type(item).__name__}, not a "
+                             "mapping with `id` and `type`")
+    return value
+
+
+class BlockStep(_StepBase):
+    """A block of steps written inline: an inline sub-pipeline whose inputs are the names
+    its steps read (inputs, the `for_each` item, steps before the block). Its result is its
+    `output:`; its steps are not visible outside it."""
+
+    type: Literal["block"]
+    steps: Annotated[list[dict[str, Any]], PlainValidator(
+        _raw_steps, json_schema_input_type=list[Step])] = Field(
+        description="The block's steps, as a pipeline's: they may read inputs, the item "
+                    "(`as:`), steps of the enclosing pipeline and earlier steps of the "
+                    "block, and run concurrently as their reads allow.")
+    output: str | dict[str, str] = Field(  # type: ignore[assignment]
+        description="The block's result: one reference, or a mapping of names to "
+                    "references (`{summary: ${summary}}`), typed from what they read. The "
+                    "result is bound to the block's id (`${per_doc.summary}`).")
+
+    @property
+    def output_name(self) -> str:
+        return self.id
+
+
 Step = Annotated[LLMStep | MCPToolStep | TransformStep | SwitchStep | PipelineStep
-                 | ApprovalStep, Field(discriminator="type")]
+                 | ApprovalStep | BlockStep, Field(discriminator="type")]
 STEP_TYPES: dict[str, type[_StepBase]] = {
     "llm": LLMStep, "mcp_tool": MCPToolStep, "transform": TransformStep, "switch": SwitchStep,
-    "pipeline": PipelineStep, "approval": ApprovalStep}
+    "pipeline": PipelineStep, "approval": ApprovalStep, "block": BlockStep}
 
 
 class Pipeline(_Strict):

@@ -38,6 +38,8 @@ _STYLE = {
                  "color": "#be185d"},
     "switch": {"shape": "diamond", "style": "filled", "fillcolor": "#ffedd5",
                "color": "#c2410c"},
+    "block": {"shape": "box3d", "style": "filled", "fillcolor": "#f1f5f9",
+              "color": "#334155"},
 }
 _INPUT = {"shape": "invhouse", "style": "filled", "fillcolor": "#f3f4f6", "color": "#4b5563"}
 _OUTPUT = {"shape": "house", "style": "filled", "fillcolor": "#fef3c7", "color": "#b45309"}
@@ -91,8 +93,8 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
         cached, ttl = cache_of(step)
         if cached:
             label += "\ncached" + (f" (ttl {step.cache.ttl})" if ttl else "")
-        if step.output and step.output != sid:
-            label += f"\n→ {step.output}"
+        if step.output_name != sid:
+            label += f"\n→ {step.output_name}"
         if step.for_each is not None:  # a map: drawn as a stack of its items
             label += (f"\nfor each {step.as_} in {_short(step.for_each)}"
                       f"\n(≤{step.max_concurrency or 10} at once)")
@@ -122,7 +124,7 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
             dot.edge(sid, sid, label=_short(f"repeat until {until} (max {step.repeat.max})")
                      if labels else None, style="dashed", color="#6d28d9")
         if node.callee is not None:
-            _callee(dot, sid, node.callee)
+            _callee(dot, sid, node.callee, step.type == "block")
         if sid in input_edges:
             style = _CONDITION if _input_names(node.refs, "condition") else {}
             dot.edge(INPUT_NODE, sid, label=f"input.{', input.'.join(inputs)}"
@@ -163,7 +165,7 @@ def to_dot(compiled: CompiledPipeline, legend: bool = True,
 
 
 def construct_detail(node: StepNode) -> str:
-    """What a transform or switch step computes, in a line or two."""
+    """What a transform, switch or block step computes, in a line or two."""
     step = node.step
     if isinstance(step, TransformStep):
         if step.template is not None:
@@ -172,17 +174,21 @@ def construct_detail(node: StepNode) -> str:
         return f"{_short(body)}\n→ {node.output_type}"
     if isinstance(step, SwitchStep):
         return f"on {_short(step.value)}\n→ {node.output_type}"
+    if step.type == "block":
+        return f"→ {_short(str(node.output_type))}"
     return ""
-def _callee(dot: graphviz.Digraph, sid: str, callee: CompiledPipeline) -> None:
-    """A sub-pipeline's steps, in a box beside the step that calls it."""
+def _callee(dot: graphviz.Digraph, sid: str, callee: CompiledPipeline,
+            block: bool = False) -> None:
+    """A sub-pipeline's (or a block's) steps, in a box beside the step that runs them."""
     with dot.subgraph(name=f"cluster_{sid}") as sub:
-        sub.attr(label=f"{sid}: pipeline {callee.name}", style="dashed", color="#6d28d9",
-                 fontsize="10")
+        sub.attr(label=f"{sid}: " + ("block" if block else f"pipeline {callee.name}"),
+                 style="dashed", color="#334155" if block else "#6d28d9", fontsize="10")
         for inner in callee.order:
             step = callee.node(inner).step
             sub.node(f"{sid}/{inner}", f"{inner}\n[{step.type}]", **_STYLE[step.type])
             if callee.node(inner).callee is not None:
-                _callee(dot, f"{sid}/{inner}", callee.node(inner).callee)  # type: ignore[arg-type]
+                _callee(dot, f"{sid}/{inner}", callee.node(inner).callee,  # type: ignore[arg-type]
+                        step.type == "block")
         for producer, consumer in callee.graph.edges():
             sub.edge(f"{sid}/{producer}", f"{sid}/{consumer}")
     roots = [s for s in callee.order if callee.graph.in_degree(s) == 0]

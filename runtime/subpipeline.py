@@ -7,12 +7,14 @@ string input that is not a string is passed as its JSON text, as a prompt would 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from flowc.expr import MISSING
 from runtime import frame
-from runtime.executor import BudgetExceeded, StepFailed, _Run
+from runtime.executor import BudgetExceeded, RunResult, StepFailed, _Run
 from runtime.inputs import InputError, check_inputs
 
 if TYPE_CHECKING:
@@ -34,6 +36,12 @@ class _Nested(_Run):
         self.budget = parent.budget
         self.ctx = lambda sid: replace(base, step_id=f"{prefix}/{frame.label(sid)}",
                                        retries=compiled.node(sid).step.retries == 0)
+
+    def result(self, status: str, output: Any, error: dict[str, Any] | None) -> RunResult:
+        """Without the inputs' hash: the caller's run has it, and hashing the inputs again
+        for each item of a map made a map's cost grow with the square of its length."""
+        return RunResult(self.run_id, self.c.name, status, output, self.results,
+                         (time.perf_counter() - self.t0) * 1000, "", self.ex.dry_run, error)
 
     @property  # type: ignore[override]
     def spent(self) -> Decimal:
@@ -71,24 +79,46 @@ async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
         values = check_inputs(callee.pipeline.inputs, args)
     except InputError as exc:
         raise StepFailed(f"pipeline '{callee.name}': {exc}") from None
-    child = _Nested(run, callee, values, frame.label(step.id), run.ctx(step.id))
-    names, label = frame.NAMES.set(None), frame.LABEL.set(None)  # the callee's own scope
+    return await run_nested(run, node, r, values, f"pipeline '{callee.name}'")
+
+
+async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str, Any],
+                     what: str, seen: dict[str, Any] | None = None) -> Any:
+    """Run the step's callee (``node.callee``) as a nested run and return its output. A
+    sub-pipeline sees only its ``inputs``; a block (``seen``: the values it reads from
+    around it, by name) also keeps the item and `self` it runs with."""
+    step, callee = node.step, node.callee
+    assert callee is not None
+    base = run.ctx(step.id)  # its step_id is the whole path: `outer[0]/inner`
+    child = _Nested(run, callee, inputs, base.step_id, base)
+    for name, value in (seen or {}).items():
+        if value is MISSING:
+            child.missing_why[name] = run.missing_why.get(name, f"'{name}' has no value")
+        else:
+            child.values[name] = value
+    names = frame.NAMES.set(frame.NAMES.get() if seen is not None else None)
+    label = frame.LABEL.set(None)  # the callee's steps are labelled under the step's
     try:
         result = await child.execute()
-    finally:
+    finally:  # also when cut off (a timeout): what its steps did stays on the record
         frame.NAMES.reset(names)
         frame.LABEL.reset(label)
-    r.steps = child.results
-    for s in child.results.values():
+        _roll_up(r, child.results)
+    if result.status != "succeeded":
+        error = result.error or {}
+        message = f"{what} failed: {error.get('message')}"
+        if error.get("type") == "BudgetExceeded":
+            raise BudgetExceeded(message)
+        raise StepFailed(message)
+    return result.output
+
+
+def _roll_up(r: StepResult, steps: dict[str, StepResult]) -> None:
+    """The nested steps go on the step's record; their calls, tokens and costs into its."""
+    r.steps = steps
+    for s in steps.values():
         r.calls.extend({**c, "step": s.id} for c in s.calls)
         r.tokens += s.tokens
         r.model_calls += s.model_calls
         r.tool_calls += s.tool_calls
         r.cost = None if r.cost is None or s.cost is None else r.cost + s.cost
-    if result.status != "succeeded":
-        error = result.error or {}
-        message = f"pipeline '{callee.name}' failed: {error.get('message')}"
-        if error.get("type") == "BudgetExceeded":
-            raise BudgetExceeded(message)
-        raise StepFailed(message)
-    return result.output

@@ -223,8 +223,8 @@ def check_usage(ctx: Context) -> None:
         step = info.step
         if info.runs == "never":
             continue
-        if step.output and step.output not in read and (has_output or _is_read_by_needs(
-                ctx, sid)):
+        if step.output == step.output_name and step.output not in read and (
+                has_output or _is_read_by_needs(ctx, sid)):
             span = ctx.source.span_of((*ctx.step_path(sid), "output"))
             ctx.out.add("unused-output",
                         f"output '{step.output}' of step '{sid}' is never used",

@@ -260,6 +260,8 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
         return _walk(ctx, ctx.input_type(name), path, 1, span)
     if path.root in ctx.unchecked_outputs and path.root not in ctx.producers:
         return T.ANY
+    if path.root not in ctx.producers and path.root in ctx.outer:  # read around a block
+        return _walk(ctx, ctx.outer[path.root], path, 0, span)
     if path.root not in ctx.producers:
         by_id = ctx.steps.get(path.root)
         if by_id is not None and by_id.step.output_name != path.root:
@@ -268,7 +270,12 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
                     help=f"step '{path.root}' binds its result to "
                          f"'{by_id.step.output_name}': write ${{{by_id.step.output_name}}}")
             return None
-        hint = did_you_mean(path.root, [*ctx.producers, "input"])
+        inner = constructs.block.inner_hint(ctx, path.root)
+        if inner is not None:
+            out.add("undefined-reference", f"undefined reference '{path.root}'{inner[0]}",
+                    span.start, span.end, help=inner[1])
+            return None
+        hint = did_you_mean(path.root, [*ctx.producers, *ctx.outer, "input"])
         out.add("undefined-reference", f"undefined reference '{path.root}': no step produces it"
                 + suggest(hint), span.start, span.end)
         return None

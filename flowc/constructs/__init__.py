@@ -9,11 +9,11 @@ from typing import Any
 
 from flowc import foreach, repeat, subpipeline
 from flowc import types as T
-from flowc.constructs import switch, transform
+from flowc.constructs import block, switch, transform
 from flowc.context import Context, StepInfo
 from flowc.model import LLMStep, MCPToolStep, PipelineStep
 
-_TYPED_FROM_READS = {"transform": transform, "switch": switch}
+_TYPED_FROM_READS = {"transform": transform, "switch": switch, "block": block}
 
 
 def derives_type(step: object) -> bool:

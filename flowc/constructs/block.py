@@ -1,0 +1,186 @@
+"""`type: block`: steps written inline, checked and typed here, run by runtime/block.py.
+
+A block is an inline sub-pipeline (flowc/subpipeline.py): its steps are checked by the same
+checks as a pipeline's, in a context of their own whose findings land at their place in this
+file. Its inputs are the names its steps read from around it: the pipeline's inputs, the
+`for_each` item, `self` of its `repeat:`, and steps before it (those become its
+dependencies). Its steps are not visible outside it; its result is its `output:`, typed as a
+sub-pipeline's is from its callee's `output:`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from flowc import types as T
+from flowc.context import Context, StepInfo, Use
+from flowc.diagnostics import Severity
+from flowc.expr import Literal, Path, Ref
+from flowc.model import BlockStep
+from flowc.scopes import SELF, local_type, self_type
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a pipeline's `name:`
+
+
+@dataclass
+class Block:
+    """What the compiler keeps of a block while checking it (``StepInfo.construct``); the
+    runtime gets ``reads`` (``StepNode.construct``) and the compiled steps
+    (``StepNode.callee``)."""
+
+    inner: Context
+    reads: tuple[str, ...] = ()  # names read from around the block, in first-read order
+    errors: int = 0  # errors in the file before its steps were checked
+
+
+class _Within:
+    """The enclosing file seen from a block: the paths of its steps' fields are relative to
+    the block (`("steps", 0, "prompt")`), as in a pipeline file of their own."""
+
+    def __init__(self, source: Any, prefix: tuple[Any, ...]) -> None:
+        self._source, self._prefix = source, prefix
+
+    def span_of(self, path: tuple[Any, ...], *, key: bool = False) -> Any:
+        return self._source.span_of((*self._prefix, *path), key=key)
+
+    def span_in_value(self, path: tuple[Any, ...], value: str, offset: int, length: int
+                      ) -> Any:
+        return self._source.span_in_value((*self._prefix, *path), value, offset, length)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._source, name)
+
+
+def _errors(ctx: Context) -> int:
+    return sum(1 for d in ctx.out.results() if d.severity is Severity.ERROR)
+
+
+def collect(ctx: Context, info: StepInfo) -> None:
+    """Check the block's steps as a pipeline's and record, as the block's own reads, what
+    they read from around it."""
+    from flowc.checks.references import collect_uses
+    from flowc.checks.structure import check_structure
+
+    step = info.step
+    assert isinstance(step, BlockStep)
+    out = copy.copy(ctx.out)  # the same findings, placed through the block's paths
+    out.source = _Within(ctx.source, ctx.step_path(step.id))  # type: ignore[assignment]
+    name = ctx.raw.get("name")  # the pipeline's (its cached results are filed under it)
+    raw = {"name": name if isinstance(name, str) and re.match(NAME, name) else "block",
+           "steps": list(step.steps), "output": step.output}
+    inner = Context(out.source, out, raw, ctx.config, ctx.catalog)  # type: ignore[arg-type]
+    block = info.construct = Block(inner, errors=_errors(ctx))
+    inner.outer = dict.fromkeys(_visible(ctx, info), T.ANY)  # typed once resolved
+    check_structure(inner)
+    inner.inputs, inner.input_types = ctx.inputs, ctx.input_types
+    raw["inputs"] = ctx.raw.get("inputs")  # the compiled block declares them (`flowc cost`)
+    for sid, inner_info in inner.steps.items():
+        ctx.inner_names.setdefault(inner_info.step.output_name, step.id)
+        if inner_info.step.type == "approval":
+            span = inner.source.span_of((*inner.step_path(sid), "type"))
+            ctx.out.add("block-approval", f"approval step '{sid}' cannot be inside block "
+                        f"'{step.id}': a run waits for approvals at its top level",
+                        span.start, span.end, help="put the approval step before or after "
+                                                   "the block")
+        if step.for_each is not None and inner_info.step.output_name == step.as_:
+            span = inner.source.span_of((*inner.step_path(sid), "id"))
+            ctx.out.add("invalid-value", f"step '{sid}' would hide the block's item "
+                        f"'{step.as_}'", span.start, span.end,
+                        help="give the step another id, or the item another name (`as:`)")
+    collect_uses(inner)
+    reads: dict[str, None] = {}
+    for use in [u for i in inner.steps.values() for u in i.uses] + inner.output_uses:
+        outer = _outer_read(inner, use, step.id)
+        if outer is not None:
+            info.uses.append(outer)
+            reads.update(dict.fromkeys(a.root for a in outer.ref.alts if isinstance(a, Path)))
+    block.reads = tuple(reads)
+
+
+def _visible(ctx: Context, info: StepInfo) -> list[str]:
+    """Names the block's steps may read from around it (besides `input`)."""
+    step = info.step
+    names = [*ctx.outer, *ctx.producers, *ctx.unchecked_outputs]
+    if step.for_each is not None:
+        names.append(step.as_)
+    if step.repeat is not None:
+        names.append(SELF)
+    return names  # its own result too: a read of it is a cycle, reported as one
+
+
+def _outer_read(inner: Context, use: Use, block: str) -> Use | None:
+    """The part of an inner reference that reads around the block, as the block's own read:
+    typed, made a dependency and checked for missing values there. A reference that also
+    falls back to an inner value is guarded (its inner part decides)."""
+    outer: list[Path | Literal] = []
+    inside = False
+    for alt in use.ref.alts:
+        if isinstance(alt, Literal) or _is_outer(inner, use, alt.root):
+            outer.append(alt)
+        else:
+            inside = True
+    if not any(isinstance(a, Path) for a in outer):
+        return None
+    kind = "guarded" if inside or use.kind == "guarded" else "data"
+    return Use(block, Ref(tuple(outer)), use.span, kind, use.jinja)  # type: ignore[arg-type]
+
+
+def _is_outer(inner: Context, use: Use, root: str) -> bool:
+    return (root != "input" and root not in inner.producers
+            and root not in inner.unchecked_outputs and root in inner.outer
+            and local_type(inner, use, root) is None)
+
+
+def output_type(ctx: Context, info: StepInfo) -> T.Type:
+    """Once the block's own reads are typed: its steps are resolved and checked with those
+    types, and its result typed from its `output:`."""
+    from flowc.checks.references import _resolve
+    from flowc.compiler import _build, check_resolved
+    from flowc.foreach import result_type
+    from flowc.subpipeline import output_type_of
+
+    block = info.construct
+    if not isinstance(block, Block):  # typed already
+        return ctx.output_types.get(info.step.output_name, T.ANY)
+    inner, step = block.inner, info.step
+    for name in inner.outer:
+        if step.for_each is not None and name == step.as_:
+            inner.outer[name] = info.locals.get(name, T.ANY)
+        elif step.repeat is not None and name == SELF:
+            inner.outer[name] = self_type(info, False)
+        else:
+            inner.outer[name] = ctx.outer.get(name) or ctx.output_types.get(name, T.ANY)
+    check_resolved(inner)
+    body = output_type_of(inner)
+    info.locals["__output__"] = body  # `${self.output}` in `repeat: {until:}`
+    for use in info.uses:
+        if use.kind == "until":  # typed again, now that the block's result is known
+            _resolve(ctx, use)
+    if _errors(ctx) == block.errors and inner.acyclic:
+        info.callee = _build(inner, ctx.source.path)
+        info.construct = block.reads  # what the runtime needs (`StepNode.construct`)
+    return result_type(ctx, info, body) if step.for_each is not None else body
+
+
+def missing_reason(ctx: Context, info: StepInfo) -> str | None:
+    return None  # a block that ran has its `output:` (or failed)
+
+
+def inner_hint(ctx: Context, name: str) -> tuple[str, str] | None:
+    """For a read of a block's inner step from outside it: the message's tail and help."""
+    block = ctx.inner_names.get(name)
+    if block is None:
+        return None
+    info = ctx.steps[block]
+    out = info.step.output  # type: ignore[union-attr]
+    field = isinstance(out, dict) and any(v.strip() == f"${{{name}}}" for v in out.values())
+    key = next((k for k, v in out.items() if v.strip() == f"${{{name}}}"), name) \
+        if isinstance(out, dict) else name
+    at = f"{block}[0].{key}" if info.step.for_each is not None else f"{block}.{key}"
+    return (f": '{name}' is a step inside block '{block}', not visible outside it",
+            f"read it through the block's result: ${{{at}}}" if field else
+            f"add it to block '{block}'s `output:` ({key}: ${{{name}}}) and read "
+            f"${{{at}}}")

@@ -1,0 +1,496 @@
+"""`type: block`: steps written inline under one step, checked in place and typed from the
+block's `output:`; run as a nested run against a loopback OpenAI server, per item under
+`for_each`, again under `repeat:`; its calls on the books as `block[i]/step`, its steps in
+the step's record, its costs rolled up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from flowc import compile_file
+from flowc.cost import pipeline_cost
+from flowc.render import to_dot
+from runtime.resume import plan
+from tests.dsl_b import Answers, compiled_at, diagnostics, execute, project, write
+from tests.fakes import FakeServer, http_error, openai_text
+
+DIGEST = """\
+name: digest
+inputs:
+  docs:
+    type: array
+    items:
+      type: object
+      properties: {title: {type: string}, text: {type: string}}
+      required: [title, text]
+steps:
+  - id: tone
+    type: llm
+    model: m
+    prompt: Pick a tone for ${input.docs[0].title ?? "nothing"}
+  - id: per_doc
+    type: block
+    for_each: ${input.docs}
+    as: doc
+    max_concurrency: 2
+    steps:
+      - id: summary
+        type: llm
+        model: m
+        prompt: "Summarize in a ${tone} tone: ${doc.text}"
+      - id: keywords
+        type: llm
+        model: m
+        prompt: "Keywords of ${doc.text}"
+      - id: critique
+        type: llm
+        model: m
+        prompt: "Critique this summary of ${doc.title}: ${summary}"
+    output:
+      summary: ${summary}
+      critique: ${critique}
+      keywords: ${keywords}
+  - id: report
+    type: transform
+    template: "{% for d in per_doc if d %}[{{ d.summary }} / {{ d.critique }}]{% endfor %}"
+output:
+  report: ${report}
+  first: ${per_doc[0].critique ?? ""}
+"""
+
+
+@pytest.fixture(scope="module")
+def fake():
+    server = FakeServer("openai").start()
+    yield server
+    server.stop()
+
+
+def said(prefix: str):
+    """An answer that repeats the prompt's last word after ``prefix``."""
+    return lambda rec: openai_text(
+        f"{prefix}:{rec.body['messages'][-1]['content'].split()[-1]}")(rec)
+
+
+def digest_answers(delay: float = 0.0) -> Answers:
+    return Answers({"Pick a tone": [openai_text("dry")], "Summarize": [said("S")],
+                    "Keywords": [said("K")], "Critique": [said("C")]}, delay=delay)
+
+
+DOCS = [{"title": "alpha", "text": "one"}, {"title": "beta", "text": "two"},
+        {"title": "gamma", "text": "three"}]
+
+
+def test_a_block_maps_over_a_list_with_its_steps_nested_and_on_the_books(fake, tmp_path):
+    compiled = compiled_at(write(tmp_path, digest=DIGEST))
+    # The block reads `tone` from around it: the pipeline's step is its dependency.
+    assert list(compiled.graph.predecessors("per_doc")) == ["tone"]
+    answers = digest_answers(delay=0.2)
+    answers.serve(fake)
+    result, rows = execute(compiled, {"docs": DOCS}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == {"report": "[S:one / C:S:one][S:two / C:S:two][S:three / C:S:three]",
+                             "first": "C:S:one"}
+    assert "Summarize in a dry tone: one" in answers.prompts
+    # Each inner step's calls are on the books as block[item]/step, under the run.
+    assert [r[0] for r in rows] == sorted(
+        [f"per_doc[{i}]/{s}" for i in range(3) for s in ("critique", "keywords", "summary")]
+        + ["tone"])
+    assert {(r[1], r[2], r[3]) for r in rows} == {("digest", True, result.run_id)}
+    # Inner steps that do not read each other run at once, and items run two at a time.
+    assert answers.peak == 4
+    # The record nests each item's inner steps; calls, tokens and costs roll up.
+    step = result.steps["per_doc"]
+    record = step.to_dict()
+    assert [[s["id"] for s in item["steps"]] for item in record["items"]] == \
+        [["summary", "keywords", "critique"]] * 3
+    assert record["items"][1]["steps"][2]["output"] == "C:S:two"
+    assert step.model_calls == 9 and step.tokens == 9 * 29
+    assert {(c["item"], c["step"]) for c in record["calls"]} == {
+        (i, s) for i in range(3) for s in ("summary", "keywords", "critique")}
+    assert result.total_cost == step.cost + result.steps["tone"].cost
+    assert step.cost == sum(result.steps["tone"].cost for _ in range(9))
+
+
+def test_a_failing_item_is_missing_under_on_error_continue_and_retried_first(fake, tmp_path):
+    text = DIGEST.replace("    max_concurrency: 2\n",
+                          "    max_concurrency: 1\n    on_error: continue\n    retries: 1\n")
+    compiled = compiled_at(write(tmp_path, digest=text))
+
+    def critique(rec):
+        last = rec.body["messages"][-1]["content"]
+        if "beta" in last:
+            return http_error(400, "Invalid 'messages[0].content': too spicy")(rec)
+        return said("C")(rec)
+    Answers({"Pick a tone": [openai_text("dry")], "Summarize": [said("S")],
+             "Keywords": [said("K")], "Critique": [critique]}).serve(fake)
+    result, rows = execute(compiled, {"docs": DOCS}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output["report"] == "[S:one / C:S:one][S:three / C:S:three]"
+    items = result.steps["per_doc"].to_dict()["items"]
+    assert [i["status"] for i in items] == ["done", "failed", "done"]
+    assert items[1]["attempts"] == 2  # the block's `retries: 1` ran it again whole
+    assert "block 'per_doc' failed" in items[1]["error"]
+    assert "too spicy" in items[1]["error"]
+    failed = [r[0] for r in rows if not r[2]]
+    assert failed == ["per_doc[1]/critique", "per_doc[1]/critique"]
+    assert sum(1 for r in rows if r[0] == "per_doc[1]/summary") == 2
+
+
+REPAIR = """\
+name: repair
+inputs:
+  topic: {type: string}
+steps:
+  - id: fix
+    type: block
+    repeat: {until: "${self.output.verdict} == 'ok'", max: 3}
+    steps:
+      - id: draft
+        type: llm
+        model: m
+        prompt: "Draft on ${input.topic}; last time: ${self.previous ?? 'none'}"
+      - id: review
+        type: llm
+        model: m
+        prompt: "Review ${draft}"
+        response_format:
+          schema:
+            type: object
+            properties: {verdict: {type: string, enum: [ok, redo]}}
+            required: [verdict]
+    output:
+      draft: ${draft}
+      verdict: ${review.verdict}
+output: ${fix.draft}
+"""
+
+
+def test_repeat_runs_the_block_again_with_its_previous_output(fake, tmp_path):
+    compiled = compiled_at(write(tmp_path, repair=REPAIR))
+    verdicts = iter(["redo", "ok"])
+    answers = Answers({"Draft": [openai_text("d1"), openai_text("d2")],
+                       "Review": [lambda rec: openai_text(json.dumps(
+                           {"verdict": next(verdicts)}))(rec)]})
+    answers.serve(fake)
+    result, rows = execute(compiled, {"topic": "tea"}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == "d2"
+    assert answers.prompts[0] == "Draft on tea; last time: none"
+    assert answers.prompts[2] == ('Draft on tea; last time: {"draft": "d1", '
+                                  '"verdict": "redo"}')
+    assert [r[0] for r in rows] == ["fix/draft", "fix/draft", "fix/review", "fix/review"]
+    assert result.steps["fix"].attempts == 2 and result.steps["fix"].model_calls == 4
+
+
+def test_repeat_on_a_block_reads_its_output_typed(tmp_path):
+    path = write(tmp_path, repair=REPAIR.replace("${self.output.verdict}",
+                                                 "${self.output.verdit}"))
+    assert diagnostics(path) == [
+        ("unknown-field-path", "'self.output' has no field 'verdit'; did you mean 'verdict'?")]
+
+
+def test_a_skipped_block_makes_no_calls_and_its_readers_need_a_fallback(fake, tmp_path):
+    text = """\
+        name: gated
+        inputs:
+          go: {type: boolean}
+        steps:
+          - id: pair
+            type: block
+            when: ${input.go}
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A"}
+              - {id: b, type: llm, model: m, prompt: "B after ${a}"}
+            output: ${b}
+          - {id: after, type: llm, model: m, prompt: "After ${pair}"}
+        output: ${after}
+        """
+    path = write(tmp_path, gated=text)
+    assert diagnostics(path) == [(
+        "maybe-skipped", "'pair' may be missing when step 'after' reads it: step 'pair' may "
+                         "be skipped (it has a `when:` condition)")]
+    compiled = compiled_at(write(tmp_path, gated=text.replace("${pair}", "${pair ?? 'x'}")))
+    Answers({}).serve(fake)
+    result, rows = execute(compiled, {"go": False}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.steps["pair"].status == "skipped"
+    assert [r[0] for r in rows] == ["after"]
+    assert result.output == "echo: After x"
+
+
+def test_switch_transform_and_a_nested_block_inside_a_block(fake, tmp_path):
+    path = write(tmp_path, nested="""\
+        name: nested
+        inputs:
+          items: {type: array, items: {type: string}}
+        steps:
+          - id: outer
+            type: block
+            for_each: ${input.items}
+            as: it
+            steps:
+              - id: kind
+                type: transform
+                expr: "len(${it}) > 3"
+              - id: route
+                type: switch
+                value: ${kind}
+                cases:
+                  true: long
+                default: short
+              - {id: long, type: llm, model: m, prompt: "Long ${it}"}
+              - {id: short, type: transform, expr: "upper(${it})"}
+              - id: inner
+                type: block
+                steps:
+                  - {id: echo, type: llm, model: m, prompt: "Echo ${it} via ${route}"}
+                output: {said: "${echo}"}
+            output:
+              route: ${route}
+              said: ${inner.said}
+        output: ${outer}
+        """)
+    compiled = compiled_at(path)
+    item = compiled.node("outer").output_type.items
+    assert [(name, str(item.field(name))) for name in item.field_names] == [
+        ("route", "string"), ("said", "string")]
+    Answers({"Long": [openai_text("LONG")]}).serve(fake)
+    result, rows = execute(compiled, {"items": ["ab", "abcdef"]}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == [{"route": "AB", "said": "echo: Echo ab via AB"},
+                             {"route": "LONG", "said": "echo: Echo abcdef via LONG"}]
+    assert [r[0] for r in rows] == ["outer[0]/inner/echo", "outer[1]/inner/echo",
+                                    "outer[1]/long"]
+
+
+def test_names_inside_a_block_are_its_own(tmp_path):
+    path = write(tmp_path, scoped="""\
+        name: scoped
+        inputs:
+          docs: {type: array, items: {type: string}}
+        steps:
+          - id: per_doc
+            type: block
+            for_each: ${input.docs}
+            as: doc
+            steps:
+              - {id: summary, type: llm, model: m, prompt: "S ${doc}"}
+              - {id: doc, type: llm, model: m, prompt: "D"}
+              - {id: summary, type: llm, model: m, prompt: "again"}
+            output: {summary: "${summary}"}
+          - {id: use, type: llm, model: m, prompt: "${summary} ${per_doc[0].summary}"}
+          - {id: use2, type: llm, model: m, prompt: "${doc}"}
+        output: {use: "${use}", use2: "${use2}"}
+        """)
+    found = compile_file(path, project()).diagnostics
+    got = [(d.line, d.rule, d.message, d.help) for d in found]
+    assert got == [
+        (11, "invalid-value", "step 'doc' would hide the block's item 'doc'",
+         "give the step another id, or the item another name (`as:`)"),
+        (12, "duplicate-id", "duplicate step id 'summary' (first defined on line 10)", None),
+        (14, "undefined-reference", "undefined reference 'summary': 'summary' is a step "
+         "inside block 'per_doc', not visible outside it",
+         "read it through the block's result: ${per_doc[0].summary}"),
+        (14, "maybe-skipped", "'per_doc[0].summary' may be missing when step 'use' reads it: "
+         "item [0] of 'per_doc' may be missing: the for_each list may be shorter, or that "
+         "item was skipped or failed",
+         "add a fallback: ${per_doc[0].summary ?? <default>}, or set `on_missing: skip` on "
+         "step 'use'"),
+        (15, "undefined-reference", "undefined reference 'doc': 'doc' is a step inside block "
+         "'per_doc', not visible outside it",
+         "add it to block 'per_doc's `output:` (doc: ${doc}) and read ${per_doc[0].doc}"),
+    ]
+
+
+def test_an_inner_step_not_in_the_output_gets_a_hint_to_add_it(tmp_path):
+    path = write(tmp_path, hint="""\
+        name: hint
+        steps:
+          - id: pair
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A"}
+              - {id: b, type: llm, model: m, prompt: "B ${a}"}
+            output: {b: "${b}"}
+          - {id: use, type: llm, model: m, prompt: "${a}"}
+        output: ${use}
+        """)
+    [d] = [d for d in compile_file(path, project()).diagnostics
+           if d.rule == "undefined-reference"]
+    assert (d.line, d.col, d.rule) == (9, 45, "undefined-reference")
+    assert d.help == "add it to block 'pair's `output:` (a: ${a}) and read ${pair.a}"
+
+
+def test_resume_reuses_what_succeeded_and_runs_a_failed_block_again(fake, tmp_path):
+    compiled = compiled_at(write(tmp_path, digest=DIGEST))
+    Answers({"Pick a tone": [openai_text("dry")], "Summarize": [said("S")],
+             "Keywords": [said("K")],
+             "Critique": [http_error(400, "Invalid 'messages[0].content'")]}).serve(fake)
+    first, _ = execute(compiled, {"docs": DOCS[:1]}, fake, tmp_path)
+    assert first.status == "failed" and first.error["step"] == "per_doc"
+    record = json.loads(json.dumps(first.to_dict(), default=str))
+    resume = plan(compiled, first.run_id, record)
+    assert list(resume.outputs) == ["tone"]  # the block did not succeed: it runs again
+    answers = digest_answers()
+    answers.serve(fake)
+
+    from tests import dsl_b
+    original = dsl_b.Executor
+
+    class Resuming(original):  # the same executor, asked to resume
+        async def run(self, c, inputs, **kw):
+            return await super().run(c, inputs, resume=resume, **kw)
+    dsl_b.Executor = Resuming
+    try:
+        second, rows = execute(compiled, {"docs": DOCS[:1]}, fake, tmp_path)
+    finally:
+        dsl_b.Executor = original
+    assert second.status == "succeeded", second.error
+    assert second.steps["tone"].marks["resumed_from"] == first.run_id
+    assert sorted(p.split()[0] for p in answers.prompts) == ["Critique", "Keywords",
+                                                            "Summarize"]
+    assert [r[0] for r in rows if r[3] == second.run_id] == [
+        "per_doc[0]/critique", "per_doc[0]/keywords", "per_doc[0]/summary"]
+
+
+def test_graph_draws_the_block_boxed_and_cost_adds_its_worst_case(tmp_path):
+    path = write(tmp_path, costed="""\
+        name: costed
+        inputs:
+          text: {type: string, max_length: 400}
+        steps:
+          - {id: first, type: llm, model: m, max_tokens: 50, prompt: "Title ${input.text}"}
+          - id: pair
+            type: block
+            retries: 1
+            steps:
+              - {id: a, type: llm, model: m, max_tokens: 100, prompt: "A ${first} ${input.text}"}
+              - {id: b, type: llm, model: m, max_tokens: 100, prompt: "B ${a}"}
+            output: {b: "${b}"}
+        output: ${pair.b}
+        """)
+    compiled = compiled_at(path)
+    dot = to_dot(compiled).source
+    assert 'subgraph cluster_pair {' in dot and 'label="pair: block"' in dot
+    assert '"pair/a" -> "pair/b"' in dot and "first -> pair" in dot
+    cost = pipeline_cost(compiled, project().config)
+    first, pair = cost.steps
+    assert (pair.model, pair.calls) == ("block", 4)
+    inner = pipeline_cost(compiled.node("pair").callee, project().config).steps
+    assert inner[0].worst_usd is None  # alone, `a` reads a `first` it cannot size...
+    # ...inside the pipeline it reads the first step's bounded answer; each attempt of the
+    # block (`retries: 1`) may make both calls.
+    assert pair.worst_usd is not None and pair.worst_usd > 2 * first.worst_usd
+    assert cost.worst_usd == first.worst_usd + pair.worst_usd
+
+
+def test_flowc_schema_covers_blocks():
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-m", "flowc.cli", "schema"], capture_output=True,
+                       text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(root)})
+    validator = jsonschema.Draft202012Validator(json.loads(r.stdout))
+    block = {"id": "b", "type": "block", "for_each": "${input.docs}", "as": "d",
+             "repeat": {"until": "${self.output.ok}", "max": 2},
+             "steps": [{"id": "s", "type": "llm", "model": "m", "prompt": "${d}"},
+                       {"id": "in", "type": "block", "output": "${s}",
+                        "steps": [{"id": "t", "type": "transform", "expr": "1"}]}],
+             "output": {"ok": "${s}"}}
+    assert not list(validator.iter_errors({"name": "p", "steps": [block]}))
+    for bad in ({**block, "stepz": []}, {**block, "steps": [{"id": "s", "type": "lm"}]},
+                {k: v for k, v in block.items() if k != "output"},
+                {**block, "steps": [{**block["steps"][0], "promt": "x"}]}):
+        assert list(validator.iter_errors({"name": "p", "steps": [bad]})), bad
+
+
+def test_findings_in_a_block_point_at_their_file_line_and_column(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "s.md.j2").write_text("Summarize ${doc}\nand ${nope}\n")
+    write(tmp_path, callee="""\
+        name: callee
+        inputs: {q: {type: string}}
+        steps:
+          - {id: a, type: llm, model: m, prompt: "A ${input.q}"}
+        output: {said: "${a}"}
+        """)
+    path = write(tmp_path, main="""\
+        name: main
+        inputs:
+          docs: {type: array, items: {type: string}}
+        steps:
+          - id: blk
+            type: block
+            for_each: ${input.docs}
+            as: doc
+            steps:
+              - id: s
+                type: llm
+                model: m
+                prompt: {file: prompts/s.md.j2}
+              - id: c
+                type: pipeline
+                pipeline: ./callee.yaml
+                inputs: {q: "${s}", r: 1}
+            output: {said: "${c.sayd}"}
+        output: ${blk}
+        """)
+    found = [(Path(d.path).name, d.line, d.col, d.rule) for d in
+             compile_file(path, project()).diagnostics]
+    assert found == [("main.yaml", 17, 29, "pipeline-inputs"),
+                     ("main.yaml", 18, 21, "unknown-field-path"),
+                     ("s.md.j2", 2, 5, "undefined-reference")]
+
+
+def test_a_block_past_its_timeout_is_cancelled_with_its_calls_on_the_books(fake, tmp_path):
+    compiled = compiled_at(write(tmp_path, slow="""\
+        name: slow
+        steps:
+          - id: pair
+            type: block
+            timeout: 1.5
+            on_error: continue
+            steps:
+              - {id: quick, type: llm, model: m, prompt: "quick"}
+              - {id: slow, type: llm, model: m, prompt: "slow after ${quick}"}
+            output: ${slow}
+          - {id: after, type: llm, model: m, prompt: "after ${pair ?? 'nothing'}"}
+        output: ${after}
+        """))
+
+    async def late(rec):
+        import asyncio
+
+        await asyncio.sleep(4)
+        return openai_text("too late")(rec)
+    Answers({"^slow": [late]}).serve(fake)
+    result, rows = execute(compiled, {}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == "echo: after nothing"
+    pair = result.steps["pair"]
+    assert (pair.status, pair.error) == ("failed", "timed out after 1.5 s")
+    assert [(s.id, s.status) for s in pair.steps.values()] == [("quick", "done"),
+                                                               ("slow", "cancelled")]
+    assert [(r[0], r[2]) for r in rows] == [("after", True), ("pair/quick", True),
+                                            ("pair/slow", False)]
+
+
+def test_a_block_whose_step_reads_the_block_is_a_cycle(tmp_path):
+    path = write(tmp_path, selfread="""\
+        name: selfread
+        steps:
+          - id: pair
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A ${pair.b ?? ''}"}
+            output: {b: "${a}"}
+        output: ${pair}
+        """)
+    assert diagnostics(path) == [("cycle", 'steps depend on each other in a cycle: "pair" '
+                                           '-> "pair"')]
