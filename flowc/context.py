@@ -82,6 +82,7 @@ class Context:
     order: list[str] = field(default_factory=list)  # steps in dependency order, when acyclic
     schema_errors: dict[tuple[tuple[str, str], str], Any] = field(default_factory=dict)
     file_bases: dict[tuple[Any, ...], int] = field(default_factory=dict)  # prompt files
+    pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
         """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``
