@@ -483,7 +483,7 @@ def explain(model: str, tags: str, tools: bool, vision: bool, prompt_chars: int,
 
 # -- runs ------------------------------------------------------------------------------------
 _ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "cancelled": "⊘",
-         "waiting": "⏸"}
+         "waiting": "⏸", "pending": "·"}
 
 
 def _live(step: Any) -> None:

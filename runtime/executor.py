@@ -101,7 +101,9 @@ class BudgetExceeded(Exception):
 @dataclass
 class StepResult:
     id: str
-    status: str = "waiting"  # waiting | running | done | skipped | failed | cancelled
+    # pending (not started) | running | done | skipped | failed | cancelled | waiting (an
+    # approval paused for a decision: `waiting_for` says what for)
+    status: str = "pending"
     output: Any = None
     error: str | None = None
     skip_reason: str | None = None
@@ -325,7 +327,7 @@ class _Run:
 
     def _cancel_unfinished(self) -> None:
         for r in self.results.values():
-            if r.status in ("waiting", "running"):
+            if r.status in ("pending", "waiting", "running"):
                 r.status = "cancelled"
                 self._emit(r)
 
