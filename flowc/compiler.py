@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +30,21 @@ from flowc.subpipeline import output_type_of
 from flowc.template import parse_template
 from flowc.validate import field_names, report_validation_error
 
+# A `type: pipeline` step's callee by name: its YAML text and the label its findings name
+# (a file path, or `<registered x>`), or None. The server fills it with what it serves.
+PipelineSource = Callable[[str], "tuple[str, str] | None"]
+
 
 @dataclass
 class Project:
-    """The project a pipeline belongs to: its config (if any) and known tool schemas."""
+    """The project a pipeline belongs to: its config (if any), known tool schemas, and the
+    pipelines a `type: pipeline` step may name (``pipelines``: besides files beside it)."""
 
     config: ProjectConfig | None = None
     catalog: ToolCatalog | None = None
     config_path: str | None = None
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    pipelines: PipelineSource | None = None
 
     @classmethod
     def load(cls, config_path: Path | None) -> Project:
@@ -128,6 +134,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
         out.add("duplicate-key", f"duplicate key '{key}' in mapping", offset,
                 offset + len(key))
     ctx = Context(source, out, raw, project.config, project.catalog)
+    ctx.pipelines = project.pipelines
     check_structure(ctx)
     if isinstance(raw, dict):
         collect_uses(ctx)

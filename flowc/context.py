@@ -87,6 +87,7 @@ class Context:
     # In a block (flowc/constructs/block.py): names its steps read from around it, typed.
     outer: dict[str, Type] = field(default_factory=dict)
     inner_names: dict[str, str] = field(default_factory=dict)  # a block's step -> the block
+    pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
         """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``

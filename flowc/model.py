@@ -56,6 +56,10 @@ class InputSpec(_Strict):
         default=None, description="An object input's fields, each a JSON Schema.")
     enum: list[Any] | None = Field(
         default=None, min_length=1, description="The only values the input may have.")
+    min_items: int | None = Field(
+        default=None, ge=0, description="The fewest items an array input may have (JSON "
+                                         "Schema's `minItems`): `${input.x[0]}` then needs "
+                                         "no fallback when it is 1 or more.")
 
     @property
     def is_required(self) -> bool:
@@ -74,6 +78,8 @@ class InputSpec(_Strict):
             schema["required"] = self.required
         if self.enum is not None:
             schema["enum"] = self.enum
+        if self.min_items is not None:
+            schema["minItems"] = self.min_items
         return schema
 
     @model_validator(mode="after")
@@ -82,6 +88,8 @@ class InputSpec(_Strict):
             raise ValueError(f"`items` is only allowed with type array, not {self.type}")
         if self.properties is not None and self.type != "object":
             raise ValueError(f"`properties` is only allowed with type object, not {self.type}")
+        if self.min_items is not None and self.type != "array":
+            raise ValueError(f"`min_items` is only allowed with type array, not {self.type}")
         if isinstance(self.required, list):
             if self.type != "object":
                 raise ValueError("a list of `required` fields is only allowed with type "

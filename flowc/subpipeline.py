@@ -1,10 +1,12 @@
 """`type: pipeline` steps (sub-pipelines): the callee is found, compiled and typed here;
 runtime/subpipeline.py runs it.
 
-`pipeline:` is a file relative to the caller (`./summarize.yaml`) or the `name:` of a
-pipeline file in the caller's folder. The step's `inputs:` are checked against the callee's
-declared inputs (unknown, missing, wrong type), and its result is typed from the callee's
-`output:`. Files that call each other in a cycle are an error naming the cycle.
+`pipeline:` is a file relative to the caller (`./summarize.yaml`) or a name: one the
+caller's project gives (`Project.pipelines`: the server's, registered ones included) or the
+`name:` of a pipeline file in the caller's folder. The step's `inputs:` are checked
+against the callee's declared inputs (unknown, missing, wrong type), and its result is
+typed from the callee's `output:`. Pipelines that call each other in a cycle are an error
+naming the cycle.
 """
 
 from __future__ import annotations
@@ -33,29 +35,36 @@ def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
     base = ctx.step_path(step.id)
     info.params = scan_params(ctx, info, (*base, "inputs"), step.inputs)
     span = ctx.source.span_of((*base, "pipeline"))
-    target = find(Path(ctx.source.path), step.pipeline)
-    if target is None:
-        path_like = "/" in step.pipeline or step.pipeline.endswith((".yaml", ".yml"))
+    path_like = "/" in step.pipeline or step.pipeline.endswith((".yaml", ".yml"))
+    # A name is first what the caller's project serves under it (the server's pipelines,
+    # registered ones too), then a file beside the caller with that `name:`.
+    given = None if path_like or ctx.pipelines is None else ctx.pipelines(step.pipeline)
+    target = None if given is not None else find(Path(ctx.source.path), step.pipeline)
+    if target is None and given is None:
         ctx.out.add("pipeline-not-found", f"pipeline '{step.pipeline}' not found: "
-                    + ("no such file" if path_like else "no such file, and no pipeline file "
-                       f"beside this one has `name: {step.pipeline}`"),
+                    + ("no such file" if path_like else "no such file, "
+                       + ("" if ctx.pipelines is None else "none is served by that name, ")
+                       + f"and no pipeline file beside this one has `name: {step.pipeline}`"),
                     span.start, span.end,
                     help="give a path relative to this file (./summarize.yaml) or a "
                          "pipeline's name")
         return
-    here = str(Path(ctx.source.path).resolve())
+    here = _key(ctx.source.path, ctx.raw.get("name"))
+    key = str(target) if target is not None else _key(given[1], step.pipeline)  # type: ignore[index]
     stack = _STACK.get() or (here,)
-    if str(target) in stack:
-        chain = [*stack[stack.index(str(target)):], str(target)]
+    if key in stack:
+        chain = [*stack[stack.index(key):], key]
         ctx.out.add("pipeline-cycle", "pipelines call each other in a cycle: "
-                    + " -> ".join(Path(p).name for p in chain), span.start, span.end,
+                    + " -> ".join(_shown(p) for p in chain), span.start, span.end,
                     help="a pipeline cannot call itself, directly or through others")
         return
-    from flowc.compiler import Project, compile_file
+    from flowc.compiler import Project, compile_file, compile_source
 
-    token = _STACK.set((*stack, str(target)))
+    token = _STACK.set((*stack, key))
+    project = Project(config=ctx.config, catalog=ctx.catalog, pipelines=ctx.pipelines)
     try:
-        result = compile_file(target, Project(config=ctx.config, catalog=ctx.catalog))
+        result = compile_file(target, project) if target is not None else \
+            compile_source(given[0], given[1], project)  # type: ignore[index]
     finally:
         _STACK.reset(token)
     errors = result.errors
@@ -70,6 +79,17 @@ def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
                     f"{first.line}:{first.col}: {first.message}", span.start, span.end,
                     help=f"run `flowc check {step.pipeline}`")
     info.callee = result.compiled
+
+
+def _key(label: str, name: Any) -> str:
+    """What identifies a pipeline on the call stack: its file, or `<name>` for one with no
+    file (registered over the API)."""
+    path = Path(label)
+    return str(path.resolve()) if path.is_file() else f"<{name}>"
+
+
+def _shown(key: str) -> str:
+    return key[1:-1] if key.startswith("<") else Path(key).name
 
 
 def find(caller: Path, ref: str) -> Path | None:

@@ -19,6 +19,7 @@ class Type:
     items: Type | None = None
     values: tuple[Any, ...] | None = field(default=None, compare=False)
     optional: frozenset[str] = field(default=frozenset(), compare=False)  # not `required`
+    min_items: int = field(default=0, compare=False)  # an array's schema's `minItems`
 
     def field(self, name: str) -> Type | None:
         for key, t in self.fields or ():
@@ -76,7 +77,12 @@ def from_json_schema(schema: Any, _depth: int = 0) -> Type:
                                    if str(k) not in required or nullable(v)))
         return OBJECT
     if kind == "array":
-        return Type("array", items=from_json_schema(schema.get("items"), _depth + 1))
+        least = schema.get("minItems")
+        return Type("array", items=from_json_schema(schema.get("items"), _depth + 1),
+                    optional=frozenset({ITEM_MAY_BE_MISSING}) if nullable(schema.get("items"))
+                    else frozenset(),
+                    min_items=least if isinstance(least, int) and not isinstance(least, bool)
+                    else 0)
     if kind in KINDS:
         enum = schema.get("enum")
         values = tuple(enum) if isinstance(enum, list) and enum and all(
@@ -167,14 +173,28 @@ def join(types: list[Type]) -> Type:
 
 def optional_field(t: Type, segments: tuple[str | int, ...]) -> str | None:
     """The first field along ``segments`` that the schema does not require, if any."""
-    for seg in segments:
+    found = missing_part(t, segments)
+    return None if found is None else found[0]
+
+
+def missing_part(t: Type, segments: tuple[str | int, ...], known: dict[int, int] | None = None
+                 ) -> tuple[str, str, int] | None:
+    """The first part along ``segments`` that may be absent, why, and its position: why is
+    ``field`` (not `required`, or nullable), ``item`` (an item that may be null: a map's
+    skipped or failed item) or ``short`` (an index into an array that its schema lets be
+    shorter: no `minItems` that covers it). ``known``: the least length of the list at a
+    position that something else proves (a `when:` on its length)."""
+    for at, seg in enumerate(segments):
         if isinstance(seg, int):
             if ITEM_MAY_BE_MISSING in t.optional:
-                return f"[{seg}]"
+                return f"[{seg}]", "item", at
+            least = max(t.min_items, (known or {}).get(at, 0))
+            if t.kind == "array" and (seg + 1 if seg >= 0 else -seg) > least:
+                return f"[{seg}]", "short", at
             t = t.items or ANY
             continue
         if seg in t.optional:
-            return seg
+            return seg, "field", at
         t = t.field(seg) or ANY
     return None
 

@@ -483,7 +483,7 @@ def explain(model: str, tags: str, tools: bool, vision: bool, prompt_chars: int,
 
 # -- runs ------------------------------------------------------------------------------------
 _ICON = {"running": "▶", "done": "✓", "skipped": "↷", "failed": "✗", "cancelled": "⊘",
-         "waiting": "⏸"}
+         "waiting": "⏸", "pending": "·"}
 
 
 def _live(step: Any) -> None:
@@ -1394,6 +1394,76 @@ def _cost_history(config_path: Path | None, cfg: ProjectConfig | None) -> Any:
 
 
 set_cost_history(_cost_history)
+
+
+@cli.group("cache")
+def cache_group() -> None:
+    """The step cache (`cache:` on a step): its entries live in the ledger."""
+
+
+@cache_group.command("clear")
+@click.option("--pipeline", help="Only this pipeline's entries.")
+@click.option("--step", help="Only this step's entries (its id, as the ledger's step_id).")
+@click.option("--older-than", metavar="DURATION",
+              help="Only entries stored longer ago than this: 30s, 10m, 1h, 7d.")
+@_config_option
+@_store_option
+def cache_clear(pipeline: str | None, step: str | None, older_than: str | None,
+                config: Path | None, store: str | None) -> None:
+    """Delete step cache entries (all of them without options); identical calls later are
+    misses and store their results again. Through the project's server when one runs (it
+    holds the ledger)."""
+    from runtime.api.cache import DURATION
+
+    if older_than is not None and not DURATION.fullmatch(older_than):
+        raise click.BadParameter(f"{older_than!r} is not a duration like 30s, 10m, 1h or 7d",
+                                 param_hint="--older-than")
+    cfg, project_dir = load_project(config)
+    url = _store_url(store, cfg)
+    info = None if url else _running_server(project_dir)
+    params = {k: v for k, v in (("pipeline", pipeline), ("step", step),
+                                ("older_than", older_than)) if v is not None}
+    if info is not None:
+        server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
+        deleted = server.call("DELETE", "/v1/cache", params=params)["deleted"]
+    else:
+        deleted = _clear_here(cfg, project_dir, url, pipeline, step, older_than)
+    click.echo(f"deleted {deleted} cache entr{'y' if deleted == 1 else 'ies'}")
+
+
+def _clear_here(cfg: ProjectConfig, project_dir: Path, url: str | None, pipeline: str | None,
+                step: str | None, older_than: str | None) -> int:
+    from flowc.caching import duration_seconds
+    from runtime import step_cache
+
+    ledger: Any
+    if url:
+        from runtime.pg.db import connect
+
+        ledger = _PgStatements(connect(url))
+    else:
+        from runtime.ledger.store import Ledger
+
+        ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    try:
+        return step_cache.clear(ledger, pipeline=pipeline, step=step, older_than=None
+                                if older_than is None else duration_seconds(older_than))
+    finally:
+        ledger.close()
+
+
+class _PgStatements:
+    """flowc's own `?`-placeholder statements on a Postgres connection."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Any = ()) -> list[Any]:
+        cur = self.conn.execute(sql.replace("?", "%s"), list(params))
+        return cur.fetchall() if cur.description else []
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def main() -> None:

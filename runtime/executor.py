@@ -101,7 +101,9 @@ class BudgetExceeded(Exception):
 @dataclass
 class StepResult:
     id: str
-    status: str = "waiting"  # waiting | running | done | skipped | failed | cancelled
+    # pending (not started) | running | done | skipped | failed | cancelled | waiting (an
+    # approval paused for a decision: `waiting_for` says what for)
+    status: str = "pending"
     output: Any = None
     error: str | None = None
     skip_reason: str | None = None
@@ -262,6 +264,7 @@ class _Run:
         self.budget = min(caps) if caps else None
         self.spent = Decimal(0)  # the ledger-priced cost of the run's calls so far
         self.reserved = Decimal(0)  # the worst case of the calls under way
+        self.over_budget = False  # a call was refused or went past this run's own cap
         self.ctx = lambda sid: CallContext(  # a step's own `retries:` replace the gateway's
             compiled.name, run_id, frame.label(sid), ex.dry_run,
             retries=compiled.node(sid).step.retries == 0, who=who,
@@ -324,7 +327,7 @@ class _Run:
 
     def _cancel_unfinished(self) -> None:
         for r in self.results.values():
-            if r.status in ("waiting", "running"):
+            if r.status in ("pending", "waiting", "running"):
                 r.status = "cancelled"
                 self._emit(r)
 
@@ -734,38 +737,55 @@ class _Run:
         return value
 
     # -- the budget (`max_cost_usd`) -------------------------------------------------------
+    def capped(self) -> list[_Run]:
+        """The runs whose `max_cost_usd` covers this run's calls (a sub-pipeline's run is
+        covered by its own and its callers')."""
+        return [self] if self.budget is not None else []
+
     def _reserve(self, step: LLMStep, req: dict[str, Any]) -> Decimal:
         """Before a model call: its worst case (the prompt as sent, the most tokens it may
         answer, at the costliest model it may be routed to), held against the budget while
         it runs so that concurrent steps cannot overspend together. Dry runs cost $0."""
-        if self.budget is None or self.ex.dry_run:
+        caps = self.capped()
+        if not caps or self.ex.dry_run:
             return Decimal(0)
         worst, what = self._call_worst(step, req)
+        for run in caps:
+            run._hold(step, worst, what)
+        self.reserved += worst
+        return worst
+
+    def _hold(self, step: LLMStep, worst: Decimal | None, what: str) -> None:
+        """Whether this run's cap has room for a call that may cost up to ``worst``."""
+        assert self.budget is not None
         if worst is None:
-            raise BudgetExceeded(f"max_cost_usd {usd(self.budget)} cannot be enforced: "
-                                 f"{what}")
+            raise self._over(f"max_cost_usd {usd(self.budget)} cannot be enforced: {what}")
         if self.spent + self.reserved + worst > self.budget:
-            raise BudgetExceeded(
+            raise self._over(
                 f"the run would go past max_cost_usd {usd(self.budget)}: it has spent "
                 f"{usd(self.spent)}" + (f" ({usd(self.reserved)} more under way)"
                                          if self.reserved else "")
                 + f", and the next call of step '{step.id}' may cost up to {usd(worst)} ({what})")
-        self.reserved += worst
-        return worst
+
+    def _over(self, message: str) -> BudgetExceeded:
+        self.over_budget = True  # this run's own cap, not a caller's (runtime/subpipeline.py)
+        return BudgetExceeded(message)
 
     def _spend(self, step: LLMStep, cost: Decimal | None) -> None:
         """After a model call: its ledger-priced cost counts against the budget."""
-        if self.budget is None or self.ex.dry_run:
+        caps = self.capped()
+        if not caps or self.ex.dry_run:
             return
         if cost is None:
-            raise BudgetExceeded(f"max_cost_usd {usd(self.budget)} cannot be enforced: "
-                                 f"the call of step '{step.id}' has no price (price its model "
-                                 "under `prices:` in flowc.yaml)")
+            raise caps[0]._over(
+                f"max_cost_usd {usd(caps[0].budget)} cannot be enforced: the call of step "
+                f"'{step.id}' has no price (price its model under `prices:` in flowc.yaml)")
         self.spent += cost
-        if self.spent > self.budget:
-            raise BudgetExceeded(f"the run spent {usd(self.spent)}, more than max_cost_usd "
-                                 f"{usd(self.budget)} (the call of step '{step.id}' cost "
-                                 f"{usd(cost)})")
+        for run in caps:
+            if run.spent > run.budget:  # type: ignore[operator]
+                raise run._over(f"the run spent {usd(run.spent)}, more than max_cost_usd "
+                                f"{usd(run.budget)} (the call of step '{step.id}' cost "
+                                f"{usd(cost)})")
 
     def _targets(self, req: dict[str, Any], step: LLMStep | None = None) -> list[Any]:
         plan = getattr(self.ex.models, "plan", None)
@@ -807,7 +827,7 @@ class _Run:
         return worst or (Decimal(0), "no priced target")
 
     def _prompt_cost(self, req: dict[str, Any]) -> Decimal:
-        if self.budget is None or self.ex.dry_run:
+        if not self.capped() or self.ex.dry_run:
             return Decimal(0)
         from runtime.ledger.pricing import price
         from runtime.providers.base import estimate_usage

@@ -35,7 +35,7 @@ async def run_foreach(run: _Run, node: StepNode, r: StepResult) -> list[Any]:
                          f"{type(items).__name__}")
     n = len(items)
     out: list[Any] = [None] * n
-    records: list[dict[str, Any]] = [{"index": i, "status": "waiting"} for i in range(n)]
+    records: list[dict[str, Any]] = [{"index": i, "status": "pending"} for i in range(n)]
     r.items = records
     base, outer, name = frame.label(step.id), frame.NAMES.get() or {}, step.as_
     limit = run.ex.global_limit

@@ -57,9 +57,10 @@ def check_inputs(specs: dict[str, InputSpec] | None, given: dict[str, Any]) -> d
 
 
 def _schema_problems(name: str, spec: InputSpec, value: Any) -> list[str]:
-    """Where a value breaks its input's `items`, `properties` or `enum` (the compiler typed
-    every read of its elements and fields by them)."""
-    if spec.items is None and spec.properties is None and spec.enum is None:
+    """Where a value breaks its input's `items`, `properties`, `enum` or `min_items` (the
+    compiler typed every read of its elements and fields by them)."""
+    if spec.items is None and spec.properties is None and spec.enum is None \
+            and spec.min_items is None:
         return []
     validator = schema_validator(schema_key(spec.json_schema()))
     if validator is None:  # the compiler refused such a schema

@@ -29,8 +29,10 @@ STATUS_STYLE: dict[str, dict[str, str]] = {
                 "style": "filled,dashed"},
     "cancelled": {"fillcolor": "#ffedd5", "color": "#c2410c", "fontcolor": "#7c2d12",
                   "style": "filled"},
-    "waiting": {"fillcolor": "#ffffff", "color": "#9ca3af", "fontcolor": "#6b7280",
-                "style": "filled,dotted"},
+    "pending": {"fillcolor": "#ffffff", "color": "#9ca3af", "fontcolor": "#6b7280",
+                "style": "filled,dotted"},  # not started ("waiting" in older records)
+    "waiting": {"fillcolor": "#fef3c7", "color": "#b45309", "fontcolor": "#78350f",
+                "style": "filled,bold"},  # an approval paused for a decision
     "running": {"fillcolor": "#dbeafe", "color": "#1d4ed8", "fontcolor": "#1e3a8a",
                 "style": "filled,bold"},
 }
@@ -68,12 +70,14 @@ def fmt_cost(cost: Any) -> str:
 def mark(step: Mapping[str, Any]) -> Mark:
     """A step's status, cost and latency on its node; why it was skipped or failed on
     hover. The node's SVG group gets `id="step-<id>"` and `class="step status-<status>"`."""
-    status = str(step.get("status") or "waiting")
+    status = str(step.get("status") or "pending")
+    if status == "waiting" and not step.get("waiting_for"):  # a record from before `pending`
+        status = "pending"
     note = status
     if status in ("done", "failed"):
         note += f" · {fmt_cost(step.get('cost'))} · {float(step.get('latency_ms') or 0):.0f} ms"
     why = step.get("skip_reason") if status == "skipped" else step.get("error")
-    attrs = {**STATUS_STYLE.get(status, STATUS_STYLE["waiting"]),
+    attrs = {**STATUS_STYLE.get(status, STATUS_STYLE["pending"]),
              "id": f"step-{step['id']}", "class": f"step status-{status}"}
     return Mark(note, attrs, f"{step['id']}: {status}" + (f": {why}" if why else ""))
 
@@ -91,7 +95,7 @@ def _legend(dot: graphviz.Digraph, seen: list[str]) -> None:
         lg.attr(label="step status", fontsize="10", style="dashed", color="#9ca3af")
         for status in seen:
             lg.node(f"__status_{status}", status, shape="box",
-                    **STATUS_STYLE.get(status, STATUS_STYLE["waiting"]))
+                    **STATUS_STYLE.get(status, STATUS_STYLE["pending"]))
 
 
 def run_dot(record: Mapping[str, Any], compiled: CompiledPipeline | None,

@@ -24,7 +24,7 @@ from flowc.config import TOOL_CACHE, ProjectConfig, ToolCatalog
 from runtime.access.alerts import Alerter
 from runtime.access.gate import Gate, admin_key
 from runtime.access.store import LedgerAccessStore
-from runtime.api import costs, gateway, keys, mcp, workflows
+from runtime.api import cache, costs, gateway, keys, mcp, workflows
 from runtime.api.gateway import MODEL_APIS
 from runtime.dryrun import DryRunModels, DryRunTools
 from runtime.executor import Executor
@@ -234,7 +234,7 @@ def create_app(config: ProjectConfig, project_dir: Path, *, pipelines: Path | No
 
     # One router per concern (runtime/api/); each endpoint's permission is its
     # `runtime/api/auth.py` dependency.
-    for api in (gateway, costs, workflows, mcp, keys):
+    for api in (gateway, costs, workflows, mcp, keys, cache):
         app.include_router(api.router)
     app.add_route("/mcp", mcp_endpoint)  # streamable HTTP: POST, GET and DELETE
     app.state.runtime = state

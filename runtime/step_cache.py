@@ -114,3 +114,25 @@ def entry_now(output: Any, cost: Decimal | None, tokens: int, model: str | None 
 
 def elapsed_ms(t0: float) -> float:
     return (time.perf_counter() - t0) * 1000
+
+
+def clear(ledger: Any, *, pipeline: str | None = None, step: str | None = None,
+          older_than: int | None = None) -> int:
+    """Delete cache entries (`flowc cache clear`, `DELETE /v1/cache`): those of a pipeline,
+    of a step (its id, as in `step_id`), stored more than ``older_than`` seconds ago, or all
+    of them; how many. A later identical call is a miss and stores its result again."""
+    where, params = ["TRUE"], []
+    if pipeline is not None:
+        where.append("workflow_name = ?")
+        params.append(pipeline)
+    if step is not None:
+        where.append("step_id = ?")
+        params.append(step)
+    if older_than is not None:
+        where.append("created_at < ?")
+        params.append(_now() - timedelta(seconds=older_than))
+    condition = " AND ".join(where)
+    count = ledger.execute(f"SELECT count(*) FROM step_cache WHERE {condition}", params)[0][0]
+    if count:
+        ledger.execute(f"DELETE FROM step_cache WHERE {condition}", params)
+    return int(count)

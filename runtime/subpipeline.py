@@ -1,7 +1,8 @@
 """Running a `type: pipeline` step (flowc/subpipeline.py): the callee runs as a nested run
-inside this one: same run id, the caller's budget, and its calls' ledger `step_id` is
-`caller/callee_step` (`map[2]/summarize` inside a map). Its steps go on the step's record
-(`steps`), and their costs, tokens and calls roll up into the step's. A value passed to a
+inside this one: same run id, held to its own `max_cost_usd` and the caller's, and its
+calls' ledger `step_id` is `caller/callee_step` (`map[2]/summarize` inside a map). Its steps
+go on the step's record (`steps`), and their costs, tokens and calls roll up into the
+step's. A value passed to a
 string input that is not a string is passed as its JSON text, as a prompt would read it."""
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
 
 
 class _Nested(_Run):
-    """A callee's run. It spends from its caller's budget: ``spent`` and ``reserved`` are
-    the caller's, so concurrent steps on either side cannot overspend together."""
+    """A callee's run. Its calls are held against its own `max_cost_usd` (as a run of it
+    alone would be) and its callers': ``spent`` and ``reserved`` are its own, and every
+    change to them is its caller's too, so concurrent steps on either side cannot overspend
+    together."""
 
     _parent: _Run | None = None
 
@@ -33,7 +36,6 @@ class _Nested(_Run):
                  prefix: str, base: CallContext) -> None:
         super().__init__(parent.ex, compiled, inputs, parent.run_id, None)
         self._parent = parent
-        self.budget = parent.budget
         self.ctx = lambda sid: replace(base, step_id=f"{prefix}/{frame.label(sid)}",
                                        retries=compiled.node(sid).step.retries == 0)
 
@@ -43,27 +45,28 @@ class _Nested(_Run):
         return RunResult(self.run_id, self.c.name, status, output, self.results,
                          (time.perf_counter() - self.t0) * 1000, "", self.ex.dry_run, error)
 
+    def capped(self) -> list[_Run]:
+        return [*super().capped(), *(self._parent.capped() if self._parent else ())]
+
     @property  # type: ignore[override]
     def spent(self) -> Decimal:
-        return self._parent.spent if self._parent else self.__dict__["_spent"]
+        return self.__dict__.get("_spent", Decimal(0))
 
     @spent.setter
     def spent(self, value: Decimal) -> None:
         if self._parent:
-            self._parent.spent = value
-        else:
-            self.__dict__["_spent"] = value
+            self._parent.spent += value - self.spent
+        self.__dict__["_spent"] = value
 
     @property  # type: ignore[override]
     def reserved(self) -> Decimal:
-        return self._parent.reserved if self._parent else self.__dict__["_reserved"]
+        return self.__dict__.get("_reserved", Decimal(0))
 
     @reserved.setter
     def reserved(self, value: Decimal) -> None:
         if self._parent:
-            self._parent.reserved = value
-        else:
-            self.__dict__["_reserved"] = value
+            self._parent.reserved += value - self.reserved
+        self.__dict__["_reserved"] = value
 
 
 async def run_pipeline(run: _Run, node: StepNode, r: StepResult) -> Any:
@@ -107,7 +110,8 @@ async def run_nested(run: _Run, node: StepNode, r: StepResult, inputs: dict[str,
     if result.status != "succeeded":
         error = result.error or {}
         message = f"{what} failed: {error.get('message')}"
-        if error.get("type") == "BudgetExceeded":
+        # A caller's cap stops the caller's run; the callee's own fails this step only.
+        if error.get("type") == "BudgetExceeded" and not child.over_budget:
             raise BudgetExceeded(message)
         raise StepFailed(message)
     return result.output

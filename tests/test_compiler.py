@@ -56,7 +56,7 @@ def test_structured_output_fields_are_typed():
                 type: object
                 properties:
                   label: {type: string}
-                  scores: {type: array, items: {type: number}}
+                  scores: {type: array, items: {type: number}, minItems: 1}
                 required: [label, scores]
           - id: use
             type: llm

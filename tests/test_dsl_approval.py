@@ -72,7 +72,7 @@ def test_the_run_waits_then_an_approval_continues_it(openai_fake, tmp_path):
     assert review["status"] == "waiting"
     assert review["waiting_for"]["message"] == "Publish 'Dark mode' to #announcements?"
     assert review["waiting_for"]["value"] == DRAFT
-    assert steps_of(record)["publish"]["status"] == "waiting"  # not started
+    assert steps_of(record)["publish"]["status"] == "pending"  # not started
     assert len(openai_fake.requests) == 1 and [r[0] for r in rows] == ["draft"]
 
     edited = {"title": "Dark mode is here", "body": "Try it."}

@@ -61,7 +61,8 @@ def test_elements_and_fields_are_typed_from_the_input_on():
 
 
 def test_a_field_the_input_does_not_require_needs_a_fallback():
-    bad = PIPELINE.replace("${input.docs[0].words ?? 0}", "${input.docs[0].words}")
+    bad = PIPELINE.replace("${input.docs[0].words ?? 0}", "${input.docs[0].words}").replace(
+        "    type: array\n", "    type: array\n    min_items: 1\n")  # docs[0] is there
     result = compile_source(bad, "digest.yaml",
                             Project(config=ProjectConfig.model_validate(CONFIG)))
     assert [d.rule for d in result.errors] == ["maybe-skipped"]

@@ -216,3 +216,79 @@ def test_an_editor_hover_on_a_sub_pipelines_result_names_the_callee(tmp_path):
     shown, _, _ = hover(sym, text.index("s.topic") + 2)
     assert "s.topic: string" in shown
     assert "The result of step `s` (pipeline, pipeline `./summarize.yaml`), line 3." in shown
+
+
+CAPPED = """\
+# flowc: ignore-file[over-budget]
+name: summarize
+max_cost_usd: %s
+inputs:
+  text: {type: string, max_length: 100}
+steps:
+  - id: summary
+    type: llm
+    model: m
+    max_tokens: 50
+    prompt: "Summarize: ${input.text}"
+output: ${summary}
+"""
+
+
+def test_the_callees_own_cap_holds_its_calls_and_fails_only_the_step(fake, tmp_path):
+    main = write(tmp_path, lenient="""\
+        name: lenient
+        steps:
+          - id: short
+            type: pipeline
+            pipeline: ./summarize.yaml
+            inputs: {text: "x"}
+            on_error: continue
+          - id: other
+            type: llm
+            model: m
+            prompt: other
+        output: {short: "${short ?? 'none'}", other: "${other}"}
+        """, summarize=CAPPED % "0.00001")
+    Answers({}).serve(fake)
+    result, rows = execute(compiled_at(main), {}, fake, tmp_path)
+    # The callee's call is refused before it is made, worded as a run's own cap; the
+    # caller's budget is untouched, so `on_error: continue` holds and the run goes on.
+    assert result.status == "succeeded", result.error
+    assert result.output == {"short": "none", "other": "echo: other"}
+    step = result.steps["short"]
+    assert step.status == "failed"
+    assert step.error.startswith("pipeline 'summarize' failed: the run would go past "
+                                 "max_cost_usd $0.00001: it has spent $0, and the next "
+                                 "call of step 'summary' may cost up to $")
+    assert rows == [("other", "lenient", True, result.run_id)]
+
+
+def test_each_call_of_a_capped_callee_has_its_own_cap(fake, tmp_path):
+    # One call's worst case is ~$0.000033 (a short prompt, 50 tokens out at gpt-4o-mini's
+    # prices): the cap holds one call of each run of the callee, not three at once.
+    main = write(tmp_path, mapped="""\
+        name: mapped
+        inputs:
+          docs: {type: array, items: {type: string}}
+        steps:
+          - id: each
+            type: pipeline
+            pipeline: ./summarize.yaml
+            for_each: ${input.docs}
+            as: doc
+            inputs: {text: "${doc}"}
+        output: ${each}
+        """, summarize=CAPPED % "0.00005")
+    Answers({}, delay=0.05).serve(fake)
+    result, rows = execute(compiled_at(main), {"docs": ["a", "b", "c"]}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == ["echo: Summarize: a", "echo: Summarize: b", "echo: Summarize: c"]
+    assert [r[0] for r in rows] == ["each[0]/summary", "each[1]/summary", "each[2]/summary"]
+    # ...while a caller's cap below one call stops the whole run, as before.
+    capped = write(tmp_path, capped_map="# flowc: ignore-file[unbounded-cost]\n"
+                   + (tmp_path / "mapped.yaml").read_text().replace(
+                       "name: mapped\n", "name: capped_map\nmax_cost_usd: 0.00001\n"))
+    result, _ = execute(compiled_at(capped), {"docs": ["a"]}, fake, tmp_path)
+    assert result.status == "failed" and result.error["type"] == "BudgetExceeded"
+    assert result.error["message"].startswith("pipeline 'summarize' failed: the run would "
+                                              "go past max_cost_usd $0.00001")

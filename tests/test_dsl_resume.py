@@ -11,7 +11,7 @@ import pytest
 
 from runtime.inputs import InputError
 from runtime.resume import ResumeError, plan, resume_run
-from tests.fakes import openai_text
+from tests.fakes import openai_text, slow
 from tests.test_dsl_cache import compile_yaml, run
 from tests.test_runtime import by_prompt
 from tests.test_runtime import fake as _fake
@@ -67,12 +67,12 @@ def prompts(fake) -> list[str]:
     return sorted(r.body["messages"][-1]["content"].split()[0] for r in fake.requests)
 
 
-def failing_outline(fake):
-    fake.then(by_prompt({"Outline": openai_text("not json"),
-                         "Research": openai_text("facts"), "side": openai_text("note")}),
-              *[by_prompt({"Outline": openai_text("not json"),
-                           "Research": openai_text("facts"),
-                           "side": openai_text("note")})] * 3)
+def failing_outline(fake, side_delay: float = 0.0):
+    """`outline` answers not-JSON and fails the run; ``side_delay``: `side`'s answer comes
+    that much later (a busy upstream)."""
+    side = slow(side_delay, openai_text("note")) if side_delay else openai_text("note")
+    fake.then(*[by_prompt({"Outline": openai_text("not json"),
+                           "Research": openai_text("facts"), "side": side})] * 4)
 
 
 def test_resume_runs_only_what_did_not_succeed(openai_fake, tmp_path):
@@ -168,7 +168,13 @@ def project(tmp_path, openai_fake):
 
     (tmp_path / "flowc.yaml").write_text(SERVED_CONFIG)
     (tmp_path / "pipelines").mkdir()
-    (tmp_path / "pipelines" / "chain.yaml").write_text(textwrap.dedent(CHAIN))
+    # `side` finishes before `outline` can fail the run: concurrent, a busy machine let
+    # `outline` fail first, cancelling `side` (its request then reached the upstream among
+    # the resume's), and the resume ran `side` again.
+    served = textwrap.dedent(CHAIN).replace("  - id: outline\n",
+                                            "  - id: outline\n    needs: [side]\n")
+    assert "needs: [side]" in served
+    (tmp_path / "pipelines" / "chain.yaml").write_text(served)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OPENAI_BASE_URL": openai_fake.url + "/v1", "OPENAI_API_KEY": "k",
            "PYTHONPATH": str(root)}
@@ -186,7 +192,7 @@ def test_resume_over_http(project, openai_fake):
     proc = start_server(path, env, port, "--pipelines", str(path / "pipelines"))
     url = f"http://127.0.0.1:{port}"
     try:
-        failing_outline(openai_fake)
+        failing_outline(openai_fake, side_delay=0.5)
         first = httpx.post(f"{url}/v1/workflow/chain", json={"input": {"topic": "owls"}},
                            timeout=60).json()
         assert first["status"] == "failed"
@@ -225,7 +231,7 @@ def test_resume_from_the_cli(project, openai_fake):
                                str(path / "pipelines" / "chain.yaml"), "--json", *args],
                               cwd=path, env=env, capture_output=True, text=True, timeout=120)
 
-    failing_outline(openai_fake)
+    failing_outline(openai_fake, side_delay=0.5)
     first = flowc("-i", "topic=owls")
     assert first.returncode == 1
     run_id = json.loads(first.stdout)["run_id"]

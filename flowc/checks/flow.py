@@ -15,7 +15,7 @@ from flowc import constructs
 from flowc import types as T
 from flowc.context import Context, Use
 from flowc.dag import cyclic_components, shortest_cycle, topological_order, with_ancestors
-from flowc.expr import Literal, Node, Not, Path
+from flowc.expr import BoolOp, Call, Compare, Literal, Node, Not, Path, Ref
 from flowc.scopes import missing_reason, root_type
 
 _RANK = {"always": 0, "maybe": 1, "never": 2}
@@ -135,15 +135,14 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
                 and spec.default is None else "always"
             name = "input." + str(alt.segments[0]) if alt.segments else "input"
             if avail == "always" and spec is not None and len(alt.segments) > 1:
-                absent = T.optional_field(ctx.input_type(str(alt.segments[0])),
-                                          alt.segments[1:])
+                absent = _absent(ctx, use, alt)
                 if absent is not None:  # a field the input's `required:` does not list
                     avail, name = "maybe", str(alt)
         else:
             avail, name = status.get(alt.root, "always"), alt.root
             if avail == "maybe" and constructs.same_case(ctx, use.consumer, alt.root):
                 avail = "always"
-            absent = T.optional_field(root_type(ctx, use, alt.root), alt.segments)
+            absent = _absent(ctx, use, alt)
             if avail == "always" and absent is not None:
                 avail, name = "maybe", str(alt)
         if avail == "always":
@@ -163,11 +162,13 @@ def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
         if not isinstance(alt, Path) or str(alt) != name:
             continue
         on_input = alt.root == "input"
-        absent = T.optional_field(ctx.input_type(str(alt.segments[0])), alt.segments[1:]) \
-            if on_input else T.optional_field(root_type(ctx, use, alt.root), alt.segments)
+        absent = _absent(ctx, use, alt)
         producer = ctx.producers.get(alt.root)
         if absent is None:
             continue
+        item = _list_item(ctx, use, alt)
+        if item is not None:
+            return item
         if on_input:
             return (f"field '{absent}' of input '{alt.segments[0]}' may be left out (its "
                     "`required:` does not list it, or its schema allows null)")
@@ -179,6 +180,71 @@ def _optional_reason(ctx: Context, use: Use, name: str) -> str | None:
         return (f"field '{absent}' may be null or left out (its schema allows null, "
                 "or does not list it in `required`)")
     return None
+
+
+def _missing_part(ctx: Context, use: Use, alt: Path) -> tuple[str, str, int] | None:
+    """The first part of ``alt`` that may be absent (types.missing_part), an index counted
+    as there when the reading step's `when:` proves its list long enough."""
+    on_input = alt.root == "input"
+    segments = alt.segments[1:] if on_input else alt.segments
+    lengths = _guarded_lengths(ctx.steps[use.consumer].condition) \
+        if use.consumer is not None and use.kind == "data" else {}
+    known = {at: lengths[str(Path(alt.root, alt.segments[:at + on_input]))]
+             for at, seg in enumerate(segments) if isinstance(seg, int)
+             and str(Path(alt.root, alt.segments[:at + on_input])) in lengths}
+    t = ctx.input_type(str(alt.segments[0])) if on_input else root_type(ctx, use, alt.root)
+    return T.missing_part(t, segments, known)
+
+
+def _absent(ctx: Context, use: Use, alt: Path) -> str | None:
+    found = _missing_part(ctx, use, alt)
+    return None if found is None else found[0]
+
+
+_AT_LEAST = {">": 1, ">=": 0, "==": 0}  # `length(x) OP n`: x has at least n + this items
+_FLIPPED = {"<": ">", "<=": ">=", "==": "=="}
+
+
+def _guarded_lengths(condition: Node | None) -> dict[str, int]:
+    """What a step's `when:` proves about lists' lengths when it holds: each
+    `length(${x}) > n` (`>=`, `==`, `len`, either way round) joined by `and`, as the
+    least number of items of ``x``. The step's data reads come after its condition held."""
+    if isinstance(condition, BoolOp) and condition.op == "and":
+        left, right = _guarded_lengths(condition.left), _guarded_lengths(condition.right)
+        return {k: max(left.get(k, 0), right.get(k, 0)) for k in {*left, *right}}
+    if not isinstance(condition, Compare):
+        return {}
+    op, call, n = condition.op, condition.left, condition.right
+    if isinstance(n, Call) and op in _FLIPPED:
+        op, call, n = _FLIPPED[op], n, call
+    if op not in _AT_LEAST or not isinstance(call, Call) or call.name not in ("length", "len") \
+            or len(call.args) != 1 or not isinstance(n, Literal) or isinstance(n.value, bool) \
+            or not isinstance(n.value, int):
+        return {}
+    ref = call.args[0]
+    if not isinstance(ref, Ref) or len(ref.alts) != 1 or not isinstance(ref.alts[0], Path):
+        return {}
+    return {str(ref.alts[0]): n.value + _AT_LEAST[op]}
+
+
+def _list_item(ctx: Context, use: Use, alt: Path) -> str | None:
+    """Why an index into a list typed by a schema or an input may have no item (a map's
+    result has its own reason: scopes.missing_reason)."""
+    on_input = alt.root == "input"
+    found = _missing_part(ctx, use, alt)
+    if found is None or found[1] == "field":
+        return None
+    part, why, at = found
+    producer = None if on_input else ctx.producers.get(alt.root)
+    if why == "item" and at == 0 and producer is not None \
+            and getattr(ctx.steps[producer].step, "for_each", None) is not None:
+        return None
+    listed = Path(alt.root, alt.segments[:at + on_input])
+    if why == "item":
+        return f"item {part} of '{listed}' may be null (its schema's `items` allow null)"
+    least = "its `min_items`" if on_input and at == 0 else "its schema's `minItems`"
+    return f"'{listed}' may have no item {part} (the list may be shorter: neither {least} " \
+           "nor the step's `when:` on its length rules that out)"
 
 
 def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str, str],

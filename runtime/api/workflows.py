@@ -17,6 +17,7 @@ from runtime.api.common import current, json_response, query, report
 from runtime.gateway.openai_api import error_response
 from runtime.inputs import InputError
 from runtime.providers import FlowcError, RequestError
+from runtime.workflows import BreaksCallers
 
 router = APIRouter()
 
@@ -42,6 +43,12 @@ async def register(name: str, request: Request, _: Admin) -> Response:
                                                '{"yaml": "..."}'))
     try:
         result = await asyncio.to_thread(rt.registry.register, name, raw, rt.ledger)
+    except BreaksCallers as exc:  # each finding names the caller it is in
+        return JSONResponse({"error": {
+            "message": str(exc), "type": "invalid_request_error", "code": "breaks_callers",
+            "diagnostics": [{**d.to_dict(), "pipeline": caller}
+                            for caller, found in exc.errors.items() for d in found]}},
+            status_code=422)
     except ValueError as exc:
         return error_response(RequestError(str(exc)))
     if result.compiled is None:

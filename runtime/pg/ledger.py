@@ -563,6 +563,9 @@ class PgLedger:
         if dropped:
             log.info("ledger: retention (%d days) dropped %s", self.retention,
                      ", ".join(dropped))
+        # Step cache entries are kept no longer than the calls they saved (cutoff: UTC).
+        conn.execute("DELETE FROM step_cache WHERE created_at < %s",
+                     [datetime.combine(cutoff, datetime.min.time())])
         return dropped
 
     def _lost(self, exc: Exception) -> None:

@@ -1,0 +1,157 @@
+"""Pipelines registered over HTTP (`PUT /v1/workflows/{name}`) call each other, and the
+project's `pipelines/` files, by name: a real `flowc serve` against a loopback OpenAI server,
+the ledger's rows read back. Re-registering a callee whose new version would break a caller
+is refused with the caller's errors; a compatible one is run by its callers at once."""
+
+from __future__ import annotations
+
+import httpx
+
+from flowc import Project
+from flowc.config import ProjectConfig
+from runtime.ledger.store import Ledger
+from runtime.workflows import BreaksCallers, Registry
+from tests.conftest import Gateway
+from tests.dsl_b import CONFIG, Answers, execute
+from tests.fakes import openai_text, wait_until
+
+CORE = """\
+name: {name}
+inputs:
+  text: {{type: string}}
+steps:
+  - id: shout
+    type: llm
+    model: fast
+    prompt: "{prompt}: ${{input.text}}"
+output: ${{shout}}
+"""
+CALLER = """\
+name: {name}
+inputs:
+  topic: {{type: string}}
+steps:
+  - id: call
+    type: pipeline
+    pipeline: {callee}
+    inputs: {{text: "${{input.topic}}"}}
+output: ${{call}}
+"""
+
+
+def put(gw: Gateway, name: str, text: str) -> httpx.Response:
+    return httpx.put(f"{gw.url}/v1/workflows/{name}", json={"yaml": text}, timeout=60)
+
+
+def run(gw: Gateway, name: str, inputs: dict) -> dict:
+    r = httpx.post(f"{gw.url}/v1/workflow/{name}", json={"input": inputs}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def rows(gw: Gateway, run_id: str) -> list[list]:
+    query = ("SELECT step_id, workflow_name, success FROM requests WHERE run_id = "
+             f"'{run_id}' ORDER BY step_id")
+    wait_until(lambda: bool(gw.sql(query)))
+    return gw.sql(query)
+
+
+def test_a_registered_pipeline_calls_another_by_name(gw):
+    assert put(gw, "core-a", CORE.format(name="core-a", prompt="Shout")).status_code == 200
+    r = put(gw, "caller-a", CALLER.format(name="caller-a", callee="core-a"))
+    assert r.status_code == 200, r.text
+    out = run(gw, "caller-a", {"topic": "owls"})
+    assert out["status"] == "succeeded", out
+    assert out["output"] == "echo: Shout: owls"
+    nested = out["metrics"]["steps"][0]["steps"]
+    assert [(s["id"], s["status"]) for s in nested] == [("shout", "done")]
+    # The callee's call is on the books under the caller's run and workflow.
+    assert rows(gw, out["run_id"]) == [["call/shout", "caller-a", True]]
+
+
+def test_re_registering_a_callee_that_breaks_its_caller_is_refused(gw):
+    assert put(gw, "core-b", CORE.format(name="core-b", prompt="Shout")).status_code == 200
+    assert put(gw, "caller-b", CALLER.format(name="caller-b", callee="core-b")).status_code \
+        == 200
+    renamed = CORE.format(name="core-b", prompt="Whisper").replace("text", "words")
+    r = put(gw, "core-b", renamed)
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "breaks_callers"
+    assert "called by 'caller-b'" in error["message"]
+    assert [(d["pipeline"], d["rule"], d["message"]) for d in error["diagnostics"]] == [
+        ("caller-b", "pipeline-inputs", "pipeline 'core-b' needs input 'words'"),
+        ("caller-b", "pipeline-inputs", "pipeline 'core-b' has no input 'text'")]
+    # Nothing changed: the stored version and what the caller runs are the old ones.
+    stored = gw.sql("SELECT config_yaml FROM workflows WHERE name = 'core-b'")
+    assert stored == [[CORE.format(name="core-b", prompt="Shout")]]
+    assert run(gw, "caller-b", {"topic": "owls"})["output"] == "echo: Shout: owls"
+    # A compatible version is taken, and its callers run it from then on.
+    r = put(gw, "core-b", CORE.format(name="core-b", prompt="Whisper"))
+    assert r.status_code == 200, r.text
+    assert run(gw, "caller-b", {"topic": "owls"})["output"] == "echo: Whisper: owls"
+
+
+def test_registered_pipelines_calling_each_other_in_a_cycle_are_refused(gw):
+    assert put(gw, "pong", CORE.format(name="pong", prompt="Pong")).status_code == 200
+    assert put(gw, "ping", CALLER.format(name="ping", callee="pong")).status_code == 200
+    r = put(gw, "pong", CALLER.format(name="pong", callee="ping"))
+    assert r.status_code == 422
+    assert [(d["rule"], d["message"]) for d in r.json()["error"]["diagnostics"]] == [
+        ("pipeline-cycle", "pipelines call each other in a cycle: pong -> ping -> pong")]
+    assert run(gw, "ping", {"topic": "x"})["output"] == "echo: Pong: x"
+
+
+def test_an_unknown_name_says_where_it_looked(gw):
+    r = put(gw, "lost", CALLER.format(name="lost", callee="nowhere"))
+    assert r.status_code == 422
+    assert [(d["rule"], d["message"]) for d in r.json()["error"]["diagnostics"]] == [
+        ("pipeline-not-found", "pipeline 'nowhere' not found: no such file, none is served "
+                               "by that name, and no pipeline file beside this one has "
+                               "`name: nowhere`")]
+
+
+def test_files_and_registered_pipelines_call_each_other_by_name(tmp_path):
+    """A `pipelines/` file calls a registered pipeline (loaded after the files, as a server
+    starts) and a registered pipeline calls a file; both run, their calls on the books."""
+    core = CORE.replace("model: fast", "model: m")  # tests/dsl_b.py's model
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "front.yaml").write_text(CALLER.format(name="front", callee="kept"))
+    (folder / "core.yaml").write_text(core.format(name="core", prompt="Core"))
+    ledger = Ledger(tmp_path / "registry.duckdb", 0.1)
+    try:
+        ledger.execute("INSERT INTO workflows (id, name, config_yaml, created_at, updated_at) "
+                       "VALUES ('1', 'kept', ?, now(), now())",
+                       [core.format(name="kept", prompt="Kept")])
+        registry = Registry(Project(config=ProjectConfig.model_validate(CONFIG)))
+        registry.load_folder(folder)
+        assert str(folder / "front.yaml") in registry.broken  # `kept` is not known yet
+        registry.load_registered(ledger)
+        assert sorted(registry.workflows) == ["core", "front", "kept"]
+        assert registry.broken == {}
+        registry.register("back", CALLER.format(name="back", callee="core"), ledger)
+        # A file may not be changed over the API, but a callee its callers rely on can't
+        # change under them either: re-registering `kept` incompatibly is refused.
+        try:
+            registry.register("kept", core.format(name="kept", prompt="K").replace(
+                "text", "t"), ledger)
+            raise AssertionError("not refused")
+        except BreaksCallers as exc:
+            assert list(exc.errors) == ["front"]
+    finally:
+        ledger.close()
+    from tests.fakes import FakeServer
+
+    fake = FakeServer("openai").start()
+    try:
+        Answers({"Core|Kept": [lambda rec: openai_text("ok")(rec)]}).serve(fake)
+        for name, step in (("front", "call/shout"), ("back", "call/shout")):
+            (tmp_path / name).mkdir()
+            result, books = execute(registry.workflows[name].compiled, {"topic": "t"}, fake,
+                                    tmp_path / name)
+            assert result.status == "succeeded", result.error
+            assert result.output == "ok"
+            assert books == [(step, name, True, result.run_id)]
+    finally:
+        fake.stop()
