@@ -62,7 +62,7 @@ def _access_store(ledger: Ledger | PgLedger, store: str | None) -> Any:
         return LedgerAccessStore(ledger)
     from runtime.pg.access import PgAccessStore
 
-    return PgAccessStore(store)
+    return PgAccessStore(store, instance=ledger.instance)  # one name in every table
 
 
 @dataclass
