@@ -389,11 +389,13 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @click.option("--since", help="From this date (YYYY-MM-DD) or ISO time.")
 @click.option("--until", help="Up to this date (inclusive) or ISO time.")
 @click.option("--by", type=click.Choice(["day", "model", "workflow", "provider", "key",
-                                         "team", "tag"]),
+                                         "team", "tag", "instance"]),
               default="day", show_default=True)
 @click.option("--team", help="Only this team's calls.")
 @click.option("--key", "key_id", metavar="KEY_ID", help="Only this key's calls.")
 @click.option("--tag", metavar="K=V", help="Only calls with this tag.")
+@click.option("--instance", metavar="NAME", help="Only calls this instance served (a "
+              "shared store's; the embedded ledger's rows are '(local)').")
 @click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
               "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5; DuckDB's dialect, or "
               "PostgreSQL's with --store).")
@@ -405,17 +407,18 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @_store_option
 def costs(since: str | None, until: str | None, by: str, team: str | None,
           key_id: str | None, tag: str | None, query: str | None, csv_file: Path | None,
-          as_json: bool, config: Path | None, store: str | None = None) -> None:
-    """Spend by day, model, workflow, provider, key, team or tag; any read-only SQL; CSV
-    export."""
+          as_json: bool, config: Path | None, store: str | None = None,
+          instance: str | None = None) -> None:
+    """Spend by day, model, workflow, provider, key, team, tag or instance; any read-only
+    SQL; CSV export."""
     from runtime.ledger import reports
     from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
     cfg, project_dir = load_project(config)
-    whose = {"team": team, "key_id": key_id, "tag": tag}
+    whose = {"team": team, "key_id": key_id, "tag": tag, "instance": instance}
     if query and any(whose.values()):
-        raise click.UsageError("--team, --key and --tag narrow the reports; with --sql, say "
-                               "it in the query (WHERE team = '...')")
+        raise click.UsageError("--team, --key, --tag and --instance narrow the reports; with "
+                               "--sql, say it in the query (WHERE team = '...')")
     select = _ledger_select(cfg, project_dir, store)
     report = _report_select(select)
     try:
