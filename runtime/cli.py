@@ -520,8 +520,10 @@ def _live(step: Any) -> None:
               help="Resume a failed or cancelled run: reuse what its steps produced and "
                    "run only the steps that did not succeed, with the run's own inputs.")
 @_config_option
+@_store_option
 def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: bool,
-        as_json: bool, config: Path | None, resume_id: str | None = None) -> None:
+        as_json: bool, config: Path | None, resume_id: str | None = None,
+        store: str | None = None) -> None:
     """Run a pipeline, showing each step as it goes."""
     import asyncio
 
@@ -530,6 +532,7 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
 
     cfg_path = config or find_config(file)
     cfg, project_dir = load_project(cfg_path)
+    shared = _store_url(store, cfg)
     project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE)) if cfg_path \
         else Project()
     result = compile_file(file, project)
@@ -553,7 +556,7 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
     if dry_run:
         click.echo("DRY RUN: model and tool calls are stand-ins; nothing is billed.", err=True)
     outcome = asyncio.run(_run(compiled, inputs, cfg, project_dir, dry_run, not as_json,
-                               resume_id))
+                               resume_id, shared))
     if as_json:
         click.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
     else:
@@ -563,8 +566,8 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
 
 
 async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
-               project_dir: Path, dry_run: bool, live: bool, resume_id: str | None = None
-               ) -> Any:
+               project_dir: Path, dry_run: bool, live: bool, resume_id: str | None = None,
+               shared: str | None = None) -> Any:
     import asyncio
 
     from runtime import runs
@@ -577,7 +580,8 @@ async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
     from runtime.providers import Providers
     from runtime.step_cache import StepCache
 
-    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    ledger = _command_ledger(cfg, project_dir, shared) if shared else \
+        Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
     mcp = MCPManager(cfg.mcp_servers, project_dir)
     try:
@@ -607,6 +611,16 @@ async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
         await mcp.close()
         await providers.close()
         await asyncio.to_thread(ledger.close)
+
+
+def _command_ledger(cfg: ProjectConfig, project_dir: Path, shared: str) -> Any:
+    """The shared store's ledger for this command (runtime/pg/commands.py)."""
+    from runtime.pg.commands import StoreUnusable, command_ledger
+
+    try:
+        return command_ledger(cfg, project_dir, shared)
+    except StoreUnusable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _run_record(ledger: Any, cfg: ProjectConfig, project_dir: Path, run_id: str
@@ -713,7 +727,7 @@ def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
             raise click.UsageError("--graph draws one run: give its RUN_ID")
         if graph_file.suffix.lower() != ".svg":
             raise click.BadParameter("write the drawing to a .svg file", param_hint="--graph")
-        svg, note = _run_graph(cfg, project_dir, run_id, pipelines)
+        svg, note = _run_graph(cfg, project_dir, run_id, pipelines, store)
         try:
             graph_file.write_bytes(svg)
         except OSError as exc:
@@ -738,7 +752,7 @@ def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
 
 
 def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
-               pipelines: Path | None) -> tuple[bytes, str | None]:
+               pipelines: Path | None, store: str | None = None) -> tuple[bytes, str | None]:
     """The run's SVG (runtime/rungraph.py): from the running server, whose pipelines are the
     ones that ran, else drawn here from the ledger file and the project's pipelines."""
     info = _running_server(project_dir)
@@ -765,7 +779,7 @@ def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
     from flowc.ir import CompiledPipeline
     from runtime.rungraph import GraphUnavailable, run_svg
 
-    select = _ledger_select(cfg, project_dir)
+    select = _ledger_select(cfg, project_dir, store)
     _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id], timeout=None)
     if not rows:
         raise click.ClickException(f"no run '{run_id}'")
@@ -799,8 +813,9 @@ def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
                    "against the step's type).")
 @click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
 @_config_option
+@_store_option
 def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
-                 config: Path | None) -> None:
+                 config: Path | None, store: str | None = None) -> None:
     """Approve a waiting approval step: the run goes on as a new run that resumes it."""
     body: dict[str, Any] = {}
     if value_json is not None:
@@ -808,7 +823,7 @@ def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
             body["value"] = json.loads(value_json)
         except ValueError as exc:
             raise click.ClickException(f"--value is not valid JSON: {exc}") from None
-    _decide(run_id, step, body, True, as_json, config)
+    _decide(run_id, step, body, True, as_json, config, store)
 
 
 @runs_group.command("reject")
@@ -817,28 +832,32 @@ def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
 @click.option("--reason", help="Why: recorded with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
 @_config_option
+@_store_option
 def runs_reject(run_id: str, step: str, reason: str | None, as_json: bool,
-                config: Path | None) -> None:
+                config: Path | None, store: str | None = None) -> None:
     """Reject a waiting approval step: it fails, and the run with it unless the step says
     `on_error: continue`."""
     _decide(run_id, step, {} if reason is None else {"reason": reason}, False, as_json,
-            config)
+            config, store)
 
 
 def _decide(run_id: str, step: str, body: dict[str, Any], approved: bool, as_json: bool,
-            config: Path | None) -> None:
-    """Through the project's server when one runs (it holds the ledger), else here."""
+            config: Path | None, store: str | None = None) -> None:
+    """Through the project's server when one runs (it holds the ledger), else here; with a
+    shared store, here, on the store."""
     import asyncio
 
     cfg, project_dir = load_project(config)
-    info = _running_server(project_dir)
+    shared = _store_url(store, cfg)
+    info = None if shared else _running_server(project_dir)
     if info is not None:
         server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
         verb = "approve" if approved else "reject"
         out = server.call("POST", f"/v1/runs/{_quoted(run_id)}/steps/{_quoted(step)}/{verb}",
                           body=body, timeout=None)
     else:
-        out = asyncio.run(_decide_here(run_id, step, body, approved, cfg, project_dir))
+        out = asyncio.run(_decide_here(run_id, step, body, approved, cfg, project_dir,
+                                       shared))
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
         return
@@ -855,7 +874,8 @@ def _decide(run_id: str, step: str, body: dict[str, Any], approved: bool, as_jso
 
 
 async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: bool,
-                       cfg: ProjectConfig, project_dir: Path) -> dict[str, Any]:
+                       cfg: ProjectConfig, project_dir: Path, shared: str | None = None
+                       ) -> dict[str, Any]:
     import asyncio
 
     from flowc.compiler import compile_file
@@ -870,7 +890,8 @@ async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: b
     from runtime.resume import ResumeError, resume_run
     from runtime.step_cache import StepCache
 
-    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    ledger = _command_ledger(cfg, project_dir, shared) if shared else \
+        Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
     mcp = MCPManager(cfg.mcp_servers, project_dir)
     try:
@@ -880,9 +901,19 @@ async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: b
         found = [r.compiled for p in sorted((project_dir / "pipelines").glob("*.y*ml"))
                  if (r := compile_file(p, project)).compiled is not None
                  and r.compiled.name == name]
+        if not found and shared:  # registered over HTTP on an instance
+            from flowc.compiler import compile_source
+            from runtime.pg.commands import registered_pipeline
+
+            text = registered_pipeline(ledger, str(name))
+            compiled = compile_source(text, f"<registered {name}>", project).compiled \
+                if text is not None else None
+            found = [compiled] if compiled is not None else []
         if not found:
             raise click.ClickException(f"run '{run_id}' is of pipeline '{name}', which is "
-                                       f"not in {project_dir / 'pipelines'}")
+                                       f"not in {project_dir / 'pipelines'}" +
+                                       (" nor registered on the shared store" if shared
+                                        else ""))
         try:
             decision = decide(found[0], run_id, record, step, approved=approved,
                               value=body.get("value"), has_value="value" in body,
@@ -946,6 +977,7 @@ def _key_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--expires", help="30d, 12h, 2w from now, or an ISO date."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
         _config_option,
+        _store_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -1026,6 +1058,27 @@ class _LocalKeys:
         self.ledger.close()
 
 
+class _SharedKeys(_LocalKeys):
+    """Keys on the shared store: written where every instance reads them; a change reaches
+    the running instances within their next tick (docs/scaling.md)."""
+
+    def __init__(self, cfg: ProjectConfig, url: str) -> None:
+        import socket
+
+        from runtime.access.gate import Gate
+        from runtime.pg.access import PgAccessStore
+
+        # A command is no instance: it never ticks (no event loop), so it holds no lease
+        # and is not among the live instances that share rate limits.
+        self.store = PgAccessStore(url, instance=f"{socket.gethostname()}:cli")
+        self.gate = Gate(cfg, self.store, None)
+        self.gate.load()
+        self.store.read_totals()  # each budget's spend so far, for `list` and `show`
+
+    def close(self) -> None:
+        self.store.close_connections()
+
+
 class _RemoteKeys:
     """Keys through the running server's admin API (`/v1/keys`)."""
 
@@ -1058,21 +1111,30 @@ def _quoted(key_id: str) -> str:
     return quote(key_id, safe="")
 
 
-def _with_keys(config: Path | None, act: Callable[[Any], Any]) -> Any:
-    """``act`` on the keys where they live: through the project's running server (it holds
-    the ledger), else in the ledger file itself."""
+def _with_keys(config: Path | None, act: Callable[[Any], Any], store: str | None = None
+               ) -> Any:
+    """``act`` on the keys where they live: on the shared store when there is one, else
+    through the project's running server (it holds the ledger), else in the ledger file
+    itself."""
     from runtime.access.keys import KeySpecError
+    from runtime.ledger.store import LedgerUnavailable
 
     cfg, project_dir = load_project(config)
-    info = _running_server(project_dir)
+    shared = _store_url(store, cfg)
+    info = None if shared else _running_server(project_dir)
     keys: _LocalKeys | _RemoteKeys
-    if info is not None:
+    if shared:
+        try:
+            keys = _SharedKeys(cfg, shared)
+        except LedgerUnavailable as exc:  # the store is unreachable
+            raise click.ClickException(str(exc)) from None
+    elif info is not None:
         keys = _RemoteKeys(_Server(info["url"], _cli_admin_key(cfg, project_dir, info)))
     else:
         keys = _LocalKeys(cfg, project_dir)
     try:
         return act(keys)
-    except KeySpecError as exc:
+    except (KeySpecError, LedgerUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyError as exc:
         raise click.ClickException(f"no key '{exc.args[0]}' (see `flowc keys list`)") from None
@@ -1106,12 +1168,13 @@ def keys() -> None:
 
 @keys.command("create")
 @_key_options
-def keys_create(as_json: bool, config: Path | None, **given: Any) -> None:
+def keys_create(as_json: bool, config: Path | None, store: str | None = None,
+                **given: Any) -> None:
     """Make a key and print it, once: only its hash is kept."""
     if not given.get("name"):
         raise click.UsageError("give the key a name: --name billing-bot")
     spec = _key_spec(given)
-    made = _with_keys(config, lambda store: store.create(spec))
+    made = _with_keys(config, lambda keys: keys.create(spec), store)
     secret = made.pop("key")
     if as_json:
         click.echo(json.dumps({"key": secret, **made}, indent=2))
@@ -1126,11 +1189,13 @@ def keys_create(as_json: bool, config: Path | None, **given: Any) -> None:
 @click.option("--team", help="Only this team's keys.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_list(team: str | None, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_list(team: str | None, as_json: bool, config: Path | None,
+              store: str | None = None) -> None:
     """The keys, with their limits and spend this period."""
     from runtime.ledger.reports import table
 
-    found = _with_keys(config, lambda store: store.list(team))
+    found = _with_keys(config, lambda keys: keys.list(team), store)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -1145,9 +1210,11 @@ def keys_list(team: str | None, as_json: bool, config: Path | None) -> None:
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_show(key_id: str, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_show(key_id: str, as_json: bool, config: Path | None,
+              store: str | None = None) -> None:
     """One key's settings and spend."""
-    _print_key(_with_keys(config, lambda store: store.show(key_id)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.show(key_id), store), as_json=as_json)
 
 
 @keys.command("update")
@@ -1161,7 +1228,8 @@ def keys_show(key_id: str, as_json: bool, config: Path | None) -> None:
 @click.option("--no-pipelines", is_flag=True, help="Allow any pipeline.")
 @click.option("--no-tags", is_flag=True, help="Drop the key's tags.")
 @click.option("--no-expires", is_flag=True, help="The key never expires.")
-def keys_update(key_id: str, as_json: bool, config: Path | None, **given: Any) -> None:
+def keys_update(key_id: str, as_json: bool, config: Path | None, store: str | None = None,
+                **given: Any) -> None:
     """Change a key's settings (only those given); --no-X clears one."""
     cleared = {}
     for setting, empty in (("team", None), ("budget", None), ("rpm", None), ("tpm", None),
@@ -1176,16 +1244,19 @@ def keys_update(key_id: str, as_json: bool, config: Path | None, **given: Any) -
     spec = {**_key_spec(given), **cleared}
     if not spec:
         raise click.UsageError("nothing to change: give the settings to change (see --help)")
-    _print_key(_with_keys(config, lambda store: store.update(key_id, spec)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.update(key_id, spec), store),
+               as_json=as_json)
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_revoke(key_id: str, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_revoke(key_id: str, as_json: bool, config: Path | None,
+                store: str | None = None) -> None:
     """Revoke a key: its next request is refused."""
-    _print_key(_with_keys(config, lambda store: store.revoke(key_id)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.revoke(key_id), store), as_json=as_json)
 
 
 def _print_key(k: dict[str, Any], *, as_json: bool = False, err: bool = False) -> None:
@@ -1274,7 +1345,9 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
               help="Folder of pipelines to offer (default: ./pipelines).")
 @click.option("--key", envvar="FLOWC_API_KEY", help="A flowc key (sk-flowc-...) the calls "
               "are charged to (default: $FLOWC_API_KEY).")
-def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None) -> None:
+@_store_option
+def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None,
+              store: str | None = None) -> None:
     """Serve the pipelines and the exposed MCP tools over stdio (docs/mcp.md)."""
     import asyncio
     import logging
@@ -1284,8 +1357,19 @@ def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None) -> N
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     cfg, project_dir = load_project(config)
+    shared = _store_url(store, cfg)
+    instance = None
+    if shared:
+        from runtime.pg.commands import StoreUnusable, command_instance
+
+        try:
+            instance = command_instance(project_dir)
+        except StoreUnusable as exc:
+            raise click.ClickException(str(exc)) from None
+        _check_store(shared, project_dir, instance)
     try:
-        asyncio.run(serve_stdio(cfg, project_dir, pipelines or project_dir / "pipelines", key))
+        asyncio.run(serve_stdio(cfg, project_dir, pipelines or project_dir / "pipelines", key,
+                                store=shared, instance=instance))
     except (ExposeError, Denied) as exc:
         raise click.ClickException(f"not serving: {exc}") from None
 
@@ -1376,7 +1460,7 @@ def _cost_history(config_path: Path | None, cfg: ProjectConfig | None) -> Any:
 
     cfg = cfg or ProjectConfig()
     project_dir = config_path.parent if config_path else Path.cwd()
-    if not (project_dir / cfg.ledger.path).exists():
+    if not (project_dir / cfg.ledger.path).exists() and _store_url(None, cfg) is None:
         return None
     try:
         select = _ledger_select(cfg, project_dir)

@@ -648,6 +648,24 @@ class PgAccessStore:
                 "instances": self.instances, "budgets_on_outage": self.on_outage,
                 **({"error": self.error} if self.error else {})}
 
+    def read_totals(self) -> None:
+        """Every budget's settled and leased spend, as a tick reads them, for a command that
+        shows them without syncing (`flowc keys list --store`)."""
+        if self.budgets is None:
+            return
+        counters = list(self.budgets.counters.values())
+        rows = self._run("_bg", lambda c: c.execute(_GLOBALS, [
+            [k.scope.kind for k in counters], [k.scope.name for k in counters],
+            [k.start for k in counters]]).fetchall())
+        self.budgets.refresh({(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}, set(), {})
+
+    def close_connections(self) -> None:
+        """For a command, which holds no lease and never joined the live instances."""
+        for conn in (self._inline, self._bg):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+
     async def aclose(self) -> None:
         """Settle, hand every lease back, leave the live instances."""
         self._stopping = True
