@@ -533,8 +533,8 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
     cfg_path = config or find_config(file)
     cfg, project_dir = load_project(cfg_path)
     shared = _store_url(store, cfg)
-    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE)) if cfg_path \
-        else Project()
+    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE,
+                                            _store_tools(shared))) if cfg_path else Project()
     result = compile_file(file, project)
     if result.compiled is None:
         click.echo(format_text(result.errors), err=True, nl=False)
@@ -611,6 +611,18 @@ async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
         await mcp.close()
         await providers.close()
         await asyncio.to_thread(ledger.close)
+
+
+def _store_tools(shared: str | None) -> dict[str, Any] | None:
+    """The MCP tools discovered on any instance of the shared store (None: no store)."""
+    if shared is None:
+        return None
+    from runtime.pg.commands import StoreUnusable, store_tools
+
+    try:
+        return store_tools(shared)
+    except StoreUnusable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _command_ledger(cfg: ProjectConfig, project_dir: Path, shared: str) -> Any:
@@ -1295,9 +1307,12 @@ def mcp() -> None:
               help="What each server's tool list costs in context tokens (estimated).")
 @click.option("--timeout", default=15.0, show_default=True, help="Seconds per server.")
 @_config_option
-def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None) -> None:
-    """Start each server, list its tools, and refresh the discovery cache."""
-    found, cache = _discover(config, timeout)
+@_store_option
+def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None,
+             store: str | None = None) -> None:
+    """Start each server, list its tools, and refresh the discovery cache (with a shared
+    store, the one every instance reads)."""
+    found, cache = _discover(config, timeout, store)
     if tokens:
         from runtime.mcp.serve_catalog import token_lines
 
@@ -1319,7 +1334,8 @@ def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None) -
         sys.exit(1)
 
 
-def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path]:
+def _discover(config: Path | None, timeout: float, store: str | None = None
+              ) -> tuple[dict[str, Any], Path]:
     import asyncio
 
     from runtime.mcp.manager import MCPManager
@@ -1327,6 +1343,7 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
     cfg, project_dir = load_project(config)
     if not cfg.mcp_servers:
         raise click.ClickException("no mcpServers in flowc.yaml")
+    shared = _store_url(store, cfg)
 
     async def go() -> tuple[dict[str, Any], Path]:
         manager = MCPManager(cfg.mcp_servers, project_dir)
@@ -1336,7 +1353,45 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
         finally:
             await manager.close()
 
-    return asyncio.run(go())
+    found, cache = asyncio.run(go())
+    if shared is not None:
+        from runtime.pg.commands import StoreUnusable, save_tools
+
+        try:
+            save_tools(shared, found)
+        except StoreUnusable as exc:
+            raise click.ClickException(str(exc)) from None
+        from runtime.pg.db import redact
+
+        click.echo(f"shared with every instance: {redact(shared)}", err=True)
+    return found, cache
+
+
+def _pull_tools(config: Path | None, paths: tuple[Path, ...], store: str | None) -> None:
+    """`flowc check` with a shared store: the tools discovered on any instance, into each
+    checked project's discovery cache file, which the compiler reads. An unreachable
+    store is a warning: the check goes on with the file as it is."""
+    from runtime.mcp.discovered import write_file
+    from runtime.pg.commands import StoreUnusable, store_tools
+    from runtime.pg.db import STORE_ENV
+
+    configs = {config} if config else {find_config(p) for p in paths}
+    for path in sorted(c for c in configs if c is not None):
+        if not (store or os.environ.get(STORE_ENV) or "store:" in path.read_text(
+                encoding="utf-8", errors="replace")):
+            continue  # no store: nothing to parse twice
+        project = Project.load(path)
+        if project.config is None:
+            continue  # the check reports why
+        shared = _store_url(store, project.config)
+        if shared is None:
+            continue
+        project_dir = path.parent
+        try:
+            write_file(project_dir, store_tools(shared))
+        except StoreUnusable as exc:
+            click.echo(f"warning: MCP tools discovered on other instances are not known: "
+                       f"{exc}", err=True)
 
 
 @mcp.command("serve")
@@ -1420,9 +1475,10 @@ def _with_live_check() -> None:
     never starts servers)."""
     original = cli.commands["check"]
 
-    def callback(live: bool, **kwargs: Any) -> Any:
+    def callback(live: bool, store: str | None = None, **kwargs: Any) -> Any:
+        _pull_tools(kwargs.get("config"), kwargs.get("paths") or (), store)
         if live:
-            found, _ = _discover(kwargs.get("config"), 15.0)
+            found, _ = _discover(kwargs.get("config"), 15.0, store)
             for name, entry in sorted(found.items()):
                 if not entry["ok"]:
                     click.echo(f"warning: MCP server '{name}' did not answer: "
@@ -1432,7 +1488,8 @@ def _with_live_check() -> None:
 
     live = click.Option(["--live"], is_flag=True,
                         help="Start the MCP servers first and refresh their tool schemas.")
-    cli.add_command(click.Command("check", params=[*original.params, live],
+    store = next(p for p in _store_option(click.Command("x")).params)
+    cli.add_command(click.Command("check", params=[*original.params, live, store],
                                   callback=callback, help=original.help,
                                   short_help=original.short_help))
 

@@ -194,7 +194,8 @@ def test_store_option_on_every_command_that_reads_or_writes_shared_state() -> No
 
     commands = [("run",), ("costs",), ("runs",), ("runs", "approve"), ("runs", "reject"),
                 ("keys", "create"), ("keys", "list"), ("keys", "show"), ("keys", "update"),
-                ("keys", "revoke"), ("mcp", "serve"), ("serve",)]
+                ("keys", "revoke"), ("mcp", "list"), ("mcp", "serve"), ("serve",),
+                ("check",)]
     for path in commands:
         cmd: Any = cli
         for name in path:

@@ -146,9 +146,7 @@ class FlowcMCP:
         """At start-up: `expose:` names real servers and no two tools share a name (with
         the upstream tools known so far: flowc.yaml's declared tools, the discovery
         cache). Raises ExposeError."""
-        from flowc.config import TOOL_CACHE, ToolCatalog
-
-        known = ToolCatalog.load(self.rt.config, self.rt.project_dir / TOOL_CACHE)
+        known = self.rt.tool_catalog()
         upstream = {}
         for server in self.catalog.servers:
             tools = known.tools_of(server) or {}

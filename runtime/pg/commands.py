@@ -13,7 +13,7 @@ takes the name."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,3 +81,34 @@ def registered_pipeline(ledger: Any, name: str) -> str | None:
     rows = ledger.execute("SELECT config_yaml FROM workflows WHERE name = ?", [name])
     return rows[0][0] if rows else None
 
+
+def _on_store(url: str, work: Callable[[Any], Any]) -> Any:
+    """``work(execute)`` on a connection of the command's own (schema made current)."""
+    import psycopg
+
+    from runtime.mcp.discovered import on_connection
+    from runtime.pg.ledger import migrate
+
+    try:
+        with psycopg.connect(url, autocommit=True, application_name="flowc",
+                             connect_timeout=5) as conn:
+            migrate(conn)
+            return work(on_connection(conn))
+    except psycopg.Error as exc:
+        raise StoreUnusable(f"cannot use the shared store {db.redact(url)}: "
+                            f"{_reason(exc)}") from None
+
+
+def store_tools(url: str) -> dict[str, Any]:
+    """The MCP tools discovered on any instance (runtime/mcp/discovered.py)."""
+    from runtime.mcp.discovered import load
+
+    return _on_store(url, load)  # type: ignore[no-any-return]
+
+
+def save_tools(url: str, found: dict[str, dict[str, Any]]) -> list[str]:
+    """A command's discovery, for every instance; the servers stored."""
+    from runtime.mcp.discovered import save
+
+    return _on_store(url, lambda execute: save(execute, found,  # type: ignore[no-any-return]
+                                               f"{socket.gethostname()}:cli"))
