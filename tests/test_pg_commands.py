@@ -202,3 +202,45 @@ def test_store_option_on_every_command_that_reads_or_writes_shared_state() -> No
             cmd = cmd.commands[name]
         assert "--store" in {o for p in cmd.params for o in p.opts}, path
 
+
+
+def test_mcp_serve_with_the_store_charges_the_key_there(postgres, tmp_path: Path) -> None:
+    import asyncio
+
+    from mcp import Client, StdioServerParameters
+
+    from tests.test_mcp_serve import answers as asks
+    from tests.test_mcp_serve import make_project
+
+    store = postgres.fresh_database()
+    project = make_project(tmp_path)
+    openai = FakeServer("openai").start()
+    openai.then(asks, asks)
+    env = {**{k: v for k, v in os.environ.items()
+              if k not in ("FLOWC_ADMIN_KEY", "FLOWC_API_KEY")},
+           "PYTHONPATH": str(ROOT), "OPENAI_BASE_URL": openai.url + "/v1",
+           "OPENAI_API_KEY": "sk-test-openai", "FLOWC_STORE_URL": store}
+    made = subprocess.run([sys.executable, "-m", "runtime.cli", "keys", "create", "--name",
+                           "agent", "--json"], cwd=project, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    key = json.loads(made.stdout)
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "runtime.cli", "mcp", "serve"],
+                                   env={**env, "FLOWC_API_KEY": key["key"]}, cwd=str(project))
+
+    async def go() -> Any:
+        async with Client(params, read_timeout_seconds=60) as c:
+            return await c.call_tool("ask", {"question": "Where is my refund?"})
+
+    try:
+        ran = asyncio.run(go())
+    finally:
+        openai.stop()
+    run_id = ran.meta["flowc/run_id"]
+    with psycopg.connect(store) as conn:
+        assert conn.execute("SELECT status, key_id, instance FROM runs WHERE id = %s",
+                            [run_id]).fetchall() == [("succeeded", key["id"], CLI)]
+        assert conn.execute("SELECT count(*), min(key_name), min(instance) FROM requests "
+                            "WHERE run_id = %s", [run_id]).fetchall() == [(2, "agent", CLI)]
+    assert not (project / ".flowc" / "ledger.duckdb").exists()
