@@ -64,10 +64,9 @@ def load(execute: Execute) -> dict[str, dict[str, Any]]:
 
 def on_connection(conn: Any) -> Execute:
     """`execute` over a plain psycopg connection (a command's, not an instance's)."""
-    from runtime.pg.ledger import placeholders
-
     def execute(sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        cur = conn.execute(placeholders(sql), list(params))
+        # `?` as psycopg's `%s` (as runtime.pg.ledger.placeholders, without its imports)
+        cur = conn.execute(sql.replace("%", "%%").replace("?", "%s"), list(params))
         return cur.fetchall() if cur.description else []
 
     return execute
