@@ -7,6 +7,7 @@ Desktop, Cursor and VS Code, so existing entries can be pasted in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Collection, Mapping
@@ -354,19 +355,18 @@ class ToolCatalog:
         self._tools = tools or {}
 
     @classmethod
-    def load(cls, config: ProjectConfig, cache_file: Path | None) -> ToolCatalog:
+    def load(cls, config: ProjectConfig, cache_file: Path | None,
+             shared: dict[str, Any] | None = None) -> ToolCatalog:
+        """flowc.yaml's declared tools, over ``shared`` (discovery results every instance
+        of a shared store reads, in the cache file's `servers` shape), over the file's."""
         tools: dict[str, dict[str, ToolSchema]] = {}
-        if cache_file is not None and cache_file.is_file():
-            try:
-                raw = json.loads(cache_file.read_text())
-                for server, entry in raw.get("servers", {}).items():
-                    if entry.get("ok"):
-                        tools[server] = {
-                            t["name"]: ToolSchema.model_validate(
-                            {k: v for k, v in t.items() if k != "name"})
-                        for t in entry["tools"]}
-            except (ValueError, KeyError, TypeError, AttributeError):
-                pass  # a damaged cache is ignored: discovery rewrites it
+        damaged = (ValueError, KeyError, TypeError, AttributeError)  # ignored: discovery
+        if cache_file is not None and cache_file.is_file():          # rewrites it
+            with contextlib.suppress(*damaged):
+                tools.update(_discovered(json.loads(cache_file.read_text()).get("servers", {})))
+        if shared:
+            with contextlib.suppress(*damaged):
+                tools.update(_discovered(shared))
         for server, sc in config.mcp_servers.items():
             if sc.tools is not None:
                 tools[server] = dict(sc.tools)
@@ -375,6 +375,14 @@ class ToolCatalog:
     def tools_of(self, server: str) -> dict[str, ToolSchema] | None:
         """The server's tools, or None when they are not known."""
         return self._tools.get(server)
+
+
+def _discovered(servers: dict[str, Any]) -> dict[str, dict[str, ToolSchema]]:
+    """Discovery results (`{server: {"ok": ..., "tools": [...]}}`) as tool schemas."""
+    return {server: {t["name"]: ToolSchema.model_validate(
+                         {k: v for k, v in t.items() if k != "name"})
+                     for t in entry["tools"]}
+            for server, entry in servers.items() if entry.get("ok")}
 
 
 class ExposeFilter(_Strict):

@@ -389,11 +389,13 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @click.option("--since", help="From this date (YYYY-MM-DD) or ISO time.")
 @click.option("--until", help="Up to this date (inclusive) or ISO time.")
 @click.option("--by", type=click.Choice(["day", "model", "workflow", "provider", "key",
-                                         "team", "tag"]),
+                                         "team", "tag", "instance"]),
               default="day", show_default=True)
 @click.option("--team", help="Only this team's calls.")
 @click.option("--key", "key_id", metavar="KEY_ID", help="Only this key's calls.")
 @click.option("--tag", metavar="K=V", help="Only calls with this tag.")
+@click.option("--instance", metavar="NAME", help="Only calls this instance served (a "
+              "shared store's; the embedded ledger's rows are '(local)').")
 @click.option("--sql", "query", help="Run a read-only SQL query over the `requests` table "
               "(stopped after FLOWC_SQL_TIMEOUT seconds, default 5; DuckDB's dialect, or "
               "PostgreSQL's with --store).")
@@ -405,17 +407,18 @@ def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
 @_store_option
 def costs(since: str | None, until: str | None, by: str, team: str | None,
           key_id: str | None, tag: str | None, query: str | None, csv_file: Path | None,
-          as_json: bool, config: Path | None, store: str | None = None) -> None:
-    """Spend by day, model, workflow, provider, key, team or tag; any read-only SQL; CSV
-    export."""
+          as_json: bool, config: Path | None, store: str | None = None,
+          instance: str | None = None) -> None:
+    """Spend by day, model, workflow, provider, key, team, tag or instance; any read-only
+    SQL; CSV export."""
     from runtime.ledger import reports
     from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
     cfg, project_dir = load_project(config)
-    whose = {"team": team, "key_id": key_id, "tag": tag}
+    whose = {"team": team, "key_id": key_id, "tag": tag, "instance": instance}
     if query and any(whose.values()):
-        raise click.UsageError("--team, --key and --tag narrow the reports; with --sql, say "
-                               "it in the query (WHERE team = '...')")
+        raise click.UsageError("--team, --key, --tag and --instance narrow the reports; with "
+                               "--sql, say it in the query (WHERE team = '...')")
     select = _ledger_select(cfg, project_dir, store)
     report = _report_select(select)
     try:
@@ -517,8 +520,10 @@ def _live(step: Any) -> None:
               help="Resume a failed or cancelled run: reuse what its steps produced and "
                    "run only the steps that did not succeed, with the run's own inputs.")
 @_config_option
+@_store_option
 def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: bool,
-        as_json: bool, config: Path | None, resume_id: str | None = None) -> None:
+        as_json: bool, config: Path | None, resume_id: str | None = None,
+        store: str | None = None) -> None:
     """Run a pipeline, showing each step as it goes."""
     import asyncio
 
@@ -527,8 +532,9 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
 
     cfg_path = config or find_config(file)
     cfg, project_dir = load_project(cfg_path)
-    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE)) if cfg_path \
-        else Project()
+    shared = _store_url(store, cfg)
+    project = Project(cfg, ToolCatalog.load(cfg, project_dir / TOOL_CACHE,
+                                            _store_tools(shared))) if cfg_path else Project()
     result = compile_file(file, project)
     if result.compiled is None:
         click.echo(format_text(result.errors), err=True, nl=False)
@@ -550,7 +556,7 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
     if dry_run:
         click.echo("DRY RUN: model and tool calls are stand-ins; nothing is billed.", err=True)
     outcome = asyncio.run(_run(compiled, inputs, cfg, project_dir, dry_run, not as_json,
-                               resume_id))
+                               resume_id, shared))
     if as_json:
         click.echo(json.dumps(outcome.to_dict(), indent=2, default=str))
     else:
@@ -560,8 +566,8 @@ def run(file: Path, pairs: tuple[str, ...], input_json: str | None, dry_run: boo
 
 
 async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
-               project_dir: Path, dry_run: bool, live: bool, resume_id: str | None = None
-               ) -> Any:
+               project_dir: Path, dry_run: bool, live: bool, resume_id: str | None = None,
+               shared: str | None = None) -> Any:
     import asyncio
 
     from runtime import runs
@@ -574,7 +580,8 @@ async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
     from runtime.providers import Providers
     from runtime.step_cache import StepCache
 
-    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    ledger = _command_ledger(cfg, project_dir, shared) if shared else \
+        Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
     mcp = MCPManager(cfg.mcp_servers, project_dir)
     try:
@@ -604,6 +611,28 @@ async def _run(compiled: Any, inputs: dict[str, Any] | None, cfg: ProjectConfig,
         await mcp.close()
         await providers.close()
         await asyncio.to_thread(ledger.close)
+
+
+def _store_tools(shared: str | None) -> dict[str, Any] | None:
+    """The MCP tools discovered on any instance of the shared store (None: no store)."""
+    if shared is None:
+        return None
+    from runtime.pg.commands import StoreUnusable, store_tools
+
+    try:
+        return store_tools(shared)
+    except StoreUnusable as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _command_ledger(cfg: ProjectConfig, project_dir: Path, shared: str) -> Any:
+    """The shared store's ledger for this command (runtime/pg/commands.py)."""
+    from runtime.pg.commands import StoreUnusable, command_ledger
+
+    try:
+        return command_ledger(cfg, project_dir, shared)
+    except StoreUnusable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _run_record(ledger: Any, cfg: ProjectConfig, project_dir: Path, run_id: str
@@ -710,7 +739,7 @@ def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
             raise click.UsageError("--graph draws one run: give its RUN_ID")
         if graph_file.suffix.lower() != ".svg":
             raise click.BadParameter("write the drawing to a .svg file", param_hint="--graph")
-        svg, note = _run_graph(cfg, project_dir, run_id, pipelines)
+        svg, note = _run_graph(cfg, project_dir, run_id, pipelines, store)
         try:
             graph_file.write_bytes(svg)
         except OSError as exc:
@@ -735,7 +764,7 @@ def runs_cmd(run_id: str | None, limit: int, graph_file: Path | None,
 
 
 def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
-               pipelines: Path | None) -> tuple[bytes, str | None]:
+               pipelines: Path | None, store: str | None = None) -> tuple[bytes, str | None]:
     """The run's SVG (runtime/rungraph.py): from the running server, whose pipelines are the
     ones that ran, else drawn here from the ledger file and the project's pipelines."""
     info = _running_server(project_dir)
@@ -762,7 +791,7 @@ def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
     from flowc.ir import CompiledPipeline
     from runtime.rungraph import GraphUnavailable, run_svg
 
-    select = _ledger_select(cfg, project_dir)
+    select = _ledger_select(cfg, project_dir, store)
     _, rows = select("SELECT record FROM runs WHERE id = ?", [run_id], timeout=None)
     if not rows:
         raise click.ClickException(f"no run '{run_id}'")
@@ -796,8 +825,9 @@ def _run_graph(cfg: ProjectConfig, project_dir: Path, run_id: str,
                    "against the step's type).")
 @click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
 @_config_option
+@_store_option
 def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
-                 config: Path | None) -> None:
+                 config: Path | None, store: str | None = None) -> None:
     """Approve a waiting approval step: the run goes on as a new run that resumes it."""
     body: dict[str, Any] = {}
     if value_json is not None:
@@ -805,7 +835,7 @@ def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
             body["value"] = json.loads(value_json)
         except ValueError as exc:
             raise click.ClickException(f"--value is not valid JSON: {exc}") from None
-    _decide(run_id, step, body, True, as_json, config)
+    _decide(run_id, step, body, True, as_json, config, store)
 
 
 @runs_group.command("reject")
@@ -814,28 +844,32 @@ def runs_approve(run_id: str, step: str, value_json: str | None, as_json: bool,
 @click.option("--reason", help="Why: recorded with the decision.")
 @click.option("--json", "as_json", is_flag=True, help="Print the continued run as JSON.")
 @_config_option
+@_store_option
 def runs_reject(run_id: str, step: str, reason: str | None, as_json: bool,
-                config: Path | None) -> None:
+                config: Path | None, store: str | None = None) -> None:
     """Reject a waiting approval step: it fails, and the run with it unless the step says
     `on_error: continue`."""
     _decide(run_id, step, {} if reason is None else {"reason": reason}, False, as_json,
-            config)
+            config, store)
 
 
 def _decide(run_id: str, step: str, body: dict[str, Any], approved: bool, as_json: bool,
-            config: Path | None) -> None:
-    """Through the project's server when one runs (it holds the ledger), else here."""
+            config: Path | None, store: str | None = None) -> None:
+    """Through the project's server when one runs (it holds the ledger), else here; with a
+    shared store, here, on the store."""
     import asyncio
 
     cfg, project_dir = load_project(config)
-    info = _running_server(project_dir)
+    shared = _store_url(store, cfg)
+    info = None if shared else _running_server(project_dir)
     if info is not None:
         server = _Server(info["url"], _cli_admin_key(cfg, project_dir, info))
         verb = "approve" if approved else "reject"
         out = server.call("POST", f"/v1/runs/{_quoted(run_id)}/steps/{_quoted(step)}/{verb}",
                           body=body, timeout=None)
     else:
-        out = asyncio.run(_decide_here(run_id, step, body, approved, cfg, project_dir))
+        out = asyncio.run(_decide_here(run_id, step, body, approved, cfg, project_dir,
+                                       shared))
     if as_json:
         click.echo(json.dumps(out, indent=2, default=str))
         return
@@ -852,7 +886,8 @@ def _decide(run_id: str, step: str, body: dict[str, Any], approved: bool, as_jso
 
 
 async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: bool,
-                       cfg: ProjectConfig, project_dir: Path) -> dict[str, Any]:
+                       cfg: ProjectConfig, project_dir: Path, shared: str | None = None
+                       ) -> dict[str, Any]:
     import asyncio
 
     from flowc.compiler import compile_file
@@ -867,7 +902,8 @@ async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: b
     from runtime.resume import ResumeError, resume_run
     from runtime.step_cache import StepCache
 
-    ledger = Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
+    ledger = _command_ledger(cfg, project_dir, shared) if shared else \
+        Ledger(project_dir / cfg.ledger.path, cfg.ledger.flush_interval)
     providers = Providers(cfg)
     mcp = MCPManager(cfg.mcp_servers, project_dir)
     try:
@@ -877,9 +913,19 @@ async def _decide_here(run_id: str, step: str, body: dict[str, Any], approved: b
         found = [r.compiled for p in sorted((project_dir / "pipelines").glob("*.y*ml"))
                  if (r := compile_file(p, project)).compiled is not None
                  and r.compiled.name == name]
+        if not found and shared:  # registered over HTTP on an instance
+            from flowc.compiler import compile_source
+            from runtime.pg.commands import registered_pipeline
+
+            text = registered_pipeline(ledger, str(name))
+            compiled = compile_source(text, f"<registered {name}>", project).compiled \
+                if text is not None else None
+            found = [compiled] if compiled is not None else []
         if not found:
             raise click.ClickException(f"run '{run_id}' is of pipeline '{name}', which is "
-                                       f"not in {project_dir / 'pipelines'}")
+                                       f"not in {project_dir / 'pipelines'}" +
+                                       (" nor registered on the shared store" if shared
+                                        else ""))
         try:
             decision = decide(found[0], run_id, record, step, approved=approved,
                               value=body.get("value"), has_value="value" in body,
@@ -943,6 +989,7 @@ def _key_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--expires", help="30d, 12h, 2w from now, or an ISO date."),
         click.option("--json", "as_json", is_flag=True, help="Print JSON."),
         _config_option,
+        _store_option,
     ]
     for option in reversed(options):
         f = option(f)
@@ -1023,6 +1070,27 @@ class _LocalKeys:
         self.ledger.close()
 
 
+class _SharedKeys(_LocalKeys):
+    """Keys on the shared store: written where every instance reads them; a change reaches
+    the running instances within their next tick (docs/scaling.md)."""
+
+    def __init__(self, cfg: ProjectConfig, url: str) -> None:
+        import socket
+
+        from runtime.access.gate import Gate
+        from runtime.pg.access import PgAccessStore
+
+        # A command is no instance: it never ticks (no event loop), so it holds no lease
+        # and is not among the live instances that share rate limits.
+        self.store = PgAccessStore(url, instance=f"{socket.gethostname()}:cli")
+        self.gate = Gate(cfg, self.store, None)
+        self.gate.load()
+        self.store.read_totals()  # each budget's spend so far, for `list` and `show`
+
+    def close(self) -> None:
+        self.store.close_connections()
+
+
 class _RemoteKeys:
     """Keys through the running server's admin API (`/v1/keys`)."""
 
@@ -1055,21 +1123,30 @@ def _quoted(key_id: str) -> str:
     return quote(key_id, safe="")
 
 
-def _with_keys(config: Path | None, act: Callable[[Any], Any]) -> Any:
-    """``act`` on the keys where they live: through the project's running server (it holds
-    the ledger), else in the ledger file itself."""
+def _with_keys(config: Path | None, act: Callable[[Any], Any], store: str | None = None
+               ) -> Any:
+    """``act`` on the keys where they live: on the shared store when there is one, else
+    through the project's running server (it holds the ledger), else in the ledger file
+    itself."""
     from runtime.access.keys import KeySpecError
+    from runtime.ledger.store import LedgerUnavailable
 
     cfg, project_dir = load_project(config)
-    info = _running_server(project_dir)
+    shared = _store_url(store, cfg)
+    info = None if shared else _running_server(project_dir)
     keys: _LocalKeys | _RemoteKeys
-    if info is not None:
+    if shared:
+        try:
+            keys = _SharedKeys(cfg, shared)
+        except LedgerUnavailable as exc:  # the store is unreachable
+            raise click.ClickException(str(exc)) from None
+    elif info is not None:
         keys = _RemoteKeys(_Server(info["url"], _cli_admin_key(cfg, project_dir, info)))
     else:
         keys = _LocalKeys(cfg, project_dir)
     try:
         return act(keys)
-    except KeySpecError as exc:
+    except (KeySpecError, LedgerUnavailable) as exc:
         raise click.ClickException(str(exc)) from None
     except KeyError as exc:
         raise click.ClickException(f"no key '{exc.args[0]}' (see `flowc keys list`)") from None
@@ -1103,12 +1180,13 @@ def keys() -> None:
 
 @keys.command("create")
 @_key_options
-def keys_create(as_json: bool, config: Path | None, **given: Any) -> None:
+def keys_create(as_json: bool, config: Path | None, store: str | None = None,
+                **given: Any) -> None:
     """Make a key and print it, once: only its hash is kept."""
     if not given.get("name"):
         raise click.UsageError("give the key a name: --name billing-bot")
     spec = _key_spec(given)
-    made = _with_keys(config, lambda store: store.create(spec))
+    made = _with_keys(config, lambda keys: keys.create(spec), store)
     secret = made.pop("key")
     if as_json:
         click.echo(json.dumps({"key": secret, **made}, indent=2))
@@ -1123,11 +1201,13 @@ def keys_create(as_json: bool, config: Path | None, **given: Any) -> None:
 @click.option("--team", help="Only this team's keys.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_list(team: str | None, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_list(team: str | None, as_json: bool, config: Path | None,
+              store: str | None = None) -> None:
     """The keys, with their limits and spend this period."""
     from runtime.ledger.reports import table
 
-    found = _with_keys(config, lambda store: store.list(team))
+    found = _with_keys(config, lambda keys: keys.list(team), store)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -1142,9 +1222,11 @@ def keys_list(team: str | None, as_json: bool, config: Path | None) -> None:
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_show(key_id: str, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_show(key_id: str, as_json: bool, config: Path | None,
+              store: str | None = None) -> None:
     """One key's settings and spend."""
-    _print_key(_with_keys(config, lambda store: store.show(key_id)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.show(key_id), store), as_json=as_json)
 
 
 @keys.command("update")
@@ -1158,7 +1240,8 @@ def keys_show(key_id: str, as_json: bool, config: Path | None) -> None:
 @click.option("--no-pipelines", is_flag=True, help="Allow any pipeline.")
 @click.option("--no-tags", is_flag=True, help="Drop the key's tags.")
 @click.option("--no-expires", is_flag=True, help="The key never expires.")
-def keys_update(key_id: str, as_json: bool, config: Path | None, **given: Any) -> None:
+def keys_update(key_id: str, as_json: bool, config: Path | None, store: str | None = None,
+                **given: Any) -> None:
     """Change a key's settings (only those given); --no-X clears one."""
     cleared = {}
     for setting, empty in (("team", None), ("budget", None), ("rpm", None), ("tpm", None),
@@ -1173,16 +1256,19 @@ def keys_update(key_id: str, as_json: bool, config: Path | None, **given: Any) -
     spec = {**_key_spec(given), **cleared}
     if not spec:
         raise click.UsageError("nothing to change: give the settings to change (see --help)")
-    _print_key(_with_keys(config, lambda store: store.update(key_id, spec)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.update(key_id, spec), store),
+               as_json=as_json)
 
 
 @keys.command("revoke")
 @click.argument("key_id")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_config_option
-def keys_revoke(key_id: str, as_json: bool, config: Path | None) -> None:
+@_store_option
+def keys_revoke(key_id: str, as_json: bool, config: Path | None,
+                store: str | None = None) -> None:
     """Revoke a key: its next request is refused."""
-    _print_key(_with_keys(config, lambda store: store.revoke(key_id)), as_json=as_json)
+    _print_key(_with_keys(config, lambda keys: keys.revoke(key_id), store), as_json=as_json)
 
 
 def _print_key(k: dict[str, Any], *, as_json: bool = False, err: bool = False) -> None:
@@ -1221,9 +1307,12 @@ def mcp() -> None:
               help="What each server's tool list costs in context tokens (estimated).")
 @click.option("--timeout", default=15.0, show_default=True, help="Seconds per server.")
 @_config_option
-def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None) -> None:
-    """Start each server, list its tools, and refresh the discovery cache."""
-    found, cache = _discover(config, timeout)
+@_store_option
+def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None,
+             store: str | None = None) -> None:
+    """Start each server, list its tools, and refresh the discovery cache (with a shared
+    store, the one every instance reads)."""
+    found, cache = _discover(config, timeout, store)
     if tokens:
         from runtime.mcp.serve_catalog import token_lines
 
@@ -1245,7 +1334,8 @@ def mcp_list(as_json: bool, tokens: bool, timeout: float, config: Path | None) -
         sys.exit(1)
 
 
-def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path]:
+def _discover(config: Path | None, timeout: float, store: str | None = None
+              ) -> tuple[dict[str, Any], Path]:
     import asyncio
 
     from runtime.mcp.manager import MCPManager
@@ -1253,6 +1343,7 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
     cfg, project_dir = load_project(config)
     if not cfg.mcp_servers:
         raise click.ClickException("no mcpServers in flowc.yaml")
+    shared = _store_url(store, cfg)
 
     async def go() -> tuple[dict[str, Any], Path]:
         manager = MCPManager(cfg.mcp_servers, project_dir)
@@ -1262,7 +1353,45 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
         finally:
             await manager.close()
 
-    return asyncio.run(go())
+    found, cache = asyncio.run(go())
+    if shared is not None:
+        from runtime.pg.commands import StoreUnusable, save_tools
+
+        try:
+            save_tools(shared, found)
+        except StoreUnusable as exc:
+            raise click.ClickException(str(exc)) from None
+        from runtime.pg.db import redact
+
+        click.echo(f"shared with every instance: {redact(shared)}", err=True)
+    return found, cache
+
+
+def _pull_tools(config: Path | None, paths: tuple[Path, ...], store: str | None) -> None:
+    """`flowc check` with a shared store: the tools discovered on any instance, into each
+    checked project's discovery cache file, which the compiler reads. An unreachable
+    store is a warning: the check goes on with the file as it is."""
+    from runtime.mcp.discovered import write_file
+    from runtime.pg.commands import StoreUnusable, store_tools
+    from runtime.pg.db import STORE_ENV
+
+    configs = {config} if config else {find_config(p) for p in paths}
+    for path in sorted(c for c in configs if c is not None):
+        if not (store or os.environ.get(STORE_ENV) or "store:" in path.read_text(
+                encoding="utf-8", errors="replace")):
+            continue  # no store: nothing to parse twice
+        project = Project.load(path)
+        if project.config is None:
+            continue  # the check reports why
+        shared = _store_url(store, project.config)
+        if shared is None:
+            continue
+        project_dir = path.parent
+        try:
+            write_file(project_dir, store_tools(shared))
+        except StoreUnusable as exc:
+            click.echo(f"warning: MCP tools discovered on other instances are not known: "
+                       f"{exc}", err=True)
 
 
 @mcp.command("serve")
@@ -1271,7 +1400,9 @@ def _discover(config: Path | None, timeout: float) -> tuple[dict[str, Any], Path
               help="Folder of pipelines to offer (default: ./pipelines).")
 @click.option("--key", envvar="FLOWC_API_KEY", help="A flowc key (sk-flowc-...) the calls "
               "are charged to (default: $FLOWC_API_KEY).")
-def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None) -> None:
+@_store_option
+def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None,
+              store: str | None = None) -> None:
     """Serve the pipelines and the exposed MCP tools over stdio (docs/mcp.md)."""
     import asyncio
     import logging
@@ -1281,8 +1412,19 @@ def mcp_serve(config: Path | None, pipelines: Path | None, key: str | None) -> N
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
     cfg, project_dir = load_project(config)
+    shared = _store_url(store, cfg)
+    instance = None
+    if shared:
+        from runtime.pg.commands import StoreUnusable, command_instance
+
+        try:
+            instance = command_instance(project_dir)
+        except StoreUnusable as exc:
+            raise click.ClickException(str(exc)) from None
+        _check_store(shared, project_dir, instance)
     try:
-        asyncio.run(serve_stdio(cfg, project_dir, pipelines or project_dir / "pipelines", key))
+        asyncio.run(serve_stdio(cfg, project_dir, pipelines or project_dir / "pipelines", key,
+                                store=shared, instance=instance))
     except (ExposeError, Denied) as exc:
         raise click.ClickException(f"not serving: {exc}") from None
 
@@ -1333,9 +1475,10 @@ def _with_live_check() -> None:
     never starts servers)."""
     original = cli.commands["check"]
 
-    def callback(live: bool, **kwargs: Any) -> Any:
+    def callback(live: bool, store: str | None = None, **kwargs: Any) -> Any:
+        _pull_tools(kwargs.get("config"), kwargs.get("paths") or (), store)
         if live:
-            found, _ = _discover(kwargs.get("config"), 15.0)
+            found, _ = _discover(kwargs.get("config"), 15.0, store)
             for name, entry in sorted(found.items()):
                 if not entry["ok"]:
                     click.echo(f"warning: MCP server '{name}' did not answer: "
@@ -1345,7 +1488,8 @@ def _with_live_check() -> None:
 
     live = click.Option(["--live"], is_flag=True,
                         help="Start the MCP servers first and refresh their tool schemas.")
-    cli.add_command(click.Command("check", params=[*original.params, live],
+    store = next(p for p in _store_option(click.Command("x")).params)
+    cli.add_command(click.Command("check", params=[*original.params, live, store],
                                   callback=callback, help=original.help,
                                   short_help=original.short_help))
 
@@ -1373,7 +1517,7 @@ def _cost_history(config_path: Path | None, cfg: ProjectConfig | None) -> Any:
 
     cfg = cfg or ProjectConfig()
     project_dir = config_path.parent if config_path else Path.cwd()
-    if not (project_dir / cfg.ledger.path).exists():
+    if not (project_dir / cfg.ledger.path).exists() and _store_url(None, cfg) is None:
         return None
     try:
         select = _ledger_select(cfg, project_dir)

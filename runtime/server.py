@@ -56,13 +56,25 @@ def spool_name(instance: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", instance)
 
 
+def _shared_tools(ledger: Ledger | PgLedger) -> dict[str, Any] | None:
+    """The shared store's MCP discovery cache (None: embedded, or unreachable for now)."""
+    if not isinstance(ledger, PgLedger):
+        return None
+    from runtime.mcp.discovered import load
+
+    try:
+        return load(ledger.execute)
+    except LedgerUnavailable:
+        return None
+
+
 def _access_store(ledger: Ledger | PgLedger, store: str | None) -> Any:
     """Where keys, alerts and spend live: the ledger file, or the shared store."""
     if store is None or not isinstance(ledger, PgLedger):
         return LedgerAccessStore(ledger)
     from runtime.pg.access import PgAccessStore
 
-    return PgAccessStore(store)
+    return PgAccessStore(store, instance=ledger.instance)  # one name in every table
 
 
 @dataclass
@@ -81,6 +93,8 @@ class Runtime:
     catalog: ModelCatalog  # the providers' model lists (GET /v1/models, bare names)
     gate: Gate  # keys, budgets, rate limits (runtime/access)
     alerter: Alerter
+    # With a shared store: the MCP tools discovered on any instance (runtime/mcp/discovered.py)
+    shared_tools: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, config: ProjectConfig, project_dir: Path, pipelines: Path | None,
@@ -101,7 +115,9 @@ class Runtime:
         else:
             ledger = link.ledger(ledger_path, config.ledger.flush_interval) if link else \
                 Ledger(ledger_path, config.ledger.flush_interval, in_process=False)
-        registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE)))
+        shared_tools = _shared_tools(ledger)
+        registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE,
+                                                             shared_tools)))
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)
@@ -119,7 +135,23 @@ class Runtime:
         return cls(config, project_dir, providers, router, ledger,
                    ModelCaller(config, providers, router, calls_ledger, gate),
                    MCPManager(config.mcp_servers, project_dir), registry,
-                   asyncio.Semaphore(256), ModelCatalog(config, providers), gate, alerter)
+                   asyncio.Semaphore(256), ModelCatalog(config, providers), gate, alerter,
+                   shared_tools)
+
+    def tool_catalog(self) -> ToolCatalog:
+        """The MCP tools known without starting a server: flowc.yaml's, the discovery
+        cache's, and (with a shared store) those discovered on any instance."""
+        return ToolCatalog.load(self.config, self.project_dir / TOOL_CACHE, self.shared_tools)
+
+    def refresh_tools(self) -> bool:
+        """With a shared store: compile pipelines against the tools discovered on any
+        instance up to now; True when they changed."""
+        found = _shared_tools(self.ledger)
+        if found is None or found == self.shared_tools:
+            return False
+        self.shared_tools = found
+        self.registry.project = Project(self.config, self.tool_catalog())
+        return True
 
     def executor(self, dry_run: bool = False) -> Executor:
         if dry_run:
@@ -269,6 +301,7 @@ async def _poll_registry(rt: Runtime) -> None:
     while True:
         await asyncio.sleep(REGISTRY_POLL)
         try:
+            await asyncio.to_thread(rt.refresh_tools)  # a discovery on another instance
             await asyncio.to_thread(rt.registry.refresh, rt.ledger)
         except LedgerUnavailable:
             continue

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import shutil
 import signal
@@ -101,6 +102,35 @@ def test_rows_are_batched_and_readable(tmp_path):
                                "NOT success), min(total_tokens) FROM requests")
     assert rows == [(2500, Decimal("0.011250000"), 250, 15)]
     ledger.close()
+
+
+def test_the_embedded_ledgers_rows_are_one_instance_named_local(tmp_path):
+    """`--by instance` and `?instance=` on the embedded ledger: it has no instance column
+    (one server wrote it all), so every row is the instance '(local)'."""
+    from runtime.ledger import reports
+
+    ledger = Ledger(tmp_path / "l.duckdb", flush_interval=0.1)
+    try:
+        for i in range(30):
+            ledger.record(CallRecord(model="fast", provider="openai", served_model="m",
+                                     success=True, latency_ms=1.0, prompt_tokens=10,
+                                     completion_tokens=5,
+                                     cost_usd=Decimal("0.000001"),
+                                     tags="x" if i % 3 == 0 else None))
+        ledger.flush()
+        report = ledger.report
+        by = reports.summary(report, by="instance")
+        assert [(r["key"], r["calls"]) for r in by["rows"]] == [("(local)", 30)]
+        assert by["totals"]["cost_usd"] == Decimal("0.00003")
+        assert reports.summary(report, instance="(local)")["totals"]["calls"] == 30
+        assert reports.summary(report, instance="host:8080")["totals"]["calls"] == 0
+        tagged = reports.summary(report, by="tag", instance="(local)")
+        assert {r["key"]: r["calls"] for r in tagged["rows"]} == {"x": 10, "(no tag)": 20}
+        assert reports.dashboard(report, instance="(local)")["overall"]["calls"] == 30
+        assert reports.dashboard(report, instance="elsewhere")["overall"]["calls"] == 0
+        assert len(reports.export_rows(report, instance="(local)")[1]) == 30
+    finally:
+        ledger.close()
 
 
 def test_rows_waiting_for_a_checkpoint_hold_little_memory(tmp_path):
@@ -382,6 +412,14 @@ def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
                        cwd=project, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "2 calls, 2200 tokens, $0.004710" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--by", "instance",
+                        "--json"], cwd=project, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [(row["key"], row["calls"]) for row in json.loads(r.stdout)["rows"]] == [
+        ("(local)", 2)]
+    by = httpx.get(url + "/v1/costs/summary", params={"by": "instance"}).json()
+    assert [(row["key"], row["calls"]) for row in by["rows"]] == [("(local)", 2)]
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--sql",
                         "DELETE FROM requests"], cwd=project, env=env, capture_output=True,
                        text=True, timeout=60)
@@ -434,6 +472,15 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
             rows = page.eval_on_selector_all("#latest tr", "els => els.length")
             asks_for_key = page.get_by_label("flowc key").is_visible()
             page.screenshot(path=str(shot), full_page=True)
+            # one instance, the embedded ledger's: by it, and narrowed to it
+            instances = page.eval_on_selector_all(
+                "#by-instance tr", "els => els.map(e => e.innerText.split('\\t')[0])")
+            page.select_option("#f-instance", "(local)")
+            page.wait_for_function(
+                "() => new URLSearchParams(new URL(document.querySelector('#csv').href)"
+                ".search).get('instance') === '(local)'", timeout=15000)
+            page.wait_for_selector("body[data-ready=true]", timeout=15000)
+            narrowed_calls = page.inner_text("#kpi-calls")
             browser.close()
         print(f"dashboard screenshot: {shot}")
         assert external == []  # no CDN: it works with no internet
@@ -443,6 +490,7 @@ def test_dashboard_renders_real_ledger_data_in_chromium(served_ledger):
         # The request for an unknown model is on the books too, refused (no provider, $0).
         assert daily == 1 and calls == "5" and rows == 1 + 5
         assert not asks_for_key  # auth off: the page never asks for a key
+        assert instances == ["instance", "(local)"] and narrowed_calls == "5"
         assert shot.stat().st_size > 10_000
     finally:
         stop_server(proc)

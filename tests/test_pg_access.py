@@ -156,14 +156,22 @@ def test_rate_limits_are_split_among_the_live_instances(postgres) -> None:
     asyncio.run(main())
 
 
-def test_a_killed_instances_lease_expires_and_its_rest_counts_as_spent(postgres) -> None:
+# restarted: the survivor is the killed instance started again under the same name (as
+# `flowc serve --instance i0` after a kill -9), which must not take its leases for its own
+@pytest.mark.parametrize("restarted", [False, True], ids=["other", "same-name"])
+def test_a_killed_instances_lease_expires_and_its_rest_counts_as_spent(
+        postgres, restarted: bool) -> None:
     url = postgres.fresh_database()
     budget = COST * 50
+    names = {"instance": "host-a:8080"} if restarted else {}
 
     async def main() -> None:
-        async with instances(url, 1, lease_ttl=1.0) as (survivor,):
+        async with instances(url, 1, lease_ttl=1.0, **names) as (survivor,):
             key, _ = survivor.create({"name": "crashy", "budget_usd": str(budget)})
-            doomed = gate(url, lease_ttl=1.0)
+            doomed = gate(url, lease_ttl=1.0, **names)
+            if restarted:  # one name, as on the ledger's rows; its own leases
+                assert doomed.store.name == survivor.store.name == "host-a:8080"  # type: ignore[attr-defined]
+                assert doomed.store.instance != survivor.store.instance  # type: ignore[attr-defined]
             await until(lambda: key.id in doomed.keys)
             who = Principal("key", doomed.keys[key.id])
             assert all(await asyncio.gather(*(call(doomed, who) for _ in range(5))))
@@ -186,6 +194,11 @@ def test_a_killed_instances_lease_expires_and_its_rest_counts_as_spent(postgres)
             while await call(survivor, mine):
                 served += 1
             assert served > 0
+            if restarted:
+                with psycopg.connect(url) as conn:
+                    held = conn.execute("SELECT DISTINCT instance FROM budget_leases"
+                                        ).fetchall()
+                assert held in ([], [(survivor.store.instance,)])  # type: ignore[attr-defined]
         total, leased = settled(url, "key", key.id)
         assert leased == 0 and total <= budget
 

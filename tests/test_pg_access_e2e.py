@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import socket
 import subprocess
 import textwrap
 import time
@@ -142,6 +143,39 @@ def test_a_key_revoked_on_one_instance_is_refused_on_the_others(cluster: Cluster
         r = httpx.post(url + "/v1/chat/completions", timeout=10, **ask(secret))
         assert r.status_code == 401, r.text
         assert r.json()["error"]["code"] == "revoked_api_key"
+
+
+def test_each_instance_has_one_name_in_every_table(cluster: Cluster) -> None:
+    """The name on an instance's ledger rows (hostname:port by default) is the one on its
+    budget leases and its liveness row (with a per-process suffix there) and in /ready."""
+    _, secret = cluster.key(name="named", budget_usd="1")
+    time.sleep(PROPAGATION)
+    names = []
+    for i, url in enumerate(cluster.urls):
+        r = httpx.post(url + "/v1/chat/completions", timeout=10, **ask(secret))
+        assert r.status_code == 200, r.text
+        ready = cluster.admin(i, "GET", "/ready").json()
+        name = ready["ledger"]["instance"]
+        assert name == f"{socket.gethostname()}:{url.rsplit(':', 1)[1]}"
+        assert ready["access"]["instance"] == name
+        assert ready["access"]["process"].startswith(name + "/")
+        names.append(name)
+    with psycopg.connect(cluster.store) as conn:
+        def named(sql: str) -> set[str]:
+            return {n for (n,) in conn.execute(sql).fetchall()}
+
+        wait_until(lambda: named("SELECT DISTINCT instance FROM requests") == set(names), 10)
+        assert named("SELECT split_part(id, '/', 1) FROM access_instances") == set(names)
+        leases = "SELECT split_part(instance, '/', 1) FROM budget_leases"
+        for name, url in zip(names, cluster.urls, strict=True):
+            # A lease lives while its instance has demand (an idle one hands it back at
+            # its next tick): look while the instance serves the key.
+            def leased(name: str = name, url: str = url) -> bool:
+                httpx.post(url + "/v1/chat/completions", timeout=10, **ask(secret))
+                return name in named(leases)
+
+            wait_until(leased, 10)
+        assert named(leases) <= set(names)
 
 
 def test_store_down_a_budgeted_key_is_refused_an_unbudgeted_one_served(

@@ -279,3 +279,14 @@ def test_a_pipeline_registered_on_one_instance_is_served_by_all(cluster: Cluster
     assert dash["overall"]["calls"] == c.rows()
     csv_text = httpx.get(f"{c.base(0)}/v1/costs/export.csv", timeout=60).text
     assert len(csv_text.splitlines()) == c.rows() + 1
+    # spend by the instance that served it, from any instance and from the CLI
+    by = httpx.get(f"{c.base(2)}/v1/costs/summary", params={"by": "instance"},
+                   timeout=30).json()
+    counts = {r["key"]: r["calls"] for r in by["rows"]}
+    assert set(counts) <= {"i0", "i1", "i2"} and counts["i1"] == c.rows("instance = 'i1'")
+    assert sum(counts.values()) == c.rows()
+    one = c.flowc("costs", "--store", c.url, "--instance", "i1", "--json")
+    assert one.returncode == 0, one.stderr
+    assert json.loads(one.stdout)["totals"]["calls"] == counts["i1"]
+    table = c.flowc("costs", "--store", c.url, "--by", "instance")
+    assert table.returncode == 0 and "i1" in table.stdout, table.stderr

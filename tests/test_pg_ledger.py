@@ -264,6 +264,19 @@ def test_costs_from_a_laptop_read_every_instance(store: str, tmp_path: Path) -> 
     assert reports.summary(lambda s, p=(): select(s, p, timeout=None))["totals"]["calls"] == 60
     assert select("SELECT instance, count(*) FROM requests GROUP BY 1 ORDER BY 1")[1] == [
         ("a", 10), ("b", 20), ("c", 30)]
+    # --by instance and ?instance=: each row names the instance that served it
+    report = lambda s, p=(): select(s, p, timeout=None)  # noqa: E731
+    by = reports.summary(report, by="instance")
+    assert [(r["key"], r["calls"]) for r in by["rows"]] == [("a", 10), ("b", 20), ("c", 30)]
+    assert by["totals"]["calls"] == 60
+    assert reports.summary(report, instance="b")["totals"]["calls"] == 20
+    tags = reports.summary(report, by="tag", instance="c")
+    assert {r["key"]: r["calls"] for r in tags["rows"]} == {"env=prod": 8, "x": 8,
+                                                             "(no tag)": 22}
+    assert tags["totals"]["calls"] == 30
+    assert reports.dashboard(report, instance="c")["overall"]["calls"] == 30
+    assert len(reports.export_rows(report, instance="a")[1]) == 10
+    assert reports.summary(report, instance="nowhere")["totals"]["calls"] == 0
     with pytest.raises(LedgerUnavailable, match="cannot reach"):
         remote_select("postgresql://nobody@127.0.0.1:1/x", 5.0)
 

@@ -24,18 +24,20 @@ router = APIRouter()
 @router.get("/v1/costs/summary")
 async def summary(request: Request, a: Caller, since: str | None = None,
                   until: str | None = None, by: str = "day", team: str | None = None,
-                  key: str | None = None, tag: str | None = None) -> Response:
+                  key: str | None = None, tag: str | None = None,
+                  instance: str | None = None) -> Response:
     data = await report(current(request), reports.summary, since, until, by,
-                        **a.filters(team, key, tag))
+                        **a.filters(team, key, tag), instance=instance)
     return json_response(data)
 
 
 @router.get("/v1/costs/dashboard")
 async def dashboard_data(request: Request, a: Caller, since: str | None = None,
                          until: str | None = None, team: str | None = None,
-                         key: str | None = None, tag: str | None = None) -> Response:
+                         key: str | None = None, tag: str | None = None,
+                         instance: str | None = None) -> Response:
     data = await report(current(request), reports.dashboard, since, until,
-                        **a.filters(team, key, tag))
+                        **a.filters(team, key, tag), instance=instance)
     return json_response(data)
 
 
@@ -48,9 +50,9 @@ async def dashboard() -> Response:
 @router.get("/v1/costs/export.csv")
 async def export(request: Request, a: Caller, since: str | None = None,
                  until: str | None = None, team: str | None = None, key: str | None = None,
-                 tag: str | None = None) -> Response:
+                 tag: str | None = None, instance: str | None = None) -> Response:
     text = await report(current(request), reports.export_csv, since, until,
-                        **a.filters(team, key, tag))
+                        **a.filters(team, key, tag), instance=instance)
     return Response(text, media_type="text/csv",
                     headers={"content-disposition": 'attachment; filename="costs.csv"'})
 

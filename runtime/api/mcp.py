@@ -9,9 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from flowc.config import TOOL_CACHE, ToolCatalog
 from runtime.api.auth import Admin, Caller
-from runtime.api.common import current, json_response
+from runtime.api.common import current, json_response, ledger_unavailable
+from runtime.gateway.openai_api import error_response
+from runtime.ledger.store import LedgerUnavailable
+from runtime.mcp import discovered
+from runtime.pg.ledger import PgLedger
 
 router = APIRouter()
 
@@ -21,7 +24,7 @@ router = APIRouter()
 # to ask them is an explicit POST.
 def _known(request: Request) -> dict[str, dict[str, Any]]:
     rt = current(request)
-    return rt.mcp.known(ToolCatalog.load(rt.config, rt.project_dir / TOOL_CACHE))
+    return rt.mcp.known(rt.tool_catalog())
 
 
 def _servers(known: dict[str, dict[str, Any]]) -> Response:
@@ -44,7 +47,14 @@ async def tools(request: Request, _: Caller) -> Response:
 
 @router.post("/v1/mcp/refresh")
 async def refresh(request: Request, _: Admin) -> Response:
-    mcp = current(request).mcp
-    found = await mcp.discover()
-    await asyncio.to_thread(mcp.write_cache, found)
+    rt = current(request)
+    found = await rt.mcp.discover()
+    await asyncio.to_thread(rt.mcp.write_cache, found)
+    if isinstance(rt.ledger, PgLedger):  # every instance compiles against what was found
+        try:
+            await asyncio.to_thread(discovered.save, rt.ledger.execute, found,
+                                    rt.ledger.instance)
+        except LedgerUnavailable as exc:
+            return error_response(ledger_unavailable(exc))
+        await asyncio.to_thread(rt.refresh_tools)
     return _servers(_known(request))

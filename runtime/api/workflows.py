@@ -42,6 +42,7 @@ async def register(name: str, request: Request, _: Admin) -> Response:
             return error_response(RequestError('send the pipeline as YAML, or as JSON '
                                                '{"yaml": "..."}'))
     try:
+        await asyncio.to_thread(rt.refresh_tools)  # a tool discovered a moment ago elsewhere
         result = await asyncio.to_thread(rt.registry.register, name, raw, rt.ledger)
     except BreaksCallers as exc:  # each finding names the caller it is in
         return JSONResponse({"error": {

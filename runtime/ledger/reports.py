@@ -12,6 +12,7 @@ from typing import Any
 from runtime.ledger.schema import REQUEST_COLUMNS
 
 Select = Callable[..., tuple[list[str], list[tuple[Any, ...]]]]
+LOCAL = "(local)"  # the instance of the embedded ledger's rows (see _LOCAL)
 # (key expression, GROUP BY). Grouping by raw columns, not by an expression built per row, is
 # what keeps 10M rows under 0.3 s (a cast to DATE is ~3x faster than date_trunc).
 GROUPS = {
@@ -24,9 +25,24 @@ GROUPS = {
     "team": ("coalesce(team, '(no team)')", "team"),
     # A call with several tags counts once under each (see _TAGGED).
     "tag": ("coalesce(tag, '(no tag)')", "tag"),
+    # The flowc instance that served the call (a shared store's rows name it; see _LOCAL).
+    "instance": (f"coalesce(instance, '{LOCAL}')", "instance"),
 }
 # `tags` is "k=v,x" (sorted, comma-joined): one row per tag for `--by tag`.
 _TAGGED = "(SELECT *, unnest(coalesce(string_split(tags, ','), [NULL])) AS tag FROM requests)"
+# The embedded ledger has no `instance` column: one server wrote all its rows. Its reports
+# read `requests` with an instance of NULL, shown as LOCAL; on a shared store
+# (runtime/pg/reports.py) this is the table itself, whose rows name their instance.
+_LOCAL = "(SELECT *, CAST(NULL AS VARCHAR) AS instance FROM requests) AS requests"
+
+
+def _source(by: str | None, instance: str | None) -> str:
+    """What a report reads: `requests`, as rows per tag for `--by tag`, with an instance
+    column when it groups or filters by instance."""
+    base = _LOCAL if by == "instance" or instance is not None else "requests"
+    if by == "tag":
+        return _TAGGED.replace("FROM requests)", f"FROM {base})")
+    return base
 
 
 def _when(value: str | None, name: str) -> datetime | None:
@@ -40,13 +56,15 @@ def _when(value: str | None, name: str) -> datetime | None:
 
 
 def _where(since: str | None, until: str | None, team: str | None = None,
-           key_id: str | None = None, tag: str | None = None) -> tuple[str, list[Any]]:
+           key_id: str | None = None, tag: str | None = None, instance: str | None = None
+           ) -> tuple[str, list[Any]]:
     """The WHERE clause of a report: its time range, and whose calls (a team, a key, a
-    tag); values are parameters, never SQL text."""
+    tag, an instance: see `_source`); values are parameters, never SQL text."""
     clauses: list[str] = []
     params: list[Any] = []  # ISO strings, so they travel over HTTP unchanged
     for column, value in (("team = ?", team), ("key_id = ?", key_id),
-                          ("list_contains(string_split(tags, ','), ?)", tag)):
+                          ("list_contains(string_split(tags, ','), ?)", tag),
+                          (f"coalesce(instance, '{LOCAL}') = ?", instance)):
         if value is not None:
             clauses.append(column)
             params.append(value)
@@ -74,14 +92,15 @@ def time_range(column: str, since: str | None, until: str | None, params: list[A
 
 def summary(select: Select, since: str | None = None, until: str | None = None,
             by: str = "day", *, team: str | None = None, key_id: str | None = None,
-            tag: str | None = None) -> dict[str, Any]:
-    """Spend grouped ``by`` day | model | workflow | provider | key | team | tag, of the
-    calls in the range made by ``team``, ``key_id`` and with ``tag`` (each when given)."""
+            tag: str | None = None, instance: str | None = None) -> dict[str, Any]:
+    """Spend grouped ``by`` day | model | workflow | provider | key | team | tag | instance,
+    of the calls in the range made by ``team``, ``key_id``, with ``tag`` and served by
+    ``instance`` (each when given)."""
     if by not in GROUPS:
         raise ValueError(f"--by must be one of {', '.join(GROUPS)}, not {by!r}")
-    where, params = _where(since, until, team, key_id, tag)
+    where, params = _where(since, until, team, key_id, tag, instance)
     key, group = GROUPS[by]
-    source = _TAGGED if by == "tag" else "requests"
+    source = _source(by, instance)
     sql = f"""
         SELECT {key} AS key,
                count(*) AS calls,
@@ -101,7 +120,7 @@ def summary(select: Select, since: str | None = None, until: str | None = None,
     if by == "tag":  # a call with two tags is in two rows, and once in the totals
         return {"by": by, "rows": out_rows,
                 "totals": summary(select, since, until, "provider", team=team,
-                                  key_id=key_id, tag=tag)["totals"]}
+                                  key_id=key_id, tag=tag, instance=instance)["totals"]}
     totals = {
         "calls": sum(r["calls"] for r in out_rows),
         "errors": sum(r["errors"] for r in out_rows),
@@ -114,19 +133,20 @@ def summary(select: Select, since: str | None = None, until: str | None = None,
 
 
 def export_rows(select: Select, since: str | None = None, until: str | None = None, *,
-                team: str | None = None, key_id: str | None = None, tag: str | None = None
-                ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Every call in the range (of ``team``/``key_id``/``tag``), every column, oldest
-    first."""
-    where, params = _where(since, until, team, key_id, tag)
-    return select(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM requests {where} ORDER BY ts",
-                  params)
+                team: str | None = None, key_id: str | None = None, tag: str | None = None,
+                instance: str | None = None) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Every call in the range (of ``team``/``key_id``/``tag``/``instance``), every
+    column, oldest first."""
+    where, params = _where(since, until, team, key_id, tag, instance)
+    return select(f"SELECT {', '.join(REQUEST_COLUMNS)} FROM {_source(None, instance)} "
+                  f"{where} ORDER BY ts", params)
 
 
 def export_csv(select: Select, since: str | None = None, until: str | None = None, *,
-               team: str | None = None, key_id: str | None = None, tag: str | None = None
-               ) -> str:
-    columns, rows = export_rows(select, since, until, team=team, key_id=key_id, tag=tag)
+               team: str | None = None, key_id: str | None = None, tag: str | None = None,
+               instance: str | None = None) -> str:
+    columns, rows = export_rows(select, since, until, team=team, key_id=key_id, tag=tag,
+                                instance=instance)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
@@ -159,11 +179,12 @@ def _numeric(s: str) -> bool:
 
 
 def dashboard(select: Select, since: str | None = None, until: str | None = None, *,
-              team: str | None = None, key_id: str | None = None, tag: str | None = None
-              ) -> dict[str, Any]:
-    """Everything the dashboard draws, in one round trip (of ``team``/``key_id``/``tag``'s
-    calls, when given)."""
-    where, params = _where(since, until, team, key_id, tag)
+              team: str | None = None, key_id: str | None = None, tag: str | None = None,
+              instance: str | None = None) -> dict[str, Any]:
+    """Everything the dashboard draws, in one round trip (of ``team``/``key_id``/``tag``/
+    ``instance``'s calls, when given)."""
+    where, params = _where(since, until, team, key_id, tag, instance)
+    requests = _source(None, instance)
 
     def rows(sql: str) -> list[dict[str, Any]]:
         columns, data = select(sql, params)
@@ -172,29 +193,29 @@ def dashboard(select: Select, since: str | None = None, until: str | None = None
     model, model_group = GROUPS["model"]
     daily = rows(f"""SELECT ts::DATE AS day, count(*) AS calls,
                      coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd
-                     FROM requests {where} GROUP BY 1 ORDER BY 1""")
+                     FROM {requests} {where} GROUP BY 1 ORDER BY 1""")
     by_model = rows(f"""SELECT {model} AS model, count(*) AS calls,
                         coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
                         coalesce(sum(completion_tokens), 0) AS completion_tokens,
                         sum(cost_usd) AS cost_usd,
                         quantile_cont(latency_ms, 0.5) AS p50_ms
-                        FROM requests {where} GROUP BY {model_group}
+                        FROM {requests} {where} GROUP BY {model_group}
                         ORDER BY cost_usd DESC NULLS LAST""")
     workflow, workflow_group = GROUPS["workflow"]
     by_workflow = rows(f"""SELECT {workflow} AS workflow, count(*) AS calls,
                            coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd
-                           FROM requests {where} GROUP BY {workflow_group}
+                           FROM {requests} {where} GROUP BY {workflow_group}
                            ORDER BY cost_usd DESC NULLS LAST""")
     overall = rows(f"""SELECT count(*) AS calls, count(*) FILTER (WHERE NOT success) AS errors,
                        coalesce(sum(total_tokens), 0) AS tokens, sum(cost_usd) AS cost_usd,
                        quantile_cont(latency_ms, 0.5) AS p50_ms,
                        quantile_cont(latency_ms, 0.9) AS p90_ms,
                        quantile_cont(latency_ms, 0.99) AS p99_ms
-                       FROM requests {where}""")[0]
+                       FROM {requests} {where}""")[0]
     latest = rows(f"""SELECT ts, coalesce(workflow_name, '') AS workflow,
                       coalesce(step_id, '') AS step, model, provider, served_model,
                       key_name, team, total_tokens, cost_usd, latency_ms, success, error
-                      FROM requests {where} ORDER BY ts DESC LIMIT 25""")
+                      FROM {requests} {where} ORDER BY ts DESC LIMIT 25""")
     overall["error_rate"] = (overall["errors"] / overall["calls"]) if overall["calls"] else 0.0
     return {"overall": overall, "daily": daily, "by_model": by_model,
             "by_workflow": by_workflow, "latest": latest}

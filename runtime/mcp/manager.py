@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flowc.config import TOOL_CACHE, MCPServerConfig, ToolCatalog
+from flowc.config import MCPServerConfig, ToolCatalog
 from runtime import observe
 from runtime.executor import StepFailed, ToolResult
 from runtime.mcp.tools import function_tool
@@ -267,14 +266,9 @@ class MCPManager:
         return out
 
     def write_cache(self, found: dict[str, dict[str, Any]]) -> Path:
-        path = self.project_dir / TOOL_CACHE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        old: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):
-            old = json.loads(path.read_text()).get("servers", {})
-        merged = {**old, **{k: v for k, v in found.items() if v["ok"]}}
-        path.write_text(json.dumps({"servers": merged}, indent=2, default=str))
-        return path
+        from runtime.mcp.discovered import write_file
+
+        return write_file(self.project_dir, found)
 
     async def close(self) -> None:
         await asyncio.gather(*(s.close() for s in self.sessions.values()),

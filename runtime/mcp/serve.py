@@ -146,9 +146,7 @@ class FlowcMCP:
         """At start-up: `expose:` names real servers and no two tools share a name (with
         the upstream tools known so far: flowc.yaml's declared tools, the discovery
         cache). Raises ExposeError."""
-        from flowc.config import TOOL_CACHE, ToolCatalog
-
-        known = ToolCatalog.load(self.rt.config, self.rt.project_dir / TOOL_CACHE)
+        known = self.rt.tool_catalog()
         upstream = {}
         for server in self.catalog.servers:
             tools = known.tools_of(server) or {}
@@ -478,14 +476,16 @@ def mcp_asgi_app(runtime: Callable[[], Runtime]) -> MCPEndpoint:
 
 # -- stdio: `flowc mcp serve` ---------------------------------------------------------------
 async def serve_stdio(config: Any, project_dir: Path, pipelines: Path | None = None,
-                      key: str | None = None) -> None:
+                      key: str | None = None, *, store: str | None = None,
+                      instance: str | None = None) -> None:
     """Serve MCP over stdin/stdout until the client closes stdin. ``key``: a flowc key
-    (sk-flowc-...) whose calls these are (budgets, limits, attribution)."""
+    (sk-flowc-...) whose calls these are (budgets, limits, attribution); ``store`` and
+    ``instance``: a shared store's URL and this process's name there."""
     from mcp.server.stdio import stdio_server
 
     from runtime.server import Runtime
 
-    rt = Runtime.start(config, project_dir, pipelines)
+    rt = Runtime.start(config, project_dir, pipelines, store=store, instance=instance)
     mcp: FlowcMCP | None = None
     try:
         who = OPEN

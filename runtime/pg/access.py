@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -43,6 +42,7 @@ from runtime.access.gate import Denied
 from runtime.access.keys import Key
 from runtime.ledger.store import LedgerUnavailable
 from runtime.pg.db import migrate, redact
+from runtime.pg.ledger import default_instance
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
@@ -350,7 +350,15 @@ Settlement = tuple[SharedCounter, Decimal, Decimal, Decimal, Decimal]
 class PgAccessStore:
     """The shared store (an `AccessStore`, runtime/access/store.py) and this instance's
     sync with it. ``on_outage`` (closed | open): flowc.yaml's `budgets.on_store_outage`
-    unless given. No I/O until first used: the schema is migrated then."""
+    unless given. No I/O until first used: the schema is migrated then.
+
+    ``instance`` is the instance's name, as on its ledger rows (`--instance`, else
+    FLOWC_INSTANCE, else hostname:port). Its leases and its liveness row carry that name
+    plus this process's pid and a random suffix (``self.instance``: "host:8080/4711-3fa2"):
+    an instance killed and restarted under the same name within `LEASE_TTL` must not take
+    its predecessor's leases for its own (it would renew them forever without knowing
+    of them, and that headroom would be lost to the budget until its period ends); they
+    expire and count as spent, as any killed instance's do."""
 
     def __init__(self, url: str, *, instance: str | None = None,
                  on_outage: str | None = None, lease_ttl: float = LEASE_TTL) -> None:
@@ -359,8 +367,8 @@ class PgAccessStore:
         self.on_outage = on_outage or "closed"
         self._outage_set = on_outage is not None
         self._migrated = False
-        self.instance = instance or (f"{socket.gethostname()}:{os.getpid()}:"
-                                     f"{uuid.uuid4().hex[:6]}")
+        self.name = instance or default_instance()
+        self.instance = f"{self.name}/{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.online = True
         self.error: str | None = None
         self.instances = 1
@@ -635,9 +643,28 @@ class PgAccessStore:
 
     def status(self) -> dict[str, Any]:
         """For /ready."""
-        return {"url": redact(self.url), "reachable": self.online, "instance": self.instance,
+        return {"url": redact(self.url), "reachable": self.online, "instance": self.name,
+                "process": self.instance,
                 "instances": self.instances, "budgets_on_outage": self.on_outage,
                 **({"error": self.error} if self.error else {})}
+
+    def read_totals(self) -> None:
+        """Every budget's settled and leased spend, as a tick reads them, for a command that
+        shows them without syncing (`flowc keys list --store`)."""
+        if self.budgets is None:
+            return
+        counters = list(self.budgets.counters.values())
+        rows = self._run("_bg", lambda c: c.execute(_GLOBALS, [
+            [k.scope.kind for k in counters], [k.scope.name for k in counters],
+            [k.start for k in counters]]).fetchall())
+        self.budgets.refresh({(r[0], r[1], r[2]): (r[3], r[4]) for r in rows}, set(), {})
+
+    def close_connections(self) -> None:
+        """For a command, which holds no lease and never joined the live instances."""
+        for conn in (self._inline, self._bg):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
 
     async def aclose(self) -> None:
         """Settle, hand every lease back, leave the live instances."""

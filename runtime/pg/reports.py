@@ -24,6 +24,7 @@ _TAGGED_PG = ("(SELECT *, unnest(coalesce(string_to_array(tags, ','), ARRAY[NULL
               "AS tag FROM requests) AS tagged")
 # (DuckDB, PostgreSQL), applied in order.
 _EXACT = (
+    (reports._LOCAL, "requests"),  # the shared store's rows name their instance
     (reports._TAGGED, _TAGGED_PG),
     ("list_contains(string_split(tags, ','), ?)", "? = ANY(string_to_array(tags, ','))"),
     ("INTERVAL 1 DAY", "INTERVAL '1 day'"),

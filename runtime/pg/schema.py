@@ -104,6 +104,15 @@ MIGRATIONS: list[tuple[str, str]] = [
             tokens BIGINT,
             created_at TIMESTAMP NOT NULL     -- UTC
         )"""),
+    # The MCP discovery cache every instance reads (runtime/mcp/discovered.py): one row
+    # per server, its tools as the last discovery on any instance found them.
+    ("ledger_0003_mcp_tools", """
+        CREATE TABLE mcp_tools (
+            server TEXT PRIMARY KEY,
+            tools JSONB NOT NULL,             -- [{name, description, inputSchema, ...}]
+            discovered_at TIMESTAMP NOT NULL, -- UTC
+            instance TEXT                     -- the instance (or command) that asked
+        )"""),
 ]
 
 
