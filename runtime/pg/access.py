@@ -318,10 +318,20 @@ class SharedBudgets(Budgets):
         super().charge(counters, cost)
 
     # -- the tick, on the event loop around its work in the store ---------------------------
-    def settlements(self) -> list[Settlement]:
+    def settlements(self, final: bool = False) -> list[Settlement]:
         """Take what to settle, hand back and lease ahead: ``(counter, charged, of it
         against the lease, handed back, to lease more)``; the counters already count what
-        is settled and handed back as gone (see `restore`)."""
+        is settled and handed back as gone (see `restore`). ``final``: every lease back."""
+        out = self._settlements()
+        if final:
+            for c in [*self.counters.values(), *self.retired]:
+                assert isinstance(c, SharedCounter)
+                if c.lease:
+                    out.append((c, ZERO, ZERO, c.lease, ZERO))
+                    c.lease = ZERO
+        return out
+
+    def _settlements(self) -> list[Settlement]:
         out = []
         live = {id(c) for c in self.counters.values()}
         for c in [*self.counters.values(), *self.retired]:
@@ -392,7 +402,46 @@ def lease_size(c: SharedCounter, need: Decimal, amount: Decimal) -> tuple[Decima
 Settlement = tuple[SharedCounter, Decimal, Decimal, Decimal, Decimal]
 
 
-class PgAccessStore:
+class Ticking:
+    """A sync every `TICK` on the event loop (`tick`), and a last one at close that
+    settles and hands back every lease (`tick(final=True)`)."""
+
+    online: bool
+    _task: asyncio.Task[None] | None = None
+    _stopping = False
+
+    async def tick(self, final: bool = False) -> None:
+        raise NotImplementedError
+
+    def _start_ticking(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no event loop: a CLI, no sync
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        # Never cancelled in the middle of a tick: what it took to settle would be lost
+        # from the counters if its transaction then failed (see `_stop_ticking`).
+        while not self._stopping:
+            await asyncio.sleep(TICK)
+            if self._stopping:
+                return
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: keep syncing, say so
+                log.exception("syncing budgets (%s) failed", type(self).__name__)
+
+    async def _stop_ticking(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.online:
+            await self.tick(final=True)
+
+
+class PgAccessStore(Ticking):
     """The shared store (an `AccessStore`, runtime/access/store.py) and this instance's
     sync with it. ``on_outage`` (closed | open): flowc.yaml's `budgets.on_store_outage`
     unless given. No I/O until first used: the schema is migrated then."""
@@ -570,35 +619,14 @@ class PgAccessStore:
         self._gate = gate
         if not self._outage_set:
             self.on_outage = gate.config.budgets.on_store_outage
-        with contextlib.suppress(RuntimeError):  # no event loop: a CLI, no sync
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def _loop(self) -> None:
-        # Never cancelled in the middle of a tick: what it took to settle would be lost
-        # from the counters if its transaction then failed (see `aclose`).
-        while not self._stopping:
-            await asyncio.sleep(TICK)
-            if self._stopping:
-                return
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep syncing, say so
-                log.exception("syncing keys and budgets with the shared store failed")
+        self._start_ticking()
 
     async def tick(self, final: bool = False) -> None:
         """One sync: settle and hand back, renew leases, take back expired ones, read
         the totals, key changes and live instances. ``final``: hand back every lease."""
         b = self.budgets
         gate = self._gate
-        taken = b.settlements() if b is not None else []
-        if final and b is not None:
-            for c in [*b.counters.values(), *b.retired]:
-                assert isinstance(c, SharedCounter)
-                if c.lease:
-                    taken.append((c, ZERO, ZERO, c.lease, ZERO))
-                    c.lease = ZERO
+        taken = b.settlements(final) if b is not None else []
         watched = list(b.counters.values()) if b is not None else []
         try:
             out = await asyncio.to_thread(self._run, "_bg", lambda conn: self._sync(
@@ -685,13 +713,7 @@ class PgAccessStore:
 
     async def aclose(self) -> None:
         """Settle, hand every lease back, leave the live instances."""
-        self._stopping = True
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self.online:
-            await self.tick(final=True)
+        await self._stop_ticking()
         for conn in (self._inline, self._bg):
             if conn is not None:
                 with contextlib.suppress(Exception):
