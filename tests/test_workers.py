@@ -303,3 +303,31 @@ def test_a_rate_limit_holds_across_both_workers(served):
     assert len({pid for _, pid, _ in results}) == 2  # both workers took part
     for _, _, raw in limited:
         assert b"rate limit reached for key 'limited': 30 requests per minute" in raw, raw
+
+
+def test_a_worker_killed_while_holding_a_budget_slice_has_it_counted_as_spent(served):
+    budget = ONE_CALL * 100_000  # still far from spent when the worker is killed
+    made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
+                      json={"name": "sliced", "budget_usd": str(budget)}, timeout=30)
+    assert made.status_code == 201, made.text
+    key_id, auth = made.json()["id"], {"authorization": f"Bearer {made.json()['key']}"}
+    victim = sorted(workers(served.url))[0]
+    answered = killed_under_load(served.url, auth, victim)
+    assert answered > 0
+    restarted(served.url, victim)
+    wait_until(lambda: len(served.sql("SELECT 1 FROM requests WHERE key_id = ? AND "
+                                      "status = 'ok'", [key_id])) >= answered, 20)
+    rows = served.sql("SELECT cost_usd FROM requests WHERE key_id = ? AND status = 'ok'",
+                      [key_id])
+    rows_spent = sum((Decimal(str(r[0])) for r in rows), Decimal(0))
+    assert rows_spent > 0
+
+    def shown() -> Decimal:  # settled with the supervisor within a tick
+        r = httpx.get(f"{served.url}/v1/keys/{key_id}", headers=served.admin, timeout=30)
+        return Decimal(r.json()["spend"]["key"]["spent_usd"])
+
+    # The killed worker may have spent what it held and not yet settled (its rows are in
+    # the ledger): all it held counts as spent, so the budget counts at least what every
+    # answered call cost, and can never be passed by what it spent unseen.
+    wait_until(lambda: shown() >= rows_spent, 10)
+    assert shown() <= budget
