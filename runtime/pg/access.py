@@ -437,6 +437,11 @@ class Ticking:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        b: SharedBudgets | None = getattr(self, "budgets", None)
+        if b is not None:  # leases still being granted are handed back too
+            await asyncio.gather(*[c.leasing for c in b.counters.values()
+                                   if isinstance(c, SharedCounter) and c.leasing],
+                                 return_exceptions=True)
         if self.online:
             await self.tick(final=True)
 
