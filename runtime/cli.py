@@ -79,7 +79,8 @@ def _store_url(flag: str | None, cfg: ProjectConfig) -> str | None:
                    "connect may use it.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Server processes on the port (one per core uses them all); they share "
-                   "the ledger, keys, budgets and rate limits through one supervisor.")
+                   "the ledger, keys, budgets and rate limits through one supervisor (with "
+                   "--store, each is an instance of the store, named <instance>/w<k>).")
 @click.option("--listen", default="shared", hidden=True,
               type=click.Choice(["shared", "reuseport"]),
               help="With --workers: one socket all workers accept from, or one "
