@@ -55,10 +55,10 @@ WIRES = [
 ADMIN = "sk-flowc-admin-bench-" + "0" * 24
 
 
-def bench_key(project: Path) -> str:
+def bench_key(project: Path, limits: bool = True) -> str:
     """A key made in the project's ledger before its server starts, as `flowc keys create`
-    does: a budget and limits that every request is checked and charged against, none of
-    which a benchmark run can reach."""
+    does: a budget and (``limits``) rpm and tpm that every request is checked and charged
+    against, none of which a benchmark run can reach."""
     from flowc.config import ProjectConfig
     from runtime.access.gate import Gate
     from runtime.access.store import LedgerAccessStore
@@ -68,9 +68,10 @@ def bench_key(project: Path) -> str:
     try:
         gate = Gate(ProjectConfig(), LedgerAccessStore(ledger), ADMIN)
         gate.load()
-        _, secret = gate.create({"name": "bench", "team": "bench", "budget_usd": "1000000",
-                                 "period": "month", "rpm": 100_000_000,
-                                 "tpm": 10_000_000_000})
+        spec = {"name": "bench", "team": "bench", "budget_usd": "1000000", "period": "month"}
+        if limits:
+            spec |= {"rpm": 100_000_000, "tpm": 10_000_000_000}
+        _, secret = gate.create(spec)
         return secret
     finally:
         ledger.close()

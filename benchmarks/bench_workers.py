@@ -4,11 +4,12 @@ Starts the instant loopback upstream (Node, benchmarks/gateway/upstream.mjs) and
 alternating rounds, `flowc serve` with one worker, with two workers on one shared socket
 (the default) and with two workers on SO_REUSEPORT sockets (`--listen reuseport`), then
 drives each with wrk at concurrency 32: req/s, p99, and the CPU the whole server used per
-request (every process: supervisor, workers, ledger process). Last, two workers with auth
-on and a key with a budget, rpm and tpm (every request reserves on the supervisor's
-counters: two round trips) against one worker with the same key. wrk and the upstream run
-on the same cores as the server, so two workers cannot double the rate here; the load
-average before each round says how busy the machine was. Writes a section into
+request (every process: supervisor, workers, ledger process). Last, with auth on, one
+and two workers with a key with a budget (reserved against headroom each worker leases
+from the supervisor in slices), and with a key with a budget, rpm and tpm (the rate
+limits are checked on the supervisor's windows: one round trip a request). wrk and the
+upstream run on the same cores as the server, so two workers cannot double the rate
+here; the load average before each round says how busy the machine was. Writes a section into
 docs/benchmarks.md.
 
     python benchmarks/bench_workers.py [--duration 10] [--rounds 3] [--print-only]
@@ -44,13 +45,16 @@ from bench_gateway import (  # noqa: E402  (the gateway benchmark's wrk setup)
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- workers:begin -->", "<!-- workers:end -->"
 MODEL = "openai/gpt-4o-mini"
-# (label, --workers, --listen, auth on with a budgeted key)
+# (label, --workers, --listen, auth on with a key: None, "budget", or "limits": a budget,
+# rpm and tpm)
 VARIANTS = [
-    ("1 worker", 1, "shared", False),
-    ("2 workers, one shared socket (default)", 2, "shared", False),
-    ("2 workers, SO_REUSEPORT sockets", 2, "reuseport", False),
-    ("1 worker, key with budget, rpm, tpm", 1, "shared", True),
-    ("2 workers, key with budget, rpm, tpm", 2, "shared", True),
+    ("1 worker", 1, "shared", None),
+    ("2 workers, one shared socket (default)", 2, "shared", None),
+    ("2 workers, SO_REUSEPORT sockets", 2, "reuseport", None),
+    ("1 worker, key with a budget", 1, "shared", "budget"),
+    ("2 workers, key with a budget", 2, "shared", "budget"),
+    ("1 worker, key with budget, rpm, tpm", 1, "shared", "limits"),
+    ("2 workers, key with budget, rpm, tpm", 2, "shared", "limits"),
 ]
 
 
@@ -79,7 +83,7 @@ def load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
 
-def serve(upstream: str, workers: int, listen: str, auth: bool, project: Path
+def serve(upstream: str, workers: int, listen: str, auth: str | None, project: Path
           ) -> tuple[subprocess.Popen, str, dict[str, str]]:
     project.joinpath("flowc.yaml").write_text("ledger:\n  enabled: true\n")
     env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1", "OPENAI_API_KEY": "sk-bench",
@@ -88,7 +92,7 @@ def serve(upstream: str, workers: int, listen: str, auth: bool, project: Path
     headers: dict[str, str] = {}
     if auth:
         env["FLOWC_ADMIN_KEY"] = ADMIN
-        headers = {"authorization": f"Bearer {bench_key(project)}"}
+        headers = {"authorization": f"Bearer {bench_key(project, auth == 'limits')}"}
     port = free_port()
     p = start([sys.executable, "-m", "runtime.cli", "serve", "--port", str(port),
                "--log-level", "warning", "--workers", str(workers), "--listen", listen],

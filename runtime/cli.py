@@ -79,7 +79,8 @@ def _store_url(flag: str | None, cfg: ProjectConfig) -> str | None:
                    "connect may use it.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 256),
               help="Server processes on the port (one per core uses them all); they share "
-                   "the ledger, keys, budgets and rate limits through one supervisor.")
+                   "the ledger, keys, budgets and rate limits through one supervisor (with "
+                   "--store, each is an instance of the store, named <instance>/w<k>).")
 @click.option("--listen", default="shared", hidden=True,
               type=click.Choice(["shared", "reuseport"]),
               help="With --workers: one socket all workers accept from, or one "
@@ -133,17 +134,19 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
     url = f"http://{host}:{port}"
     shared = _store_url(store, cfg)
     if shared is not None:
+        from runtime.workers.worker import worker_instance
+
         instance = instance or _default_instance(port)
-        _check_store(shared, project_dir, instance)
-    if shared is not None and workers > 1:
-        raise click.UsageError("--workers shares the project's own ledger; with --store, "
-                               "run one instance per port (docs/scaling.md)")
+        # With --workers, each worker is an instance of the store (its own spool).
+        for name in ([instance] if workers == 1 else
+                     [worker_instance(instance, k) for k in range(workers)]):
+            _check_store(shared, project_dir, name)
     if workers > 1:
         from runtime.workers.supervisor import serve_workers
         from runtime.workers.worker import ServeArgs
 
         args = ServeArgs(host, port, config, pipelines, log_level, allow_hosts, allow_origins,
-                         env)
+                         env, shared, instance)
         try:
             serve_workers(args, cfg, project_dir, workers, listen,
                           admin_key(cfg, project_dir, env), url)

@@ -63,7 +63,7 @@ async def call(g: Gate, who: Principal) -> bool:
     """One model call through the gate: admitted (budget reserved), answered a moment
     later at its real cost, settled. False: refused for its budget."""
     try:
-        grant = g.admit(who, "fast", [MINI], REQ, 200, None, None)
+        grant = await g.admit_wait(who, "fast", [MINI], REQ, 200, None, None)
     except BudgetExceeded:
         return False
     await asyncio.sleep(random.uniform(0.001, 0.02))
@@ -288,3 +288,39 @@ def test_a_threshold_crossed_is_one_alert_row_and_one_webhook_across_instances(
         assert posted == [50, 80]
     finally:
         hook.stop()
+
+
+def test_a_call_waiting_for_a_lease_does_not_hold_up_the_others(postgres) -> None:
+    """A lease is taken off the event loop: while Postgres is slow to grant one (its
+    budget row locked by another session), calls that need none go on, and the calls
+    that wait are admitted once it is granted."""
+    url = postgres.fresh_database()
+
+    async def main() -> None:
+        async with instances(url, 1) as (g,):
+            capped, _ = g.create({"name": "capped", "budget_usd": str(COST * 1000)})
+            free, _ = g.create({"name": "free", "rpm": 10_000})
+            who = Principal("key", g.keys[capped.id])
+            other = Principal("key", g.keys[free.id])
+            assert await call(g, who)  # the budget's row exists, a first lease is held
+            await asyncio.sleep(2 * TICK)
+            blocker = await psycopg.AsyncConnection.connect(url)
+            try:
+                await blocker.execute("BEGIN")
+                await blocker.execute("SELECT 1 FROM budget_spend WHERE name = %s FOR UPDATE",
+                                      [capped.id])
+                # More calls at once than the lease held covers: some must wait for more.
+                waiting = [asyncio.create_task(call(g, who)) for _ in range(60)]
+                await asyncio.sleep(0.3)
+                assert not all(t.done() for t in waiting)
+                # Meanwhile the event loop serves calls that lease nothing.
+                for _ in range(50):
+                    assert (await g.admit_wait(other, "fast", [MINI], REQ, 200, None, None)
+                            ) is not None
+                assert not all(t.done() for t in waiting)
+            finally:
+                await blocker.execute("COMMIT")
+                await blocker.close()
+            assert all(await asyncio.gather(*waiting))  # granted once the row was free
+
+    asyncio.run(main())

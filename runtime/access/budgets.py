@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import calendar
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -85,6 +85,18 @@ class BudgetExceeded(Exception):
             f"budget exceeded for {counter.scope}: limit ${_usd(counter.limit)} {per}, "
             f"${_usd(left)} left, and this request may cost up to ${_usd(needed)}")
         self.counter, self.needed = counter, needed
+
+
+class LeaseNeeded(Exception):
+    """A budget shared with other processes has too little headroom held here for the
+    call: ``wait`` is the lease asked for, true once granted, false when the budget has
+    not that much left (`Gate.admit_wait` awaits it and admits again). ``own``: asked
+    for this call's need; else another call's lease, asked for before, is awaited."""
+
+    def __init__(self, counter: Counter, amount: Decimal, wait: Awaitable[bool],
+                 own: bool) -> None:
+        super().__init__(f"leasing more of {counter.scope}'s budget")
+        self.counter, self.amount, self.wait, self.own = counter, amount, wait, own
 
 
 def _usd(d: Decimal) -> str:

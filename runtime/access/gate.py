@@ -23,7 +23,15 @@ from typing import Any
 import orjson
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import Alert, Budgets, Counter, Reservation, Scope
+from runtime.access.budgets import (
+    Alert,
+    BudgetExceeded,
+    Budgets,
+    Counter,
+    LeaseNeeded,
+    Reservation,
+    Scope,
+)
 from runtime.access.keys import Key, apply_spec, hash_secret, make
 from runtime.access.limits import Window
 from runtime.access.store import AccessStore
@@ -355,6 +363,25 @@ class Gate:
             w.take(now)
         return Grant(reservation, windows)
 
+    async def admit_wait(self, who: Principal, requested: str, targets: Iterable[Any],
+                         req: dict[str, Any], prompt_bound: int | None, tags: str | None,
+                         pipeline: str | None) -> Grant | None:
+        """`admit`, waiting while a budget shared with other processes (other instances,
+        other workers) leases more headroom: the lease is taken off the event loop, so
+        only this call waits, and only when what is held here has run out."""
+        last: LeaseNeeded | None = None
+        for _ in range(_JOINED):
+            try:
+                return self.admit(who, requested, targets, req, prompt_bound, tags, pipeline)
+            except LeaseNeeded as short:
+                last = short
+            if not await last.wait and last.own and last.counter.left() < last.amount:
+                raise BudgetExceeded(last.counter, last.amount)
+            # Granted; or refused, but to another call that needed more, or while calls
+            # that ended since have left room: admit again (asking for what is short).
+        assert last is not None
+        raise BudgetExceeded(last.counter, last.amount)
+
     def worst_cost(self, targets: Iterable[Any], req: dict[str, Any],
                    prompt_bound: int) -> Decimal:
         """The most the call can cost on any of its targets: every prompt token at the
@@ -438,6 +465,8 @@ def _part(limit: int | None, rank: int, n: int) -> int | None:
         return limit
     return limit // n + (1 if rank < limit % n else 0)
 
+
+_JOINED = 64  # leases a call waits for at most (others may take each first) before refused
 
 # One prompt token plain, one written to the 1-hour cache, one output token.
 _UNITS = (Usage(prompt_tokens=1),

@@ -224,8 +224,8 @@ class ModelCaller:
         assert self.gate is not None
         return Bill(key.id, key.name, key.team, self.gate.row_tags(ctx.who, tags))
 
-    def _admit(self, req: dict[str, Any], plan: Plan, tags: str | None, ctx: CallContext,
-               stream: bool) -> Bill:
+    async def _admit(self, req: dict[str, Any], plan: Plan, tags: str | None,
+                     ctx: CallContext, stream: bool) -> Bill:
         """The call's bill, with its budgets reserved and rate limits taken; a call its
         caller may not make is refused here, and recorded."""
         bill = self._bill(ctx, tags)
@@ -233,8 +233,9 @@ class ModelCaller:
         if gate is None:
             return bill
         try:
-            bill.grant = gate.admit(ctx.who or OPEN, str(req.get("model", "")), plan.targets,
-                                    req, ctx.prompt_bound, bill.tags, ctx.workflow_name)
+            bill.grant = await gate.admit_wait(ctx.who or OPEN, str(req.get("model", "")),
+                                               plan.targets, req, ctx.prompt_bound, bill.tags,
+                                               ctx.workflow_name)
         except (Denied, RateLimited, BudgetExceeded, Unpriced) as exc:
             err = access_error(exc)
             self._record(str(req.get("model", "")), None, None, status="refused",
@@ -346,7 +347,7 @@ class ModelCaller:
                 return await send(target)
             return await self.providers.complete(target, req)
 
-        bill = self._admit(req, plan, tags, ctx, False)
+        bill = await self._admit(req, plan, tags, ctx, False)
         try:
             target, result, made = await self._attempt(plan, requested, req, ctx, False, call,
                                                        bill)
@@ -378,7 +379,7 @@ class ModelCaller:
                                     "the stream ended before any event") from None
             return state, chunks, first
 
-        bill = self._admit(req, plan, tags, ctx, True)
+        bill = await self._admit(req, plan, tags, ctx, True)
         try:
             target, (state, chunks, first), _ = await self._attempt(plan, requested, req, ctx,
                                                                     True, call, bill)

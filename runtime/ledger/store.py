@@ -855,6 +855,10 @@ class _ProcessStore:
                 raise LedgerUnavailable(f"the ledger process is gone ({exc})") from None
 
     def _call(self, op: str, *args: Any) -> Any:
+        return self._request(op, *args).result()  # _receive fails it if the child exits
+
+    def _request(self, op: str, *args: Any) -> Future[Any]:
+        """Send a call; its answer (or error) arrives in the future."""
         rid = next(self._ids)
         fut: Future[Any] = Future()
         self._pending[rid] = fut
@@ -863,7 +867,7 @@ class _ProcessStore:
         except LedgerUnavailable:
             self._pending.pop(rid, None)
             raise
-        return fut.result()  # _receive fails it if the child exits first
+        return fut
 
     def insert_frames(self, frames: list[bytes]) -> None:
         """Sent without waiting: the child inserts while this process goes on (it logs a

@@ -33,6 +33,7 @@ from runtime.access.budgets import (
     BudgetExceeded,
     Budgets,
     Counter,
+    LeaseNeeded,
     Reservation,
     Scope,
     period_end,
@@ -206,7 +207,7 @@ class SharedCounter(Counter):
     ``leased_all``: the store's totals as last read. Reservations (``reserved``) and
     pending charges stay within the lease (or are refused)."""
 
-    __slots__ = ("demand", "lease", "leased_all", "pending", "rate", "settled")
+    __slots__ = ("demand", "lease", "leased_all", "leasing", "pending", "rate", "settled")
 
     def __init__(self, scope: Scope, limit: Decimal, period: Any, start: datetime,
                  end: float | None) -> None:
@@ -214,6 +215,7 @@ class SharedCounter(Counter):
         self.lease = self.pending = self.settled = self.leased_all = ZERO
         self.demand = ZERO  # reserved since the last tick
         self.rate = ZERO  # reserved in the tick before: what the next may need
+        self.leasing: asyncio.Future[bool] | None = None  # a lease asked for, not yet had
 
     def left(self) -> Decimal:
         """What this instance may still reserve: the headroom no instance holds, and what
@@ -276,12 +278,39 @@ class SharedBudgets(Budgets):
                     raise access.outage(c)
                 continue  # open: counted here, settled when the store is back
             short = c.pending + c.reserved + amount - c.lease
-            if short > 0 and not access.grant(c, short, amount):
-                raise BudgetExceeded(c, amount)
+            if short > 0:
+                if short + c.settled > c.limit:
+                    raise BudgetExceeded(c, amount)  # known already: no round trip
+                own = c.leasing is None
+                raise LeaseNeeded(c, amount, self._leasing(c, short, amount), own)
         for c in counters:
             c.reserved += amount
             c.demand += amount  # type: ignore[attr-defined]
+            self._refill(c, amount)  # type: ignore[arg-type]
         return Reservation(self, counters, amount)
+
+    def _leasing(self, c: SharedCounter, need: Decimal, amount: Decimal
+                 ) -> asyncio.Future[bool]:
+        """The lease being asked for on ``c``: calls short of headroom at once share one
+        round trip (each admits again after it, and asks again if still short)."""
+        if c.leasing is None:
+            c.leasing = _background(self._lease(c, need, amount))
+        return c.leasing
+
+    async def _lease(self, c: SharedCounter, need: Decimal, amount: Decimal) -> bool:
+        try:
+            return await self.access.grant(c, need, amount)
+        finally:
+            c.leasing = None
+
+    def _refill(self, c: SharedCounter, amount: Decimal) -> None:
+        """Lease more in the background when what is held here would last less than half
+        a tick at the recent demand, so calls rarely wait for a lease. Not near the end of
+        the budget, where the tick hands back what is not in use for others to take."""
+        if (c.leasing is None and c.rate and self.access.online
+                and c.lease - c.pending - c.reserved < c.rate / 2
+                and c.limit - c.settled - c.leased_all >= 4 * c.rate):
+            c.leasing = _background(self._lease(c, CENT, amount))
 
     def charge(self, counters: list[Counter], cost: Decimal) -> None:
         for c in counters:
@@ -289,10 +318,20 @@ class SharedBudgets(Budgets):
         super().charge(counters, cost)
 
     # -- the tick, on the event loop around its work in the store ---------------------------
-    def settlements(self) -> list[Settlement]:
+    def settlements(self, final: bool = False) -> list[Settlement]:
         """Take what to settle, hand back and lease ahead: ``(counter, charged, of it
         against the lease, handed back, to lease more)``; the counters already count what
-        is settled and handed back as gone (see `restore`)."""
+        is settled and handed back as gone (see `restore`). ``final``: every lease back."""
+        out = self._settlements()
+        if final:
+            for c in [*self.counters.values(), *self.retired]:
+                assert isinstance(c, SharedCounter)
+                if c.lease:
+                    out.append((c, ZERO, ZERO, c.lease, ZERO))
+                    c.lease = ZERO
+        return out
+
+    def _settlements(self) -> list[Settlement]:
         out = []
         live = {id(c) for c in self.counters.values()}
         for c in [*self.counters.values(), *self.retired]:
@@ -342,12 +381,72 @@ class SharedBudgets(Budgets):
                 self._crossed(c)  # others' spend may cross a threshold: one alert fires
 
 
+def _background(lease: Any) -> asyncio.Future[bool]:
+    """A lease as a task any number of calls may await, or none (a refill): an outage
+    it ends with is then not reported as never retrieved."""
+    task = asyncio.ensure_future(lease)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
+
+
+def lease_size(c: SharedCounter, need: Decimal, amount: Decimal) -> tuple[Decimal, Decimal]:
+    """How much of ``c``'s budget to ask for when ``need`` more is needed for a call that
+    may cost ``amount``: at least ``need``, and up to eight such calls or a tick's demand
+    more, so the next calls find it here (the lessor caps it at a share of what is left)."""
+    need = need.quantize(CENT, ROUND_CEILING)
+    return need, max(need, (need + max(8 * amount, c.rate)).quantize(CENT, ROUND_FLOOR))
+
+
 # What one tick takes from a counter: (counter, charged, of it against the lease, handed
 # back, to lease ahead).
 Settlement = tuple[SharedCounter, Decimal, Decimal, Decimal, Decimal]
 
 
-class PgAccessStore:
+class Ticking:
+    """A sync every `TICK` on the event loop (`tick`), and a last one at close that
+    settles and hands back every lease (`tick(final=True)`)."""
+
+    online: bool
+    _task: asyncio.Task[None] | None = None
+    _stopping = False
+
+    async def tick(self, final: bool = False) -> None:
+        raise NotImplementedError
+
+    def _start_ticking(self) -> None:
+        with contextlib.suppress(RuntimeError):  # no event loop: a CLI, no sync
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        # Never cancelled in the middle of a tick: what it took to settle would be lost
+        # from the counters if its transaction then failed (see `_stop_ticking`).
+        while not self._stopping:
+            await asyncio.sleep(TICK)
+            if self._stopping:
+                return
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug: keep syncing, say so
+                log.exception("syncing budgets (%s) failed", type(self).__name__)
+
+    async def _stop_ticking(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        b: SharedBudgets | None = getattr(self, "budgets", None)
+        if b is not None:  # leases still being granted are handed back too
+            await asyncio.gather(*[c.leasing for c in b.counters.values()
+                                   if isinstance(c, SharedCounter) and c.leasing],
+                                 return_exceptions=True)
+        if self.online:
+            await self.tick(final=True)
+
+
+class PgAccessStore(Ticking):
     """The shared store (an `AccessStore`, runtime/access/store.py) and this instance's
     sync with it. ``on_outage`` (closed | open): flowc.yaml's `budgets.on_store_outage`
     unless given. No I/O until first used: the schema is migrated then.
@@ -376,7 +475,7 @@ class PgAccessStore:
         self.version = 0  # the highest key version seen
         self.budgets: SharedBudgets | None = None
         self._gate: Gate | None = None
-        self._inline: psycopg.Connection | None = None  # leases asked for on the loop
+        self._inline: psycopg.Connection | None = None  # leases, key saves, alerts
         self._bg: psycopg.Connection | None = None  # the tick's, in a worker thread
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -388,7 +487,7 @@ class PgAccessStore:
     def _connect(self) -> psycopg.Connection:
         import psycopg
 
-        # A request waits on the store only to lease more budget, on the event loop: never
+        # A request waits on the store only to lease more budget (off the event loop): never
         # for long, even when the network drops packets instead of refusing them.
         try:
             conn = psycopg.connect(self.url, autocommit=True, application_name="flowc",
@@ -486,12 +585,11 @@ class PgAccessStore:
         instance may not know of the others yet, or hold a slice it is not using)."""
         return 2 * max(self.instances, 1)
 
-    def grant(self, c: SharedCounter, need: Decimal, amount: Decimal) -> bool:
-        """Lease at least ``need`` more of ``c``'s budget now (on the event loop: a
-        request waits one round trip, once per lease); False when the budget has not that
+    async def grant(self, c: SharedCounter, need: Decimal, amount: Decimal) -> bool:
+        """Lease at least ``need`` more of ``c``'s budget (one round trip, on a thread: the
+        event loop serves other requests meanwhile); False when the budget has not that
         much left. While the store is unreachable, fails closed or open."""
-        need = need.quantize(CENT, ROUND_CEILING)
-        want = max(need, (need + max(8 * amount, c.rate)).quantize(CENT, ROUND_FLOOR))
+        need, want = lease_size(c, need, amount)
         if need + c.settled > c.limit:
             return False  # known already: no round trip
         args = {"want": want, "need": need, "limit": c.limit, "n": self._split(),
@@ -514,7 +612,7 @@ class PgAccessStore:
             return row, None
 
         try:
-            row, totals = self._run("_inline", work)
+            row, totals = await asyncio.to_thread(self._run, "_inline", work)
         except StoreUnavailable as exc:
             self._down(str(exc))
             if self.on_outage == "closed":
@@ -534,35 +632,14 @@ class PgAccessStore:
         self._gate = gate
         if not self._outage_set:
             self.on_outage = gate.config.budgets.on_store_outage
-        with contextlib.suppress(RuntimeError):  # no event loop: a CLI, no sync
-            self._task = asyncio.get_running_loop().create_task(self._loop())
-
-    async def _loop(self) -> None:
-        # Never cancelled in the middle of a tick: what it took to settle would be lost
-        # from the counters if its transaction then failed (see `aclose`).
-        while not self._stopping:
-            await asyncio.sleep(TICK)
-            if self._stopping:
-                return
-            try:
-                await self.tick()
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug: keep syncing, say so
-                log.exception("syncing keys and budgets with the shared store failed")
+        self._start_ticking()
 
     async def tick(self, final: bool = False) -> None:
         """One sync: settle and hand back, renew leases, take back expired ones, read
         the totals, key changes and live instances. ``final``: hand back every lease."""
         b = self.budgets
         gate = self._gate
-        taken = b.settlements() if b is not None else []
-        if final and b is not None:
-            for c in [*b.counters.values(), *b.retired]:
-                assert isinstance(c, SharedCounter)
-                if c.lease:
-                    taken.append((c, ZERO, ZERO, c.lease, ZERO))
-                    c.lease = ZERO
+        taken = b.settlements(final) if b is not None else []
         watched = list(b.counters.values()) if b is not None else []
         try:
             out = await asyncio.to_thread(self._run, "_bg", lambda conn: self._sync(
@@ -668,13 +745,7 @@ class PgAccessStore:
 
     async def aclose(self) -> None:
         """Settle, hand every lease back, leave the live instances."""
-        self._stopping = True
-        if self._task is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self.online:
-            await self.tick(final=True)
+        await self._stop_ticking()
         for conn in (self._inline, self._bg):
             if conn is not None:
                 with contextlib.suppress(Exception):

@@ -6,8 +6,14 @@ Each worker's connection has a thread: rows go straight into the owner's `Ledger
 frames and the writer are its own), budget and rate-limit calls are answered on the
 thread under one lock (they are a few dict operations), and anything that waits on the
 ledger file (queries, statements, runs, a flush, a key change) runs on a small pool so a
-long query never holds up that worker's rows. A worker that goes away has its open
-reservations released.
+long query never holds up that worker's rows.
+
+Budgets: workers lease slices of a budget's headroom (held here as reserved, as
+`budget_leases` are in Postgres; runtime/pg/access.py) and settle every tick. A slice is
+at most half an even share of the headroom left among the workers, so the slices never
+pass the limit. A worker that goes away without settling (killed) may have spent what it
+held: its leases count as spent (a budget is a hard limit); the ledger's rows, summed
+again at the next start, are the exact spend.
 """
 
 from __future__ import annotations
@@ -19,18 +25,19 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from decimal import Decimal
+from decimal import ROUND_FLOOR, Decimal
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import Alert, BudgetExceeded, Reservation, Scope
+from runtime.access.budgets import ZERO, Alert, Counter, Scope
 from runtime.access.gate import Gate
 from runtime.access.keys import Key
 from runtime.access.limits import RateLimited
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import Ledger, LedgerUnavailable
+from runtime.pg.access import CENT
 
 log = logging.getLogger("flowc.workers")
 _ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
@@ -58,12 +65,12 @@ class OwnerLedger(Ledger):
 
 
 class _Worker:
-    """One worker's connection, and the reservations it holds."""
+    """One worker's connection, and what it holds leased of each budget."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
-        self.held: dict[int, Reservation] = {}
+        self.leases: dict[Scope, Decimal] = {}
 
     def send(self, message: tuple[Any, ...]) -> None:
         with self.lock, contextlib.suppress(OSError, ValueError):
@@ -136,10 +143,13 @@ class Hub:
                     log.exception("workers: could not handle %s", message[0])
         finally:
             self._workers.discard(w)
-            with self.lock:
-                for r in w.held.values():
-                    r.close()
-                w.held.clear()
+            with self.lock:  # gone without settling: what it held may have been spent
+                for scope, held in w.leases.items():
+                    c = self.gate.budgets.counters.get(scope)
+                    if c is not None:
+                        c.reserved -= held
+                        self.gate.budgets.charge([c], held)
+                w.leases.clear()
             with contextlib.suppress(OSError):
                 w.conn.close()
 
@@ -149,19 +159,6 @@ class Hub:
             self.ledger.add_row(message[1])
         elif op == "rows":
             self.ledger.add_frames(message[1])
-        elif op == "charge":
-            with self.lock:
-                r = w.held.get(message[1])
-                if r is not None:
-                    r.charge(Decimal(message[2]))
-                alerts, self._alerts = self._alerts, []
-            for a in alerts:
-                w.send((0, "alert", a))
-        elif op == "release":
-            with self.lock:
-                r = w.held.pop(message[1], None)
-                if r is not None:
-                    r.close()
         elif op == "tokens":
             with self.lock:
                 win = self.gate._windows.get(Scope(message[1], message[2]))
@@ -171,9 +168,11 @@ class Hub:
             fut = self._acks.pop(message[1], None)
             if fut is not None:
                 fut.set_result(None)
-        elif op in ("admit", "status"):
+        elif op in ("admit", "lease", "settle"):
             rid, *args = message[1:]
             self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))
+            if op == "settle":
+                self._send_alerts(w)
         else:
             rid, *args = message[1:]
             self._pool.submit(self._answer, w, rid, lambda: self._slow(w, op, args))
@@ -186,11 +185,9 @@ class Hub:
         w.send(reply)
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
-    def _admit(self, w: _Worker, windows: list[tuple[str, str]],
-               scopes: list[tuple[str, str]], amount: str | None) -> Any:
-        """`Gate.admit`'s check, reserve, take, for one call from a worker: ("limited",
-        message, retry_after), or ("ok", each window's headers, the reservation's id or
-        the refusing budget's state)."""
+    def _admit(self, w: _Worker, windows: list[tuple[str, str]]) -> Any:
+        """One call's rate limits on the one set of windows: ("limited", message,
+        retry_after), or ("ok", each window's headers) with every window taken."""
         with self.lock:
             now = time.monotonic()
             found = [self.gate._windows.get(Scope(k, n)) for k, n in windows]
@@ -200,27 +197,73 @@ class Hub:
                         win.check(now)
             except RateLimited as exc:
                 return ("limited", str(exc), exc.retry_after)
-            held = None
-            if amount is not None:
-                try:
-                    r = self.gate.budgets.reserve([Scope(k, n) for k, n in scopes],
-                                                  Decimal(amount), time.time())
-                except BudgetExceeded as exc:
-                    c = exc.counter
-                    return ("ok", [[] for _ in found],
-                            (c.scope.kind, c.scope.name, c.scope.label, str(c.limit),
-                             c.period, str(c.spent), str(c.reserved)))
-                held = next(self._ids)
-                w.held[held] = r
             for win in found:
                 if win is not None:
                     win.take(now)
-            return ("ok", [win.headers(now) if win is not None else [] for win in found],
-                    held)
+            return ("ok", [win.headers(now) if win is not None else [] for win in found])
 
-    def _status(self, w: _Worker, kind: str, name: str) -> Any:
+    def _counter(self, kind: str, name: str, start: float) -> Counter | None:
+        """The budget's counter, if it is in the period the worker counts in."""
+        c = self.gate.budgets.counters.get(Scope(kind, name))
+        if c is None:
+            return None
+        self.gate.budgets._roll(c, time.time())
+        return c if c.start.timestamp() == start else None
+
+    def _grant(self, w: _Worker, c: Counter, need: Decimal, want: Decimal) -> Decimal | None:
+        """`_GRANT` of runtime/pg/access.py, here: at least ``need``, at most ``want`` and
+        half an even share of the headroom among the workers; None if not ``need`` left."""
+        free = c.limit - c.spent - c.reserved
+        if need > free:
+            return None
+        share = (free / (2 * max(len(self._workers), 1))).quantize(CENT, ROUND_FLOOR)
+        granted = min(want, max(need, share))
+        c.reserved += granted
+        w.leases[c.scope] = w.leases.get(c.scope, ZERO) + granted
+        return granted
+
+    def _lease(self, w: _Worker, kind: str, name: str, start: float, need: Decimal,
+               want: Decimal) -> Any:
+        """(granted or None, the budget's spend, what all workers hold); None: no such
+        budget (or period) here."""
         with self.lock:
-            return self.gate.budgets.status(Scope(kind, name))
+            c = self._counter(kind, name, start)
+            if c is None:
+                return None
+            return self._grant(w, c, need, want), c.spent, c.reserved
+
+    def _settle(self, w: _Worker, items: list[tuple[str, str, float, Decimal, Decimal,
+                                                    Decimal]],
+                watched: list[tuple[str, str]]) -> Any:
+        """A worker's tick: per budget, ``charged`` becomes spend, ``back`` leaves its
+        lease, ``more`` is leased ahead; then every watched budget's (spend, held)."""
+        granted: list[Decimal | None] = []
+        with self.lock:
+            for kind, name, start, charged, back, more in items:
+                scope = Scope(kind, name)
+                held = w.leases.get(scope, ZERO)
+                back = min(back, held)
+                if back:
+                    w.leases[scope] = held - back
+                c = self.gate.budgets.counters.get(scope)
+                if c is not None:
+                    c.reserved -= back
+                c = self._counter(kind, name, start)
+                if c is not None and charged:
+                    self.gate.budgets.charge([c], charged)
+                granted.append(self._grant(w, c, CENT, more)
+                               if c is not None and more else None)
+            totals = []
+            for kind, name in watched:
+                c = self.gate.budgets.counters.get(Scope(kind, name))
+                totals.append((c.spent, c.reserved) if c is not None else None)
+        return granted, totals
+
+    def _send_alerts(self, w: _Worker) -> None:
+        with self.lock:
+            alerts, self._alerts = self._alerts, []
+        for a in alerts:
+            w.send((0, "alert", a))
 
     # -- what waits on the ledger file (on the pool) ----------------------------------------
     def _slow(self, w: _Worker, op: str, args: list[Any]) -> Any:

@@ -4,11 +4,14 @@ all go through one connection to the supervisor, which owns the ledger (hub.py).
 - Rows: each row is sent as it is recorded (a pickled tuple, one write on a Unix socket)
   instead of waiting in this process for a frame: what a worker has answered is in the
   socket's buffer or beyond it, so a worker killed with -9 loses no answered row.
-- Budgets: every reservation is made on the supervisor's counters (one round trip, only
-  for callers with a budget or a rate limit), so the workers together never pass a
-  budget; charges and releases are sent without waiting.
-- Rate limits: checked and taken on the supervisor's windows, in the same round trip as
-  the reservation (exact across workers).
+- Budgets: leased from the supervisor in slices, as instances lease from Postgres
+  (runtime/pg/access.py's `SharedBudgets`, the same counters and rule): calls reserve
+  and charge against this worker's lease in memory, and every `TICK` the worker settles
+  what it charged and hands back what it does not need, in one message. A call waits
+  for the supervisor (without holding up the others) only when the lease has run out;
+  the slices never add up past the budget, so the workers together never pass it.
+- Rate limits: checked and taken on the supervisor's windows, one round trip a call for
+  a caller with a limit, awaited off the event loop (exact across workers).
 - Keys: a change is saved, then sent to every other worker, which puts it live on its
   event loop before the change is answered (hub.py), so a key made through one worker
   works on all of them at once. A pipeline registered over HTTP is served by every
@@ -31,7 +34,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from datetime import UTC, datetime
 from decimal import Decimal
 from multiprocessing.connection import Client, Connection
 from pathlib import Path
@@ -40,8 +42,8 @@ from typing import Any
 import duckdb
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import Alert, BudgetExceeded, Budgets, Counter, Scope
-from runtime.access.gate import Gate
+from runtime.access.budgets import ZERO, Alert, Scope
+from runtime.access.gate import Denied, Gate, Grant, Principal
 from runtime.access.keys import Key
 from runtime.access.limits import RateLimited, Window
 from runtime.access.store import LedgerAccessStore
@@ -52,6 +54,7 @@ from runtime.ledger.store import (
     _fields_of,
     _ProcessStore,
 )
+from runtime.pg.access import Settlement, SharedBudgets, SharedCounter, Ticking, lease_size
 from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.workers")
@@ -105,6 +108,10 @@ class HubStore(_ProcessStore):
 
     def call(self, op: str, *args: Any) -> Any:
         return self._call(op, *args)
+
+    async def call_async(self, op: str, *args: Any) -> Any:
+        """A call whose answer is awaited: the event loop goes on meanwhile."""
+        return await asyncio.wrap_future(self._request(op, *args))
 
     def post(self, *message: Any) -> None:
         """A message nobody answers (a row, a charge, an acknowledgement)."""
@@ -169,55 +176,85 @@ class HubAccessStore(LedgerAccessStore):
         super().save_key(key)
         self._link.call("key", key)
 
-
-class RemoteReservation:
-    """A call's hold on the supervisor's budget counters (`Reservation`'s interface)."""
-
-    __slots__ = ("_link", "closed", "id")
-
-    def __init__(self, link: WorkerLink, rid: int) -> None:
-        self._link, self.id, self.closed = link, rid, False
-
-    def charge(self, cost: Decimal | None) -> None:
-        if cost:
-            self._link.post("charge", self.id, str(cost))
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._link.post("release", self.id)
+    async def aclose(self) -> None:
+        """At shutdown: settle with the supervisor, hand back every lease."""
+        if self._link.gate is not None:
+            await self._link.gate.leases.aclose()
 
 
-class RemoteBudgets(Budgets):
-    """Which scopes have a budget is known here (the plans need it); what they spent and
-    hold is the supervisor's, so reservations and status ask it."""
+class HubLeases(Ticking):
+    """What `SharedBudgets` leases from: the supervisor's counters (hub.py), as
+    runtime/pg/access.py's `PgAccessStore` is for instances on Postgres. Each `TICK` one
+    message settles what this worker charged, hands back what it does not need, leases
+    ahead, and reads every budget's totals (what other workers spent)."""
+
+    on_outage = "closed"  # a worker without its supervisor is shutting down
 
     def __init__(self, link: WorkerLink, thresholds: Any) -> None:
-        super().__init__(lambda _scope, _since: Decimal(0), thresholds, None)
         self._link = link
+        self.online = True
+        # Alerts fire on the supervisor's counters (one per threshold for all workers).
+        self.budgets = SharedBudgets(self, thresholds, None)  # type: ignore[arg-type]
 
-    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float
-                   ) -> RemoteReservation:  # type: ignore[override]
-        got = self._link.admit([(c.scope.kind, c.scope.name) for c in counters], str(amount))
-        if isinstance(got, int):
-            return RemoteReservation(self._link, got)
-        kind, name, label, limit, period, spent, reserved = got
-        counter = Counter(Scope(kind, name, label), Decimal(limit), period,
-                          datetime.now(UTC), None, Decimal(spent), Decimal(reserved))
-        raise BudgetExceeded(counter, amount)
+    def outage(self, c: Any) -> Denied:
+        return Denied(503, "budget_store_unavailable", (
+            f"The server is temporarily unable to check the budget of {c.scope}: this "
+            "worker has lost its supervisor. Please retry your request after a brief "
+            "wait."))
 
-    def status(self, scope: Scope) -> dict[str, str] | None:
-        if scope not in self.counters:
-            return None
-        return self._link.call("status", scope.kind, scope.name)  # type: ignore[no-any-return]
+    async def grant(self, c: SharedCounter, need: Decimal, amount: Decimal) -> bool:
+        """Lease at least ``need`` more of ``c``'s budget (one round trip, awaited);
+        False when the budget has not that much left."""
+        need, want = lease_size(c, need, amount)
+        if need + c.settled > c.limit:
+            return False  # known already: no round trip
+        try:
+            got = await self._link.call_async("lease", c.scope.kind, c.scope.name,
+                                              c.start.timestamp(), need, want)
+        except LedgerUnavailable:
+            self.online = False
+            raise self.outage(c) from None
+        if got is None:  # the supervisor has no such budget (changed meanwhile)
+            return False
+        granted, c.settled, c.leased_all = got
+        if granted is None:
+            return False
+        c.lease += granted
+        return True
+
+    async def tick(self, final: bool = False) -> None:
+        """Settle, hand back, lease ahead, read the totals. ``final``: hand back all."""
+        b = self.budgets
+        taken: list[Settlement] = b.settlements(final)
+        watched = list(b.counters.values())
+        if not taken and not watched:
+            return
+        items = [(c.scope.kind, c.scope.name, c.start.timestamp(), d, dl + back,
+                  ZERO if final else more) for c, d, dl, back, more in taken]
+        try:
+            granted, totals = await self._link.call_async(
+                "settle", items, [(c.scope.kind, c.scope.name) for c in watched])
+        except LedgerUnavailable:
+            b.restore(taken)
+            self.online = False
+            return
+        self.online = True
+        if final:
+            return
+        b.refresh({(c.scope.kind, c.scope.name, c.start): t
+                   for c, t in zip(watched, totals, strict=True) if t is not None},
+                  set(), {id(c): g for (c, *_), g in zip(taken, granted, strict=True) if g})
+
+    async def aclose(self) -> None:
+        """Settle and hand every lease back."""
+        await self._stop_ticking()
 
 
 class RemoteWindow(Window):
-    """A scope's rate limits, counted on the supervisor's window. `Gate.admit` checks every
-    window, reserves, then takes every window, with no await between: here a check only
-    joins the call's admission, which the reservation (or, with no budget, the first
-    take) sends in one round trip that checks, reserves and takes together. The headers
-    are those of this worker's last admission."""
+    """A scope's rate limits, counted on the supervisor's window: `WorkerGate.admit_wait`
+    checks and takes a call's windows there in one round trip, once its budgets are
+    reserved (here, `Gate.admit` only collects them). The headers are those of this
+    worker's last admission."""
 
     def __init__(self, link: WorkerLink, scope: Scope, rpm: int | None, tpm: int | None
                  ) -> None:
@@ -226,11 +263,10 @@ class RemoteWindow(Window):
         self.shown: list[tuple[bytes, bytes]] = []
 
     def check(self, now: float) -> None:
-        self._link.windows.append(self)
+        pass
 
     def take(self, now: float) -> None:
-        if self._link.windows:  # no budget: the windows go on their own
-            self._link.admit([], None)
+        pass
 
     def add_tokens(self, now: float, n: int) -> None:
         if self.tpm is not None and n > 0:
@@ -241,20 +277,28 @@ class RemoteWindow(Window):
 
 
 class WorkerGate(Gate):
-    """The gate with the supervisor's budget counters and rate-limit windows."""
+    """The gate with budgets leased from the supervisor and its rate-limit windows."""
 
     def __init__(self, link: WorkerLink, config: ProjectConfig, store: HubAccessStore,
                  admin_key: str | None, alert: Callable[[Alert], None] | None) -> None:
         super().__init__(config, store, admin_key, alert)
-        self.budgets = RemoteBudgets(link, config.alerts.thresholds)
         self._link = link
+        self.leases = HubLeases(link, config.alerts.thresholds)
+        self.budgets = self.leases.budgets
+        self.leases._start_ticking()
 
-    def admit(self, *args: Any, **kwargs: Any) -> Any:
-        self._link.windows.clear()
-        try:
-            return super().admit(*args, **kwargs)
-        finally:  # a call refused before its admission was sent (an unpriced model)
-            self._link.windows.clear()
+    async def admit_wait(self, who: Principal, requested: str, targets: Any,
+                         req: dict[str, Any], prompt_bound: int | None, tags: str | None,
+                         pipeline: str | None) -> Grant | None:
+        grant = await super().admit_wait(who, requested, targets, req, prompt_bound, tags,
+                                         pipeline)
+        if grant is not None and grant.windows:
+            try:
+                await self._link.admit_windows(grant.windows)  # type: ignore[arg-type]
+            except BaseException:
+                grant.close()
+                raise
+        return grant
 
     def _configure(self, scope: Scope, usd: Decimal | None, period: Any, rpm: int | None,
                    tpm: int | None) -> None:
@@ -275,9 +319,6 @@ class WorkerLink:
         self.store: HubStore | None = None
         self.gate: WorkerGate | None = None
         self.alert: Callable[[Alert], None] | None = None
-        # The windows `Gate.admit` has checked for the call it is admitting (on the event
-        # loop, no await in between; see RemoteWindow).
-        self.windows: list[RemoteWindow] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._parent = os.getppid()  # the supervisor
         self.hub_ledger: HubLedger | None = None
@@ -296,22 +337,22 @@ class WorkerLink:
     def call(self, op: str, *args: Any) -> Any:
         return self._live().call(op, *args)
 
+    async def call_async(self, op: str, *args: Any) -> Any:
+        return await self._live().call_async(op, *args)
+
     def post(self, *message: Any) -> None:
         with contextlib.suppress(LedgerUnavailable):
             self._live().post(*message)
 
-    def admit(self, scopes: list[tuple[str, str]], amount: str | None) -> Any:
-        """One call's admission on the supervisor: the windows checked so far, then the
-        budgets' reservation of ``amount`` (None: none), then the windows taken; raises
-        RateLimited, or returns the reservation's id or the budget that refused it."""
-        windows, self.windows = self.windows, []
-        got = self.call("admit", [(w.scope.kind, w.scope.name) for w in windows], scopes,
-                        amount)
+    async def admit_windows(self, windows: list[RemoteWindow]) -> None:
+        """One call's rate limits on the supervisor's windows: all checked, then all
+        taken; raises RateLimited."""
+        got = await self._live().call_async(
+            "admit", [(w.scope.kind, w.scope.name) for w in windows])
         if got[0] == "limited":
             raise RateLimited(got[1], got[2])
         for w, shown in zip(windows, got[1], strict=True):
             w.shown = shown
-        return got[2]
 
     # -- the parts of a worker's Runtime ----------------------------------------------------
     def ledger(self, path: Path, flush_interval: float) -> HubLedger:

@@ -13,6 +13,9 @@ gives each worker its own SO_REUSEPORT socket and the kernel spreads connections
 them (docs/benchmarks.md compares the two; a worker killed with its own socket takes the
 connections waiting in its queue with it, a shared queue keeps them for the others).
 
+With a shared store (`--store`), the store is what the workers share, as separate
+instances share it: each worker is an instance of it (worker.py), and no hub runs here.
+
 A worker that exits while the server runs is started again (at most once a second). On
 SIGTERM or SIGINT every worker drains (uvicorn's graceful shutdown: in-flight requests
 finish, then its rows are sent), then the supervisor writes every row and lets the
@@ -53,7 +56,8 @@ class Supervisor:
         # mode it only holds the port.
         self.sock = listening_socket(args.host, args.port, reuseport=listen != "shared",
                                      listen=listen == "shared")
-        self.hub = Hub(config, project_dir, self.address, self.authkey, admin_key)
+        self.hub = None if args.store else Hub(config, project_dir, self.address,
+                                               self.authkey, admin_key)
         self._ctx = mp.get_context("spawn")  # never fork a process that runs threads
         self.procs: list[Any] = [None] * n
         self._started = [0.0] * n
@@ -62,8 +66,8 @@ class Supervisor:
     def _start(self, i: int) -> None:
         p = self._ctx.Process(
             target=run, name=f"flowc-worker-{i}",
-            args=(self.args, self.sock if self.listen == "shared" else None, self.address,
-                  self.authkey))
+            args=(self.args, self.sock if self.listen == "shared" else None,
+                  self.address if self.hub else None, self.authkey if self.hub else None, i))
         p.start()
         self.procs[i] = p
         self._started[i] = time.monotonic()
@@ -80,7 +84,8 @@ class Supervisor:
             self._watch()
         finally:
             self._drain()
-            self.hub.close()
+            if self.hub is not None:
+                self.hub.close()
             self.sock.close()
             shutil.rmtree(self._dir, ignore_errors=True)
 

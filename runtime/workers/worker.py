@@ -1,6 +1,8 @@
 """One worker process of `flowc serve --workers N`: the whole server (create_app) with its
 ledger, keys and budgets linked to the supervisor (link.py), on the supervisor's socket or
-on its own SO_REUSEPORT one."""
+on its own SO_REUSEPORT one. With a shared store (`--store`), each worker is an instance
+of it instead, named `<instance>/w<k>` (its rows, its spool), and nothing goes through
+the supervisor."""
 
 from __future__ import annotations
 
@@ -28,6 +30,14 @@ class ServeArgs:
     allow_hosts: tuple[str, ...]
     allow_origins: tuple[str, ...]
     env: dict[str, str] | None  # with FLOWC_ADMIN_KEY from --admin-key-file, else None
+    store: str | None = None  # a shared Postgres: each worker is an instance of it
+    instance: str | None = None  # with ``store``: what the workers' names start with
+
+
+def worker_instance(instance: str, k: int) -> str:
+    """Worker ``k``'s instance id in a shared store: its rows' `instance`, and its spool
+    (a worker started again in its place takes up what it left there)."""
+    return f"{instance}/w{k}"
 
 
 def listening_socket(host: str, port: int, *, reuseport: bool, listen: bool = True
@@ -69,8 +79,10 @@ class Tagged:
         await self.app(scope, receive, tagged)
 
 
-def run(args: ServeArgs, sock: socket.socket | None, address: str, authkey: bytes) -> None:
-    """The worker's main (a spawned process): serve until SIGTERM/SIGINT, then drain."""
+def run(args: ServeArgs, sock: socket.socket | None, address: str | None,
+        authkey: bytes | None, k: int = 0) -> None:
+    """Worker ``k``'s main (a spawned process): serve until SIGTERM/SIGINT, then drain.
+    ``address``: the supervisor's hub; None with a shared store."""
     import uvicorn
 
     from runtime.cli import load_project
@@ -79,11 +91,12 @@ def run(args: ServeArgs, sock: socket.socket | None, address: str, authkey: byte
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(levelname)s %(name)s[{os.getpid()}]: %(message)s")
     cfg, project_dir = load_project(args.config)
-    link = WorkerLink(address, authkey)
+    link = WorkerLink(address, authkey) if address and authkey else None
+    instance = worker_instance(args.instance, k) if args.store and args.instance else None
     app = create_app(cfg, project_dir, pipelines=args.pipelines or project_dir / "pipelines",
                      env=args.env, public_url=None, bind_host=args.host,
                      allow_hosts=args.allow_hosts, allow_origins=args.allow_origins,
-                     link=link)
+                     link=link, store=args.store, instance=instance)
     if sock is None:
         sock = listening_socket(args.host, args.port, reuseport=True)
     server = uvicorn.Server(uvicorn.Config(
