@@ -142,6 +142,7 @@ MATRIX: list[tuple[str, str, Any, dict[str, int]]] = [
     ("GET", "/v1/keys/{user_key}", None, ADMIN_ONLY),
     ("PATCH", "/v1/keys/{user_key}", {"rpm": 1000}, ADMIN_ONLY),  # a key cannot raise its own
     ("DELETE", "/v1/keys/{spare_key}", None, ADMIN_ONLY),
+    ("DELETE", "/v1/cache?pipeline=none-such", None, ADMIN_ONLY),
 ]
 
 
