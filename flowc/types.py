@@ -20,6 +20,8 @@ class Type:
     values: tuple[Any, ...] | None = field(default=None, compare=False)
     optional: frozenset[str] = field(default=frozenset(), compare=False)  # not `required`
     min_items: int = field(default=0, compare=False)  # an array's schema's `minItems`
+    # For ``any`` that is one of known kinds (``a ?? b`` of a string and an object): which.
+    kinds: frozenset[str] | None = field(default=None, compare=False)
 
     def field(self, name: str) -> Type | None:
         for key, t in self.fields or ():
@@ -38,6 +40,8 @@ class Type:
     def __str__(self) -> str:
         if self.kind == "array" and self.items and self.items.kind != "any":
             return f"array of {self.items}"
+        if self.kinds:
+            return " or ".join(sorted(self.kinds))
         return self.kind
 
 
@@ -156,6 +160,8 @@ def join(types: list[Type]) -> Type:
     if not known:
         return NULL
     first = known[0]
+    if first.kind == "any":
+        return _one_of(known)
     if all(t == first for t in known):
         if any(t.values != first.values for t in known):  # either side's values may come
             values = None if any(t.values is None for t in known) else tuple(
@@ -168,7 +174,21 @@ def join(types: list[Type]) -> Type:
         return first
     if all(t.is_numeric for t in known):
         return NUMBER
-    return ANY
+    return _one_of(known)
+
+
+def _one_of(known: list[Type]) -> Type:
+    """``any``, knowing which kinds it may be when every side's kind is known: a function
+    that takes a string can then refuse a value that may be an object."""
+    kinds: set[str] = set()
+    for t in known:
+        if t.kind != "any":
+            kinds.add(t.kind)
+        elif t.kinds is None:
+            return ANY
+        else:
+            kinds |= t.kinds
+    return Type("any", kinds=frozenset(kinds))
 
 
 def optional_field(t: Type, segments: tuple[str | int, ...]) -> str | None:

@@ -81,6 +81,20 @@ def test_reads_into_a_transform_are_checked_like_any_other():
     assert [d.rule for d in compile_text(bad).errors] == ["type-mismatch"]
 
 
+def test_a_value_that_may_be_one_of_two_kinds_is_refused_where_only_one_fits():
+    # get() of an item or a string fallback: an object or a string. upper() of it would
+    # fail at run time for the object, so the checker says so (found by the soundness test).
+    text = PIPELINE.replace('upper(replace(${stats.titles}, ", ", " / "))',
+                            'upper(default(get(${input.docs}, 1), "none"))')
+    errors = [(d.rule, d.message) for d in compile_text(text).errors]
+    assert errors == [("type-mismatch", 'upper() needs string, but default(get(${input.docs}, '
+                       '1), "none") may be object')]
+    # Passing it on as text is fine, and so is a fallback of the same kind.
+    ok = PIPELINE.replace('upper(replace(${stats.titles}, ", ", " / "))',
+                          'upper(to_json(default(get(${input.docs}, 1), "none")))')
+    assert compile_text(ok).ok
+
+
 def test_a_transform_runs_with_no_model_call():
     compiled = compile_text(PIPELINE).compiled
     docs = [{"title": "Q3 report", "words": 40}, {"title": "Roadmap", "words": 25}]

@@ -196,6 +196,12 @@ class _Checker:
                             f", but {self._describe(arg)} may have no value",
                             arg, help="give it a value to fall back on: get(x, key, <default>)"
                                       " or default(..., <default>)")
+            elif t.kinds and accepted != "any" and not t.kinds <= _widened(accepted):
+                self._error("type-mismatch", f"{node.name}() needs "
+                            f"{accepted.replace('|', ' or ')}, but {self._describe(arg)} may "
+                            f"be {' or '.join(sorted(t.kinds - _widened(accepted)))}", arg,
+                            help="convert it first (to_json, default with a value of the "
+                                 "right kind), or read a value of one kind")
             elif t.kind == "any" and accepted != "any" and isinstance(arg, Ref):
                 self._check_alternatives(node.name, arg, accepted)
             elif t.kind != "any" and accepted != "any" and t.kind not in accepted.split("|"):
@@ -209,6 +215,12 @@ class _Checker:
                         f"{fn.item_kinds.replace('|', ' or ')}, not {arg_types[0]} "
                         f"{self._describe(node.args[0])}", node.args[0])
         return fn.result_type(arg_types, node.args)
+
+
+def _widened(accepted: str) -> set[str]:
+    """The kinds a parameter takes (a number parameter takes integers too)."""
+    kinds = set(accepted.split("|"))
+    return kinds | {"integer"} if "number" in kinds else kinds
 
 
 ExprChecker = _Checker  # for expressions beyond `when:` (a transform's `expr:`)
