@@ -78,6 +78,7 @@ RULES: dict[str, Rule] = {
         Rule("approval-value", _E, "an approval step's value is not of the type its `schema:` "
                                    "declares"),
         Rule("block-approval", _E, "an approval step inside a `type: block`"),
+        Rule("pipeline-approval", _E, "a sub-pipeline with an approval step"),
         Rule("cached-tool-calls", _W, "a cached model step that offers MCP tools: a hit makes "
                                       "no tool calls"),
     ]

@@ -78,6 +78,14 @@ def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
                     f"{'s' if len(errors) != 1 else ''}; the first: {Path(first.path).name}:"
                     f"{first.line}:{first.col}: {first.message}", span.start, span.end,
                     help=f"run `flowc check {step.pipeline}`")
+    if result.compiled is not None:
+        for callee_step in result.compiled.pipeline.steps:
+            if callee_step.type == "approval":
+                ctx.out.add("pipeline-approval", f"pipeline '{step.pipeline}' has an approval "
+                            f"step ('{callee_step.id}'): a run waits for approvals at its top "
+                            "level, not inside a sub-pipeline", span.start, span.end,
+                            help="put the approval step in this pipeline, before or after the "
+                                 "call")
     info.callee = result.compiled
 
 

@@ -184,6 +184,24 @@ def test_pipelines_that_call_each_other_are_a_cycle_named_in_the_diagnostic(tmp_
                                                  "a.yaml -> b.yaml -> c.yaml -> a.yaml")]
 
 
+def test_a_callee_with_an_approval_step_is_refused_where_it_is_called(tmp_path):
+    # A run waits for approvals at its top level: a nested one would fail at run time.
+    main = write(tmp_path, main="""\
+        name: main
+        steps:
+          - {id: publish, type: pipeline, pipeline: ./gate.yaml}
+        output: ${publish}
+        """, gate="""\
+        name: gate
+        steps:
+          - {id: ok, type: approval, message: "Go?"}
+        output: done
+        """)
+    assert diagnostics(main) == [("pipeline-approval", "pipeline './gate.yaml' has an approval "
+                                  "step ('ok'): a run waits for approvals at its top level, "
+                                  "not inside a sub-pipeline")]
+
+
 def test_inputs_are_checked_against_the_callees_declared_inputs(tmp_path):
     main = write(tmp_path, main="""\
         name: main
