@@ -6,6 +6,7 @@ $0."""
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 
@@ -46,6 +47,12 @@ CHAIN = """
         prompt: Draft from ${outline.points} and ${side}
     output: ${draft}
 """
+# `side` finishes before `outline` can fail the run. Run concurrently, a busy machine let
+# `outline` fail first, cancelling `side` (its late request then reached the upstream among
+# the resume's), and the resume ran `side` again: tests that count requests use this.
+ORDERED = textwrap.dedent(CHAIN).replace("  - id: outline\n",
+                                         "  - id: outline\n    needs: [side]\n")
+assert "needs: [side]" in ORDERED
 
 
 def execute(compiled, inputs=None, *, fake, tmp_path, resume=None, record=None, **kw):
@@ -76,7 +83,7 @@ def failing_outline(fake, side_delay: float = 0.0):
 
 
 def test_resume_runs_only_what_did_not_succeed(openai_fake, tmp_path):
-    compiled = compile_yaml(CHAIN)
+    compiled = compile_yaml(ORDERED)
     failing_outline(openai_fake)
     first, _ = execute(compiled, {"topic": "owls"}, fake=openai_fake, tmp_path=tmp_path)
     assert first.status == "failed" and first.error["step"] == "outline"
@@ -105,15 +112,16 @@ def test_resume_runs_only_what_did_not_succeed(openai_fake, tmp_path):
 
 def test_a_step_whose_definition_changed_runs_again_and_so_do_its_readers(
         openai_fake, tmp_path):
-    compiled = compile_yaml(CHAIN)
+    compiled = compile_yaml(ORDERED)
     failing_outline(openai_fake)
     first, _ = execute(compiled, {"topic": "owls"}, fake=openai_fake, tmp_path=tmp_path)
-    changed = compile_yaml(CHAIN.replace("A side note on", "A footnote on"))
+    changed = compile_yaml(ORDERED.replace("A side note on", "A footnote on"))
     reused = plan(changed, first.run_id, record_of(first)).outputs
     assert set(reused) == {"research"}  # side changed: not reused
     unchanged = plan(compiled, first.run_id, record_of(first)).outputs
     assert set(unchanged) == {"research", "side"}
-    reworded = compile_yaml(CHAIN.replace("Research ${input.topic}", "Study ${input.topic}"))
+    reworded = compile_yaml(ORDERED.replace("Research ${input.topic}",
+                                            "Study ${input.topic}"))
     # research changed: it and what reads it run again; side reads only the input.
     assert plan(reworded, first.run_id, record_of(first)).outputs == {"side": "note"}
 
@@ -163,18 +171,11 @@ ledger: {flush_interval: 0.2}
 @pytest.fixture
 def project(tmp_path, openai_fake):
     import os
-    import textwrap
     from pathlib import Path
 
     (tmp_path / "flowc.yaml").write_text(SERVED_CONFIG)
     (tmp_path / "pipelines").mkdir()
-    # `side` finishes before `outline` can fail the run: concurrent, a busy machine let
-    # `outline` fail first, cancelling `side` (its request then reached the upstream among
-    # the resume's), and the resume ran `side` again.
-    served = textwrap.dedent(CHAIN).replace("  - id: outline\n",
-                                            "  - id: outline\n    needs: [side]\n")
-    assert "needs: [side]" in served
-    (tmp_path / "pipelines" / "chain.yaml").write_text(served)
+    (tmp_path / "pipelines" / "chain.yaml").write_text(ORDERED)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "OPENAI_BASE_URL": openai_fake.url + "/v1", "OPENAI_API_KEY": "k",
            "PYTHONPATH": str(root)}
