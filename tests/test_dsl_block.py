@@ -494,3 +494,20 @@ def test_a_block_whose_step_reads_the_block_is_a_cycle(tmp_path):
         """)
     assert diagnostics(path) == [("cycle", 'steps depend on each other in a cycle: "pair" '
                                            '-> "pair"')]
+
+
+def test_a_block_in_a_file_with_a_misspelt_input_gets_the_finding_not_a_crash(tmp_path):
+    # Found by the checker's fuzz test: the block was built with the file's broken inputs.
+    path = write(tmp_path, typo="""\
+        name: typo
+        inputs:
+          audience: {ype: string, default: engineers}
+        steps:
+          - id: per
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "For ${input.audience}"}
+            output: ${a}
+        output: ${per}
+        """)
+    assert diagnostics(path) == [("unknown-field", "unknown field 'ype'; did you mean 'type'?")]

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.diagnostics import Severity
@@ -160,8 +162,11 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
         if use.kind == "until":  # typed again, now that the block's result is known
             _resolve(ctx, use)
     if _errors(ctx) == block.errors and inner.acyclic:
-        info.callee = _build(inner, ctx.source.path)
-        info.construct = block.reads  # what the runtime needs (`StepNode.construct`)
+        try:
+            info.callee = _build(inner, ctx.source.path)
+            info.construct = block.reads  # what the runtime needs (`StepNode.construct`)
+        except ValidationError:  # the file's own `inputs:` are wrong: reported there
+            pass
     return result_type(ctx, info, body) if step.for_each is not None else body
 
 
