@@ -134,9 +134,10 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
     url = f"http://{host}:{port}"
     shared = _store_url(store, cfg)
     if shared is not None:
+        from runtime.pg.ledger import default_instance
         from runtime.workers.worker import worker_instance
 
-        instance = instance or _default_instance(port)
+        instance = instance or default_instance(port)
         # With --workers, each worker is an instance of the store (its own spool).
         for name in ([instance] if workers == 1 else
                      [worker_instance(instance, k) for k in range(workers)]):
@@ -160,12 +161,6 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
                      instance=instance)
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
                 log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
-
-
-def _default_instance(port: int) -> str:
-    import socket
-
-    return f"{socket.gethostname()}:{port}"
 
 
 def _check_store(url: str, project_dir: Path, instance: str) -> None:
