@@ -97,6 +97,7 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
 
     from flowc.config import ServerConfig
     from runtime.access.gate import admin_key
+    from runtime.http_server import uvicorn_options
     from runtime.server import create_app
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -159,8 +160,7 @@ def serve(host: str, port: int, config: Path | None, pipelines: Path | None,
                      env=env, public_url=url, bind_host=host, allow_hosts=allow_hosts,
                      allow_origins=allow_origins, store=shared,
                      instance=instance)
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools",
-                log_level=log_level, timeout_graceful_shutdown=10, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options())
 
 
 def _check_store(url: str, project_dir: Path, instance: str) -> None:

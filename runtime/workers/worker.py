@@ -86,6 +86,7 @@ def run(args: ServeArgs, sock: socket.socket | None, address: str | None,
     import uvicorn
 
     from runtime.cli import load_project
+    from runtime.http_server import uvicorn_options
     from runtime.server import create_app
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -100,6 +101,6 @@ def run(args: ServeArgs, sock: socket.socket | None, address: str | None,
     if sock is None:
         sock = listening_socket(args.host, args.port, reuseport=True)
     server = uvicorn.Server(uvicorn.Config(
-        Tagged(app), host=args.host, port=args.port, loop="uvloop", http="httptools",
-        log_level=args.log_level, timeout_graceful_shutdown=10, access_log=False))
+        Tagged(app), host=args.host, port=args.port, log_level=args.log_level,
+        **uvicorn_options()))
     server.run(sockets=[sock])
