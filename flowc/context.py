@@ -89,6 +89,7 @@ class Context:
     outer: dict[str, Type] = field(default_factory=dict)
     inner_names: dict[str, str] = field(default_factory=dict)  # a block's step -> the block
     pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
+    pipelines_dir: Any = None  # Project.pipelines_dir
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
         """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``

@@ -107,7 +107,8 @@ def test_an_unknown_name_says_where_it_looked(gw):
     assert r.status_code == 422
     assert [(d["rule"], d["message"]) for d in r.json()["error"]["diagnostics"]] == [
         ("pipeline-not-found", "pipeline 'nowhere' not found: no such file, none is served "
-                               "by that name, and no pipeline file beside this one has "
+                               "by that name, and no pipeline file in the project's "
+                               f"pipelines folder {gw.project / 'pipelines'} has "
                                "`name: nowhere`")]
 
 
@@ -252,3 +253,38 @@ def test_a_refresh_keeps_the_rule_a_file_wins(tmp_path):
         assert restarted.workflows["dup"].source == f"file:{folder / 'dup.yaml'}"
     finally:
         ledger.close()
+
+
+def test_a_registered_pipeline_finds_a_relative_path_in_the_pipelines_folder(tmp_path):
+    """A registered pipeline has no file of its own: its `pipeline: ./x.yaml` is looked up in
+    the project's pipelines/ folder, as if it were one of its files there, never in the
+    directory the server happened to start in (here: the project, with a decoy x.yaml)."""
+    from tests.conftest import stop_server
+
+    callee = CORE.format(name="callee", prompt="Pipelines folder")
+    by_path = CALLER.replace("{callee}", "./callee.yaml").replace("{name}", "{0}")
+    fake = _seeded_project(tmp_path, {"callee.yaml": callee},
+                           {"seeded": by_path.format("seeded")})
+    (tmp_path / "callee.yaml").write_text(CORE.format(name="callee", prompt="Server cwd"))
+    url, proc = _serve(tmp_path, fake)
+    try:
+        r = httpx.put(f"{url}/v1/workflows/put", json={"yaml": by_path.format("put")},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        for name in ("seeded", "put"):  # compiled at start-up, and on a PUT
+            r = httpx.post(f"{url}/v1/workflow/{name}", json={"input": {"topic": "x"}},
+                           timeout=60)
+            assert r.json()["output"] == "echo: Pipelines folder: x", r.text
+        missing = CALLER.format(name="lost", callee="./nowhere.yaml")
+        r = httpx.put(f"{url}/v1/workflows/lost", json={"yaml": missing}, timeout=30)
+        assert r.status_code == 422
+        [d] = r.json()["error"]["diagnostics"]
+        assert (d["rule"], d["message"], d["help"]) == (
+            "pipeline-not-found", "pipeline './nowhere.yaml' not found: no such file in "
+            f"the project's pipelines folder {tmp_path / 'pipelines'} (a registered pipeline "
+            "is looked up as if it were a file there)",
+            "give a path relative to the pipelines folder (./summarize.yaml) or a "
+            "pipeline's name")
+    finally:
+        stop_server(proc)
+        fake.stop()
