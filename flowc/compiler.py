@@ -45,6 +45,9 @@ class Project:
     config_path: str | None = None
     diagnostics: list[Diagnostic] = field(default_factory=list)
     pipelines: PipelineSource | None = None
+    # Where a pipeline with no file of its own (registered over the API) is taken to live:
+    # its `pipeline: ./x.yaml` and sibling names are looked up there, not in the cwd.
+    pipelines_dir: Path | None = None
 
     @classmethod
     def load(cls, config_path: Path | None) -> Project:
@@ -135,6 +138,7 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
                 offset + len(key))
     ctx = Context(source, out, raw, project.config, project.catalog)
     ctx.pipelines = project.pipelines
+    ctx.pipelines_dir = project.pipelines_dir
     check_structure(ctx)
     if isinstance(raw, dict):
         collect_uses(ctx)

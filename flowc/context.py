@@ -74,6 +74,7 @@ class Context:
     steps: dict[str, StepInfo] = field(default_factory=dict)  # valid steps, file order
     producers: dict[str, str] = field(default_factory=dict)  # output name -> step id
     unchecked_outputs: set[str] = field(default_factory=set)  # names of invalid steps
+    unchecked_ids: set[str] = field(default_factory=set)  # ids of invalid steps
     partial: set[str] = field(default_factory=set)  # steps checked without a misspelt field
     output_uses: list[Use] = field(default_factory=list)
     output_types: dict[str, Type] = field(default_factory=dict)
@@ -88,6 +89,7 @@ class Context:
     outer: dict[str, Type] = field(default_factory=dict)
     inner_names: dict[str, str] = field(default_factory=dict)  # a block's step -> the block
     pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
+    pipelines_dir: Any = None  # Project.pipelines_dir
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:
         """The span in the file of ``text[start:end]``, ``text`` being the value at ``path``

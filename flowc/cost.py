@@ -843,16 +843,22 @@ def pipeline_cost(compiled: CompiledPipeline, config: ProjectConfig | None = Non
 
 
 # -- printing ----------------------------------------------------------------------------------
-def usd(d: Decimal | None) -> str:
-    """Dollars to the millionth (a small step's cost is a few of them), cents at least."""
-    if d is None:
+def usd(amount: Decimal | float | int | str | None) -> str:
+    """A dollar amount as every flowc output prints it: to the millionth (a small step's cost
+    is a few of them), cents at least; under a millionth, two significant digits, so a tiny
+    cost never shows as $0. Always fixed-point: $0.0000001, never $1e-07."""
+    if amount is None:
         return "-"
+    d = amount if isinstance(amount, Decimal) else Decimal(str(amount))
+    if not d.is_finite():
+        return "-"
+    sign, d = ("-", -d) if d < 0 else ("", d)
     if d == 0:
         return "$0"
     if d < Decimal("0.000001"):
-        return f"${d:.2g}"
+        return f"{sign}${Decimal(f'{d:.2g}').normalize():f}"
     whole, _, frac = f"{d:.6f}".partition(".")
-    return f"${whole}.{frac.rstrip('0').ljust(2, '0')}"
+    return f"{sign}${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
 def format_cost(rc: RunCost) -> str:

@@ -39,15 +39,23 @@ def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
     # A name is first what the caller's project serves under it (the server's pipelines,
     # registered ones too), then a file beside the caller with that `name:`.
     given = None if path_like or ctx.pipelines is None else ctx.pipelines(step.pipeline)
-    target = None if given is not None else find(Path(ctx.source.path), step.pipeline)
+    folder, registered = _folder(ctx)
+    target = None if given is not None else find(folder, step.pipeline)
     if target is None and given is None:
-        ctx.out.add("pipeline-not-found", f"pipeline '{step.pipeline}' not found: "
-                    + ("no such file" if path_like else "no such file, "
-                       + ("" if ctx.pipelines is None else "none is served by that name, ")
-                       + f"and no pipeline file beside this one has `name: {step.pipeline}`"),
+        where = f"in the project's pipelines folder {folder}" if registered else ""
+        if path_like:
+            why = "no such file" + (f" {where} (a registered pipeline is looked up as if it "
+                                    "were a file there)" if registered else "")
+        else:
+            why = ("no such file, "
+                   + ("" if ctx.pipelines is None else "none is served by that name, ")
+                   + f"and no pipeline file {where or 'beside this one'} has "
+                   f"`name: {step.pipeline}`")
+        ctx.out.add("pipeline-not-found", f"pipeline '{step.pipeline}' not found: {why}",
                     span.start, span.end,
-                    help="give a path relative to this file (./summarize.yaml) or a "
-                         "pipeline's name")
+                    help="give a path relative to "
+                         + ("the pipelines folder" if registered else "this file")
+                         + " (./summarize.yaml) or a pipeline's name")
         return
     here = _key(ctx.source.path, ctx.raw.get("name"))
     key = str(target) if target is not None else _key(given[1], step.pipeline)  # type: ignore[index]
@@ -61,7 +69,8 @@ def scan(ctx: Context, info: StepInfo, scan_params: Any) -> None:
     from flowc.compiler import Project, compile_file, compile_source
 
     token = _STACK.set((*stack, key))
-    project = Project(config=ctx.config, catalog=ctx.catalog, pipelines=ctx.pipelines)
+    project = Project(config=ctx.config, catalog=ctx.catalog, pipelines=ctx.pipelines,
+                      pipelines_dir=ctx.pipelines_dir)
     try:
         result = compile_file(target, project) if target is not None else \
             compile_source(given[0], given[1], project)  # type: ignore[index]
@@ -100,9 +109,18 @@ def _shown(key: str) -> str:
     return key[1:-1] if key.startswith("<") else Path(key).name
 
 
-def find(caller: Path, ref: str) -> Path | None:
-    """The callee's file: a path relative to the caller, or a sibling file's `name:`."""
-    folder = caller.resolve().parent
+def _folder(ctx: Context) -> tuple[Path, bool]:
+    """The folder the caller's relative paths start from, and whether it is a registered
+    pipeline's (one with no file of its own: the project's pipelines folder stands in)."""
+    caller = Path(ctx.source.path)
+    if ctx.pipelines_dir is not None and not caller.is_file():
+        return Path(ctx.pipelines_dir).resolve(), True
+    return caller.resolve().parent, False
+
+
+def find(folder: Path, ref: str) -> Path | None:
+    """The callee's file: a path relative to ``folder`` (the caller's), or the file there
+    whose `name:` it is."""
     candidate = (folder / ref).resolve()
     if candidate.is_file():
         return candidate

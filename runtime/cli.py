@@ -446,11 +446,11 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
         return
     cols = [by, "calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "p50_ms"]
     rows = [(r["key"], r["calls"], r["errors"], r["prompt_tokens"], r["completion_tokens"],
-             r["cost_usd"], r["p50_ms"]) for r in data["rows"]]
+             _usd(r["cost_usd"]), r["p50_ms"]) for r in data["rows"]]
     click.echo(reports.table(cols, rows))
     t = data["totals"]
     note = f" ({t['unpriced']} calls with no known price)" if t["unpriced"] else ""
-    click.echo(f"\n{t['calls']} calls, {t['tokens']} tokens, ${t['cost_usd']:.6f}{note}")
+    click.echo(f"\n{t['calls']} calls, {t['tokens']} tokens, {_usd(t['cost_usd'])}{note}")
 
 
 @cli.group()
@@ -493,7 +493,7 @@ def _live(step: Any) -> None:
     if step.status == "done" and step.marks.get("resumed_from"):
         detail = f"reused from run {step.marks['resumed_from']}"
     elif step.status == "done":
-        cost = "?" if step.cost is None else f"${step.cost:.6f}"
+        cost = "?" if step.cost is None else _usd(step.cost)
         detail = f"{step.latency_ms:7.0f} ms  {cost}  {step.tokens} tokens" + (
             "  (cached)" if step.cached else "")
     elif step.status == "skipped":
@@ -667,7 +667,7 @@ def _print_outcome(outcome: Any) -> None:
     cost = outcome.total_cost
     tag = "  (dry run)" if outcome.dry_run else ""
     click.echo(f"\nrun {outcome.run_id}: {outcome.total_tokens} tokens, "
-               f"{'cost unknown' if cost is None else f'${cost:.6f}'}, "
+               f"{'cost unknown' if cost is None else _usd(cost)}, "
                f"{outcome.latency_ms:.0f} ms{tag}", err=True)
 
 
@@ -1153,10 +1153,10 @@ def _with_keys(config: Path | None, act: Callable[[Any], Any], store: str | None
 
 
 def _usd(value: Any) -> str:
-    from decimal import Decimal
+    """flowc's one way to print dollars, imported when first used (not at start-up)."""
+    from flowc.cost import usd
 
-    d = Decimal(str(value))
-    return f"${d:.6f}".rstrip("0").rstrip(".")
+    return usd(value)
 
 
 def _budget_text(k: dict[str, Any]) -> str | None:

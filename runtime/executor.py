@@ -599,15 +599,20 @@ class _Run:
             return None
         return cache_key(kind, request)
 
-    async def _cache_hit(self, step: LLMStep | MCPToolStep, key: str, r: StepResult
-                         ) -> tuple[Any] | None:
+    async def _cache_hit(self, step: LLMStep | MCPToolStep, key: str, r: StepResult,
+                         req: dict[str, Any] | None = None) -> tuple[Any] | None:
         """A cached result (as a 1-tuple: a result may be null), recorded as a $0 call
-        with its saving; None on a miss."""
+        with its saving; None on a miss. A model step's hit goes only to a caller who may
+        make its call ``req``: else it is refused as the call would be (an MCP tool call
+        has no per-key restriction to check)."""
         assert self.ex.cache is not None
         t0 = time.perf_counter()
         entry = await self.ex.cache.get(key, cache_of(step)[1])
-        if entry is None or not self._may_reuse(step, entry):
+        if entry is None:
             return None
+        permit = getattr(self.ex.models, "permit", None)
+        if req is not None and permit is not None:
+            permit(req, self.ctx(step.id))
         r.cached, r.saved, r.cost = True, entry.cost, Decimal(0)
         r.calls.append({"kind": "cache", "key": key, "model": entry.served_model or entry.model,
                         "cost": 0.0, "saved_usd": None if entry.cost is None
@@ -617,16 +622,6 @@ class _Run:
             record(step.model, entry.provider, entry.served_model, entry.cost, elapsed_ms(t0),
                    self.ctx(step.id))
         return (entry.output,)
-
-    def _may_reuse(self, step: LLMStep | MCPToolStep, entry: Any) -> bool:
-        """A key may not get from the cache what it may not call: a miss, so the call is
-        refused as it would be (read-only, or outside the key's models)."""
-        key = self.ctx(step.id).who
-        key = key.key if key is not None else None
-        if key is None or not isinstance(step, LLMStep):
-            return True
-        return not key.read_only and (key.allows_model(step.model) or key.allows_model(
-            f"{entry.provider}/{entry.served_model}"))
 
     async def _cache_store(self, step: LLMStep | MCPToolStep, key: str, entry: Any) -> None:
         assert self.ex.cache is not None
@@ -674,7 +669,7 @@ class _Run:
         config = getattr(self.ex.models, "config", None)
         target = config.resolve_model(step.model) if config is not None else None
         key = await self._cache_key(step, "llm", {**req, "target": target})
-        if key is not None and (hit := await self._cache_hit(step, key, r)) is not None:
+        if key is not None and (hit := await self._cache_hit(step, key, r, req)) is not None:
             return hit[0]
         paid: list[tuple[Decimal | None, int]] = []  # this attempt's calls: cost, tokens
         calls = 0

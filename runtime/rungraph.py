@@ -16,6 +16,7 @@ from typing import Any
 
 import graphviz
 
+from flowc.cost import usd
 from flowc.ir import CompiledPipeline
 from flowc.render import Mark, to_dot
 
@@ -64,7 +65,7 @@ def pipeline_for(record: Mapping[str, Any], workflows: Mapping[str, CompiledPipe
 
 
 def fmt_cost(cost: Any) -> str:
-    return "cost unknown" if cost is None else f"${float(cost):.6f}"
+    return "cost unknown" if cost is None else usd(cost)
 
 
 def mark(step: Mapping[str, Any]) -> Mark:

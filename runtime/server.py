@@ -117,7 +117,8 @@ class Runtime:
                 Ledger(ledger_path, config.ledger.flush_interval, in_process=False)
         shared_tools = _shared_tools(ledger)
         registry = Registry(Project(config, ToolCatalog.load(config, project_dir / TOOL_CACHE,
-                                                             shared_tools)))
+                                                             shared_tools),
+                                    pipelines_dir=pipelines or project_dir / "pipelines"))
         if pipelines is not None and pipelines.is_dir():
             registry.load_folder(pipelines)
         registry.load_registered(ledger)

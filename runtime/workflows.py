@@ -50,6 +50,16 @@ class BreaksCallers(ValueError):
             "its inputs and output compatible")
 
 
+class NameIsAFile(ValueError):
+    """Registering a pipeline under the name a file in the project's pipelines/ has: the file
+    wins (`Registry.file_of`), so the registration would never be served here."""
+
+    def __init__(self, name: str, path: Path) -> None:
+        super().__init__(
+            f"pipeline '{name}' is the project's file {path}, which wins over a registered "
+            "pipeline of that name: change the file, or register this one under another name")
+
+
 _NAME = re.compile(r"^name:\s*[\"']?([A-Za-z0-9][A-Za-z0-9_.-]*)[\"']?\s*(#.*)?$", re.M)
 
 
@@ -60,6 +70,7 @@ class Registry:
         self.workflows: dict[str, Workflow] = {}
         self.broken: dict[str, list[Diagnostic]] = {}
         self._pending: dict[str, tuple[str, str]] = {}  # known before served: loading, a PUT
+        self.files: dict[str, Path] = {}  # name -> the pipelines/ file that has it
         self._lock = threading.RLock()  # one registration (and its callers' check) at a time
 
     def source_of(self, name: str) -> tuple[str, str] | None:
@@ -75,6 +86,7 @@ class Registry:
         for path, text in texts.items():  # files may call each other by name, in any order
             if (m := _NAME.search(text)) is not None:
                 self._pending.setdefault(m.group(1), (text, str(path)))
+                self.files.setdefault(m.group(1), path)
         try:
             for path, text in texts.items():
                 self._load_file(path, text)
@@ -89,13 +101,22 @@ class Registry:
                         len(result.errors))
             return
         self.broken.pop(str(path), None)
+        self.files.setdefault(result.compiled.name, path)
         self.workflows[result.compiled.name] = Workflow(result.compiled, f"file:{path}", text)
+
+    def file_of(self, name: str) -> Path | None:
+        """The file in the project's pipelines/ that has `name: <name>`, if one does. The
+        rule (docs/runtime.md): such a name is the file's. A pipeline registered under it is
+        not served here, at start-up or on a refresh, and a PUT of it is refused: the file is
+        what the project's repository says, and an API call must not silently replace it."""
+        return self.files.get(name)
 
     def load_registered(self, ledger: Ledger | PgLedger) -> None:
         if not ledger.owner:
             return
         rows = ledger.execute("SELECT name, config_yaml FROM workflows")
-        self._pending.update({name: (text, f"<registered {name}>") for name, text in rows})
+        self._pending.update({name: (text, f"<registered {name}>") for name, text in rows
+                              if self.file_of(name) is None})
         try:
             for name, text in rows:
                 self._serve_registered(name, text)
@@ -107,6 +128,10 @@ class Registry:
                 self._load_file(file, file.read_text(encoding="utf-8", errors="replace"))
 
     def _serve_registered(self, name: str, text: str) -> None:
+        if (path := self.file_of(name)) is not None:
+            log.warning("not serving registered pipeline %s: the project's file %s has that "
+                        "name, and a file wins", name, path)
+            return
         result = compile_source(text, f"<registered {name}>", self.project)
         if result.compiled is not None:
             self.workflows[result.compiled.name] = Workflow(result.compiled, "api", text)
@@ -122,8 +147,8 @@ class Registry:
         changed = []
         for name, digest in ledger.execute("SELECT name, md5(config_yaml) FROM workflows"):
             wf = self.workflows.get(name)
-            if wf is not None and (wf.source != "api" or _md5(wf.yaml) == digest):
-                continue  # the project's own file wins over a registered namesake
+            if self.file_of(name) is not None or (wf is not None and _md5(wf.yaml) == digest):
+                continue
             rows = ledger.execute("SELECT config_yaml FROM workflows WHERE name = ?", [name])
             if rows:
                 self._serve_registered(name, rows[0][0])
@@ -139,6 +164,8 @@ class Registry:
         here that calls it, directly or through others, would not compile against it. Those
         callers are compiled again against it, so their runs run the new version."""
         with self._lock:
+            if (path := self.file_of(name)) is not None:
+                raise NameIsAFile(name, path)
             result = compile_source(text, f"<{name}>", self.project)
             if result.compiled is None:
                 return result

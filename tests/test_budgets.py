@@ -17,6 +17,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from flowc.cost import usd
 from runtime.ledger.pricing import price
 from runtime.providers.base import Usage
 from tests.fakes import Action, Recorded, anthropic_text, free_port, openai_text, slow, wait_until
@@ -99,11 +100,6 @@ def messages(stream: bool, max_tokens: int = OUT_TOKENS) -> dict[str, Any]:
     return body
 
 
-def usd(d: Decimal) -> str:
-    """A dollar amount as flowc's budget messages write it."""
-    return f"{d:.6f}".rstrip("0").rstrip(".")
-
-
 def left_in(message: str) -> Decimal:
     found = re.search(r"\$([0-9.]+) left", message)
     assert found, message
@@ -145,7 +141,7 @@ def test_300_concurrent_calls_never_spend_past_the_budget(srv):
             assert body["type"] == "error"
             err = body["error"]
             assert err["type"] == "rate_limit_error"
-        assert (f"budget exceeded for key 'crowd': limit ${usd(BUDGET)} per month, $"
+        assert (f"budget exceeded for key 'crowd': limit {usd(BUDGET)} per month, $"
                 in err["message"]), err
         assert 0 <= left_in(err["message"]) < BUDGET
     for _, kind, stream, raw in served:  # every answer whole

@@ -383,3 +383,26 @@ def test_an_if_else_pair_that_may_both_skip_for_a_missing_read_is_no_join():
            "may be missing)" in result.diagnostics[0].message
     fixed = compile_source(src.replace("${vip ?? normal}", "${vip ?? normal ?? a ?? ''}"))
     assert fixed.ok, fixed.diagnostics
+
+
+def test_a_misspelt_name_of_a_step_with_errors_of_its_own_still_gets_a_suggestion():
+    """Step `summary` has a bad value; a typo of its name (in a reference or in `needs`)
+    is still told which name was meant, and naming it correctly is no second finding."""
+    src = textwrap.dedent("""\
+        name: t
+        steps:
+          - {id: summary, type: llm, model: gpt-4o, prompt: hi, temperature: hot}
+          - {id: use, type: llm, model: gpt-4o, prompt: "${sumary}", needs: [sumary]}
+          - {id: after, type: llm, model: gpt-4o, prompt: "${summary}", needs: [summary]}
+          - {id: route, type: switch, value: "${use}", cases: {a: sumary, b: summary}}
+        output: ${use}
+        """)
+    result = compile_source(src, "t.yaml")
+    assert [(d.rule, d.line, d.message) for d in result.diagnostics] == [
+        ("invalid-value", 3, "invalid 'temperature': Input should be a valid number, "
+                             "unable to parse string as a number"),
+        ("undefined-reference", 4,
+         "undefined reference 'sumary': no step produces it; did you mean 'summary'?"),
+        ("unknown-step", 4, "`needs` names unknown step 'sumary'; did you mean 'summary'?"),
+        ("switch-case", 6, "case \"a\" of switch 'route' runs unknown step 'sumary'; "
+                           "did you mean 'summary'?")]

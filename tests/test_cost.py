@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -359,6 +360,52 @@ def test_expected_cost_comes_from_the_ledger_history(tmp_path):
     assert rows["a"][-4:] == ["$0.000909", "$0.00025", "(2", "runs)"]
     assert rows["b"][-4:] == ["$0.000205", "$0.00005", "(1", "run)"]
     assert rows["run"][-2:] == ["$0.001114", "$0.0003"]
+
+
+def test_tiny_amounts_print_in_dollars_not_scientific_notation(tmp_path):
+    """A call's cost may be under a millionth of a dollar (the ledger keeps nine decimals):
+    `flowc cost`'s expected column and `flowc costs` show it as $0.0000001, not $1e-07, and
+    not as $0 or a bare 1E-7 either."""
+    p = write_project(tmp_path, TWO_STEPS)
+    ledger = Ledger(tmp_path / ".flowc" / "ledger.duckdb", 0.05)
+    for step in ("a", "b"):
+        ledger.record(CallRecord(model="m", provider="openai", served_model="test-cheap",
+                                 success=True, latency_ms=1.0, cost_usd=Decimal("0.0000001"),
+                                 workflow_name="two", run_id="r1", step_id=step,
+                                 id=uuid.uuid4().hex))
+    ledger.flush()
+    ledger.close()
+    out = flowc("cost", p, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()[2:6]}
+    assert rows["a"][-3] == rows["b"][-3] == "$0.0000001"
+    assert rows["run"][-1] == "$0.0000002"
+    out = flowc("costs", "--by", "model", "--since", "2000-01-01", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[2].split()[0] == "openai/test-cheap" and lines[2].split()[5] == "$0.0000002"
+    assert lines[-1] == "2 calls, 0 tokens, $0.0000002"
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.decimals(-10**12, 10**12, allow_nan=False, allow_infinity=False),
+                 st.floats(-1e12, 1e12),
+                 st.integers(-10**12, 10**12)))
+def test_usd_is_always_plain_dollars_near_the_amount(amount):
+    from flowc.cost import usd
+
+    text = usd(amount)
+    assert re.fullmatch(r"-?\$\d+(\.\d+)?", text), text
+    d = Decimal(str(amount))
+    shown = Decimal(text.replace("$", ""))
+    if d == 0:
+        assert text == "$0"
+        return
+    assert shown != 0 and (shown < 0) == (d < 0)  # never a non-zero amount shown as $0
+    if abs(d) >= Decimal("0.000001"):  # to the millionth
+        assert abs(shown - d) <= Decimal("0.0000005")
+    else:  # two significant digits
+        assert abs(shown - d) <= abs(d) / 10
 
 
 # -- the runtime -------------------------------------------------------------------------------

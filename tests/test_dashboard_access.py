@@ -131,7 +131,7 @@ def test_with_auth_on_the_page_asks_for_a_key_and_refuses_a_wrong_one(visit, srv
     assert not page.get_by_text("Daily spend (USD)").is_visible()
     before = len(visit.sent)
     visit.sign_in(ADMIN)
-    visit.spend("$0.070000")
+    visit.spend("$0.07")
     visit.shows("signed in as admin")
     # The key goes in a header on every call to the API, never in a URL, and is kept
     # nowhere but the tab.
@@ -145,10 +145,10 @@ def test_with_auth_on_the_page_asks_for_a_key_and_refuses_a_wrong_one(visit, srv
 
 def test_sign_out_forgets_the_key(visit):
     visit.sign_in(ADMIN)
-    visit.spend("$0.070000")
+    visit.spend("$0.07")
     visit.page.get_by_role("button", name="sign out").click()
     visit.shows("This flowc server needs a key")
-    assert not visit.page.get_by_text("$0.070000").first.is_visible()
+    assert not visit.page.get_by_text("$0.07").first.is_visible()
     visit.page.reload()  # the tab no longer holds it
     visit.shows("This flowc server needs a key")
     assert visit.page.evaluate("sessionStorage.length") == 0
@@ -167,14 +167,14 @@ def download_csv(visit: Visit) -> list[dict[str, str]]:
 
 def test_a_team_members_key_sees_its_teams_spend_only(visit, srv):
     visit.sign_in(srv.secrets["billing-bot"])
-    visit.spend("$0.030000")
+    visit.spend("$0.03")
     visit.shows("signed in with key billing-bot")
     visit.shows("You see team finance's spend")
-    visit.shows("Team finance's budget: $0.050000 a month, $0.030000 spent.")
-    assert visit.rows("Spend by team") == [["finance", "3", "0", "3,036", "$0.030000"]]
+    visit.shows("Team finance's budget: $0.05 a month, $0.03 spent.")
+    assert visit.rows("Spend by team") == [["finance", "3", "0", "3,036", "$0.03"]]
     assert visit.rows("Spend by key") == [
-        [shown(srv, "billing-bot"), "2", "0", "2,024", "$0.020000"],
-        [shown(srv, "ledger-bot"), "1", "0", "1,012", "$0.010000"]]
+        [shown(srv, "billing-bot"), "2", "0", "2,024", "$0.02"],
+        [shown(srv, "ledger-bot"), "1", "0", "1,012", "$0.01"]]
     assert len(visit.rows("Latest calls")) == 3
     # Nothing from the other team anywhere on the page, nor in the export.
     assert "research" not in visit.page.inner_text("body")
@@ -184,47 +184,62 @@ def test_a_team_members_key_sees_its_teams_spend_only(visit, srv):
 
 def test_the_admin_sees_every_team_and_the_filters_narrow_it(visit, srv):
     visit.sign_in(ADMIN)
-    visit.spend("$0.070000")
+    visit.spend("$0.07")
     assert [(r[0], r[-1]) for r in visit.rows("Spend by team")] == [
-        ("research", "$0.040000"), ("finance", "$0.030000")]
+        ("research", "$0.04"), ("finance", "$0.03")]
     page = visit.page
     page.get_by_label("team", exact=True).select_option(label="research")
-    visit.spend("$0.040000")
+    visit.spend("$0.04")
     assert [r[0] for r in visit.rows("Spend by key")] == [shown(srv, "research-bot")]
     # time, workflow, step, model, served by, key, team, ...
     assert [r[5:7] for r in visit.rows("Latest calls")] == [["research-bot", "research"]]
     assert [r["key_name"] for r in download_csv(visit)] == ["research-bot"]
     page.get_by_label("team", exact=True).select_option(label="all teams")
     page.get_by_label("key", exact=True).select_option(label=shown(srv, "billing-bot"))
-    visit.spend("$0.020000")
+    visit.spend("$0.02")
     assert [r[0] for r in visit.rows("Spend by team")] == ["finance"]
     page.get_by_label("key", exact=True).select_option(label="all keys")
     page.get_by_label("tag", exact=True).select_option(label="project=apollo")
-    visit.spend("$0.010000")
+    visit.spend("$0.01")
     assert [r[0] for r in visit.rows("Spend by key")] == [shown(srv, "ledger-bot")]
 
 
 def test_a_crossed_budget_threshold_shows_as_an_alert(visit, srv):
     month = datetime.now(UTC).date().replace(day=1).isoformat()
     visit.sign_in(ADMIN)
-    visit.spend("$0.070000")
+    visit.spend("$0.07")
     assert [r[1:] for r in visit.rows("Budget alerts")] == [
-        ["key research-bot", "80%", "$0.040000", "$0.050000", f"month from {month}"],
-        ["key research-bot", "50%", "$0.040000", "$0.050000", f"month from {month}"],
-        ["team finance", "50%", "$0.030000", "$0.050000", f"month from {month}"]]
+        ["key research-bot", "80%", "$0.04", "$0.05", f"month from {month}"],
+        ["key research-bot", "50%", "$0.04", "$0.05", f"month from {month}"],
+        ["team finance", "50%", "$0.03", "$0.05", f"month from {month}"]]
     # A team member sees its team's alerts, not another team's key's.
     visit.page.get_by_role("button", name="sign out").click()
     visit.sign_in(srv.secrets["ledger-bot"])
-    visit.spend("$0.030000")
+    visit.spend("$0.03")
     assert [r[1:3] for r in visit.rows("Budget alerts")] == [["team finance", "50%"]]
 
 
 def test_a_key_revoked_while_signed_in_is_asked_for_again(visit, srv):
     visit.sign_in(srv.secrets["leaver"])
-    visit.spend("$0.030000")
+    visit.spend("$0.03")
     r = httpx.delete(f"{srv.url}/v1/keys/{srv.ids['leaver']}",
                      headers={"authorization": f"Bearer {ADMIN}"}, timeout=10)
     assert r.status_code == 200, r.text
     visit.page.get_by_role("button", name="apply").click()
     visit.shows("That key was not accepted")
-    assert not visit.page.get_by_text("$0.030000").first.is_visible()
+    assert not visit.page.get_by_text("$0.03").first.is_visible()
+
+
+def test_the_dashboard_prints_dollars_as_every_flowc_output_does(visit):
+    """Its amounts read as `flowc costs`, `flowc run` and the run graph print them
+    (flowc.cost.usd): a cost under a millionth is not $0.000000, and none has an exponent."""
+    import random
+
+    from flowc.cost import usd
+
+    rng = random.Random(7)
+    amounts = [0, 1e-7, 1.234e-8, 9.99e-7, 1e-6, 0.01, 0.0100004, 1, 12.345678, 1234.5, -0.5,
+               *(rng.uniform(0, 10) * 10 ** rng.randint(-12, 4) for _ in range(300))]
+    shown = visit.page.evaluate("amounts => amounts.map(fmtUsd)", amounts)
+    assert shown == [usd(a) for a in amounts]
+    assert shown[1:3] == ["$0.0000001", "$0.000000012"]

@@ -17,6 +17,8 @@ import pytest
 from flowc import Project, compile_source
 from flowc.caching import duration_seconds
 from flowc.config import MCPServerConfig, ProjectConfig
+from runtime.access.gate import Gate, Principal
+from runtime.access.store import LedgerAccessStore
 from runtime.executor import Executor
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.routing import Router
@@ -46,10 +48,11 @@ def compile_yaml(text: str):
 
 
 def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None, act=None,
-        config=None):
+        config=None, key=None):
     """One run with a ledger at ``ledger_path`` (kept between runs, like a project's);
     ``mcp``: MCP servers' configs (started for the run, closed after); ``act``: what to do
-    with the executor instead of a run of ``compiled`` with ``inputs``."""
+    with the executor instead of a run of ``compiled`` with ``inputs``; ``key``: a virtual
+    key's settings (as `flowc keys create` takes them), made and run as."""
     async def go():
         tools = MCPManager(mcp, ledger_path.parent) if mcp else None
         cfg = ProjectConfig.model_validate(config or CONFIG)
@@ -57,9 +60,14 @@ def run(compiled, inputs, *, fake, ledger_path: Path, mcp=None, sql=None, act=No
                                         "OPENAI_API_KEY": "k"})
         ledger = Ledger(ledger_path, 0.1)
         try:
-            caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger)
+            gate, who = None, None
+            if key is not None:
+                gate = Gate(cfg, LedgerAccessStore(ledger), None)
+                gate.load()
+                who = Principal("key", gate.create(key)[0])
+            caller = ModelCaller(cfg, providers, Router(cfg, providers), ledger, gate)
             executor = Executor(caller, tools, cache=StepCache(ledger))
-            result = await (act(executor) if act else executor.run(compiled, inputs))
+            result = await (act(executor) if act else executor.run(compiled, inputs, who=who))
             ledger.flush()
             rows = ledger.select(
                 "SELECT step_id, cost_usd, cached, saved_usd, price_source, status "
@@ -130,6 +138,38 @@ def test_an_alias_pointed_at_another_model_misses(openai_fake, tmp_path):
     _, rows = run(compiled, {"text": "same"}, fake=openai_fake, ledger_path=path,
                   config=moved)
     assert len(openai_fake.requests) == 2 and rows[0][2] is True
+
+
+def test_a_cache_hit_is_refused_to_a_key_the_call_would_be_refused_to(openai_fake, tmp_path):
+    """A cached result goes only to a key that may make the call: one whose models allow
+    neither the step's alias nor every model it may be routed to (its fallback too) gets the
+    call's own refusal, on its key in the ledger, as it would without the cache. (The name
+    the provider answered with, gpt-4o-mini-2024-07-18, used to let the hit through.)"""
+    text = CACHED.replace("model: m", "model: fast\n        fallback_models: [openai/gpt-4o]")
+    cached, live = compile_yaml(text), compile_yaml(text.replace("cache: true", "cache: false"))
+    path = tmp_path / "ledger.duckdb"
+
+    def seen(compiled, key):
+        result, _ = run(compiled, {"text": "t"}, fake=openai_fake, ledger_path=path, key=key)
+        ledger = Ledger(path, 0.1)
+        try:
+            rows = ledger.select("SELECT model, status, error, key_name, cached, cost_usd "
+                                 "FROM requests WHERE run_id = ?", [result.run_id])[1]
+        finally:
+            ledger.close()
+        return result.status, (result.error or {}).get("message"), rows
+
+    assert seen(cached, {"name": "any"})[0] == "succeeded"  # stored
+    for name, models in (("dated", ["openai/gpt-4o-mini-2024-07-18"]),
+                         ("no-fallback", ["openai/gpt-4o-mini"])):
+        refused = seen(cached, {"name": name, "models": models})
+        assert refused == seen(live, {"name": name, "models": models})
+        message = (f"key '{name}' may not use model 'fast' (allowed: {models[0]})")
+        assert refused == ("failed", message, [("fast", "refused", message, name, False, None)])
+    assert len(openai_fake.requests) == 1  # no call was made for either key
+    status, _, rows = seen(cached, {"name": "openai", "models": ["openai/*"]})
+    assert status == "succeeded" and rows == [("fast", "ok", None, "openai", True, 0)]
+    assert len(openai_fake.requests) == 1
 
 
 def test_a_step_without_cache_always_calls(openai_fake, tmp_path):

@@ -107,7 +107,8 @@ def test_an_unknown_name_says_where_it_looked(gw):
     assert r.status_code == 422
     assert [(d["rule"], d["message"]) for d in r.json()["error"]["diagnostics"]] == [
         ("pipeline-not-found", "pipeline 'nowhere' not found: no such file, none is served "
-                               "by that name, and no pipeline file beside this one has "
+                               "by that name, and no pipeline file in the project's "
+                               f"pipelines folder {gw.project / 'pipelines'} has "
                                "`name: nowhere`")]
 
 
@@ -154,4 +155,136 @@ def test_files_and_registered_pipelines_call_each_other_by_name(tmp_path):
             assert result.output == "ok"
             assert books == [(step, name, True, result.run_id)]
     finally:
+        fake.stop()
+
+
+def _seeded_project(tmp_path, files: dict[str, str], registered: dict[str, str]):
+    """A project with ``files`` in pipelines/ and ``registered`` pipelines already in its
+    ledger (put there by an earlier server), and a loopback OpenAI that echoes prompts."""
+    from tests.fakes import FakeServer
+
+    (tmp_path / "flowc.yaml").write_text("models: {fast: openai/gpt-4o-mini}\n"
+                                         "ledger: {flush_interval: 0.2}\n")
+    (tmp_path / "pipelines").mkdir()
+    for name, text in files.items():
+        (tmp_path / "pipelines" / name).write_text(text)
+    (tmp_path / ".flowc").mkdir()
+    ledger = Ledger(tmp_path / ".flowc" / "ledger.duckdb", 0.1)
+    try:
+        for name, text in registered.items():
+            ledger.execute("INSERT INTO workflows (id, name, config_yaml, created_at, "
+                           "updated_at) VALUES (?, ?, ?, now(), now())", [name, name, text])
+    finally:
+        ledger.close()
+    return FakeServer("openai").start()
+
+
+def _serve(tmp_path, fake):
+    import os
+
+    from tests.conftest import ROOT, start_server
+    from tests.fakes import free_port
+
+    env = {**os.environ, "OPENAI_BASE_URL": fake.url + "/v1", "OPENAI_API_KEY": "sk-test",
+           "PYTHONPATH": str(ROOT)}
+    port = free_port()
+    return f"http://127.0.0.1:{port}", start_server(tmp_path, env, port)
+
+
+def test_a_pipelines_file_wins_over_a_registered_namesake_and_a_put_of_it_is_refused(
+        tmp_path):
+    """The rule: a name a file in the project's pipelines/ has is that file's. At start-up
+    the file is served, not the pipeline registered under its name before the file came;
+    a PUT of that name is a 409 that says so, and changes nothing."""
+    from tests.conftest import stop_server
+
+    file_text = CORE.format(name="dup", prompt="From the file")
+    fake = _seeded_project(tmp_path, {"dup.yaml": file_text},
+                           {"dup": CORE.format(name="dup", prompt="Registered")})
+    url, proc = _serve(tmp_path, fake)
+    try:
+        r = httpx.post(f"{url}/v1/workflow/dup", json={"input": {"text": "x"}}, timeout=60)
+        assert r.status_code == 200 and r.json()["output"] == "echo: From the file: x", r.text
+        listed = httpx.get(f"{url}/v1/workflows", timeout=30).json()["workflows"]
+        assert [w["source"] for w in listed if w["name"] == "dup"] == [
+            f"file:{tmp_path / 'pipelines' / 'dup.yaml'}"]
+        r = httpx.put(f"{url}/v1/workflows/dup", timeout=30,
+                      json={"yaml": CORE.format(name="dup", prompt="Put")})
+        assert r.status_code == 409, r.text
+        assert r.json()["error"] == {
+            "message": f"pipeline 'dup' is the project's file "
+                       f"{tmp_path / 'pipelines' / 'dup.yaml'}, which wins over a "
+                       "registered pipeline of that name: change the file, or register "
+                       "this one under another name",
+            "type": "invalid_request_error", "code": "workflow_is_a_file", "param": None}
+        r = httpx.post(f"{url}/v1/workflow/dup", json={"input": {"text": "x"}}, timeout=60)
+        assert r.json()["output"] == "echo: From the file: x"
+    finally:
+        stop_server(proc)
+        fake.stop()
+
+
+def test_a_refresh_keeps_the_rule_a_file_wins(tmp_path):
+    """With a shared store, another instance may register (or change) a pipeline under a
+    file's name: an instance that has the file keeps serving it at each refresh, one without
+    the file serves the registered one, as each would at start-up."""
+    core = CORE.replace("model: fast", "model: m")
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "dup.yaml").write_text(core.format(name="dup", prompt="File"))
+    ledger = Ledger(tmp_path / "registry.duckdb", 0.1)
+    try:
+        project = Project(config=ProjectConfig.model_validate(CONFIG))
+        with_file, without = Registry(project), Registry(project)
+        with_file.load_folder(folder)
+        for registry in (with_file, without):
+            registry.load_registered(ledger)
+        without.register("dup", core.format(name="dup", prompt="Registered"), ledger)
+        assert with_file.refresh(ledger) == []
+        assert "File" in with_file.workflows["dup"].yaml
+        ledger.execute("UPDATE workflows SET config_yaml = ? WHERE name = 'dup'",
+                       [core.format(name="dup", prompt="Changed")])
+        assert (with_file.refresh(ledger), without.refresh(ledger)) == ([], ["dup"])
+        assert "File" in with_file.workflows["dup"].yaml
+        assert "Changed" in without.workflows["dup"].yaml
+        restarted = Registry(project)  # start-up: the same rule
+        restarted.load_folder(folder)
+        restarted.load_registered(ledger)
+        assert restarted.workflows["dup"].source == f"file:{folder / 'dup.yaml'}"
+    finally:
+        ledger.close()
+
+
+def test_a_registered_pipeline_finds_a_relative_path_in_the_pipelines_folder(tmp_path):
+    """A registered pipeline has no file of its own: its `pipeline: ./x.yaml` is looked up in
+    the project's pipelines/ folder, as if it were one of its files there, never in the
+    directory the server happened to start in (here: the project, with a decoy x.yaml)."""
+    from tests.conftest import stop_server
+
+    callee = CORE.format(name="callee", prompt="Pipelines folder")
+    by_path = CALLER.replace("{callee}", "./callee.yaml").replace("{name}", "{0}")
+    fake = _seeded_project(tmp_path, {"callee.yaml": callee},
+                           {"seeded": by_path.format("seeded")})
+    (tmp_path / "callee.yaml").write_text(CORE.format(name="callee", prompt="Server cwd"))
+    url, proc = _serve(tmp_path, fake)
+    try:
+        r = httpx.put(f"{url}/v1/workflows/put", json={"yaml": by_path.format("put")},
+                      timeout=30)
+        assert r.status_code == 200, r.text
+        for name in ("seeded", "put"):  # compiled at start-up, and on a PUT
+            r = httpx.post(f"{url}/v1/workflow/{name}", json={"input": {"topic": "x"}},
+                           timeout=60)
+            assert r.json()["output"] == "echo: Pipelines folder: x", r.text
+        missing = CALLER.format(name="lost", callee="./nowhere.yaml")
+        r = httpx.put(f"{url}/v1/workflows/lost", json={"yaml": missing}, timeout=30)
+        assert r.status_code == 422
+        [d] = r.json()["error"]["diagnostics"]
+        assert (d["rule"], d["message"], d["help"]) == (
+            "pipeline-not-found", "pipeline './nowhere.yaml' not found: no such file in "
+            f"the project's pipelines folder {tmp_path / 'pipelines'} (a registered pipeline "
+            "is looked up as if it were a file there)",
+            "give a path relative to the pipelines folder (./summarize.yaml) or a "
+            "pipeline's name")
+    finally:
+        stop_server(proc)
         fake.stop()

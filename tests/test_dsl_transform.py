@@ -81,6 +81,37 @@ def test_reads_into_a_transform_are_checked_like_any_other():
     assert [d.rule for d in compile_text(bad).errors] == ["type-mismatch"]
 
 
+def test_a_transform_with_for_each_is_a_list_of_its_body_like_a_model_step():
+    """Run once per item, its result is the list of the items' results (the runtime gives a
+    list): `${t[0].field}` is read with a fallback, like a mapped model step's item, and
+    `${t.field}` is refused the same way."""
+    text = """
+name: mapped
+inputs:
+  items: {type: array, items: {type: string}}
+steps:
+  - {id: t, type: transform, for_each: "${input.items}", as: it, expr: {field: "${it}"}}
+  - id: m
+    type: llm
+    model: m
+    for_each: ${input.items}
+    as: it
+    prompt: ${it}
+    response_format:
+      schema: {type: object, properties: {field: {type: string}}, required: [field]}
+  - {id: read, type: transform, template: "READ"}
+output: ${read}
+"""
+    good = compile_text(text.replace("READ", "${t[0].field ?? ''} ${m[0].field ?? ''}"))
+    assert good.ok, good.diagnostics
+    assert str(good.compiled.node("t").output_type) == \
+        str(good.compiled.node("m").output_type) == "array of object"
+    bad = compile_text(text.replace("READ", "${t.field} ${m.field}"))
+    assert [(d.rule, d.message) for d in bad.errors] == [
+        ("unknown-field-path", "'t' is an array of object: it has no field 'field'"),
+        ("unknown-field-path", "'m' is an array of object: it has no field 'field'")]
+
+
 def test_a_value_that_may_be_one_of_two_kinds_is_refused_where_only_one_fits():
     # get() of an item or a string fallback: an object or a string. upper() of it would
     # fail at run time for the object, so the checker says so (found by the soundness test).

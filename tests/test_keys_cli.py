@@ -89,7 +89,7 @@ def test_keys_are_made_listed_changed_and_revoked_in_the_ledger_file(project):
     header, _, row = listed.stdout.splitlines()
     assert header.split() == ["id", "name", "team", "state", "budget", "spent", "rpm", "tpm",
                               "models", "hint"]
-    assert row.split() == [key_id, "billing-bot", "finance", "active", "$50/month", "$0",
+    assert row.split() == [key_id, "billing-bot", "finance", "active", "$50.00/month", "$0",
                            "600", "200000", "fast,openai/*", f"sk-flowc-...{secret[-4:]}"]
 
     shown = json.loads(project.ok("keys", "show", key_id, "--json").stdout)
@@ -105,8 +105,8 @@ def test_keys_are_made_listed_changed_and_revoked_in_the_ledger_file(project):
     assert Decimal(shown["spend"]["key"]["spent_usd"]) == 0
     text = project.ok("keys", "show", key_id)
     outputs.append(text)
-    assert "budget:      $50/month" in text.stdout
-    assert "key spend:   $0 this month of $50, $50 left" in text.stdout
+    assert "budget:      $50.00/month" in text.stdout
+    assert "key spend:   $0 this month of $50.00, $50.00 left" in text.stdout
 
     updated = json.loads(project.ok("keys", "update", key_id, "--no-budget", "--rpm", "5",
                                     "--no-tags", "--read-only", "--name", "billing",
@@ -290,7 +290,7 @@ def test_keys_through_the_running_server_take_effect_on_the_next_request(served)
     key_id = re.search(r"Created key (key_[0-9a-f]{16})", made.stderr).group(1)
     assert _chat(served.url, secret)  # known to the server at once
     listed = served.ok("keys", "list", "--team", "ops", **admin)
-    assert key_id in listed.stdout and "$2/month" in listed.stdout
+    assert key_id in listed.stdout and "$2.00/month" in listed.stdout
     shown = json.loads(served.ok("keys", "show", key_id, "--json", **admin).stdout)
     assert (shown["name"], shown["team"], shown["tags"]) == ("live", "ops", ["env=dev"])
     assert Decimal(shown["spend"]["key"]["spent_usd"]) > 0

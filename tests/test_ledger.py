@@ -411,7 +411,7 @@ def test_costs_cli_json_csv_and_summary_endpoint(served_ledger):
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--by", "model"],
                        cwd=project, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert "2 calls, 2200 tokens, $0.004710" in r.stdout
+    assert "2 calls, 2200 tokens, $0.00471" in r.stdout
     r = subprocess.run([sys.executable, "-m", "runtime.cli", "costs", "--by", "instance",
                         "--json"], cwd=project, env=env, capture_output=True, text=True,
                        timeout=60)

@@ -70,7 +70,12 @@ def test_constraints_drop_targets_and_say_why():
     assert [str(t) for t in plan.targets] == ["openai/gpt-4o-mini"]
     explained = "\n".join(r.explain(traits()))
     assert "openai/gpt-4o dropped: p50 5000 ms > 2000 ms" in explained
-    assert "anthropic/claude-sonnet-4-6 dropped: price per 1M tokens $18.00 > $15" in explained
+    assert "anthropic/claude-sonnet-4-6 dropped: price per 1M tokens $18.00 > $15.00" in explained
+    config["routes"][0]["max_cost_per_1m"] = 0.00001  # in dollars, never as $1e-05
+    with pytest.raises(RequestError) as exc:
+        router(config, latency).plan(traits())
+    assert "openai/gpt-4o-mini dropped: price per 1M tokens $0.75 > $0.00001" in \
+        exc.value.message
 
 
 def test_no_target_left_is_a_503_naming_the_route():

@@ -188,7 +188,7 @@ def test_the_graph_colours_each_step_by_status_with_why_on_hover(srv, runs):
     assert TOO_LONG in nodes["reply"][2]
     text = r.text
     assert "input.ticket" in text and "&gt; classify" not in text  # the pipeline's edges
-    assert "$0.010000" in text  # classify's cost, and the run's total in the title
+    assert "$0.01" in text  # classify's cost, and the run's total in the title
     nodes = svg_statuses(get(srv, f"/v1/runs/{runs['done']['run_id']}/graph.svg").content)
     assert {s: n[0] for s, n in nodes.items()} == {
         "classify": "done", "escalate": "done", "reply": "done"}
@@ -218,7 +218,7 @@ def test_the_runs_view_in_chromium(browser, srv, runs):
         assert [r[1:5] + r[8:] for r in rows] == [
             [runs["done"]["run_id"], "triage", "succeeded", "3 done", "lab-bot", "research"],
             [failed, "triage", "failed", "1 done · 1 failed · 1 skipped", "ops-bot", "ops"]]
-        assert rows[1][5] == "$0.010000"
+        assert rows[1][5] == "$0.01"
         # The filters narrow the list.
         page.get_by_label("status", exact=True).select_option("failed")
         expect(page.locator("#runs tr")).to_have_count(2, timeout=15000)
@@ -247,9 +247,9 @@ def test_the_runs_view_in_chromium(browser, srv, runs):
         steps = {r[0]: r for r in table(page, "run-steps")}
         assert steps["escalate"][1] == "skipped" and steps["escalate"][8] == SKIPPED_BECAUSE
         assert steps["reply"][1] == "failed" and TOO_LONG in steps["reply"][8]
-        assert steps["classify"][1:4] == ["done", "$0.010000", steps["classify"][3]]
+        assert steps["classify"][1:4] == ["done", "$0.01", steps["classify"][3]]
         assert page.inner_text("#run-status") == "failed"
-        assert page.inner_text("#run-cost") == "$0.010000"
+        assert page.inner_text("#run-cost") == "$0.01"
         assert page.inner_text("#run-steps-count") == "1 done · 1 failed · 1 skipped"
         assert "key ops-bot · team ops" in page.inner_text("#run-name")
         assert not page.locator("#run-note").is_visible()

@@ -89,7 +89,7 @@ class _Checker:
             return self._call(node)
         if isinstance(node, Name):
             inputs = self.ctx.inputs or {}
-            if node.name in self.ctx.producers:
+            if node.name in self.ctx.producers or node.name in self.ctx.unchecked_outputs:
                 target: str | None = node.name
             elif node.name in inputs:
                 target = f"input.{node.name}"

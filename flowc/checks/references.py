@@ -166,10 +166,10 @@ def resolve_uses(ctx: Context) -> None:
                     ctx.out.add("cycle", f"step '{need}' needs itself", span.start, span.end)
                     continue
                 g.add_edge(need, info.step.id, order=True)
-            else:
+            elif need not in ctx.unchecked_ids:  # an invalid step's own findings say why
                 idx = info.step.needs.index(need)
                 span = ctx.source.span_of((*ctx.step_path(info.step.id), "needs", idx))
-                hint = did_you_mean(need, ctx.steps)
+                hint = did_you_mean(need, [*ctx.steps, *ctx.unchecked_ids])
                 ctx.out.add("unknown-step", f"`needs` names unknown step '{need}'"
                             + suggest(hint),
                             span.start, span.end)
@@ -275,7 +275,8 @@ def path_type(ctx: Context, path: Path, span: Span) -> T.Type | None:
             out.add("undefined-reference", f"undefined reference '{path.root}'{inner[0]}",
                     span.start, span.end, help=inner[1])
             return None
-        hint = did_you_mean(path.root, [*ctx.producers, *ctx.outer, "input"])
+        hint = did_you_mean(path.root, [*ctx.producers, *ctx.unchecked_outputs, *ctx.outer,
+                                        "input"])
         out.add("undefined-reference", f"undefined reference '{path.root}': no step produces it"
                 + suggest(hint), span.start, span.end)
         return None

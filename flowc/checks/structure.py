@@ -91,6 +91,8 @@ def _check_step(ctx: Context, index: int, item: Any) -> None:
             name = item.get("output") or item.get("id")
             if isinstance(name, str):
                 ctx.unchecked_outputs.add(name)
+            if isinstance(item.get("id"), str):  # and its id: `needs` of it is no finding
+                ctx.unchecked_ids.add(item["id"])
         return
     if step.id not in ctx.steps:
         ctx.steps[step.id] = StepInfo(index, step)

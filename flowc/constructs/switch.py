@@ -77,8 +77,11 @@ def collect(ctx: Context, info: StepInfo) -> None:
             at = ctx.source.span_of(key if len(ids) == 1 and isinstance(
                 step.default if label is None else step.cases[label], str) else (*key, j))
             member = ctx.steps.get(sid)
+            if member is None and sid in ctx.unchecked_ids:  # its own findings say why
+                continue
             if member is None or sid == step.id:
-                hint = did_you_mean(sid, [s for s in ctx.steps if s != step.id])
+                hint = did_you_mean(sid, [s for s in [*ctx.steps, *ctx.unchecked_ids]
+                                          if s != step.id])
                 ctx.out.add("switch-case", f"{case_name(step.id, label)} runs "
                             + ("the switch itself" if sid == step.id else
                                f"unknown step '{sid}'" + suggest(hint)), at.start, at.end)

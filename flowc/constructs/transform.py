@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from flowc import foreach
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.expr import ExprSyntaxError, Node, parse_condition, references, single_reference
@@ -44,7 +45,13 @@ def _parse(ctx: Context, info: StepInfo, path: tuple[Any, ...], text: str) -> No
 
 
 def output_type(ctx: Context, info: StepInfo) -> T.Type:
-    """Each expression checked (types of operations, functions, bare names) and typed."""
+    """Each expression checked (types of operations, functions, bare names) and typed; under
+    `for_each`, a list of that (the runtime maps the step like any other)."""
+    body = _body_type(ctx, info)
+    return foreach.result_type(ctx, info, body) if info.step.for_each is not None else body
+
+
+def _body_type(ctx: Context, info: StepInfo) -> T.Type:
     from flowc.checks.conditions import ExprChecker
 
     step = info.step

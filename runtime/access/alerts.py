@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 
 from flowc.config import AlertsConfig
+from flowc.cost import usd
 from runtime.access.budgets import Alert
 from runtime.access.store import AccessStore
 
@@ -39,8 +40,8 @@ class Alerter:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __call__(self, alert: Alert) -> None:
-        log.warning("budget alert: %s has spent $%s of its $%s %s budget (%d%%)",
-                    alert.scope, _plain(alert.spent), _plain(alert.limit), alert.period,
+        log.warning("budget alert: %s has spent %s of its %s %s budget (%d%%)",
+                    alert.scope, usd(alert.spent), usd(alert.limit), alert.period,
                     alert.threshold)
         try:
             loop = asyncio.get_running_loop()

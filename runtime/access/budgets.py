@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+from flowc.cost import usd
 from runtime.access.keys import Period
 
 log = logging.getLogger("flowc.budgets")
@@ -82,8 +83,8 @@ class BudgetExceeded(Exception):
         left = max(counter.left(), ZERO)
         per = "in total" if counter.period == "total" else f"per {counter.period}"
         super().__init__(
-            f"budget exceeded for {counter.scope}: limit ${_usd(counter.limit)} {per}, "
-            f"${_usd(left)} left, and this request may cost up to ${_usd(needed)}")
+            f"budget exceeded for {counter.scope}: limit {usd(counter.limit)} {per}, "
+            f"{usd(left)} left, and this request may cost up to {usd(needed)}")
         self.counter, self.needed = counter, needed
 
 
@@ -97,10 +98,6 @@ class LeaseNeeded(Exception):
                  own: bool) -> None:
         super().__init__(f"leasing more of {counter.scope}'s budget")
         self.counter, self.amount, self.wait, self.own = counter, amount, wait, own
-
-
-def _usd(d: Decimal) -> str:
-    return f"{d:.6f}".rstrip("0").rstrip(".") if d else "0"
 
 
 @dataclass(frozen=True, slots=True)

@@ -329,15 +329,8 @@ class Gate:
         size in characters, None to measure ``req`` (only when a budget needs it)."""
         key = who.key
         if key is not None:
-            if key.read_only:
-                raise Denied(403, "permission_denied",
-                             f"key '{key.name}' is read-only: it cannot call models")
             targets = list(targets)
-            if not key.allows_model(requested) and not all(
-                    key.allows_model(str(t)) for t in targets):
-                raise Denied(403, "model_not_allowed", (
-                    f"key '{key.name}' may not use model '{requested}' (allowed: "
-                    f"{', '.join(key.models)})"))
+            self.permit(who, requested, targets)
         ident = (key.id if key is not None else None, tags, pipeline)
         plan = self._plans.get(ident)
         if plan is None:
@@ -362,6 +355,22 @@ class Gate:
         for w in windows:
             w.take(now)
         return Grant(reservation, windows)
+
+    def permit(self, who: Principal, requested: str, targets: list[Any]) -> None:
+        """Whether ``who`` may call ``requested`` (routed to ``targets``) at all: not with a
+        read-only key, nor outside its models; raises Denied. It takes no rate limit or
+        budget: a step's cached result, reused instead of a call, is checked with this."""
+        key = who.key
+        if key is None:
+            return
+        if key.read_only:
+            raise Denied(403, "permission_denied",
+                         f"key '{key.name}' is read-only: it cannot call models")
+        if not key.allows_model(requested) and not all(
+                key.allows_model(str(t)) for t in targets):
+            raise Denied(403, "model_not_allowed", (
+                f"key '{key.name}' may not use model '{requested}' (allowed: "
+                f"{', '.join(key.models)})"))
 
     async def admit_wait(self, who: Principal, requested: str, targets: Iterable[Any],
                          req: dict[str, Any], prompt_bound: int | None, tags: str | None,

@@ -17,7 +17,7 @@ from runtime.api.common import current, json_response, query, report
 from runtime.gateway.openai_api import error_response
 from runtime.inputs import InputError
 from runtime.providers import FlowcError, RequestError
-from runtime.workflows import BreaksCallers
+from runtime.workflows import BreaksCallers, NameIsAFile
 
 router = APIRouter()
 
@@ -50,6 +50,8 @@ async def register(name: str, request: Request, _: Admin) -> Response:
             "diagnostics": [{**d.to_dict(), "pipeline": caller}
                             for caller, found in exc.errors.items() for d in found]}},
             status_code=422)
+    except NameIsAFile as exc:
+        return error_response(RequestError(str(exc), status=409, code="workflow_is_a_file"))
     except ValueError as exc:
         return error_response(RequestError(str(exc)))
     if result.compiled is None:

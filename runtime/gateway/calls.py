@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from flowc.config import ProjectConfig
 from runtime import observe
@@ -237,12 +237,29 @@ class ModelCaller:
                                                plan.targets, req, ctx.prompt_bound, bill.tags,
                                                ctx.workflow_name)
         except (Denied, RateLimited, BudgetExceeded, Unpriced) as exc:
-            err = access_error(exc)
-            self._record(str(req.get("model", "")), None, None, status="refused",
-                         latency_ms=0.0, usage=None, ctx=ctx, rule=plan.rule, stream=stream,
-                         error=err, bill=bill, req=req)
-            raise err from None
+            self._refuse(req, plan, ctx, stream, bill, exc)
         return bill
+
+    def permit(self, req: dict[str, Any], ctx: CallContext) -> None:
+        """Before a pipeline step's cached result is reused instead of this call: refused,
+        and recorded, exactly as the call would be if ctx's key may not make it (read-only,
+        outside its models). No rate limit or budget is taken: no call is made."""
+        plan = self._plan_or_refuse(req, None, ctx, False)
+        if self.gate is None:
+            return
+        try:
+            self.gate.permit(ctx.who or OPEN, str(req.get("model", "")), plan.targets)
+        except Denied as exc:
+            self._refuse(req, plan, ctx, False, self._bill(ctx, None), exc)
+
+    def _refuse(self, req: dict[str, Any], plan: Plan, ctx: CallContext, stream: bool,
+                bill: Bill, exc: Exception) -> NoReturn:
+        """A call its caller may not make: a `refused` row on its key, and its error."""
+        err = access_error(exc)
+        self._record(str(req.get("model", "")), None, None, status="refused",
+                     latency_ms=0.0, usage=None, ctx=ctx, rule=plan.rule, stream=stream,
+                     error=err, bill=bill, req=req)
+        raise err from None
 
     def _describe(self, error: BaseException) -> str:
         """An error's text for the ledger and the log, with every provider key cut out

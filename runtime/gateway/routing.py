@@ -17,6 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from flowc.config import ProjectConfig, Route
+from flowc.cost import usd
 from runtime.ledger.pricing import price_per_million
 from runtime.providers import Providers, RequestError, Target
 
@@ -154,8 +155,8 @@ class Router:
             if route.max_cost_per_1m is not None and (cost is None
                                                       or cost > route.max_cost_per_1m):
                 reasons.append(f"{target} dropped: price per 1M tokens "
-                               f"{'unknown' if cost is None else f'${cost:.2f}'} > "
-                               f"${route.max_cost_per_1m}")
+                               f"{'unknown' if cost is None else usd(cost)} > "
+                               f"{usd(route.max_cost_per_1m)}")
                 continue
             if route.max_p50_ms is not None and p50 is not None and p50 > route.max_p50_ms:
                 reasons.append(f"{target} dropped: p50 {p50:.0f} ms > {route.max_p50_ms:g} ms")
@@ -168,7 +169,7 @@ class Router:
         elif route.strategy == "best":
             candidates.sort(key=lambda c: -self.config.quality.get(str(c[0]), 0.0))
         for target, cost, p50 in candidates:
-            reasons.append(f"{target}: price/1M {'unknown' if cost is None else f'${cost:.2f}'}"
+            reasons.append(f"{target}: price/1M {'unknown' if cost is None else usd(cost)}"
                            f", p50 {'unknown' if p50 is None else f'{p50:.0f} ms'}, quality "
                            f"{self.config.quality.get(str(target), 'unset')}")
         if not candidates:

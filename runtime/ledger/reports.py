@@ -174,8 +174,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _numeric(s: str) -> bool:
-    return s.replace(".", "", 1).replace("-", "", 1).isdigit()
+def _numeric(s: str) -> bool:  # dollars too: `flowc costs` prints them with flowc.cost.usd
+    return s.replace(".", "", 1).replace("-", "", 1).removeprefix("$").isdigit()
 
 
 def dashboard(select: Select, since: str | None = None, until: str | None = None, *,
