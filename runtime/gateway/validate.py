@@ -107,32 +107,53 @@ def _anthropic_error(name: str, problem: str, code: str) -> RequestError:
     return RequestError(f"{name}: {problem}", param=name, code=code)
 
 
+# Per wire: its fields, and those required (checked first, in this order).
+_REQUIRED = {wire: tuple(n for n, f in fields.items() if f.required)
+             for wire, fields in WIRES.items()}
+
+
 def check(wire: str, body: dict[str, Any]) -> None:
     """Raise the client's 400 for the first standard field of ``body`` that is missing,
-    of the wrong type or out of range."""
+    of the wrong type or out of range. Only the fields the body has are looked at (a
+    request holds a few of the two dozen a wire knows: this runs on every request)."""
+    fields = WIRES[wire]
+    for name in _REQUIRED[wire]:
+        if body.get(name) is None:
+            _refuse(wire, name, fields[name], None)
+    for name, value in body.items():
+        spec = fields.get(name)
+        if spec is None or value is None:
+            continue
+        for k in spec.kinds:
+            if _is(k, value):
+                break
+        else:
+            _refuse(wire, name, spec, value)
+        if (spec.low is None and spec.high is None) or not _is("number", value):
+            continue
+        if (spec.low is not None and value < spec.low) or \
+                (spec.high is not None and value > spec.high):
+            _refuse(wire, name, spec, value)
+
+
+def _refuse(wire: str, name: str, spec: Field, value: Any) -> None:
+    """Raise the 400 for ``name``'s ``value`` (None: missing), worded by ``wire``."""
     anthropic = wire in ("messages", "count_tokens")
     make: Callable[[str, str, str], RequestError] = (_anthropic_error if anthropic
                                                      else _openai_error)
     names = _ANTHROPIC_NAMES if anthropic else _NAMES
-    for name, spec in WIRES[wire].items():
-        value = body.get(name)
-        if value is None:
-            if spec.required:
-                raise make(name, "Field required", "missing_required_parameter")
-            continue
-        if not any(_is(k, value) for k in spec.kinds):
-            wanted = " or ".join(names[k] for k in spec.kinds)
-            problem = (f"Input should be {wanted}" if anthropic else
-                       f"expected {wanted}, but got {_got(value)} instead.")
-            raise make(name, problem, "invalid_type")
-        if not _is("number", value):
-            continue
-        kind = "integer" if isinstance(value, int) else "decimal"
-        if spec.low is not None and value < spec.low:
-            raise make(name, f"Input should be greater than or equal to {spec.low:g}"
-                       if anthropic else f"{kind} below minimum value. Expected a value >= "
-                       f"{spec.low:g}, but got {value} instead.", f"{kind}_below_min_value")
-        if spec.high is not None and value > spec.high:
-            raise make(name, f"Input should be less than or equal to {spec.high:g}"
-                       if anthropic else f"{kind} above maximum value. Expected a value <= "
-                       f"{spec.high:g}, but got {value} instead.", f"{kind}_above_max_value")
+    if value is None:
+        raise make(name, "Field required", "missing_required_parameter")
+    if not any(_is(k, value) for k in spec.kinds):
+        wanted = " or ".join(names[k] for k in spec.kinds)
+        problem = (f"Input should be {wanted}" if anthropic else
+                   f"expected {wanted}, but got {_got(value)} instead.")
+        raise make(name, problem, "invalid_type")
+    kind = "integer" if isinstance(value, int) else "decimal"
+    if spec.low is not None and value < spec.low:
+        raise make(name, f"Input should be greater than or equal to {spec.low:g}"
+                   if anthropic else f"{kind} below minimum value. Expected a value >= "
+                   f"{spec.low:g}, but got {value} instead.", f"{kind}_below_min_value")
+    raise make(name, f"Input should be less than or equal to {spec.high:g}"
+               if anthropic else f"{kind} above maximum value. Expected a value <= "
+               f"{spec.high:g}, but got {value} instead.", f"{kind}_above_max_value")
