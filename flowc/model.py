@@ -411,6 +411,12 @@ class SwitchStep(_StepBase):
         if self.when is not None:
             raise ValueError("a switch takes no `when:`: its cases are its conditions (give "
                              "the value it switches on a case, or a `default`)")
+        if self.for_each is not None:
+            # Its cases are steps of the pipeline, run once: a switch per item is a switch
+            # inside a block mapped over the items.
+            raise ValueError("a switch takes no `for_each:`: its cases run once; to switch on "
+                             "each item, put the switch and its cases' steps in a `type: "
+                             "block` step with the `for_each:`")
         return self
 
     def case_bodies(self) -> list[tuple[str | int | None, list[str]]]:
