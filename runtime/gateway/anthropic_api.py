@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -28,7 +27,13 @@ from starlette.responses import Response
 
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
-from runtime.gateway.openai_api import GatewayStream, flowc_headers, parse_body, stream_headers
+from runtime.gateway.openai_api import (
+    GatewayStream,
+    answer,
+    parse_body,
+    refused,
+    stream_headers,
+)
 from runtime.gateway.validate import check
 from runtime.providers import (
     ADAPTERS,
@@ -619,15 +624,9 @@ async def messages(incoming: Incoming, caller: ModelCaller) -> Response:
             return GatewayStream(_stream_bytes(out.chunks), out.close, headers)
         done = await caller.complete(body, tags=tags, ctx=incoming.context(), send=call.send)
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
-                       ctx=incoming.context(), tags=tags)
+        refused(caller, incoming, body, err)
         return error_response(err)
-    headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
-                            done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,
-                            done.rule)
-    headers.update(call.headers)
-    raw = call.raw if call.raw is not None else orjson.dumps(done.body)
-    return Response(raw, media_type="application/json", headers=headers)
+    return answer(done, t0, call.raw, call.headers)
 
 
 async def _stream_bytes(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:

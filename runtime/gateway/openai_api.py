@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from runtime.gateway.calls import CallContext, ModelCaller, StreamOutcome
+from runtime.gateway.calls import CallContext, ModelCaller, Outcome, StreamOutcome
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.validate import check
 from runtime.providers import FlowcError, RequestError
@@ -86,6 +86,25 @@ def stream_headers(out: StreamOutcome, t0: float) -> dict[str, str]:
     return headers
 
 
+def answer(done: Outcome, t0: float, raw: bytes | None = None,
+           extra: Mapping[str, str] | None = None) -> Response:
+    """A finished call's answer, in any wire: its body (``raw``: the provider's own bytes,
+    when forwarded verbatim) with flowc's headers (and ``extra`` ones)."""
+    headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
+                            done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,
+                            done.rule)
+    if extra:
+        headers.update(extra)
+    return Response(raw if raw is not None else orjson.dumps(done.body),
+                    media_type="application/json", headers=headers)
+
+
+def refused(caller: ModelCaller, incoming: Incoming, body: Any, err: FlowcError) -> None:
+    """A request refused before or by its call: on the books (see `ModelCaller.refused`)."""
+    caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
+                   ctx=incoming.context(), tags=incoming.tags)
+
+
 async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
     tags, t0 = incoming.tags, incoming.t0
     body: Any = None
@@ -96,13 +115,9 @@ async def chat_completions(incoming: Incoming, caller: ModelCaller) -> Response:
             return await _stream(body, tags, caller, t0, incoming.context())
         out = await caller.complete(body, tags=tags, ctx=incoming.context())
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
-                       ctx=incoming.context(), tags=tags)
+        refused(caller, incoming, body, err)
         return error_response(err)
-    total = (time.perf_counter() - t0) * 1000
-    headers = flowc_headers(out.target.provider, out.body.get("model") or out.target.model,
-                            out.cost, total - out.upstream_ms, out.rule)
-    return Response(orjson.dumps(out.body), media_type="application/json", headers=headers)
+    return answer(out, t0)
 
 
 async def _stream(body: dict[str, Any], tags: str | None, caller: ModelCaller,

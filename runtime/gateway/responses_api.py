@@ -32,9 +32,10 @@ from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.openai_api import (
     GatewayStream,
+    answer,
     error_response,
-    flowc_headers,
     parse_body,
+    refused,
     stream_headers,
 )
 from runtime.gateway.responses_store import STORE, ResponseStore
@@ -703,15 +704,9 @@ async def responses(incoming: Incoming, caller: ModelCaller) -> Response:
             return GatewayStream(_stream_bytes(out.chunks, call), out.close, headers)
         done = await caller.complete(body, tags=tags, ctx=incoming.context(), send=call.send)
     except FlowcError as err:
-        caller.refused(body, err, stream=bool(isinstance(body, dict) and body.get("stream")),
-                       ctx=incoming.context(), tags=tags)
+        refused(caller, incoming, body, err)
         return error_response(err)
-    headers = flowc_headers(done.target.provider, done.body.get("model") or done.target.model,
-                            done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,
-                            done.rule)
-    headers.update(call.headers)
-    raw = call.raw if call.raw is not None else orjson.dumps(done.body)
-    return Response(raw, media_type="application/json", headers=headers)
+    return answer(done, t0, call.raw, call.headers)
 
 
 async def _stream_bytes(chunks: AsyncIterator[bytes], call: _Call) -> AsyncIterator[bytes]:
