@@ -16,7 +16,10 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-_JOIN_MAX = 256 * 1024  # bytes up to which buffered writes are joined (larger: sent apart)
+# Past this many bytes buffered in one iteration, writes go through at once: a large body
+# sent in a tight loop (an export) is then bounded, and meets the transport's own flow
+# control (uvicorn pauses a response whose socket is not keeping up).
+_FLUSH_AT = 64 * 1024
 
 
 class CoalescingTransport:
@@ -39,6 +42,8 @@ class CoalescingTransport:
             self._loop.call_soon(self.flush)
         self._buffer.append(data)
         self._size += len(data)
+        if self._size >= _FLUSH_AT:
+            self.flush()
 
     def writelines(self, lines: Any) -> None:
         for data in lines:
@@ -48,15 +53,10 @@ class CoalescingTransport:
         buffer = self._buffer
         if not buffer:
             return
-        self._buffer, size, self._size = [], self._size, 0
+        self._buffer, self._size = [], 0
         if self._transport.is_closing():
             return
-        if len(buffer) == 1:
-            self._transport.write(buffer[0])
-        elif size <= _JOIN_MAX:
-            self._transport.write(b"".join(buffer))
-        else:
-            self._transport.writelines(buffer)
+        self._transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
 
     def get_write_buffer_size(self) -> int:
         return self._transport.get_write_buffer_size() + self._size

@@ -41,6 +41,7 @@ class _CountingProtocol(CoalescingProtocol):
 
 
 BIG = bytes(range(256)) * 4096  # 1 MiB
+CHUNK, EXPORT_CHUNKS = b"x" * 32 * 1024, 200  # 6.4 MiB
 next_chunk = threading.Event()
 
 
@@ -55,6 +56,13 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         # a stream's events back would hang here.
         await asyncio.get_running_loop().run_in_executor(None, next_chunk.wait, 10)
         await send({"type": "http.response.body", "body": b"data: two\n\n"})
+        return
+    if scope["path"] == "/export":  # a large body produced without a pause (no await)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/csv")]})
+        for _ in range(EXPORT_CHUNKS):
+            await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
         return
     body = BIG if scope["path"] == "/big" else b'{"ok":true}'
     await send({"type": "http.response.start", "status": 200,
@@ -138,3 +146,13 @@ def test_a_stream_sends_each_event_as_it_is_produced(server: int) -> None:
         next_chunk.set()
         rest = _read_until(conn, b"0\r\n\r\n")
     assert b"data: two\n\n" in rest
+
+
+def test_a_large_body_sent_without_a_pause_is_not_held_whole(server: int) -> None:
+    SENT.clear()
+    with _request(server, "/export") as conn:
+        got = _read_until(conn, b"\r\n0\r\n\r\n")
+    assert got.count(CHUNK) == EXPORT_CHUNKS
+    # written as it is produced, a few chunks at a time: never the whole export in memory
+    assert len(SENT) >= EXPORT_CHUNKS // 3
+    assert max(len(w) for w in SENT) < 4 * len(CHUNK)
