@@ -74,6 +74,9 @@ def collect(ctx: Context, info: StepInfo) -> None:
     raw = {"name": name if isinstance(name, str) and re.match(NAME, name) else "block",
            "steps": list(step.steps), "output": step.output}
     inner = Context(out.source, out, raw, ctx.config, ctx.catalog)  # type: ignore[arg-type]
+    # Its `type: pipeline` steps find callees as the file's own do (a registered pipeline's
+    # in the project's pipelines folder, by name among those served), not from the cwd.
+    inner.pipelines, inner.pipelines_dir = ctx.pipelines, ctx.pipelines_dir
     block = info.construct = Block(inner, errors=_errors(ctx))
     inner.outer = dict.fromkeys(_visible(ctx, info), T.ANY)  # typed once resolved
     check_structure(inner)
