@@ -88,6 +88,9 @@ class Context:
     # In a block (flowc/constructs/block.py): names its steps read from around it, typed.
     outer: dict[str, Type] = field(default_factory=dict)
     inner_names: dict[str, str] = field(default_factory=dict)  # a block's step -> the block
+    # In a block: the names its run binds for its steps (runtime/frame.py: the items and
+    # `self` of it and the blocks around it), which a step's id may not hide -> what each is.
+    bound: dict[str, str] = field(default_factory=dict)
     pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
     pipelines_dir: Any = None  # Project.pipelines_dir
 

@@ -293,7 +293,7 @@ def test_names_inside_a_block_are_its_own(tmp_path):
     found = compile_file(path, project()).diagnostics
     got = [(d.line, d.rule, d.message, d.help) for d in found]
     assert got == [
-        (11, "invalid-value", "step 'doc' would hide the block's item 'doc'",
+        (11, "invalid-value", "step 'doc' would hide the item 'doc' of block 'per_doc'",
          "give the step another id, or the item another name (`as:`)"),
         (12, "duplicate-id", "duplicate step id 'summary' (first defined on line 10)", None),
         (14, "undefined-reference", "undefined reference 'summary': 'summary' is a step "
@@ -511,3 +511,48 @@ def test_a_block_in_a_file_with_a_misspelt_input_gets_the_finding_not_a_crash(tm
         output: ${per}
         """)
     assert diagnostics(path) == [("unknown-field", "unknown field 'ype'; did you mean 'type'?")]
+
+
+def test_a_step_may_not_hide_an_item_or_self_of_a_block_around_it(fake, tmp_path):
+    """A run binds the item of every block around a step and `self` of their `repeat:`,
+    and reads those before the steps' results: a step named so would be read as the
+    compiler saw it (the step) but run as the item (or `self`). It is refused instead."""
+    path = write(tmp_path, nested="""\
+        name: nested
+        inputs:
+          docs: {type: array, items: {type: string}}
+        steps:
+          - id: outer
+            type: block
+            for_each: ${input.docs}
+            as: doc
+            steps:
+              - id: mid
+                type: block
+                steps:
+                  - {id: doc, type: transform, expr: {n: "join(${input.docs}, \\",\\")"}}
+                  - {id: use, type: transform, template: "${doc.n}"}
+                output: ${use}
+            output: ${mid}
+          - id: again
+            type: block
+            repeat: {until: '${self.output} == "ok"', max: 2}
+            steps:
+              - {id: self, type: transform, template: "ok"}
+            output: ${self}
+        output: {outer: "${outer}", again: "${again}"}
+        """)
+    found = compile_file(path, project()).diagnostics
+    assert [(d.line, d.rule, d.message, d.help) for d in found] == [
+        (13, "invalid-value", "step 'doc' would hide the item 'doc' of block 'outer'",
+         "give the step another id, or the item another name (`as:`)"),
+        (21, "invalid-value", "step 'self' would hide `self` of block 'again' (its "
+         "`repeat:`)", "give the step another id")]
+    # Named otherwise, the nested step is what `${doc2.n}` reads, and the item is `${doc}`.
+    fixed = path.read_text().replace("id: doc,", "id: doc2,").replace(
+        "${doc.n}", "${doc2.n}-${doc}").replace("id: self,", "id: me,").replace(
+        "output: ${self}", "output: ${me}")
+    path.write_text(fixed)
+    result, _ = execute(compiled_at(path), {"docs": ["a", "b"]}, fake, tmp_path)
+    assert result.status == "succeeded", result.error
+    assert result.output == {"outer": ["a,b-a", "a,b-b"], "again": "ok"}

@@ -288,3 +288,61 @@ def test_a_registered_pipeline_finds_a_relative_path_in_the_pipelines_folder(tmp
     finally:
         stop_server(proc)
         fake.stop()
+
+
+BOTH = """\
+name: both
+inputs:
+  topic: {type: string}
+steps:
+  - id: pair
+    type: block
+    steps:
+      - id: by_path
+        type: pipeline
+        pipeline: ./callee.yaml
+        inputs: {text: "${input.topic}"}
+      - id: by_name
+        type: pipeline
+        pipeline: kept
+        inputs: {text: "${input.topic}"}
+    output: {path: "${by_path}", name: "${by_name}"}
+output: ${pair}
+"""
+
+
+def test_a_blocks_pipeline_steps_find_callees_as_the_pipelines_own_steps_do(
+        tmp_path, monkeypatch):
+    """Inside a block of a registered pipeline, `pipeline: ./x.yaml` is the project's
+    pipelines/ file (not a decoy in the directory the server started in) and a name is a
+    registered pipeline's: as for a step at the top level. Both run, on the books."""
+    from tests.fakes import FakeServer
+
+    core = CORE.replace("model: fast", "model: m")
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "callee.yaml").write_text(core.format(name="callee", prompt="Pipelines folder"))
+    (tmp_path / "callee.yaml").write_text(core.format(name="callee", prompt="Server cwd"))
+    monkeypatch.chdir(tmp_path)
+    ledger = Ledger(tmp_path / "registry.duckdb", 0.1)
+    try:
+        registry = Registry(Project(config=ProjectConfig.model_validate(CONFIG),
+                                    pipelines_dir=folder))
+        assert registry.register("kept", core.format(name="kept", prompt="Kept"),
+                                 ledger).ok
+        result = registry.register("both", BOTH, ledger)
+        assert result.ok, [str(d) for d in result.diagnostics]
+    finally:
+        ledger.close()
+    fake = FakeServer("openai").start()
+    try:
+        Answers({".": [lambda rec: openai_text(rec.body["messages"][-1]["content"])(rec)]}
+                ).serve(fake)
+        out, books = execute(registry.workflows["both"].compiled, {"topic": "t"}, fake,
+                             tmp_path)
+    finally:
+        fake.stop()
+    assert out.status == "succeeded", out.error
+    assert out.output == {"path": "Pipelines folder: t", "name": "Kept: t"}
+    assert books == [("pair/by_name/shout", "both", True, out.run_id),
+                     ("pair/by_path/shout", "both", True, out.run_id)]

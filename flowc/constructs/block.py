@@ -74,8 +74,12 @@ def collect(ctx: Context, info: StepInfo) -> None:
     raw = {"name": name if isinstance(name, str) and re.match(NAME, name) else "block",
            "steps": list(step.steps), "output": step.output}
     inner = Context(out.source, out, raw, ctx.config, ctx.catalog)  # type: ignore[arg-type]
+    # Its `type: pipeline` steps find callees as the file's own do (a registered pipeline's
+    # in the project's pipelines folder, by name among those served), not from the cwd.
+    inner.pipelines, inner.pipelines_dir = ctx.pipelines, ctx.pipelines_dir
     block = info.construct = Block(inner, errors=_errors(ctx))
     inner.outer = dict.fromkeys(_visible(ctx, info), T.ANY)  # typed once resolved
+    inner.bound = {**ctx.bound, **_bound(step)}
     check_structure(inner)
     inner.inputs, inner.input_types = ctx.inputs, ctx.input_types
     raw["inputs"] = ctx.raw.get("inputs")  # the compiled block declares them (`flowc cost`)
@@ -87,11 +91,13 @@ def collect(ctx: Context, info: StepInfo) -> None:
                         f"'{step.id}': a run waits for approvals at its top level",
                         span.start, span.end, help="put the approval step before or after "
                                                    "the block")
-        if step.for_each is not None and inner_info.step.output_name == step.as_:
+        hidden = inner.bound.get(inner_info.step.output_name)
+        if hidden is not None:  # a run would read the bound name there, not the step
             span = inner.source.span_of((*inner.step_path(sid), "id"))
-            ctx.out.add("invalid-value", f"step '{sid}' would hide the block's item "
-                        f"'{step.as_}'", span.start, span.end,
-                        help="give the step another id, or the item another name (`as:`)")
+            ctx.out.add("invalid-value", f"step '{sid}' would hide {hidden}", span.start,
+                        span.end, help="give the step another id" + (
+                            "" if inner_info.step.output_name == SELF
+                            else ", or the item another name (`as:`)"))
     collect_uses(inner)
     reads: dict[str, None] = {}
     for use in [u for i in inner.steps.values() for u in i.uses] + inner.output_uses:
@@ -111,6 +117,17 @@ def _visible(ctx: Context, info: StepInfo) -> list[str]:
     if step.repeat is not None:
         names.append(SELF)
     return names  # its own result too: a read of it is a cycle, reported as one
+
+
+def _bound(step: BlockStep) -> dict[str, str]:
+    """The names a run of the block binds for its steps (runtime/frame.py), which win over
+    a step of the same id there: its item, `self` of its `repeat:`."""
+    out: dict[str, str] = {}
+    if step.for_each is not None:
+        out[step.as_] = f"the item '{step.as_}' of block '{step.id}'"
+    if step.repeat is not None:
+        out[SELF] = f"`self` of block '{step.id}' (its `repeat:`)"
+    return out
 
 
 def _outer_read(inner: Context, use: Use, block: str) -> Use | None:
