@@ -346,9 +346,16 @@ class WorkerLink:
 
     async def admit_windows(self, windows: list[RemoteWindow]) -> None:
         """One call's rate limits on the supervisor's windows: all checked, then all
-        taken; raises RateLimited."""
-        got = await self._live().call_async(
-            "admit", [(w.scope.kind, w.scope.name) for w in windows])
+        taken; raises RateLimited, or Denied (503) while the supervisor cannot be reached
+        (the limits hold across workers: none is admitted on this worker's say alone)."""
+        try:
+            got = await self.call_async(
+                "admit", [(w.scope.kind, w.scope.name) for w in windows])
+        except LedgerUnavailable:
+            raise Denied(503, "rate_limit_store_unavailable", (
+                "The server is temporarily unable to check the rate limits of "
+                f"{', '.join(str(w.scope) for w in windows)}: this worker has lost its "
+                "supervisor. Please retry your request after a brief wait.")) from None
         if got[0] == "limited":
             raise RateLimited(got[1], got[2])
         for w, shown in zip(windows, got[1], strict=True):

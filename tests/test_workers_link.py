@@ -1,0 +1,131 @@
+"""The link between `flowc serve --workers N`'s supervisor (runtime/workers/hub.py) and its
+workers (runtime/workers/link.py) when something goes wrong: the supervisor gone, the
+ledger slow, a message that cannot be read. Real processes and real Unix sockets; a
+stand-in only for a peer that sends what a real one never would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import httpx
+import pytest
+
+from tests.conftest import ROOT
+from tests.fakes import FakeServer, free_port, wait_until
+
+ADMIN = "sk-flowc-admin-" + "5c1d7e40" * 5
+ROWS = 3000  # rows a worker sends in a burst (more than its socket holds)
+CONFIG = """\
+models:
+  fast: openai/gpt-4o-mini
+ledger:
+  flush_interval: 0.2
+"""
+HUB = """\
+import os, signal, sys
+from runtime.cli import load_project
+from runtime.workers.hub import Hub
+cfg, project = load_project(None)
+hub = Hub(cfg, project, sys.argv[1], bytes.fromhex(sys.argv[2]), os.environ["FLOWC_ADMIN_KEY"])
+print("ready", flush=True)
+signal.pause()
+"""
+WORKER_MAIN = """\
+import sys
+from runtime.workers.worker import ServeArgs, run
+run(ServeArgs("127.0.0.1", int(sys.argv[3]), None, None, "warning", (), (), None), None,
+    sys.argv[1], bytes.fromhex(sys.argv[2]))
+"""
+
+
+@pytest.fixture
+def upstream() -> Iterator[FakeServer]:
+    fake = FakeServer("openai").start()
+    yield fake
+    fake.stop()
+
+
+def project_env(project: Path, upstream: FakeServer) -> dict[str, str]:
+    """A project served with the admin key, calling ``upstream`` for OpenAI; its env."""
+    (project / "flowc.yaml").write_text(textwrap.dedent(CONFIG))
+    return {**{k: v for k, v in os.environ.items() if k != "FLOWC_ADMIN_KEY"},
+            "FLOWC_ADMIN_KEY": ADMIN, "PYTHONPATH": str(ROOT),
+            "OPENAI_BASE_URL": upstream.url + "/v1", "OPENAI_API_KEY": "sk-test-openai"}
+
+
+def test_a_worker_that_lost_its_supervisor_refuses_a_rate_limited_call_with_a_503(
+        tmp_path, upstream):
+    """The supervisor counts every rate limit for all workers; a worker that cannot reach
+    it cannot check one: the call is refused in the API's error shape, asking to retry,
+    and recorded as refused (not a 500 with a traceback)."""
+    env = project_env(tmp_path, upstream)
+    address, authkey, port = str(tmp_path / "hub.sock"), os.urandom(32).hex(), free_port()
+    hub = subprocess.Popen([sys.executable, "-c", HUB, address, authkey], cwd=tmp_path,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        assert hub.stdout is not None and hub.stdout.readline() == b"ready\n"
+        # Its own process, not the supervisor's child: it outlives the supervisor.
+        worker = subprocess.Popen([sys.executable, "-c", WORKER_MAIN, address, authkey, str(port)],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        url, admin = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {ADMIN}"}
+
+        def up() -> bool:
+            assert worker is not None and worker.poll() is None
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 60)
+        made = httpx.post(url + "/v1/keys", headers=admin, timeout=30,
+                          json={"name": "limited", "rpm": 30})
+        assert made.status_code == 201, made.text
+        auth = {"authorization": f"Bearer {made.json()['key']}"}
+        body = {"model": "fast", "max_tokens": 5,
+                "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+        assert r.status_code == 200, r.text
+
+        def on_the_books() -> bool:
+            r = httpx.post(url + "/v1/costs/sql", headers=admin, timeout=30,
+                           json={"sql": "SELECT count(*) FROM requests"})
+            return r.json()["rows"] == [[1]]
+
+        wait_until(on_the_books, 20)
+        hub.kill()
+        hub.wait(10)
+        for _ in range(20):  # answered while the supervisor was still going down: again
+            r = httpx.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=30)
+            if r.status_code != 200:
+                break
+        assert r.status_code == 503, r.text
+        error = r.json()["error"]
+        assert error["code"] == "rate_limit_store_unavailable"
+        assert error["message"] == (
+            "The server is temporarily unable to check the rate limits of key 'limited': "
+            "this worker has lost its supervisor. Please retry your request after a brief "
+            "wait.")
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+        assert b"Traceback" not in out, out.decode()
+    finally:
+        for p in (hub, worker):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(10)
+    # The refusal is on the books: in a segment of the ledger's inbox (its owner was gone),
+    # which the next process to hold the ledger takes in.
+    inbox = tmp_path / ".flowc" / "ledger.duckdb.inbox"
+    rows = duckdb.sql(f"SELECT key_name, error FROM read_parquet('{inbox}/*.parquet') "
+                      "WHERE status = 'refused'").fetchall()
+    assert len(rows) == 1 and rows[0][0] == "limited"
+    assert "rate limits of key 'limited'" in rows[0][1]
