@@ -5,18 +5,26 @@ stand-in only for a peer that sends what a real one never would."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import httpx
 import pytest
 
+from flowc.config import ProjectConfig
+from runtime.access.keys import make
+from runtime.workers.hub import Hub
+from runtime.workers.link import HubStore
 from tests.conftest import ROOT
 from tests.fakes import FakeServer, free_port, wait_until
 
@@ -129,3 +137,62 @@ def test_a_worker_that_lost_its_supervisor_refuses_a_rate_limited_call_with_a_50
                       "WHERE status = 'refused'").fetchall()
     assert len(rows) == 1 and rows[0][0] == "limited"
     assert "rate limits of key 'limited'" in rows[0][1]
+
+
+# -- in this process: a real Hub, reached as workers reach it -------------------------------
+
+def hub_in(tmp_path: Path) -> tuple[Hub, str, bytes]:
+    address, authkey = str(tmp_path / "hub.sock"), os.urandom(32)
+    return Hub(ProjectConfig(), tmp_path, address, authkey, None), address, authkey
+
+
+def acking(pushes: list[tuple[Any, ...]]) -> tuple[list[HubStore], Any]:
+    """A worker's answer to a pushed key change: live at once (acknowledged)."""
+    holder: list[HubStore] = []
+
+    def on_push(message: tuple[Any, ...]) -> None:
+        pushes.append(message)
+        if message[0] == "key":
+            holder[0].post("ack", message[1])
+
+    return holder, on_push
+
+
+def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_path):
+    """A new budget's spend so far is summed from the ledger, which may be slow (here its
+    process is stopped): meanwhile every other worker's rate-limit checks are answered."""
+    hub, address, authkey = hub_in(tmp_path)
+    pushes: list[tuple[Any, ...]] = []
+    holder, on_push = acking(pushes)
+    saver = HubStore(address, authkey, lambda m: None)
+    other = HubStore(address, authkey, on_push)
+    holder.append(other)
+    ledger_process = hub.ledger._store.pid  # type: ignore[union-attr]
+    assert ledger_process is not None
+    key, _ = make({"name": "capped", "budget_usd": "5"})
+    saving = threading.Thread(target=saver.call, args=("key", key))
+    os.kill(ledger_process, signal.SIGSTOP)
+    try:
+        saving.start()
+
+        async def admissions() -> int:
+            n, loop = 0, asyncio.get_running_loop()
+            until = loop.time() + 1.0  # the key change is waiting on the ledger long before
+            while loop.time() < until:
+                got = await asyncio.wait_for(other.call_async("admit", [("key", "k")]), 30)
+                assert got == ("ok", [[]])
+                n += 1
+            return n
+
+        assert asyncio.run(admissions()) > 0
+    finally:
+        os.kill(ledger_process, signal.SIGCONT)
+    saving.join(30)
+    assert not saving.is_alive()
+    # The change went live with its budget, and reached the other worker.
+    status = hub.gate.budget_status(key)["key"]
+    assert Decimal(status["limit_usd"]) == 5 and Decimal(status["spent_usd"]) == 0
+    assert [m[0] for m in pushes] == ["key"] and pushes[0][2].id == key.id
+    for store in (saver, other):
+        store.close()
+    hub.close()

@@ -24,14 +24,16 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import ZERO, Alert, Counter, Scope
+from runtime.access.budgets import ZERO, Alert, Budgets, Counter, Scope
 from runtime.access.gate import Gate
 from runtime.access.keys import Key
 from runtime.access.limits import RateLimited
@@ -82,7 +84,13 @@ class Hub:
                  admin_key: str | None) -> None:
         self.ledger = OwnerLedger(project_dir / config.ledger.path,
                                   config.ledger.flush_interval, in_process=False)
-        self.gate = Gate(config, LedgerAccessStore(self.ledger), admin_key, self._alerted)
+        self.store = LedgerAccessStore(self.ledger)
+        # The budgets' spend is read from the ledger before the lock is taken (`_spends`):
+        # a query may wait on the writer for up to a minute, and every worker's admission,
+        # lease and settlement waits on the lock (and its rows behind them).
+        self._known: dict[tuple[Scope, datetime], Decimal] = {}
+        self.gate = Gate(config, self.store, admin_key, self._alerted,
+                         budgets=Budgets(self._spend, config.alerts.thresholds, self._alerted))
         self.lock = threading.Lock()  # the gate's counters and windows
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._workers: set[_Worker] = set()
@@ -105,11 +113,45 @@ class Hub:
         while not self._closing:
             time.sleep(1.0)
             try:
-                with self.lock:
-                    self.gate.load()
+                self._load_keys()
             except LedgerUnavailable:
                 continue
             return
+
+    def _load_keys(self) -> None:
+        """Keys and budgets read from the ledger outside the lock, put live under it."""
+        keys = self.store.load_keys()
+        known = self._spends(lambda b: Gate(self.gate.config, self.store, None,
+                                            budgets=b).load(keys))
+        with self.lock, self._using(known):
+            # A key changed meanwhile (by a worker, through the ledger) is newer.
+            self.gate.load([k for k in keys if k.id not in self.gate.keys])
+
+    def _spends(self, fill: Callable[[Budgets], None]) -> dict[tuple[Scope, datetime], Decimal]:
+        """The spend each budget ``fill`` sets up asks for, summed from the ledger now,
+        outside the lock."""
+        found: dict[tuple[Scope, datetime], Decimal] = {}
+
+        def spend(scope: Scope, since: datetime) -> Decimal:
+            found[(scope, since)] = got = self.store.spend(scope, since)
+            return got
+
+        fill(Budgets(spend))
+        return found
+
+    @contextlib.contextmanager
+    def _using(self, known: dict[tuple[Scope, datetime], Decimal]) -> Iterator[None]:
+        """Under the lock: the budgets set up meanwhile take their spend from ``known``."""
+        self._known = known
+        try:
+            yield
+        finally:
+            self._known = {}
+
+    def _spend(self, scope: Scope, since: datetime) -> Decimal:
+        got = self._known.get((scope, since))
+        # Not read beforehand: a period that began since (or the start-up load).
+        return got if got is not None else self.store.spend(scope, since)
 
     def _alerted(self, alert: Alert) -> None:
         self._alerts.append(alert)  # sent to the worker whose charge crossed it
@@ -289,7 +331,9 @@ class Hub:
     def _key(self, origin: _Worker, key: Key) -> None:
         """A key saved by one worker: live here, then on every other worker before the
         change is answered."""
-        with self.lock:
+        scope = Scope("key", key.id, key.name)
+        known = self._spends(lambda b: b.set(scope, key.budget_usd, key.period))
+        with self.lock, self._using(known):
             self.gate.put(key)
         self._broadcast(origin, ("key", key))
 
