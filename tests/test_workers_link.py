@@ -25,8 +25,9 @@ from flowc.config import ProjectConfig
 from runtime.access.keys import make
 from runtime.workers.hub import Hub
 from runtime.workers.link import HubStore
-from tests.conftest import ROOT
+from tests.conftest import ROOT, start_server, stop_server
 from tests.fakes import FakeServer, free_port, wait_until
+from tests.test_workers import PIPELINE, WORKER
 
 ADMIN = "sk-flowc-admin-" + "5c1d7e40" * 5
 ROWS = 3000  # rows a worker sends in a burst (more than its socket holds)
@@ -196,3 +197,42 @@ def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_
     for store in (saver, other):
         store.close()
     hub.close()
+
+
+def test_pipelines_registered_through_every_worker_at_once_are_served_by_all_at_once(
+        tmp_path, upstream):
+    """Each of 4 workers registering pipelines at the same moment: every registration is
+    answered once all workers serve it, none waits for a confirmation in vain."""
+    env = project_env(tmp_path, upstream)
+    port = free_port()
+    url, admin = f"http://127.0.0.1:{port}", {"authorization": f"Bearer {ADMIN}"}
+    names = [f"p{i}" for i in range(24)]
+    # One SO_REUSEPORT socket each: the kernel spreads the connections over all 4.
+    proc = start_server(tmp_path, env, port, "--workers", "4", "--listen", "reuseport")
+    try:
+        seen: set[str] = set()
+        wait_until(lambda: seen.add(httpx.get(url + "/health", timeout=10).headers[WORKER])
+                   or len(seen) == 4, 60)  # all 4 listening
+
+        async def register() -> list[httpx.Response]:
+            limits = httpx.Limits(max_keepalive_connections=0)
+            async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+                return await asyncio.gather(*(
+                    client.put(f"{url}/v1/workflows/{n}", headers=admin,
+                               json={"yaml": PIPELINE.format(name=n)}) for n in names))
+
+        for r in asyncio.run(register()):
+            assert r.status_code == 200, r.text
+        listed_by = set()
+        for _ in range(1000):  # new connections until every worker has answered
+            r = httpx.get(url + "/v1/workflows", headers=admin, timeout=30)
+            assert set(names) <= {w["name"] for w in r.json()["workflows"]}, r.headers[WORKER]
+            listed_by.add(r.headers[WORKER])
+            if len(listed_by) == 4:
+                break
+        assert len(listed_by) == 4
+    finally:
+        assert stop_server(proc) == 0
+    assert proc.stdout is not None
+    log = proc.stdout.read().decode()
+    assert "did not confirm" not in log, log

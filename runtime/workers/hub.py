@@ -6,7 +6,9 @@ Each worker's connection has a thread: rows go straight into the owner's `Ledger
 frames and the writer are its own), budget and rate-limit calls are answered on the
 thread under one lock (they are a few dict operations), and anything that waits on the
 ledger file (queries, statements, runs, a flush, a key change) runs on a small pool so a
-long query never holds up that worker's rows.
+long query never holds up that worker's rows. A key change or a pipeline registered is
+answered once every other worker confirms it has it live, awaited on a thread of its own
+(a worker confirms a pipeline once it has read it, through the pool).
 
 Budgets: workers lease slices of a budget's headroom (held here as reserved, as
 `budget_leases` are in Postgres; runtime/pg/access.py) and settle every tick. A slice is
@@ -26,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from multiprocessing.connection import Connection, Listener
@@ -64,6 +67,15 @@ class OwnerLedger(Ledger):
     def add_frames(self, frames: list[bytes]) -> None:
         """Frames a worker wrote while it could not reach this process, sent on."""
         self._write(frames)
+
+
+@dataclass(frozen=True, slots=True)
+class _Announce:
+    """A call's answer, sent once every other worker has ``what`` live (a key, a pipeline
+    registered over HTTP): what is pushed to them."""
+
+    value: Any
+    what: tuple[Any, ...]
 
 
 class _Worker:
@@ -221,10 +233,18 @@ class Hub:
 
     def _answer(self, w: _Worker, rid: int, fn: Any) -> None:
         try:
-            reply: tuple[Any, ...] = (rid, "ok", fn())
+            value = fn()
         except Exception as exc:
-            reply = (rid, "err", type(exc).__module__, type(exc).__name__, str(exc))
-        w.send(reply)
+            w.send((rid, "err", type(exc).__module__, type(exc).__name__, str(exc)))
+            return
+        if not isinstance(value, _Announce):
+            w.send((rid, "ok", value))
+            return
+        # The confirmations are awaited on a thread of their own, never on the pool: a
+        # worker confirms a pipeline once it has read it, through the pool.
+        waits = self._push(w, value.what)
+        threading.Thread(target=self._answer_when_live, args=(w, rid, value, waits),
+                         name="flowc-hub-announce", daemon=True).start()
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
     def _admit(self, w: _Worker, windows: list[tuple[str, str]]) -> Any:
@@ -315,7 +335,7 @@ class Hub:
         if op == "execute":
             rows = self.ledger.execute(*args)
             if _WORKFLOW_WRITE.match(args[0]):  # a pipeline registered over HTTP
-                self._broadcast(w, ("workflows",))
+                return _Announce(rows, ("workflows",))
             return rows
         if op == "run":
             self.ledger.record_run(args[0])
@@ -324,21 +344,20 @@ class Hub:
             self.ledger.flush()
             return None
         if op == "key":
-            self._key(w, args[0])
-            return None
+            self._key(args[0])
+            return _Announce(None, ("key", args[0]))
         raise ValueError(f"unknown call {op!r}")
 
-    def _key(self, origin: _Worker, key: Key) -> None:
-        """A key saved by one worker: live here, then on every other worker before the
-        change is answered."""
+    def _key(self, key: Key) -> None:
+        """A key saved by one worker: live here (then on every other worker before the
+        change is answered)."""
         scope = Scope("key", key.id, key.name)
         known = self._spends(lambda b: b.set(scope, key.budget_usd, key.period))
         with self.lock, self._using(known):
             self.gate.put(key)
-        self._broadcast(origin, ("key", key))
 
-    def _broadcast(self, origin: _Worker, what: tuple[Any, ...]) -> None:
-        """``what`` to every worker but ``origin``, waiting until each says it is live."""
+    def _push(self, origin: _Worker, what: tuple[Any, ...]) -> list[tuple[int, Future[None]]]:
+        """``what`` to every worker but ``origin``; each one's confirmation to come."""
         waits = []
         for w in list(self._workers):
             if w is origin:
@@ -348,6 +367,12 @@ class Hub:
             self._acks[ack] = fut
             waits.append((ack, fut))
             w.send((0, what[0], ack, *what[1:]))
+        return waits
+
+    def _answer_when_live(self, w: _Worker, rid: int, change: _Announce,
+                          waits: list[tuple[int, Future[None]]]) -> None:
+        """The change is answered once every other worker says it is live."""
+        what = change.what
         deadline = time.monotonic() + _ACK_WAIT
         for ack, fut in waits:
             try:
@@ -356,6 +381,7 @@ class Hub:
                 self._acks.pop(ack, None)
                 log.warning("workers: a worker did not confirm a change (%s) in time",
                             what[0])
+        w.send((rid, "ok", change.value))
 
     def workers(self) -> int:
         return len(self._workers)

@@ -323,6 +323,9 @@ class WorkerLink:
         self._parent = os.getppid()  # the supervisor
         self.hub_ledger: HubLedger | None = None
         self.registry: Registry | None = None  # set by Runtime.start
+        self._refreshing = threading.Condition()  # pushed pipeline changes to read
+        self._to_refresh: list[int] = []  # their acknowledgements
+        self._refresher: threading.Thread | None = None
 
     def connect(self) -> HubStore:
         self.store = HubStore(self.address, self.authkey, self._pushed)
@@ -396,18 +399,35 @@ class WorkerLink:
             _, ack, key = message
             self._on_loop(lambda: self._put(key), lambda: self.post("ack", ack))
         elif what == "workflows":  # reads the ledger: not on this thread, which answers
-            threading.Thread(target=self._refresh, args=(message[1],), daemon=True).start()
+            self._refresh_later(message[1])
         elif what == "alert" and self.alert is not None:
             self._on_loop(lambda: self.alert(message[1]), None)  # type: ignore[misc]
 
-    def _refresh(self, ack: int) -> None:
-        try:
-            if self.registry is not None and self.hub_ledger is not None:
-                self.registry.refresh(self.hub_ledger)
-        except Exception:
-            log.exception("worker: could not load the pipelines registered on another")
-        finally:
-            self.post("ack", ack)
+    def _refresh_later(self, ack: int) -> None:
+        """One refresh at a time, on a thread of its own: two at once could end in the
+        wrong order and leave an older version served. A refresh reads what is registered
+        when it starts, so it answers every push that came before (they are coalesced)."""
+        with self._refreshing:
+            self._to_refresh.append(ack)
+            self._refreshing.notify()
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                                   name="flowc-worker-refresh")
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        while True:
+            with self._refreshing:
+                self._refreshing.wait_for(lambda: bool(self._to_refresh))
+                acks, self._to_refresh = self._to_refresh, []
+            try:
+                if self.registry is not None and self.hub_ledger is not None:
+                    self.registry.refresh(self.hub_ledger)
+            except Exception:
+                log.exception("worker: could not load the pipelines registered on another")
+            finally:
+                for ack in acks:
+                    self.post("ack", ack)
 
     def _put(self, key: Key) -> None:
         if self.gate is not None:
