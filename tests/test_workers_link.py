@@ -14,6 +14,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
+from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pytest
 
 from flowc.config import ProjectConfig
 from runtime.access.keys import make
+from runtime.ledger.store import CallRecord, _fields_of
 from runtime.workers.hub import Hub
 from runtime.workers.link import HubStore
 from tests.conftest import ROOT, start_server, stop_server
@@ -236,3 +238,27 @@ def test_pipelines_registered_through_every_worker_at_once_are_served_by_all_at_
     assert proc.stdout is not None
     log = proc.stdout.read().decode()
     assert "did not confirm" not in log, log
+
+
+def test_rows_a_worker_sent_are_written_before_its_link_closes_and_before_the_hub_closes(
+        tmp_path):
+    hub, address, authkey = hub_in(tmp_path)
+    row = _fields_of(CallRecord("fast", "openai", "gpt-4o-mini", True, 1.0, status="ok"))
+    # A worker stopping: its link's last round trip is answered once every row it sent
+    # is written (the ledger writes once a second): readable at once.
+    store = HubStore(address, authkey, lambda m: None)
+    for _ in range(ROWS):
+        store.post("row", row)
+    store.close()
+    reader = HubStore(address, authkey, lambda m: None)
+    assert reader.call("select", "SELECT count(*) FROM requests", [], None)[1] == [(ROWS,)]
+    reader.close()
+    # A worker gone without a word, rows still in its socket: the supervisor reads them
+    # all before it lets the ledger go.
+    conn = Client(address, family="AF_UNIX", authkey=authkey)
+    for _ in range(ROWS):
+        conn.send(("row", row))
+    conn.close()
+    hub.close()
+    with duckdb.connect(str(tmp_path / ".flowc" / "ledger.duckdb")) as con:
+        assert con.execute("SELECT count(*) FROM requests").fetchone() == (2 * ROWS,)

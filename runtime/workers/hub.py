@@ -47,6 +47,7 @@ from runtime.pg.access import CENT
 log = logging.getLogger("flowc.workers")
 _ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
 _CALLS = 4  # calls that wait on the ledger file, at once
+_READ_TO_END = 10.0  # seconds `close` waits for the workers' last rows to be read
 _WORKFLOW_WRITE = re.compile(r"\s*INSERT\s+INTO\s+workflows\b", re.I)  # Registry.register
 
 
@@ -84,6 +85,7 @@ class _Worker:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None  # reads its messages
         self.leases: dict[Scope, Decimal] = {}
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -180,9 +182,10 @@ class Hub:
                 log.warning("workers: refused a connection that failed the handshake")
                 continue
             worker = _Worker(conn)
+            worker.thread = threading.Thread(target=self._serve, args=(worker,),
+                                             name="flowc-hub-worker", daemon=True)
             self._workers.add(worker)
-            threading.Thread(target=self._serve, args=(worker,), name="flowc-hub-worker",
-                             daemon=True).start()
+            worker.thread.start()
 
     def _serve(self, w: _Worker) -> None:
         try:
@@ -391,5 +394,11 @@ class Hub:
         self._closing = True
         with contextlib.suppress(OSError):
             self._listener.close()
+        # A worker that exited may have left rows in its socket: its thread reads them to
+        # the end before the ledger writes its last.
+        deadline = time.monotonic() + _READ_TO_END
+        for w in list(self._workers):
+            if w.thread is not None:
+                w.thread.join(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True)
         self.ledger.close()

@@ -67,7 +67,7 @@ class _Pushes:
 
     def __init__(self, conn: Connection, on_push: Callable[[tuple[Any, ...]], None]) -> None:
         self._conn, self._on_push = conn, on_push
-        self.send, self.close = conn.send, conn.close
+        self.send, self.close, self.fileno = conn.send, conn.close, conn.fileno
 
     def recv(self) -> Any:
         while True:
@@ -121,8 +121,11 @@ class HubStore(_ProcessStore):
         """The owner takes its inbox in itself."""
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.close()
+        """After the ledger's writer has sent its last rows: one round trip, answered once
+        the supervisor has written every row this worker sent, then let go."""
+        with contextlib.suppress(LedgerUnavailable):
+            self.call("flush")
+        self._hang_up()
 
 
 class HubLedger(Ledger):
