@@ -6,6 +6,7 @@ stand-in only for a peer that sends what a real one never would."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import textwrap
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from multiprocessing.connection import Client
+from multiprocessing.connection import Client, Listener
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import pytest
 
 from flowc.config import ProjectConfig
 from runtime.access.keys import make
-from runtime.ledger.store import CallRecord, _fields_of
+from runtime.ledger.store import CallRecord, LedgerUnavailable, _fields_of
 from runtime.workers.hub import Hub
 from runtime.workers.link import HubStore
 from tests.conftest import ROOT, start_server, stop_server
@@ -161,6 +162,17 @@ def acking(pushes: list[tuple[Any, ...]]) -> tuple[list[HubStore], Any]:
     return holder, on_push
 
 
+async def admissions(store: HubStore) -> int:
+    """Rate-limit checks through ``store`` for a second, each answered: how many."""
+    n, loop = 0, asyncio.get_running_loop()
+    until = loop.time() + 1.0
+    while loop.time() < until:
+        got = await asyncio.wait_for(store.call_async("admit", [("key", "k")]), 30)
+        assert got == ("ok", [[]])  # a window not configured: nothing to count
+        n += 1
+    return n
+
+
 def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_path):
     """A new budget's spend so far is summed from the ledger, which may be slow (here its
     process is stopped): meanwhile every other worker's rate-limit checks are answered."""
@@ -177,17 +189,8 @@ def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_
     os.kill(ledger_process, signal.SIGSTOP)
     try:
         saving.start()
-
-        async def admissions() -> int:
-            n, loop = 0, asyncio.get_running_loop()
-            until = loop.time() + 1.0  # the key change is waiting on the ledger long before
-            while loop.time() < until:
-                got = await asyncio.wait_for(other.call_async("admit", [("key", "k")]), 30)
-                assert got == ("ok", [[]])
-                n += 1
-            return n
-
-        assert asyncio.run(admissions()) > 0
+        # The key change waits on the ledger all along.
+        assert asyncio.run(admissions(other)) > 0
     finally:
         os.kill(ledger_process, signal.SIGCONT)
     saving.join(30)
@@ -262,3 +265,79 @@ def test_rows_a_worker_sent_are_written_before_its_link_closes_and_before_the_hu
     hub.close()
     with duckdb.connect(str(tmp_path / ".flowc" / "ledger.duckdb")) as con:
         assert con.execute("SELECT count(*) FROM requests").fetchone() == (2 * ROWS,)
+
+
+def test_a_message_the_worker_cannot_read_fails_its_calls_and_lets_the_connection_go(
+        tmp_path):
+    address, authkey = str(tmp_path / "hub.sock"), os.urandom(32)
+    with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+        accepted: list[Any] = []
+        accepting = threading.Thread(target=lambda: accepted.append(listener.accept()))
+        accepting.start()
+        pushes: list[tuple[Any, ...]] = []
+        store = HubStore(address, authkey, pushes.append)
+        accepting.join(30)
+        supervisor = accepted[0]
+
+        async def scenario() -> None:
+            call = asyncio.ensure_future(store.call_async("flush"))
+            assert await asyncio.to_thread(supervisor.recv) == ("flush", 1)
+            supervisor.send_bytes(b"\x80\x05not a pickle")
+            with pytest.raises(LedgerUnavailable):
+                await asyncio.wait_for(call, 30)  # failed, instead of waiting forever
+
+        asyncio.run(scenario())
+        assert not store.alive and pushes == [("gone",)]
+        with pytest.raises(LedgerUnavailable):
+            store.call("flush")
+        with pytest.raises(EOFError):
+            supervisor.recv()  # the worker let the connection go
+        supervisor.close()
+
+
+def test_a_message_the_supervisor_cannot_read_closes_that_workers_connection(
+        tmp_path, caplog):
+    hub, address, authkey = hub_in(tmp_path)
+    try:
+        with caplog.at_level(logging.ERROR, logger="flowc.workers"):
+            conn = Client(address, family="AF_UNIX", authkey=authkey)
+            wait_until(lambda: hub.workers() == 1)
+            conn.send_bytes(b"\x80\x05not a pickle")
+            with pytest.raises(EOFError):
+                conn.recv()
+            wait_until(lambda: hub.workers() == 0)
+        assert "a message from a worker could not be read" in caplog.text
+        conn.close()
+        # The others go on: a new connection is answered.
+        store = HubStore(address, authkey, lambda m: None)
+        assert store.call("admit", [("key", "k")]) == ("ok", [[]])
+        store.close()
+    finally:
+        hub.close()
+
+
+def test_a_call_given_up_on_leaves_the_link_answering_the_others(tmp_path):
+    """A request whose client went away stops waiting for its answer from the supervisor
+    (here a query held up by a stopped ledger process); when the answer comes it is
+    dropped, and the worker's later calls are answered as before."""
+    hub, address, authkey = hub_in(tmp_path)
+    store = HubStore(address, authkey, lambda m: None)
+    ledger_process = hub.ledger._store.pid  # type: ignore[union-attr]
+    assert ledger_process is not None
+
+    async def scenario() -> int:
+        os.kill(ledger_process, signal.SIGSTOP)
+        try:
+            query = asyncio.ensure_future(store.call_async("select", "SELECT 1", [], None))
+            await asyncio.sleep(0)  # sent
+            query.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await query
+        finally:
+            os.kill(ledger_process, signal.SIGCONT)
+        return await admissions(store)  # the query's answer arrives meanwhile
+
+    assert asyncio.run(scenario()) > 0
+    assert store.alive
+    store.close()
+    hub.close()

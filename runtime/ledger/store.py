@@ -826,9 +826,13 @@ class _ProcessStore:
                 rid, *reply = self._conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception as exc:  # unreadable: nothing after it can be trusted either
+                log.error("ledger: a reply could not be read (%s: %s); letting the "
+                          "connection go", type(exc).__name__, exc)
+                break
             fut = self._pending.pop(rid, None)
-            if fut is None:
-                continue
+            if fut is None or not fut.set_running_or_notify_cancel():
+                continue  # nobody waits for it any more (a request given up on)
             if reply[0] == "ok":
                 fut.set_result(reply[1])
                 continue
@@ -845,7 +849,7 @@ class _ProcessStore:
                 self._conn.close()
         for rid in list(self._pending):
             fut = self._pending.pop(rid, None)
-            if fut is not None:
+            if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(LedgerUnavailable("the ledger process exited"))
 
     def _send(self, message: tuple[Any, ...]) -> None:

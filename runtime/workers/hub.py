@@ -194,6 +194,10 @@ class Hub:
                     message = w.conn.recv()
                 except (EOFError, OSError):
                     return
+                except Exception as exc:  # unreadable: nothing after it can be trusted
+                    log.error("workers: a message from a worker could not be read (%s: %s); "
+                              "its connection is closed", type(exc).__name__, exc)
+                    return
                 try:
                     self._handle(w, message)
                 except Exception:

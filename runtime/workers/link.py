@@ -73,7 +73,7 @@ class _Pushes:
         while True:
             try:
                 message = self._conn.recv()
-            except (EOFError, OSError):
+            except Exception:  # closed, or a message that cannot be read
                 self._on_push(("gone",))
                 raise
             if message[0] != 0:
