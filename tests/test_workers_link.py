@@ -14,6 +14,7 @@ import sys
 import textwrap
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from decimal import Decimal
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
@@ -341,3 +342,26 @@ def test_a_call_given_up_on_leaves_the_link_answering_the_others(tmp_path):
     assert store.alive
     store.close()
     hub.close()
+
+
+def test_calls_waiting_when_the_supervisor_goes_have_failed_before_the_worker_is_told(
+        tmp_path):
+    """A worker told its supervisor is gone checks whether it was orphaned (for up to
+    5 s) before it stops: the calls waiting have failed by then, none waits for that."""
+    address, authkey = str(tmp_path / "hub.sock"), os.urandom(32)
+    pending: list[Future[Any]] = []
+    told: list[tuple[tuple[Any, ...], bool]] = []
+    with Listener(address, family="AF_UNIX", authkey=authkey) as listener:
+        accepted: list[Any] = []
+        accepting = threading.Thread(target=lambda: accepted.append(listener.accept()))
+        accepting.start()
+        store = HubStore(address, authkey, lambda m: told.append((m, pending[0].done())))
+        accepting.join(30)
+        supervisor = accepted[0]
+        pending.append(store._request("flush"))
+        assert supervisor.recv() == ("flush", 1)
+        supervisor.close()
+        with pytest.raises(LedgerUnavailable):
+            pending[0].result(30)
+        wait_until(lambda: bool(told))
+    assert told == [(("gone",), True)]

@@ -71,11 +71,7 @@ class _Pushes:
 
     def recv(self) -> Any:
         while True:
-            try:
-                message = self._conn.recv()
-            except Exception:  # closed, or a message that cannot be read
-                self._on_push(("gone",))
-                raise
+            message = self._conn.recv()
             if message[0] != 0:
                 return message
             try:
@@ -96,6 +92,7 @@ class HubStore(_ProcessStore):
             raise duckdb.IOException(f"the ledger's owner cannot be reached (lock): {exc}"
                                      ) from None
         self._conn = _Pushes(conn, on_push)  # type: ignore[assignment]
+        self._on_push = on_push
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -105,6 +102,12 @@ class HubStore(_ProcessStore):
     @property
     def pid(self) -> int | None:
         return None
+
+    def _receive(self) -> None:
+        try:
+            super()._receive()  # until the connection is gone, then fails what waits
+        finally:
+            self._on_push(("gone",))
 
     def call(self, op: str, *args: Any) -> Any:
         return self._call(op, *args)
@@ -389,14 +392,9 @@ class WorkerLink:
         """On the link's reader thread: anything touching the gate runs on the event loop,
         where requests read it."""
         what = message[0]
-        if what == "gone":
-            # Adopted: the supervisor is gone (its socket closes just before the adoption).
-            for _ in range(50):
-                if os.getppid() != self._parent:
-                    log.warning("worker: the supervisor is gone; shutting down")
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                time.sleep(0.1)
+        if what == "gone":  # the calls waiting have failed: whether to stop, elsewhere
+            threading.Thread(target=self._orphaned, name="flowc-worker-orphaned",
+                             daemon=True).start()
             return
         if what == "key":
             _, ack, key = message
@@ -405,6 +403,17 @@ class WorkerLink:
             self._refresh_later(message[1])
         elif what == "alert" and self.alert is not None:
             self._on_loop(lambda: self.alert(message[1]), None)  # type: ignore[misc]
+
+    def _orphaned(self) -> None:
+        """Adopted: the supervisor is gone (its socket closes just before the adoption);
+        shut down. Otherwise only the connection was lost: the ledger connects again
+        once a row finds it gone."""
+        for _ in range(50):
+            if os.getppid() != self._parent:
+                log.warning("worker: the supervisor is gone; shutting down")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
 
     def _refresh_later(self, ack: int) -> None:
         """One refresh at a time, on a thread of its own: two at once could end in the
