@@ -51,6 +51,7 @@ import os
 import pickle
 import queue
 import re
+import socket
 import threading
 import time
 import uuid
@@ -825,9 +826,13 @@ class _ProcessStore:
                 rid, *reply = self._conn.recv()
             except (EOFError, OSError):
                 break
+            except Exception as exc:  # unreadable: nothing after it can be trusted either
+                log.error("ledger: a reply could not be read (%s: %s); letting the "
+                          "connection go", type(exc).__name__, exc)
+                break
             fut = self._pending.pop(rid, None)
-            if fut is None:
-                continue
+            if fut is None or not fut.set_running_or_notify_cancel():
+                continue  # nobody waits for it any more (a request given up on)
             if reply[0] == "ok":
                 fut.set_result(reply[1])
                 continue
@@ -838,10 +843,13 @@ class _ProcessStore:
                 fut.set_exception(getattr(duckdb, name, duckdb.Error)(text))
             else:
                 fut.set_exception(RuntimeError(f"{name}: {text}"))
-        self.alive = False
+        with self._send_lock:  # here, once nothing reads it (see `_hang_up`)
+            self.alive = False
+            with contextlib.suppress(OSError):
+                self._conn.close()
         for rid in list(self._pending):
             fut = self._pending.pop(rid, None)
-            if fut is not None:
+            if fut is not None and fut.set_running_or_notify_cancel():
                 fut.set_exception(LedgerUnavailable("the ledger process exited"))
 
     def _send(self, message: tuple[Any, ...]) -> None:
@@ -891,7 +899,18 @@ class _ProcessStore:
         with contextlib.suppress(LedgerUnavailable, EOFError, OSError):
             self._call("close")
         self._proc.join(30)
-        self._conn.close()
+        self._hang_up()
+
+    def _hang_up(self) -> None:
+        """End the connection for both ends: the reader thread wakes to its end and closes
+        it. Closed here, its descriptor could be freed while that thread still reads it,
+        and a socket opened meanwhile under the same number read in its place."""
+        with self._send_lock:
+            if not self.alive:  # the reader has closed it
+                return
+            with contextlib.suppress(OSError, ValueError), \
+                    socket.socket(fileno=os.dup(self._conn.fileno())) as s:
+                s.shutdown(socket.SHUT_RDWR)
 
 
 def _fixed_mmap_threshold() -> None:

@@ -11,7 +11,10 @@ written, as a local copy (the editor's language server reads it)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import logging
+import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,22 +22,50 @@ from typing import Any
 
 from flowc.config import TOOL_CACHE
 
+log = logging.getLogger("flowc.mcp")
+
 # `execute(sql, params)` with `?` parameters, as `PgLedger.execute` takes them
 Execute = Callable[[str, Sequence[Any]], list[tuple[Any, ...]]]
 
 
 def write_file(project_dir: Path, found: dict[str, dict[str, Any]]) -> Path:
-    """The servers that answered, over what the project's cache file held."""
+    """The servers that answered, over what the project's cache file held. Writers at
+    once (a refresh on each worker of `flowc serve --workers N`, `flowc mcp list` beside a
+    server) take turns under a lock on `mcp-tools.json.lock`, so none drops the servers
+    another added."""
     path = project_dir / TOOL_CACHE
     path.parent.mkdir(parents=True, exist_ok=True)
-    old: dict[str, Any] = {}
-    with contextlib.suppress(OSError, ValueError):
-        old = json.loads(path.read_text()).get("servers", {})
-    merged = {**old, **{k: v for k, v in found.items() if v["ok"]}}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"servers": merged}, indent=2, default=str))
-    tmp.replace(path)  # readers never see half a file
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # let go when the file is closed
+        merged = {**_servers_in(path), **{k: v for k, v in found.items() if v["ok"]}}
+        # A name of its own: readers never see half a file, and no writer renames
+        # another's half-written one.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_text(json.dumps({"servers": merged}, indent=2, default=str))
+            tmp.replace(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
     return path
+
+
+def _servers_in(path: Path) -> dict[str, Any]:
+    """The cache file's servers: none when it is missing or not the cache's shape (it is
+    written anew)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("MCP tool cache %s cannot be read (%s); writing it anew", path, exc)
+        return {}
+    servers = data.get("servers") if isinstance(data, dict) else None
+    if not isinstance(servers, dict):
+        log.warning("MCP tool cache %s is not a JSON object with a \"servers\" object; "
+                    "writing it anew", path)
+        return {}
+    return servers
 
 
 def save(execute: Execute, found: dict[str, dict[str, Any]], instance: str) -> list[str]:

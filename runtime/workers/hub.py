@@ -6,7 +6,9 @@ Each worker's connection has a thread: rows go straight into the owner's `Ledger
 frames and the writer are its own), budget and rate-limit calls are answered on the
 thread under one lock (they are a few dict operations), and anything that waits on the
 ledger file (queries, statements, runs, a flush, a key change) runs on a small pool so a
-long query never holds up that worker's rows.
+long query never holds up that worker's rows. A key change or a pipeline registered is
+answered once every other worker confirms it has it live, awaited on a thread of its own
+(a worker confirms a pipeline once it has read it, through the pool).
 
 Budgets: workers lease slices of a budget's headroom (held here as reserved, as
 `budget_leases` are in Postgres; runtime/pg/access.py) and settle every tick. A slice is
@@ -24,14 +26,17 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import ROUND_FLOOR, Decimal
 from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import ZERO, Alert, Counter, Scope
+from runtime.access.budgets import ZERO, Alert, Budgets, Counter, Scope
 from runtime.access.gate import Gate
 from runtime.access.keys import Key
 from runtime.access.limits import RateLimited
@@ -42,6 +47,7 @@ from runtime.pg.access import CENT
 log = logging.getLogger("flowc.workers")
 _ACK_WAIT = 5.0  # seconds a key change waits for every worker to have it live
 _CALLS = 4  # calls that wait on the ledger file, at once
+_READ_TO_END = 10.0  # seconds `close` waits for the workers' last rows to be read
 _WORKFLOW_WRITE = re.compile(r"\s*INSERT\s+INTO\s+workflows\b", re.I)  # Registry.register
 
 
@@ -64,12 +70,22 @@ class OwnerLedger(Ledger):
         self._write(frames)
 
 
+@dataclass(frozen=True, slots=True)
+class _Announce:
+    """A call's answer, sent once every other worker has ``what`` live (a key, a pipeline
+    registered over HTTP): what is pushed to them."""
+
+    value: Any
+    what: tuple[Any, ...]
+
+
 class _Worker:
     """One worker's connection, and what it holds leased of each budget."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None  # reads its messages
         self.leases: dict[Scope, Decimal] = {}
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -82,7 +98,13 @@ class Hub:
                  admin_key: str | None) -> None:
         self.ledger = OwnerLedger(project_dir / config.ledger.path,
                                   config.ledger.flush_interval, in_process=False)
-        self.gate = Gate(config, LedgerAccessStore(self.ledger), admin_key, self._alerted)
+        self.store = LedgerAccessStore(self.ledger)
+        # The budgets' spend is read from the ledger before the lock is taken (`_spends`):
+        # a query may wait on the writer for up to a minute, and every worker's admission,
+        # lease and settlement waits on the lock (and its rows behind them).
+        self._known: dict[tuple[Scope, datetime], Decimal] = {}
+        self.gate = Gate(config, self.store, admin_key, self._alerted,
+                         budgets=Budgets(self._spend, config.alerts.thresholds, self._alerted))
         self.lock = threading.Lock()  # the gate's counters and windows
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._workers: set[_Worker] = set()
@@ -105,11 +127,45 @@ class Hub:
         while not self._closing:
             time.sleep(1.0)
             try:
-                with self.lock:
-                    self.gate.load()
+                self._load_keys()
             except LedgerUnavailable:
                 continue
             return
+
+    def _load_keys(self) -> None:
+        """Keys and budgets read from the ledger outside the lock, put live under it."""
+        keys = self.store.load_keys()
+        known = self._spends(lambda b: Gate(self.gate.config, self.store, None,
+                                            budgets=b).load(keys))
+        with self.lock, self._using(known):
+            # A key changed meanwhile (by a worker, through the ledger) is newer.
+            self.gate.load([k for k in keys if k.id not in self.gate.keys])
+
+    def _spends(self, fill: Callable[[Budgets], None]) -> dict[tuple[Scope, datetime], Decimal]:
+        """The spend each budget ``fill`` sets up asks for, summed from the ledger now,
+        outside the lock."""
+        found: dict[tuple[Scope, datetime], Decimal] = {}
+
+        def spend(scope: Scope, since: datetime) -> Decimal:
+            found[(scope, since)] = got = self.store.spend(scope, since)
+            return got
+
+        fill(Budgets(spend))
+        return found
+
+    @contextlib.contextmanager
+    def _using(self, known: dict[tuple[Scope, datetime], Decimal]) -> Iterator[None]:
+        """Under the lock: the budgets set up meanwhile take their spend from ``known``."""
+        self._known = known
+        try:
+            yield
+        finally:
+            self._known = {}
+
+    def _spend(self, scope: Scope, since: datetime) -> Decimal:
+        got = self._known.get((scope, since))
+        # Not read beforehand: a period that began since (or the start-up load).
+        return got if got is not None else self.store.spend(scope, since)
 
     def _alerted(self, alert: Alert) -> None:
         self._alerts.append(alert)  # sent to the worker whose charge crossed it
@@ -126,9 +182,10 @@ class Hub:
                 log.warning("workers: refused a connection that failed the handshake")
                 continue
             worker = _Worker(conn)
+            worker.thread = threading.Thread(target=self._serve, args=(worker,),
+                                             name="flowc-hub-worker", daemon=True)
             self._workers.add(worker)
-            threading.Thread(target=self._serve, args=(worker,), name="flowc-hub-worker",
-                             daemon=True).start()
+            worker.thread.start()
 
     def _serve(self, w: _Worker) -> None:
         try:
@@ -136,6 +193,10 @@ class Hub:
                 try:
                     message = w.conn.recv()
                 except (EOFError, OSError):
+                    return
+                except Exception as exc:  # unreadable: nothing after it can be trusted
+                    log.error("workers: a message from a worker could not be read (%s: %s); "
+                              "its connection is closed", type(exc).__name__, exc)
                     return
                 try:
                     self._handle(w, message)
@@ -179,10 +240,18 @@ class Hub:
 
     def _answer(self, w: _Worker, rid: int, fn: Any) -> None:
         try:
-            reply: tuple[Any, ...] = (rid, "ok", fn())
+            value = fn()
         except Exception as exc:
-            reply = (rid, "err", type(exc).__module__, type(exc).__name__, str(exc))
-        w.send(reply)
+            w.send((rid, "err", type(exc).__module__, type(exc).__name__, str(exc)))
+            return
+        if not isinstance(value, _Announce):
+            w.send((rid, "ok", value))
+            return
+        # The confirmations are awaited on a thread of their own, never on the pool: a
+        # worker confirms a pipeline once it has read it, through the pool.
+        waits = self._push(w, value.what)
+        threading.Thread(target=self._answer_when_live, args=(w, rid, value, waits),
+                         name="flowc-hub-announce", daemon=True).start()
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
     def _admit(self, w: _Worker, windows: list[tuple[str, str]]) -> Any:
@@ -273,7 +342,7 @@ class Hub:
         if op == "execute":
             rows = self.ledger.execute(*args)
             if _WORKFLOW_WRITE.match(args[0]):  # a pipeline registered over HTTP
-                self._broadcast(w, ("workflows",))
+                return _Announce(rows, ("workflows",))
             return rows
         if op == "run":
             self.ledger.record_run(args[0])
@@ -282,19 +351,20 @@ class Hub:
             self.ledger.flush()
             return None
         if op == "key":
-            self._key(w, args[0])
-            return None
+            self._key(args[0])
+            return _Announce(None, ("key", args[0]))
         raise ValueError(f"unknown call {op!r}")
 
-    def _key(self, origin: _Worker, key: Key) -> None:
-        """A key saved by one worker: live here, then on every other worker before the
-        change is answered."""
-        with self.lock:
+    def _key(self, key: Key) -> None:
+        """A key saved by one worker: live here (then on every other worker before the
+        change is answered)."""
+        scope = Scope("key", key.id, key.name)
+        known = self._spends(lambda b: b.set(scope, key.budget_usd, key.period))
+        with self.lock, self._using(known):
             self.gate.put(key)
-        self._broadcast(origin, ("key", key))
 
-    def _broadcast(self, origin: _Worker, what: tuple[Any, ...]) -> None:
-        """``what`` to every worker but ``origin``, waiting until each says it is live."""
+    def _push(self, origin: _Worker, what: tuple[Any, ...]) -> list[tuple[int, Future[None]]]:
+        """``what`` to every worker but ``origin``; each one's confirmation to come."""
         waits = []
         for w in list(self._workers):
             if w is origin:
@@ -304,6 +374,12 @@ class Hub:
             self._acks[ack] = fut
             waits.append((ack, fut))
             w.send((0, what[0], ack, *what[1:]))
+        return waits
+
+    def _answer_when_live(self, w: _Worker, rid: int, change: _Announce,
+                          waits: list[tuple[int, Future[None]]]) -> None:
+        """The change is answered once every other worker says it is live."""
+        what = change.what
         deadline = time.monotonic() + _ACK_WAIT
         for ack, fut in waits:
             try:
@@ -312,6 +388,7 @@ class Hub:
                 self._acks.pop(ack, None)
                 log.warning("workers: a worker did not confirm a change (%s) in time",
                             what[0])
+        w.send((rid, "ok", change.value))
 
     def workers(self) -> int:
         return len(self._workers)
@@ -321,5 +398,11 @@ class Hub:
         self._closing = True
         with contextlib.suppress(OSError):
             self._listener.close()
+        # A worker that exited may have left rows in its socket: its thread reads them to
+        # the end before the ledger writes its last.
+        deadline = time.monotonic() + _READ_TO_END
+        for w in list(self._workers):
+            if w.thread is not None:
+                w.thread.join(max(0.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True)
         self.ledger.close()

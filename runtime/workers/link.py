@@ -67,15 +67,11 @@ class _Pushes:
 
     def __init__(self, conn: Connection, on_push: Callable[[tuple[Any, ...]], None]) -> None:
         self._conn, self._on_push = conn, on_push
-        self.send, self.close = conn.send, conn.close
+        self.send, self.close, self.fileno = conn.send, conn.close, conn.fileno
 
     def recv(self) -> Any:
         while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                self._on_push(("gone",))
-                raise
+            message = self._conn.recv()
             if message[0] != 0:
                 return message
             try:
@@ -96,6 +92,7 @@ class HubStore(_ProcessStore):
             raise duckdb.IOException(f"the ledger's owner cannot be reached (lock): {exc}"
                                      ) from None
         self._conn = _Pushes(conn, on_push)  # type: ignore[assignment]
+        self._on_push = on_push
         self._send_lock = threading.Lock()
         self._pending: dict[int, Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -105,6 +102,12 @@ class HubStore(_ProcessStore):
     @property
     def pid(self) -> int | None:
         return None
+
+    def _receive(self) -> None:
+        try:
+            super()._receive()  # until the connection is gone, then fails what waits
+        finally:
+            self._on_push(("gone",))
 
     def call(self, op: str, *args: Any) -> Any:
         return self._call(op, *args)
@@ -121,8 +124,11 @@ class HubStore(_ProcessStore):
         """The owner takes its inbox in itself."""
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._conn.close()
+        """After the ledger's writer has sent its last rows: one round trip, answered once
+        the supervisor has written every row this worker sent, then let go."""
+        with contextlib.suppress(LedgerUnavailable):
+            self.call("flush")
+        self._hang_up()
 
 
 class HubLedger(Ledger):
@@ -323,6 +329,9 @@ class WorkerLink:
         self._parent = os.getppid()  # the supervisor
         self.hub_ledger: HubLedger | None = None
         self.registry: Registry | None = None  # set by Runtime.start
+        self._refreshing = threading.Condition()  # pushed pipeline changes to read
+        self._to_refresh: list[int] = []  # their acknowledgements
+        self._refresher: threading.Thread | None = None
 
     def connect(self) -> HubStore:
         self.store = HubStore(self.address, self.authkey, self._pushed)
@@ -346,9 +355,16 @@ class WorkerLink:
 
     async def admit_windows(self, windows: list[RemoteWindow]) -> None:
         """One call's rate limits on the supervisor's windows: all checked, then all
-        taken; raises RateLimited."""
-        got = await self._live().call_async(
-            "admit", [(w.scope.kind, w.scope.name) for w in windows])
+        taken; raises RateLimited, or Denied (503) while the supervisor cannot be reached
+        (the limits hold across workers: none is admitted on this worker's say alone)."""
+        try:
+            got = await self.call_async(
+                "admit", [(w.scope.kind, w.scope.name) for w in windows])
+        except LedgerUnavailable:
+            raise Denied(503, "rate_limit_store_unavailable", (
+                "The server is temporarily unable to check the rate limits of "
+                f"{', '.join(str(w.scope) for w in windows)}: this worker has lost its "
+                "supervisor. Please retry your request after a brief wait.")) from None
         if got[0] == "limited":
             raise RateLimited(got[1], got[2])
         for w, shown in zip(windows, got[1], strict=True):
@@ -376,31 +392,54 @@ class WorkerLink:
         """On the link's reader thread: anything touching the gate runs on the event loop,
         where requests read it."""
         what = message[0]
-        if what == "gone":
-            # Adopted: the supervisor is gone (its socket closes just before the adoption).
-            for _ in range(50):
-                if os.getppid() != self._parent:
-                    log.warning("worker: the supervisor is gone; shutting down")
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-                time.sleep(0.1)
+        if what == "gone":  # the calls waiting have failed: whether to stop, elsewhere
+            threading.Thread(target=self._orphaned, name="flowc-worker-orphaned",
+                             daemon=True).start()
             return
         if what == "key":
             _, ack, key = message
             self._on_loop(lambda: self._put(key), lambda: self.post("ack", ack))
         elif what == "workflows":  # reads the ledger: not on this thread, which answers
-            threading.Thread(target=self._refresh, args=(message[1],), daemon=True).start()
+            self._refresh_later(message[1])
         elif what == "alert" and self.alert is not None:
             self._on_loop(lambda: self.alert(message[1]), None)  # type: ignore[misc]
 
-    def _refresh(self, ack: int) -> None:
-        try:
-            if self.registry is not None and self.hub_ledger is not None:
-                self.registry.refresh(self.hub_ledger)
-        except Exception:
-            log.exception("worker: could not load the pipelines registered on another")
-        finally:
-            self.post("ack", ack)
+    def _orphaned(self) -> None:
+        """Adopted: the supervisor is gone (its socket closes just before the adoption);
+        shut down. Otherwise only the connection was lost: the ledger connects again
+        once a row finds it gone."""
+        for _ in range(50):
+            if os.getppid() != self._parent:
+                log.warning("worker: the supervisor is gone; shutting down")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.1)
+
+    def _refresh_later(self, ack: int) -> None:
+        """One refresh at a time, on a thread of its own: two at once could end in the
+        wrong order and leave an older version served. A refresh reads what is registered
+        when it starts, so it answers every push that came before (they are coalesced)."""
+        with self._refreshing:
+            self._to_refresh.append(ack)
+            self._refreshing.notify()
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh, daemon=True,
+                                                   name="flowc-worker-refresh")
+                self._refresher.start()
+
+    def _refresh(self) -> None:
+        while True:
+            with self._refreshing:
+                self._refreshing.wait_for(lambda: bool(self._to_refresh))
+                acks, self._to_refresh = self._to_refresh, []
+            try:
+                if self.registry is not None and self.hub_ledger is not None:
+                    self.registry.refresh(self.hub_ledger)
+            except Exception:
+                log.exception("worker: could not load the pipelines registered on another")
+            finally:
+                for ack in acks:
+                    self.post("ack", ack)
 
     def _put(self, key: Key) -> None:
         if self.gate is not None:
