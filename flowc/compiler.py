@@ -154,10 +154,21 @@ def _compile(text: str, path: str, project: Project, ignore: frozenset[str]) -> 
 
 def check_resolved(ctx: Context) -> None:
     """Every check after the references are collected (a block's steps get them too)."""
+    check_typed(ctx)
+    check_flow(ctx)
+
+
+def check_typed(ctx: Context) -> None:
+    """What a block's result type needs of its steps (the enclosing file's typing)."""
     resolve_uses(ctx)
     check_constructs(ctx)
     check_cycles(ctx)
     check_conditions(ctx)
+
+
+def check_flow(ctx: Context) -> None:
+    """The rest: a block's steps get these once the enclosing file's skip check knows which
+    values around the block may be missing (constructs/block.py `check_steps`)."""
     check_skips(ctx)
     check_usage(ctx)
     check_project(ctx)

@@ -91,6 +91,10 @@ class Context:
     # In a block: the names its run binds for its steps (runtime/frame.py: the items and
     # `self` of it and the blocks around it), which a step's id may not hide -> what each is.
     bound: dict[str, str] = field(default_factory=dict)
+    # In a block: values from around it that may be missing when it runs, for the skip
+    # check of a reference that falls back between one and a step's (`${a ?? b}`):
+    # name -> (maybe | never, why, the condition that alone may skip it or None).
+    around: dict[str, tuple[str, str, Node | None]] = field(default_factory=dict)
     pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
     pipelines_dir: Any = None  # Project.pipelines_dir
 

@@ -35,9 +35,14 @@ def local_type(ctx: Context, use: Use, root: str) -> T.Type | None:
 
 
 def root_type(ctx: Context, use: Use, root: str) -> T.Type:
-    """A reference root's type: a step-local name's, or the output's."""
+    """A reference root's type: a step-local name's, a value's from around a block (an
+    outer step's, the item, `self`), or the output's."""
     local = local_type(ctx, use, root)
-    return local if local is not None else ctx.output_types.get(root, T.ANY)
+    if local is not None:
+        return local
+    if root not in ctx.producers and root in ctx.outer:
+        return ctx.outer[root]
+    return ctx.output_types.get(root, T.ANY)
 
 
 def missing_reason(path: Path, absent: str) -> str | None:

@@ -556,3 +556,86 @@ def test_a_step_may_not_hide_an_item_or_self_of_a_block_around_it(fake, tmp_path
     result, _ = execute(compiled_at(path), {"docs": ["a", "b"]}, fake, tmp_path)
     assert result.status == "succeeded", result.error
     assert result.output == {"outer": ["a,b-a", "a,b-b"], "again": "ok"}
+
+
+def _fallback(tmp_path: Path, *, read: str = "${a ?? b}", b_when: str = "${input.f2}",
+              block: str = "", c: str = "", out: str = "${c}", top: str = "${blk}",
+              a: bool = True, inputs: str = "") -> Path:
+    """A step `a` around a block whose step `c` reads ``read``, `b` being a step of the
+    block before it; ``block`` adds fields to the block, ``c`` to step `c`."""
+    a_step = '  - {id: a, type: transform, when: "${input.f1}", template: "A"}\n' if a else ""
+    return write(tmp_path, fallback=(
+        "name: fallback\ninputs:\n  f1: {type: boolean}\n  f2: {type: boolean}\n" + inputs
+        + "steps:\n" + a_step + "  - id: blk\n    type: block\n" + block
+        + f'    steps:\n      - {{id: b, type: transform, when: "{b_when}", template: "B"}}\n'
+        f'      - {{id: c, type: transform, template: "{read}"{c}}}\n'
+        f"    output: {out}\noutput: {top}\n"))
+
+
+def _findings(path: Path) -> list[tuple[int, str, str, str | None]]:
+    return [(d.line, d.rule, d.message, d.help) for d in compile_file(path, project()).diagnostics]
+
+
+def _runs(fake, tmp_path: Path, path: Path, *inputs: tuple[bool, bool]) -> list[object]:
+    outputs = []
+    for f1, f2 in inputs:
+        result, _ = execute(compiled_at(path), {"f1": f1, "f2": f2}, fake, tmp_path)
+        assert result.status == "succeeded", result.error
+        outputs.append(result.output)
+    return outputs
+
+
+def test_a_fallback_from_an_outside_value_to_a_steps_is_checked_as_a_whole(fake, tmp_path):
+    """`${a ?? b}` in a block, `a` from around it, `b` one of its steps: both may be
+    skipped, so the reference may be missing, as it is outside a block. (It passed the
+    check, and a run with neither failed on "'a ?? b' is missing".)"""
+    assert _findings(_fallback(tmp_path)) == [
+        (11, "maybe-skipped", "'a ?? b' may be missing when step 'c' reads it: step 'a' may "
+         "be skipped (it has a `when:` condition); step 'b' may be skipped (it has a `when:` "
+         "condition)", "add a fallback: ${a ?? b ?? <default>}, or set `on_missing: skip` "
+         "on step 'c'")]
+    # Skipped with its reads, the step may be missing for the block's `output:` in turn.
+    skipping = ", on_missing: skip"
+    assert [(line, rule) for line, rule, _, _ in _findings(_fallback(tmp_path, c=skipping))
+            ] == [(12, "maybe-skipped")]
+    # With a fallback there, it runs as checked: each value in turn, then the default.
+    path = _fallback(tmp_path, c=skipping, out='${c ?? "none"}')
+    assert _findings(path) == []
+    assert _runs(fake, tmp_path, path, (True, False), (False, True), (False, False)) == [
+        "A", "B", "none"]
+
+
+def test_an_if_else_across_a_block_or_a_value_it_needs_is_always_there(fake, tmp_path):
+    """What the enclosing file knows holds inside the block: `a` and `b` the two sides of
+    one condition; a value the block reads with no fallback, there whenever it runs (or
+    the block is skipped: `on_missing: skip`)."""
+    path = _fallback(tmp_path, b_when="not (${input.f1})")
+    assert _findings(path) == []
+    assert _runs(fake, tmp_path, path, (True, False), (False, False)) == ["A", "B"]
+    path = _fallback(tmp_path, block="    on_missing: skip\n", out='{c: "${c}", a: "${a}"}',
+                     top='${blk ?? "-"}')
+    assert _findings(path) == []
+    assert _runs(fake, tmp_path, path, (True, False), (False, True)) == [
+        {"c": "A", "a": "A"}, "-"]
+
+
+def test_an_items_optional_field_or_self_previous_as_a_fallback_inside_a_block(tmp_path):
+    """The item's fields and `self` are typed inside the block as outside it: an optional
+    field, or `self.previous` (none on the first attempt), may be missing."""
+    mapped = _fallback(tmp_path, a=False, read="${doc.opt ?? b}",
+                       block="    for_each: ${input.docs}\n    as: doc\n",
+                       inputs="  docs: {type: array, items: {type: object, properties: "
+                              "{opt: {type: string}}}}\n")
+    assert _findings(mapped) == [
+        (13, "maybe-skipped", "'doc.opt ?? b' may be missing when step 'c' reads it: field "
+         "'opt' may be null or left out (its schema allows null, or does not list it in "
+         "`required`); step 'b' may be skipped (it has a `when:` condition)",
+         "add a fallback: ${doc.opt ?? b ?? <default>}, or set `on_missing: skip` on step "
+         "'c'")]
+    repeated = _fallback(tmp_path, a=False, read="${self.previous ?? b}",
+                         block="    repeat: {until: '${self.output} == \"B\"', max: 2}\n")
+    assert _findings(repeated) == [
+        (11, "maybe-skipped", "'self.previous ?? b' may be missing when step 'c' reads it: "
+         "'self.previous' is missing on the first attempt; step 'b' may be skipped (it has "
+         "a `when:` condition)", "add a fallback: ${self.previous ?? b ?? <default>}, or "
+         "set `on_missing: skip` on step 'c'")]

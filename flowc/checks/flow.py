@@ -44,14 +44,21 @@ def check_cycles(ctx: Context) -> None:
 
 
 def check_skips(ctx: Context) -> None:
-    """Propagate `always`/`maybe`/`never` through the DAG; report unguarded reads."""
+    """Propagate `always`/`maybe`/`never` through the DAG; report unguarded reads. In a
+    block, a value from around it starts as the enclosing file's check found it
+    (`ctx.around`); a reference that reads only such values is checked there."""
     if not ctx.acyclic:
+        for info in ctx.steps.values():  # a block's steps still get their checks
+            constructs.check_inner(ctx, info, {}, {}, {})
         return
-    status: dict[str, str] = {}  # output name -> always | maybe | never
-    reason: dict[str, str] = {}
-    guard: dict[str, Node] = {}  # output name -> the condition that alone may skip it
+    # output name -> always | maybe | never; why; the condition that alone may skip it
+    status = {name: s for name, (s, _, _) in ctx.around.items()}
+    reason = {name: why for name, (_, why, _) in ctx.around.items()}
+    guard: dict[str, Node] = {name: g for name, (_, _, g) in ctx.around.items()
+                              if g is not None}
     for sid in ctx.order:
         info = ctx.steps[sid]
+        constructs.check_inner(ctx, info, status, reason, guard)  # its reads are known
         step = info.step
         runs = "always"
         why = None
@@ -61,7 +68,7 @@ def check_skips(ctx: Context) -> None:
             runs, why = "maybe", _OWN_CONDITION
         own_only = True  # skipped by its own condition alone (a guard for if/else joins)
         for use in info.uses:
-            if use.kind == "guarded":
+            if use.kind == "guarded" or (ctx.outer and constructs.read_around(ctx, use)):
                 continue
             avail, missing = _availability(ctx, use, status, guard)
             if avail == "always":
@@ -103,7 +110,7 @@ def check_skips(ctx: Context) -> None:
             ctx.out.add("unreachable-step", f"step '{sid}' can never run: {why}",
                         span.start, span.end)
     for use in ctx.output_uses:
-        if use.kind == "guarded":
+        if use.kind == "guarded" or (ctx.outer and constructs.read_around(ctx, use)):
             continue
         avail, missing = _availability(ctx, use, status, guard)
         if avail != "always":

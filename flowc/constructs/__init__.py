@@ -10,7 +10,8 @@ from typing import Any
 from flowc import foreach, repeat, subpipeline
 from flowc import types as T
 from flowc.constructs import block, switch, transform
-from flowc.context import Context, StepInfo
+from flowc.context import Context, StepInfo, Use
+from flowc.expr import Node
 from flowc.model import LLMStep, MCPToolStep, PipelineStep
 
 _TYPED_FROM_READS = {"transform": transform, "switch": switch, "block": block}
@@ -65,6 +66,20 @@ def check(ctx: Context) -> None:
         if isinstance(info.step, PipelineStep):
             subpipeline.check_inputs(ctx, info)
         repeat.check(ctx, info)
+
+
+def check_inner(ctx: Context, info: StepInfo, status: dict[str, str],
+                reason: dict[str, str], guard: dict[str, Node]) -> None:
+    """A block's steps' missing values (and the checks after), once the skip check knows
+    which values around it may be missing (``status``, ``reason``, ``guard``: its own)."""
+    if info.step.type == "block":
+        block.check_steps(ctx, info, status, reason, guard)
+
+
+def read_around(ctx: Context, use: Use) -> bool:
+    """Whether a reference inside a block reads only values from around it: the enclosing
+    file's check covers it."""
+    return block.read_around(ctx, use)
 
 
 def same_case(ctx: Context, consumer: str | None, output_name: str) -> bool:

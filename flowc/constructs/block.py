@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from flowc import types as T
 from flowc.context import Context, StepInfo, Use
 from flowc.diagnostics import Severity
-from flowc.expr import Literal, Path, Ref
+from flowc.expr import Literal, Node, Path, Ref, references
 from flowc.model import BlockStep
 from flowc.scopes import SELF, local_type, self_type
 
@@ -36,6 +36,7 @@ class Block:
     inner: Context
     reads: tuple[str, ...] = ()  # names read from around the block, in first-read order
     errors: int = 0  # errors in the file before its steps were checked
+    typed: bool = False  # its steps typed; their skip check waits for the file's
 
 
 class _Within:
@@ -154,16 +155,18 @@ def _is_outer(inner: Context, use: Use, root: str) -> bool:
 
 
 def output_type(ctx: Context, info: StepInfo) -> T.Type:
-    """Once the block's own reads are typed: its steps are resolved and checked with those
-    types, and its result typed from its `output:`."""
+    """Once the block's own reads are typed: its steps are resolved and typed with those
+    types, and its result typed from its `output:`. Their missing values are checked when
+    the file's are (`check_steps`)."""
     from flowc.checks.references import _resolve
-    from flowc.compiler import _build, check_resolved
+    from flowc.compiler import check_typed
     from flowc.foreach import result_type
     from flowc.subpipeline import output_type_of
 
     block = info.construct
-    if not isinstance(block, Block):  # typed already
+    if not isinstance(block, Block) or block.typed:  # typed already
         return ctx.output_types.get(info.step.output_name, T.ANY)
+    block.typed = True
     inner, step = block.inner, info.step
     for name in inner.outer:
         if step.for_each is not None and name == step.as_:
@@ -172,19 +175,73 @@ def output_type(ctx: Context, info: StepInfo) -> T.Type:
             inner.outer[name] = self_type(info, False)
         else:
             inner.outer[name] = ctx.outer.get(name) or ctx.output_types.get(name, T.ANY)
-    check_resolved(inner)
+    check_typed(inner)
     body = output_type_of(inner)
     info.locals["__output__"] = body  # `${self.output}` in `repeat: {until:}`
     for use in info.uses:
         if use.kind == "until":  # typed again, now that the block's result is known
             _resolve(ctx, use)
+    return result_type(ctx, info, body) if step.for_each is not None else body
+
+
+def check_steps(ctx: Context, info: StepInfo, status: dict[str, str],
+                reason: dict[str, str], guard: dict[str, Node]) -> None:
+    """The block's steps' missing values and the checks after, once the file's skip check
+    has the statuses of the values the block reads (``status``: output name -> always,
+    maybe, never; ``reason``, ``guard`` as flow.check_skips keeps them); then its steps
+    are compiled. A step's `${a ?? b}` falls back from an outside value to one of a step:
+    the reference as a whole is checked here, so ``a`` starts as it may be missing."""
+    from flowc.compiler import _build, check_flow
+    from flowc.constructs.switch import same_case
+
+    block = info.construct
+    if not isinstance(block, Block) or not block.typed:
+        return
+    inner, sid = block.inner, info.step.id
+    there = _present(info)
+    inner.around = {
+        name: (status[name], reason.get(name, ""), _guard(inner, guard.get(name)))
+        for name in inner.outer if status.get(name, "always") != "always"
+        and name not in inner.producers and name not in there
+        and not same_case(ctx, sid, name)}
+    check_flow(inner)
     if _errors(ctx) == block.errors and inner.acyclic:
         try:
             info.callee = _build(inner, ctx.source.path)
             info.construct = block.reads  # what the runtime needs (`StepNode.construct`)
         except ValidationError:  # the file's own `inputs:` are wrong: reported there
             pass
-    return result_type(ctx, info, body) if step.for_each is not None else body
+
+
+def _guard(inner: Context, condition: Node | None) -> Node | None:
+    """An outside step's `when:` as a guard inside the block (the other side of an if/else
+    there): unless it reads a name a step of the block takes for itself inside it."""
+    if condition is None or any(isinstance(a, Path) and a.root in inner.producers
+                                for ref in references(condition) for a in ref.alts):
+        return None
+    return condition
+
+
+def _present(info: StepInfo) -> set[str]:
+    """Outside values there whenever the block runs: each one the block (or one of its
+    steps) reads with no fallback. If one may be missing, the file's check says so where
+    the block reads it, or the block is skipped (`on_missing: skip`) before it starts."""
+    there: set[str] = set()
+    for use in info.uses:
+        roots = {a.root for a in use.ref.alts if isinstance(a, Path)}
+        if use.kind not in ("guarded", "until") and len(roots) == 1 \
+                and all(isinstance(a, Path) for a in use.ref.alts):
+            there |= roots
+    return there
+
+
+def read_around(ctx: Context, use: Use) -> bool:
+    """Whether a reference in a block's steps reads only values from around it (and
+    literals): the enclosing file's check covers it, as the block's own read."""
+    if not ctx.outer:
+        return False
+    paths = [a for a in use.ref.alts if isinstance(a, Path)]
+    return bool(paths) and all(_is_outer(ctx, use, a.root) for a in paths)
 
 
 def missing_reason(ctx: Context, info: StepInfo) -> str | None:
