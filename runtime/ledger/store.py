@@ -1132,7 +1132,11 @@ class Ledger:
         them in one hand-off. Rows wait as tuples of their fields, not as records: plain
         tuples leave the garbage collector's lists, while a backlog of records was walked
         by every full collection (50-200 ms pauses in a 500k-row burst)."""
-        row = _fields_of(call)
+        self.add_row(_fields_of(call))
+
+    def add_row(self, row: tuple[Any, ...]) -> None:
+        """`record()` for a row already flattened (the tuple of `_FIELDS`): as the
+        supervisor of `flowc serve --workers N` takes each worker's."""
         with self._rows_lock:
             self._rows.append(row)
             if len(self._rows) < _FRAME:

@@ -52,18 +52,8 @@ _WORKFLOW_WRITE = re.compile(r"\s*INSERT\s+INTO\s+workflows\b", re.I)  # Registr
 
 
 class OwnerLedger(Ledger):
-    """The supervisor's ledger: also takes rows already flattened by a worker."""
-
-    def add_row(self, row: tuple[Any, ...]) -> None:
-        """`record()` for a row a worker sent (the tuple of `_FIELDS` it made)."""
-        with self._rows_lock:
-            self._rows.append(row)
-            if len(self._rows) < 500:
-                return
-            rows, self._rows = self._rows, []
-        self._seal(rows)
-        if len(self._frames) >= 4:
-            self._wake.set()
+    """The supervisor's ledger: also takes rows already flattened by a worker (`add_row`)
+    and frames a worker wrote while it could not reach this process."""
 
     def add_frames(self, frames: list[bytes]) -> None:
         """Frames a worker wrote while it could not reach this process, sent on."""
