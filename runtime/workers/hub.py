@@ -208,6 +208,9 @@ class Hub:
         op = message[0]
         if op == "row":
             self.ledger.add_row(message[1])
+        elif op == "batch":  # the rows a worker's event loop recorded in one iteration
+            for row in message[1]:
+                self.ledger.add_row(row)
         elif op == "rows":
             self.ledger.add_frames(message[1])
         elif op == "tokens":
