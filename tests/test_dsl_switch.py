@@ -68,11 +68,13 @@ def test_a_default_covers_what_the_cases_do_not():
     assert result.errors == [] and result.compiled.node("route").runs == "always"
 
 
-SWITCH_PER_ITEM = """\
+PER_ITEM_HEAD = """\
 name: per_item
 inputs:
   xs: {type: array, items: {type: string, enum: [a, b]}}
 steps:
+"""
+SWITCH_PER_ITEM = PER_ITEM_HEAD + """\
   - id: route
     type: switch
     for_each: ${input.xs}
@@ -89,14 +91,8 @@ def test_a_switch_per_item_is_refused_with_the_way_to_write_it():
     assert "a switch takes no `for_each:`" in errors[0].message
     assert "`type: block` step with the `for_each:`" in errors[0].message
     # ... which compiles, each item switched on inside the block
-    block = SWITCH_PER_ITEM.replace("""  - id: route
-    type: switch
-    for_each: ${input.xs}
-    value: ${item}
-    cases: {a: one, b: two}
-  - {id: one, type: transform, template: "one"}
-  - {id: two, type: transform, template: "two"}
-""", """  - id: per_item
+    block = PER_ITEM_HEAD + """\
+  - id: per_item
     type: block
     for_each: ${input.xs}
     steps:
@@ -104,7 +100,7 @@ def test_a_switch_per_item_is_refused_with_the_way_to_write_it():
       - {id: one, type: transform, template: "one"}
       - {id: two, type: transform, template: "two"}
     output: ${route}
-""")
+"""
     assert compile_source(block, "p.yaml", project()).errors == []
 
 
