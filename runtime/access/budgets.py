@@ -22,6 +22,7 @@ from runtime.access.keys import Period
 
 log = logging.getLogger("flowc.budgets")
 ZERO = Decimal(0)
+INFINITY = Decimal("Infinity")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -70,6 +71,9 @@ class Counter:
     spent: Decimal = ZERO
     reserved: Decimal = ZERO
     alerted: set[int] = field(default_factory=set)  # thresholds fired this period
+    # The spend at which the next alert is due (see `Budgets.charge`): zero makes the next
+    # charge look, after the limit or the thresholds fired have changed.
+    alert_at: Decimal = ZERO
 
     def left(self) -> Decimal:
         return self.limit - self.spent - self.reserved
@@ -121,7 +125,7 @@ class Reservation:
     def charge(self, cost: Decimal | None) -> None:
         """An attempt's cost becomes spend; as much of it as is held stops being held."""
         if cost:
-            take = min(cost, self.held)
+            take = cost if cost < self.held else self.held
             if take:
                 self.held -= take
                 for c in self.counters:
@@ -156,7 +160,7 @@ class Budgets:
         old = self.counters.get(scope)
         now = now or datetime.now(UTC)
         if old is not None and old.period == period:
-            old.limit = limit
+            old.limit, old.alert_at = limit, ZERO
             return
         start = period_start(period, now)
         end = period_end(period, start)
@@ -179,7 +183,7 @@ class Budgets:
             start = period_start(c.period, datetime.fromtimestamp(now, UTC))
             end = period_end(c.period, start)
             c.start, c.end = start, end.timestamp() if end is not None else None
-            c.spent, c.alerted = ZERO, set()  # reservations in flight stay held
+            c.spent, c.alerted, c.alert_at = ZERO, set(), ZERO  # reservations stay held
 
     def reserve(self, scopes: Iterable[Scope], amount: Decimal, now: float) -> Reservation:
         """Hold ``amount`` on every budget among ``scopes``, or raise BudgetExceeded for
@@ -190,7 +194,8 @@ class Budgets:
     def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
         """``reserve`` on counters already looked up (the gate keeps them per caller)."""
         for c in counters:
-            self._roll(c, now)
+            if c.end is not None and now >= c.end:
+                self._roll(c, now)
             if c.spent + c.reserved + amount > c.limit:
                 raise BudgetExceeded(c, amount)
         for c in counters:
@@ -200,18 +205,22 @@ class Budgets:
     def charge(self, counters: list[Counter], cost: Decimal) -> None:
         for c in counters:
             c.spent += cost
-            if c.limit and self._alert is not None:
+            if c.spent >= c.alert_at:
                 self._crossed(c)
 
     def _crossed(self, c: Counter) -> None:
-        """An alert for each threshold ``c``'s spend has newly crossed."""
+        """An alert for each threshold ``c``'s spend has newly crossed; then the spend at
+        which the next is due, so a charge below it costs one comparison."""
         if not c.limit or self._alert is None:
+            c.alert_at = INFINITY
             return
         pct = c.spent * 100 / c.limit
         for t in self.thresholds:
             if pct >= t and t not in c.alerted:
                 c.alerted.add(t)
                 self._alert(Alert(c.scope, t, c.limit, c.spent, c.period, c.start))
+        due = [t for t in self.thresholds if t not in c.alerted]
+        c.alert_at = c.limit * due[0] / 100 if due else INFINITY
 
     def status(self, scope: Scope) -> dict[str, str] | None:
         c = self.counters.get(scope)

@@ -94,9 +94,9 @@ class Grant:
         if self.reservation is not None:
             self.reservation.charge(cost)
         if usage is not None and self.windows:
-            now = time.monotonic()
+            now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
             for w in self.windows:
-                w.add_tokens(now, usage.total_tokens)
+                w.add_tokens(now, n)
 
     def close(self) -> None:
         if self.reservation is not None:
@@ -330,7 +330,8 @@ class Gate:
         key = who.key
         if key is not None:
             targets = list(targets)
-            self.permit(who, requested, targets)
+            if key.read_only or key.models:
+                self.permit(who, requested, targets)
         ident = (key.id if key is not None else None, tags, pipeline)
         plan = self._plans.get(ident)
         if plan is None:
@@ -398,7 +399,7 @@ class Gate:
         output limit of every choice."""
         out = _max_output(req) or self.config.budgets.default_max_output_tokens
         n = req.get("n")
-        if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        if n.__class__ is int and n > 1:  # not a bool
             out *= n
         worst = Decimal(0)
         for t in targets:
@@ -413,7 +414,8 @@ class Gate:
         products (pricing the two usages costs ~4 us a call, on every request); a prompt
         bound not yet known to be below every tier is priced in full, and when that agrees
         with the rates, bounds up to it use them from then on."""
-        rates = self._rates.get(t)
+        ident = (t.provider, t.model)  # a tuple hashes in C; the dataclass in Python
+        rates = self._rates.get(ident)
         if rates is None:
             units = [price(t.provider, t.model, u, self.config.prices)[0] for u in _UNITS]
             if None in units:
@@ -421,7 +423,7 @@ class Gate:
                                "against a budget: give it a price under `prices:` in "
                                "flowc.yaml")
             plain, written, output = units
-            rates = self._rates[t] = [max(plain, written), output, -1]  # type: ignore[type-var]
+            rates = self._rates[ident] = [max(plain, written), output, -1]  # type: ignore[type-var]
         linear: Decimal = prompt_bound * rates[0] + out * rates[1]
         if prompt_bound <= rates[2]:
             return linear
@@ -484,8 +486,11 @@ _UNITS = (Usage(prompt_tokens=1),
 
 
 def _max_output(req: dict[str, Any]) -> int | None:
-    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+    for name in _OUTPUT_LIMITS:
         v = req.get(name)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
+        if v.__class__ is int and v > 0:  # not a bool, nor a float
+            return v  # type: ignore[no-any-return]
     return None
+
+
+_OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")

@@ -44,6 +44,9 @@ class Window:
     # instance's part of limits shared by several (runtime/pg/access.py).
     shown_rpm: int | None = None
     shown_tpm: int | None = None
+    # The `x-ratelimit-limit-*` headers, formatted once for the limits they were made for.
+    _limits: tuple[int | None, int | None, tuple[bytes, bytes], tuple[bytes, bytes]] | None \
+        = None
 
     @property
     def used(self) -> int:
@@ -78,11 +81,12 @@ class Window:
 
     def check(self, now: float) -> None:
         self._trim(now)
-        if self.rpm is not None and self.used >= self.rpm:
+        rpm = self.rpm
+        if rpm is not None and len(self.times) - self.head >= rpm:
             first = self._oldest()
             wait = first + WINDOW - now if first is not None else WINDOW
             raise RateLimited(f"rate limit reached for {self.label}: "
-                              f"{self.shown_rpm or self.rpm} requests per minute; try again "
+                              f"{self.shown_rpm or rpm} requests per minute; try again "
                               f"in {_duration(wait)}", wait)
         if self.tpm is not None and self.token_sum >= self.tpm:
             first = self._oldest_tokens()
@@ -102,34 +106,56 @@ class Window:
             self.token_sum += n
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        """OpenAI's `x-ratelimit-*` headers for this window."""
+        """OpenAI's `x-ratelimit-*` headers for this window. They go on every response of a
+        limited key, so this is written flat: one trim, the fixed parts made once."""
         self._trim(now)
+        rpm, tpm = self.rpm, self.tpm
+        made = self._limits
+        if made is None or made[0] != rpm or made[1] != tpm:
+            made = self._limits = (rpm, tpm, (b"x-ratelimit-limit-requests", b"%d" % (rpm or 0)),
+                                   (b"x-ratelimit-limit-tokens", b"%d" % (tpm or 0)))
         out: list[tuple[bytes, bytes]] = []
-        if self.rpm is not None:
-            t = self.times
-            out += [(b"x-ratelimit-limit-requests", b"%d" % self.rpm),
-                    (b"x-ratelimit-remaining-requests", b"%d" % max(self.rpm - self.used, 0)),
+        if rpm is not None:
+            t, h = self.times, self.head
+            left = rpm - len(t) + h
+            out += (made[2],
+                    (b"x-ratelimit-remaining-requests", b"%d" % left if left > 0 else b"0"),
                     (b"x-ratelimit-reset-requests",
-                     _reset(t[self.head] + WINDOW - now) if self.head < len(t) else b"0ms")]
-        if self.tpm is not None:
-            t = self.token_times
-            out += [(b"x-ratelimit-limit-tokens", b"%d" % self.tpm),
-                    (b"x-ratelimit-remaining-tokens", b"%d" % max(self.tpm - self.token_sum, 0)),
-                    (b"x-ratelimit-reset-tokens", _reset(t[self.token_head] + WINDOW - now)
-                     if self.token_head < len(t) else b"0ms")]
+                     _reset(t[h] + WINDOW - now) if h < len(t) else b"0ms"))
+        if tpm is not None:
+            t, h = self.token_times, self.token_head
+            left = tpm - self.token_sum
+            out += (made[3],
+                    (b"x-ratelimit-remaining-tokens", b"%d" % left if left > 0 else b"0"),
+                    (b"x-ratelimit-reset-tokens",
+                     _reset(t[h] + WINDOW - now) if h < len(t) else b"0ms"))
         return out
 
 
 def _reset(seconds: float) -> bytes:
     """Seconds as OpenAI writes them in `x-ratelimit-reset-*`: `1s`, `6m0s`, `120ms` (to the
-    millisecond; integer formatting, as this runs on every response)."""
-    ms = round(seconds * 1000) if seconds > 0 else 0
+    millisecond). Two go on every response of a limited key, and within a window they are
+    at most a minute: those are formatted once each and kept."""
+    ms = int(seconds * 1000 + 0.5) if seconds > 0 else 0
+    if ms <= _MINUTE_MS:
+        text = _RESETS[ms]
+        if text is None:
+            text = _RESETS[ms] = _format_ms(ms)
+        return text
+    return _format_ms(ms)
+
+
+def _format_ms(ms: int) -> bytes:
     if ms < 1000:
         return b"%dms" % ms
     minutes, ms = divmod(ms, 60000)
     whole, frac = divmod(ms, 1000)
     text = (b"%d.%03d" % (whole, frac)).rstrip(b"0") if frac else b"%d" % whole
     return b"%dm%bs" % (minutes, text) if minutes else text + b"s"
+
+
+_MINUTE_MS = int(WINDOW * 1000)
+_RESETS: list[bytes | None] = [None] * (_MINUTE_MS + 1)
 
 
 def _duration(seconds: float) -> str:

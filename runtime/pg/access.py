@@ -242,7 +242,7 @@ class SharedBudgets(Budgets):
                 del self.counters[scope]
             return
         if old is not None and old.period == period:
-            old.limit = limit
+            old.limit, old.alert_at = limit, ZERO
             return
         start = period_start(period, now or datetime.now(UTC))
         end = period_end(period, start)

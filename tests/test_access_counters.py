@@ -1,0 +1,123 @@
+"""The counters behind keys' rate limits and budgets, against their plain definitions: they
+run on every request of a limited or budgeted key, so they take shortcuts (formatted
+headers kept, the next alert's spend precomputed) that must never change what they say."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from runtime.access.budgets import Alert, Budgets, Scope
+from runtime.access.limits import WINDOW, Window, _reset
+
+RESET = re.compile(rb"(?:(\d+)m)?(\d+)(?:\.(\d{1,3}))?s|(\d+)ms")
+
+
+def _ms(text: bytes) -> int:
+    m = RESET.fullmatch(text)
+    assert m is not None, text
+    minutes, whole, frac, ms = m.groups()
+    if ms is not None:
+        assert int(ms) < 1000, text
+        return int(ms)
+    assert frac is None or not frac.endswith(b"0"), text  # 1.5s, never 1.500s
+    return int(minutes or 0) * 60000 + int(whole) * 1000 + int((frac or b"").ljust(3, b"0"))
+
+
+@given(st.floats(min_value=-5, max_value=400, allow_nan=False))
+def test_a_reset_is_the_duration_to_the_millisecond_in_openais_format(seconds):
+    want = max(int(seconds * 1000 + 0.5), 0) if seconds > 0 else 0
+    first, again = _reset(seconds), _reset(seconds)  # the second from what was kept
+    assert first == again
+    assert _ms(first) == want
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.floats(min_value=0, max_value=200), st.integers(0, 500)),
+                max_size=60),
+       st.integers(1, 30), st.integers(1, 4000))
+def test_headers_count_what_the_last_minute_used(calls, rpm, tpm):
+    """After any calls (time, tokens), the headers say what a plain count of the last 60
+    seconds says: the limits, what is left, and when the oldest leaves the window."""
+    w = Window("key 'k'", rpm, tpm)
+    now = 0.0
+    taken: list[tuple[float, int]] = []
+    for gap, tokens in calls:
+        now += gap
+        w._trim(now)
+        w.take(now)
+        w.add_tokens(now, tokens)
+        taken.append((now, tokens))
+        inside = [(t, n) for t, n in taken if t > now - WINDOW]
+        got = dict(w.headers(now))
+        assert got[b"x-ratelimit-limit-requests"] == b"%d" % rpm
+        assert got[b"x-ratelimit-limit-tokens"] == b"%d" % tpm
+        assert int(got[b"x-ratelimit-remaining-requests"]) == max(rpm - len(inside), 0)
+        used = sum(n for _, n in inside if n > 0)
+        assert int(got[b"x-ratelimit-remaining-tokens"]) == max(tpm - used, 0)
+        oldest = inside[0][0]
+        assert _ms(got[b"x-ratelimit-reset-requests"]) == _reset_ms(oldest + WINDOW - now)
+        spent = [t for t, n in inside if n > 0]
+        want = _reset_ms(spent[0] + WINDOW - now) if spent else 0
+        assert _ms(got[b"x-ratelimit-reset-tokens"]) == want
+
+
+def _reset_ms(seconds: float) -> int:
+    return int(seconds * 1000 + 0.5) if seconds > 0 else 0
+
+
+# One step of a budget's life: a charge (cents), a new limit (dollars), or a new period.
+STEPS = st.lists(st.one_of(st.tuples(st.just("charge"), st.integers(1, 4000)),
+                           st.tuples(st.just("limit"), st.integers(1, 60)),
+                           st.tuples(st.just("roll"), st.just(0))), max_size=40)
+
+
+@settings(max_examples=300)
+@given(STEPS, st.lists(st.integers(1, 150), min_size=1, max_size=4, unique=True))
+def test_alerts_fire_once_per_threshold_when_spend_crosses_it(steps, thresholds):
+    """Whatever the charges, limit changes and new periods, each threshold fires at the
+    charge that takes the spend to it, once a period: the same alerts, at the same charges,
+    as working out the percentage after every charge."""
+    fired: list[tuple[int, int]] = []
+    budgets = Budgets(lambda scope, since: Decimal(0), thresholds,
+                      lambda a: fired.append((step, a.threshold)))
+    scope = Scope("key", "k")
+    budgets.set(scope, Decimal(10), "day", datetime(2026, 1, 1, tzinfo=UTC))
+    c = budgets.counters[scope]
+    limit, spent, alerted, want = Decimal(10), Decimal(0), set(), []
+    for step, (kind, n) in enumerate(steps):
+        if kind == "charge":
+            cost = Decimal(n) / 100
+            budgets.charge([c], cost)
+            spent += cost
+            pct = spent * 100 / limit
+            for t in sorted(thresholds):
+                if pct >= t and t not in alerted:
+                    alerted.add(t)
+                    want.append((step, t))
+        elif kind == "limit":
+            limit = Decimal(n)
+            budgets.set(scope, limit, "day")
+        else:
+            assert c.end is not None
+            budgets._roll(c, c.end)  # the next day
+            spent, alerted = Decimal(0), set()
+        assert c.spent == spent
+    assert fired == want
+
+
+def test_an_alert_names_the_budget_and_its_spend():
+    seen: list[Alert] = []
+    budgets = Budgets(lambda scope, since: Decimal(0), (50, 100), seen.append)
+    scope = Scope("team", "finance")
+    budgets.set(scope, Decimal(2), "month")
+    counter = budgets.counters[scope]
+    budgets.charge([counter], Decimal("0.99"))
+    assert seen == []
+    budgets.charge([counter], Decimal("0.01"))
+    assert [(a.scope, a.threshold, a.spent, a.limit) for a in seen] == [
+        (scope, 50, Decimal("1.00"), Decimal(2))]
