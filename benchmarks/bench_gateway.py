@@ -18,6 +18,7 @@ and stops by itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -53,6 +55,7 @@ WIRES = [
 
 
 ADMIN = "sk-flowc-admin-bench-" + "0" * 24
+SERVERS_EACH = 3  # auth-off and auth-on servers each, see `bench_auth`
 
 
 def bench_key(project: Path, limits: bool = True) -> str:
@@ -108,63 +111,82 @@ def alternating_p50(a: tuple[str, dict[str, str], int], b: tuple[str, dict[str, 
 
 def bench_auth(upstream: str, seconds: int, procs: list[subprocess.Popen]
                ) -> tuple[dict, dict, str]:
-    """What auth, budgets and rate limits add: two servers up at once, both with the ledger
-    on, one with auth off and one with auth on called with a key that has a budget and rpm
-    and tpm limits (every request authenticated, counted, reserved and settled; never
-    refused). wrk alternates between them in short runs, and each round's pair is compared:
-    on a busy machine the load drifts by more than the difference between two runs far
-    apart. Returns the auth-on server's median c=32 and c=1 runs, and a line that says
-    what auth added (the medians of the rounds' differences)."""
-    rounds, each = 5, max(2, seconds // 2)
-    urls: dict[str, tuple[str, dict[str, str], int]] = {}
-    with tempfile.TemporaryDirectory() as off_dir, tempfile.TemporaryDirectory() as on_dir:
-        for variant, project in (("off", Path(off_dir)), ("on", Path(on_dir))):
-            project.joinpath("flowc.yaml").write_text("ledger:\n  enabled: true\n")
-            env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1",
-                   "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
-            env.pop("FLOWC_ADMIN_KEY", None)
-            headers: dict[str, str] = {}
-            if variant == "on":
-                env["FLOWC_ADMIN_KEY"] = ADMIN
-                headers = {"authorization": f"Bearer {bench_key(project)}"}
-            port = free_port()
-            procs.append(start([sys.executable, "-m", "runtime.cli", "serve", "--port",
-                                str(port), "--log-level", "warning"], env, project))
-            urls[variant] = (f"http://127.0.0.1:{port}/v1/chat/completions", headers,
-                             procs[-1].pid)
-            wait_http(f"http://127.0.0.1:{port}/health")
-            wrk(urls[variant][0], "openai/gpt-4o-mini", 8, 3, headers)  # warm up
-        c1_added = alternating_p50(urls["off"], urls["on"], 300 * seconds)
-        runs: dict[str, list[tuple[dict, dict]]] = {"off": [], "on": []}
-        cpu: dict[str, list[float]] = {"off": [], "on": []}  # server CPU us per request
-        for i in range(rounds):
-            order = ("off", "on") if i % 2 == 0 else ("on", "off")
-            for variant in order:
-                url, headers, pid = urls[variant]
-                c1 = wrk(url, "openai/gpt-4o-mini", 1, each, headers)
-                used = cpu_seconds(pid)
-                c32 = wrk(url, "openai/gpt-4o-mini", 32, each, headers)
-                cpu[variant].append((cpu_seconds(pid) - used) * 1e6 / c32["requests"])
-                runs[variant].append((c32, c1))
-        for p in procs[-2:]:
+    """What auth, budgets and rate limits add: servers with the ledger on, half with auth
+    off and half with auth on called with a key that has a budget and rpm and tpm limits
+    (every request authenticated, counted, reserved and settled; never refused), all up at
+    once. Two processes of the same code on this machine differ by up to 15% in req/s (where
+    their memory landed, the hash seed), and one process's rounds by more than that over
+    a minute: one server of each compares processes and moments more than code. So there
+    are `SERVERS_EACH` pairs, a pair's two servers run back to back (which first
+    alternating), and what auth adds is the median of those pairs' differences. Returns the
+    auth-on servers' median c=32 and c=1 runs, and a line that says what auth added."""
+    rounds, each = 4, max(2, seconds // 2)
+    servers: list[tuple[str, str, dict[str, str], int]] = []
+    with contextlib.ExitStack() as dirs:
+        for _ in range(SERVERS_EACH):
+            for variant in ("off", "on"):
+                project = Path(dirs.enter_context(tempfile.TemporaryDirectory()))
+                project.joinpath("flowc.yaml").write_text("ledger:\n  enabled: true\n")
+                env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1",
+                       "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
+                env.pop("FLOWC_ADMIN_KEY", None)
+                headers: dict[str, str] = {}
+                if variant == "on":
+                    env["FLOWC_ADMIN_KEY"] = ADMIN
+                    headers = {"authorization": f"Bearer {bench_key(project)}"}
+                port = free_port()
+                procs.append(start([sys.executable, "-m", "runtime.cli", "serve", "--port",
+                                    str(port), "--log-level", "warning"], env, project))
+                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+                wait_http(f"http://127.0.0.1:{port}/health")
+                wrk(url, "openai/gpt-4o-mini", 8, 3, headers)  # warm up
+                servers.append((variant, url, headers, procs[-1].pid))
+        pairs = [(servers[i], servers[i + 1]) for i in range(0, len(servers), 2)]
+        c1_added = statistics.median(
+            alternating_p50(off[1:], on[1:], 300 * seconds)
+            for off, on in pairs)
+        runs: list[list[tuple[dict, dict]]] = [[] for _ in servers]
+        cpu: list[list[float]] = [[] for _ in servers]  # server CPU us per request at c=32
+        for r in range(rounds):
+            for k in (range(len(pairs)) if r % 2 == 0 else reversed(range(len(pairs)))):
+                # A pair's two runs back to back, which first alternating: what the machine
+                # does over tens of seconds then moves both alike.
+                for i in ((2 * k, 2 * k + 1) if (r + k) % 2 == 0 else (2 * k + 1, 2 * k)):
+                    _, url, headers, pid = servers[i]
+                    c1 = wrk(url, "openai/gpt-4o-mini", 1, each, headers)
+                    used = cpu_seconds(pid)
+                    c32 = wrk(url, "openai/gpt-4o-mini", 32, each, headers)
+                    cpu[i].append((cpu_seconds(pid) - used) * 1e6 / c32["requests"])
+                    runs[i].append((c32, c1))
+        for p in procs[-len(servers):]:
             stop(p)
-        del procs[-2:]
-    pairs = list(zip(runs["on"], runs["off"], strict=True))
-    added = statistics.median(on[1]["p50"] - off[1]["p50"] for on, off in pairs)
-    ratio = statistics.median(on[0]["rps"] / off[0]["rps"] for on, off in pairs)
-    cpu_off, cpu_on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
-    errors = sum(r[0]["errors"] + r[1]["errors"] for r in runs["on"])
+        del procs[-len(servers):]
+
+    def added(value: Any) -> float:
+        """The median over every pair and round of ``value(on) - value(off)``."""
+        return statistics.median(value(2 * k + 1, r) - value(2 * k, r)
+                                 for k in range(len(pairs)) for r in range(rounds))
+
+    ratio = statistics.median(runs[2 * k + 1][r][0]["rps"] / runs[2 * k][r][0]["rps"]
+                              for k in range(len(pairs)) for r in range(rounds))
+    p50 = added(lambda i, r: runs[i][r][1]["p50"])
+    cpu_added = added(lambda i, r: cpu[i][r])
+    cpu_off = statistics.median(c for i, cs in enumerate(cpu) for c in cs if i % 2 == 0)
+    errors = sum(r[0]["errors"] + r[1]["errors"] for i, rs in enumerate(runs)
+                 for r in rs if servers[i][0] == "on")
     line = (f"Auth on (a key with a budget, rpm and tpm) against auth off, both with the "
-            f"ledger on (the budget is +0.05 ms p50 at c=1 and -5% req/s at c=32): added p50 "
-            f"at c=1 {c1_added:+.3f} ms over {300 * seconds} requests to each, one to one "
-            f"then the other ({added:+.3f} ms in wrk's {rounds} alternating rounds of {each} "
-            f"s); req/s at c=32 {ratio - 1:+.1%} (the median of those rounds' ratios); the "
-            f"server's CPU per request at c=32, which a busy machine disturbs less: "
-            f"{cpu_off:.0f} us auth off, {cpu_on:.0f} us auth on ({cpu_on - cpu_off:+.0f} us, "
-            f"{cpu_on / cpu_off - 1:+.1%})" + (f"; {errors} errors" if errors else "") + ".")
-    by_p50 = sorted(runs["on"], key=lambda r: r[1]["p50"])
-    by_rps = sorted(runs["on"], key=lambda r: r[0]["rps"])
-    return by_rps[rounds // 2][0], by_p50[rounds // 2][1], line
+            f"ledger on (the budget is +0.05 ms p50 at c=1 and -5% req/s at c=32), "
+            f"{SERVERS_EACH} servers of each, each pair's runs back to back in {rounds} "
+            f"rounds, medians of the pairs' differences: added p50 at c=1 {c1_added:+.3f} ms "
+            f"(each pair asked one to one then the other, {300 * seconds} requests to each; "
+            f"{p50:+.3f} ms in wrk's runs of {each} s); req/s at c=32 {ratio - 1:+.1%}; the "
+            f"server's CPU per request at c=32 {cpu_added:+.0f} us "
+            f"({cpu_added / cpu_off:+.1%} of auth off's {cpu_off:.0f} us)"
+            + (f"; {errors} errors" if errors else "") + ".")
+    on_runs = [r for i, rs in enumerate(runs) for r in rs if servers[i][0] == "on"]
+    by_p50 = sorted(on_runs, key=lambda r: r[1]["p50"])
+    by_rps = sorted(on_runs, key=lambda r: r[0]["rps"])
+    return by_rps[len(on_runs) // 2][0], by_p50[len(on_runs) // 2][1], line
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
@@ -303,6 +304,32 @@ def test_a_rate_limit_holds_across_both_workers(served):
     assert len({pid for _, pid, _ in results}) == 2  # both workers took part
     for _, _, raw in limited:
         assert b"rate limit reached for key 'limited': 30 requests per minute" in raw, raw
+
+
+def test_a_tokens_per_minute_limit_holds_across_both_workers(served):
+    """Calls half a second apart, each on a new connection (so on either worker): a
+    key with 290 tokens a minute serves the 10 calls of 29 tokens that fit, whichever
+    worker took them, and refuses the next with the tokens named. Each answer's headers
+    count what every call before it used, on either worker (a stream's own tokens are
+    not known yet when its headers go)."""
+    made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
+                      json={"name": "metered", "tpm": 290}, timeout=30)
+    assert made.status_code == 201, made.text
+    auth = {"authorization": f"Bearer {made.json()['key']}"}
+    statuses, pids, remaining = [], set(), []
+    for i in range(12):
+        r = httpx.post(f"{served.url}/v1/chat/completions", json=chat(bool(i % 2)),
+                       headers=auth, timeout=30)
+        statuses.append(r.status_code)
+        pids.add(r.headers.get(WORKER))
+        remaining.append(int(r.headers["x-ratelimit-remaining-tokens"]))
+        if r.status_code == 429:
+            assert "290 tokens per minute used" in r.text, r.text
+        time.sleep(0.5)  # two ticks: the other worker has sent what it counted
+    assert statuses == [200] * 10 + [429] * 2, statuses
+    assert len(pids) == 2
+    used_before = [29 * (i + 1 - i % 2) for i in range(10)]  # plain, streamed, ...
+    assert remaining == [290 - u for u in used_before] + [0, 0]
 
 
 def test_a_worker_killed_while_holding_a_budget_slice_has_it_counted_as_spent(served):

@@ -168,8 +168,9 @@ async def admissions(store: HubStore) -> int:
     n, loop = 0, asyncio.get_running_loop()
     until = loop.time() + 1.0
     while loop.time() < until:
-        got = await asyncio.wait_for(store.call_async("admit", [("key", "k")]), 30)
-        assert got == ("ok", [[]])  # a window not configured: nothing to count
+        got = await asyncio.wait_for(
+            store.call_async("slots", [("key", "k", 1, 0, 0.0)]), 30)
+        assert got == ("ok", [None])  # a window not configured: nothing to count
         n += 1
     return n
 
@@ -203,6 +204,38 @@ def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_
     for store in (saver, other):
         store.close()
     hub.close()
+
+
+def test_rate_limit_slots_leased_to_two_workers_never_add_up_past_the_limit(tmp_path):
+    """Two workers lease request slots for a 40-a-minute key as fast as they can: the
+    leases add up to exactly 40, each at least one slot and never most of what is left,
+    then the supervisor refuses; slots handed back unused can be leased again."""
+    hub, address, authkey = hub_in(tmp_path)
+    try:
+        key, _ = hub.gate.create({"name": "limited", "rpm": 40})
+        stores = [HubStore(address, authkey, lambda m: None) for _ in range(2)]
+        wait_until(lambda: hub.workers() == 2)
+        leases: list[tuple[int, float]] = []
+        refused = 0
+        while refused < 4:
+            for store in stores:
+                got = store.call("slots", [("key", key.id, 100, 0, 0.0)])
+                if got[0] == "limited":
+                    refused += 1
+                    assert "rate limit reached for key 'limited': 40 requests per minute" in got[1]
+                    continue
+                (slots, at, left, *_), = got[1]
+                assert slots >= 1 and (slots == 1 or slots <= (left + slots) // 16)
+                leases.append((slots, at))
+        assert sum(n for n, _ in leases) == 40
+        assert any(n > 1 for n, _ in leases)  # far from the limit, more than one at once
+        n, at = next((n, at) for n, at in leases if n > 1)
+        stores[0].post("unslot", "key", key.id, at, n)
+        wait_until(lambda: stores[1].call("slots", [("key", key.id, 1, 0, 0.0)])[0] == "ok")
+        for store in stores:
+            store.close()
+    finally:
+        hub.close()
 
 
 def test_pipelines_registered_through_every_worker_at_once_are_served_by_all_at_once(
@@ -311,7 +344,7 @@ def test_a_message_the_supervisor_cannot_read_closes_that_workers_connection(
         conn.close()
         # The others go on: a new connection is answered.
         store = HubStore(address, authkey, lambda m: None)
-        assert store.call("admit", [("key", "k")]) == ("ok", [[]])
+        assert store.call("slots", [("key", "k", 1, 0, 0.0)]) == ("ok", [None])
         store.close()
     finally:
         hub.close()

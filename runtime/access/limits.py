@@ -9,7 +9,9 @@ they bunch, which is what the limit says and what a user checks. The log holds a
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from dataclasses import dataclass, field
+from itertools import repeat
 
 WINDOW = 60.0
 
@@ -99,6 +101,37 @@ class Window:
         if self.rpm is not None:
             self.times.append(now)
 
+    def lease(self, now: float, want: int, among: int) -> int:
+        """Take up to ``want`` request slots at once for one of ``among`` processes that
+        admit calls against them (after `check`): at least one, at most an eighth of what
+        is left shared among them, so near the limit every call asks again."""
+        rpm = self.rpm
+        if rpm is None:
+            return want
+        room = rpm - len(self.times) + self.head
+        k = max(1, min(want, room // (8 * among)))
+        self.times.extend(repeat(now, k))
+        return k
+
+    def give_back(self, at: float, n: int) -> None:
+        """``n`` slots leased at ``at`` went unused: they stop counting (if still inside
+        the window). The log is in time order, so they are found by bisection."""
+        if self.rpm is None or n <= 0:
+            return
+        t = self.times
+        i = bisect_left(t, at, self.head)
+        j = i
+        while j < len(t) and j - i < n and t[j] == at:
+            j += 1
+        del t[i:j]
+
+    def state(self, now: float) -> tuple[int | None, float | None, int, float | None]:
+        """What a process leasing from this window shows in its headers: requests left,
+        when the oldest request leaves, tokens counted, when the oldest tokens leave."""
+        self._trim(now)
+        left = self.rpm - len(self.times) + self.head if self.rpm is not None else None
+        return left, self._oldest(), self.token_sum, self._oldest_tokens()
+
     def add_tokens(self, now: float, n: int) -> None:
         if self.tpm is not None and n > 0:
             self.token_times.append(now)
@@ -107,8 +140,19 @@ class Window:
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         """OpenAI's `x-ratelimit-*` headers for this window. They go on every response of a
-        limited key, so this is written flat: one trim, the fixed parts made once."""
+        limited key: one trim, the fixed parts made once."""
         self._trim(now)
+        t, h, tt, th = self.times, self.head, self.token_times, self.token_head
+        return self.shown_headers(
+            now, self.rpm - len(t) + h if self.rpm is not None else 0,
+            t[h] if h < len(t) else None,
+            self.tpm - self.token_sum if self.tpm is not None else 0,
+            tt[th] if th < len(tt) else None)
+
+    def shown_headers(self, now: float, left: int, oldest: float | None, tokens_left: int,
+                      oldest_tokens: float | None) -> list[tuple[bytes, bytes]]:
+        """The headers for these limits: ``left`` requests and ``tokens_left`` tokens, and
+        when the oldest of each leaves the window (None: nothing in it)."""
         rpm, tpm = self.rpm, self.tpm
         made = self._limits
         if made is None or made[0] != rpm or made[1] != tpm:
@@ -116,19 +160,16 @@ class Window:
                                    (b"x-ratelimit-limit-tokens", b"%d" % (tpm or 0)))
         out: list[tuple[bytes, bytes]] = []
         if rpm is not None:
-            t, h = self.times, self.head
-            left = rpm - len(t) + h
             out += (made[2],
                     (b"x-ratelimit-remaining-requests", b"%d" % left if left > 0 else b"0"),
                     (b"x-ratelimit-reset-requests",
-                     _reset(t[h] + WINDOW - now) if h < len(t) else b"0ms"))
+                     _reset(oldest + WINDOW - now) if oldest is not None else b"0ms"))
         if tpm is not None:
-            t, h = self.token_times, self.token_head
-            left = tpm - self.token_sum
             out += (made[3],
-                    (b"x-ratelimit-remaining-tokens", b"%d" % left if left > 0 else b"0"),
-                    (b"x-ratelimit-reset-tokens",
-                     _reset(t[h] + WINDOW - now) if h < len(t) else b"0ms"))
+                    (b"x-ratelimit-remaining-tokens",
+                     b"%d" % tokens_left if tokens_left > 0 else b"0"),
+                    (b"x-ratelimit-reset-tokens", _reset(oldest_tokens + WINDOW - now)
+                     if oldest_tokens is not None else b"0ms"))
         return out
 
 

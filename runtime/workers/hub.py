@@ -222,7 +222,12 @@ class Hub:
             fut = self._acks.pop(message[1], None)
             if fut is not None:
                 fut.set_result(None)
-        elif op in ("admit", "lease", "settle"):
+        elif op == "unslot":  # request slots a worker leased and did not use
+            with self.lock:
+                win = self.gate._windows.get(Scope(message[1], message[2]))
+                if win is not None:
+                    win.give_back(message[3], message[4])
+        elif op in ("slots", "lease", "settle"):
             rid, *args = message[1:]
             self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))
             if op == "settle":
@@ -247,22 +252,29 @@ class Hub:
                          name="flowc-hub-announce", daemon=True).start()
 
     # -- budgets and rate limits (answered on the connection's thread) ----------------------
-    def _admit(self, w: _Worker, windows: list[tuple[str, str]]) -> Any:
-        """One call's rate limits on the one set of windows: ("limited", message,
-        retry_after), or ("ok", each window's headers) with every window taken."""
+    def _slots(self, w: _Worker, items: list[tuple[str, str, int, int, float]]) -> Any:
+        """Request slots for a worker's call, on the one set of windows: each item is
+        (kind, name, slots wanted, slots handed back, when those were leased). Every
+        window is checked, then each leases at least one slot (see `Window.lease`):
+        ("limited", message, retry_after, each window's state), or ("ok", per window None
+        (not configured) or (slots, when, *its state)); a state is `Window.state`'s."""
         with self.lock:
             now = time.monotonic()
-            found = [self.gate._windows.get(Scope(k, n)) for k, n in windows]
+            found = [self.gate._windows.get(Scope(k, n)) for k, n, *_ in items]
+            for win, (*_, back, at) in zip(found, items, strict=True):
+                if win is not None:
+                    win.give_back(at, back)
             try:
                 for win in found:
                     if win is not None:
                         win.check(now)
             except RateLimited as exc:
-                return ("limited", str(exc), exc.retry_after)
-            for win in found:
-                if win is not None:
-                    win.take(now)
-            return ("ok", [win.headers(now) if win is not None else [] for win in found])
+                return ("limited", str(exc), exc.retry_after,
+                        [None if win is None else win.state(now) for win in found])
+            among = max(len(self._workers), 1)
+            return ("ok", [None if win is None else
+                           (win.lease(now, want, among), now, *win.state(now))
+                           for win, (_, _, want, _, _) in zip(found, items, strict=True)])
 
     def _counter(self, kind: str, name: str, start: float) -> Counter | None:
         """The budget's counter, if it is in the period the worker counts in."""

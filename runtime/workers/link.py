@@ -10,8 +10,9 @@ all go through one connection to the supervisor, which owns the ledger (hub.py).
   what it charged and hands back what it does not need, in one message. A call waits
   for the supervisor (without holding up the others) only when the lease has run out;
   the slices never add up past the budget, so the workers together never pass it.
-- Rate limits: checked and taken on the supervisor's windows, one round trip a call for
-  a caller with a limit, awaited off the event loop (exact across workers).
+- Rate limits: request slots leased from the supervisor's windows a few at a time, so
+  most calls are admitted without a round trip, and never more than the limit across
+  workers (see `RemoteWindow`); unused slots go back within a second or two.
 - Keys: a change is saved, then sent to every other worker, which puts it live on its
   event loop before the change is answered (hub.py), so a key made through one worker
   works on all of them at once. A pipeline registered over HTTP is served by every
@@ -54,7 +55,14 @@ from runtime.ledger.store import (
     _fields_of,
     _ProcessStore,
 )
-from runtime.pg.access import Settlement, SharedBudgets, SharedCounter, Ticking, lease_size
+from runtime.pg.access import (
+    TICK,
+    Settlement,
+    SharedBudgets,
+    SharedCounter,
+    Ticking,
+    lease_size,
+)
 from runtime.workflows import Registry
 
 log = logging.getLogger("flowc.workers")
@@ -269,7 +277,11 @@ class HubLeases(Ticking):
         return True
 
     async def tick(self, final: bool = False) -> None:
-        """Settle, hand back, lease ahead, read the totals. ``final``: hand back all."""
+        """Settle, hand back, lease ahead, read the totals. ``final``: hand back all. Rate
+        limits' slots held too long go back too."""
+        gate = self._link.gate
+        if gate is not None:
+            self._link.hand_back(list(gate._windows.values()), final)
         b = self.budgets
         taken: list[Settlement] = b.settlements(final)
         watched = list(b.counters.values())
@@ -296,17 +308,37 @@ class HubLeases(Ticking):
         await self._stop_ticking()
 
 
+# A worker leases request slots for about this many seconds of its recent admissions,
+# and hands back the slots it has not used after `SLOT_TTL` seconds.
+LEASE_AHEAD = 0.05
+SLOT_TTL = 1.0
+_ATTEMPTS = 32  # leases a call waits for (others may use each first) before it is refused
+_UNLIMITED = 1 << 40  # slots of a window the supervisor no longer has (limits dropped)
+
+
 class RemoteWindow(Window):
-    """A scope's rate limits, counted on the supervisor's window: `WorkerGate.admit_wait`
-    checks and takes a call's windows there in one round trip, once its budgets are
-    reserved (here, `Gate.admit` only collects them). The headers are those of this
-    worker's last admission."""
+    """A scope's rate limits as a worker counts them: request slots leased from the
+    supervisor's window, which counts them as taken when it leases them (so the workers
+    together never pass the limit), then admitted here without a round trip until they run
+    out (`WorkerLink.admit_windows`). A lease is at most an eighth of what is left shared
+    among the workers, so near the limit each call asks, and it is exact there. Tokens
+    counted here go to the supervisor with each lease and each tick (`TICK`); a call is
+    checked against its total as of the last lease plus this worker's own since (the
+    tolerance: what other workers' calls used and have not sent yet). The headers are the
+    supervisor's count at the last lease with this worker's own since."""
 
     def __init__(self, link: WorkerLink, scope: Scope, rpm: int | None, tpm: int | None
                  ) -> None:
         super().__init__(str(scope), rpm, tpm)
         self._link, self.scope = link, scope
-        self.shown: list[tuple[bytes, bytes]] = []
+        self.slots = 0  # leased, not used yet
+        self.leased_at = 0.0  # when (the machine's monotonic clock, the supervisor's too)
+        # The supervisor's window at the last lease: requests left, oldest request, tokens
+        # counted, oldest tokens; and this worker's tokens since.
+        self.seen: tuple[int | None, float | None, int, float | None] = (None, None, 0, None)
+        self.tokens_here = 0
+        self.unsent = 0  # tokens counted here and not sent yet
+        self._second, self._count, self._rate = 0, 0, 0  # admissions in the last second
 
     def check(self, now: float) -> None:
         pass
@@ -314,12 +346,48 @@ class RemoteWindow(Window):
     def take(self, now: float) -> None:
         pass
 
+    def ready(self, now: float) -> bool:
+        """A slot is held here for the next call, and the tokens counted leave room (as
+        of a lease no older than a tick, which is as often as other workers send theirs)."""
+        if self.slots <= 0:
+            return False
+        if self.tpm is None:
+            return now - self.leased_at < SLOT_TTL
+        return now - self.leased_at < TICK and self.seen[2] + self.tokens_here < self.tpm
+
+    def want(self) -> int:
+        return max(1, int(self._rate * LEASE_AHEAD))
+
+    def granted(self, slots: int, at: float, *seen: Any) -> None:
+        self.slots, self.leased_at, self.tokens_here = slots, at, 0
+        self.seen = seen  # type: ignore[assignment]
+
+    def use(self, now: float) -> None:
+        self.slots -= 1
+        second = int(now)
+        if second != self._second:
+            self._rate = self._count if second == self._second + 1 else 0
+            self._second, self._count = second, 0
+        self._count += 1
+
     def add_tokens(self, now: float, n: int) -> None:
         if self.tpm is not None and n > 0:
-            self._link.post("tokens", self.scope.kind, self.scope.name, n)
+            self.tokens_here += n
+            self.unsent += n
+
+    def send_tokens(self) -> None:
+        """The tokens counted here since the last send, to the supervisor's window: with
+        each lease and each tick, rather than a message a call."""
+        if self.unsent:
+            self._link.post("tokens", self.scope.kind, self.scope.name, self.unsent)
+            self.unsent = 0
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        return self.shown
+        left, oldest, tokens, oldest_tokens = self.seen
+        if left is None and self.slots >= _UNLIMITED // 2:
+            return []
+        return self.shown_headers(now, (left or 0) + self.slots, oldest,
+                                  (self.tpm or 0) - tokens - self.tokens_here, oldest_tokens)
 
 
 class WorkerGate(Gate):
@@ -372,6 +440,8 @@ class WorkerLink:
         self._refreshing = threading.Condition()  # pushed pipeline changes to read
         self._to_refresh: list[int] = []  # their acknowledgements
         self._refresher: threading.Thread | None = None
+        self._leasing = asyncio.Lock()  # one lease of rate-limit slots in flight
+        self._waiting = 0  # calls waiting for rate-limit slots
 
     def connect(self) -> HubStore:
         self.store = HubStore(self.address, self.authkey, self._pushed)
@@ -394,21 +464,68 @@ class WorkerLink:
             self._live().post(*message)
 
     async def admit_windows(self, windows: list[RemoteWindow]) -> None:
-        """One call's rate limits on the supervisor's windows: all checked, then all
-        taken; raises RateLimited, or Denied (503) while the supervisor cannot be reached
-        (the limits hold across workers: none is admitted on this worker's say alone)."""
+        """One call's rate limits: a slot of each window, from what this worker holds, or
+        leased from the supervisor for the windows that hold none: one lease in flight
+        at a time, for as many slots as calls are waiting (or the recent rate asks).
+        Raises RateLimited, or Denied (503) while the supervisor cannot be reached (the
+        limits hold across workers: none is admitted on this worker's say alone)."""
+        self._waiting += 1
         try:
-            got = await self.call_async(
-                "admit", [(w.scope.kind, w.scope.name) for w in windows])
+            for _ in range(_ATTEMPTS):
+                now = time.monotonic()
+                if all(w.ready(now) for w in windows):
+                    for w in windows:
+                        w.use(now)
+                    return
+                async with self._leasing:
+                    await self._lease_slots(windows)
+                # Other calls may have used what was leased meanwhile: look again.
+        finally:
+            self._waiting -= 1
+        w = windows[0]
+        raise RateLimited(f"rate limit reached for {w.label}: too many calls at once; try "
+                          "again in 1s", 1.0)
+
+    async def _lease_slots(self, windows: list[RemoteWindow]) -> None:
+        now = time.monotonic()
+        short = [w for w in windows if not w.ready(now)]
+        if not short:
+            return  # the lease before this one brought enough
+        items = []
+        for w in short:  # what it holds and may not use goes back with the lease
+            w.send_tokens()  # first (one connection: in order), so the lease counts them
+            items.append((w.scope.kind, w.scope.name, max(w.want(), self._waiting),
+                          w.slots, w.leased_at))
+            w.slots = 0
+        try:
+            got = await self.call_async("slots", items)
         except LedgerUnavailable:
             raise Denied(503, "rate_limit_store_unavailable", (
                 "The server is temporarily unable to check the rate limits of "
                 f"{', '.join(str(w.scope) for w in windows)}: this worker has lost its "
                 "supervisor. Please retry your request after a brief wait.")) from None
         if got[0] == "limited":
+            for w, seen in zip(short, got[3], strict=True):
+                if seen is not None:  # what the refusal's headers show
+                    w.granted(0, now, *seen)
             raise RateLimited(got[1], got[2])
-        for w, shown in zip(windows, got[1], strict=True):
-            w.shown = shown
+        for w, lease in zip(short, got[1], strict=True):
+            if lease is None:  # the supervisor has no such limit now
+                w.granted(_UNLIMITED, now, None, None, 0, None)
+            else:
+                w.granted(*lease)
+
+    def hand_back(self, windows: Any, final: bool = False) -> None:
+        """At each tick: tokens counted go to the supervisor, and slots held past
+        `SLOT_TTL` (``final``: all of them) stop counting on its windows."""
+        now = time.monotonic()
+        for w in windows:
+            if not isinstance(w, RemoteWindow):
+                continue
+            w.send_tokens()
+            if 0 < w.slots < _UNLIMITED // 2 and (final or now - w.leased_at >= SLOT_TTL):
+                self.post("unslot", w.scope.kind, w.scope.name, w.leased_at, w.slots)
+                w.slots = 0
 
     # -- the parts of a worker's Runtime ----------------------------------------------------
     def ledger(self, path: Path, flush_interval: float) -> HubLedger:
