@@ -8,11 +8,17 @@ import re
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import duckdb
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Scope
+from runtime.access.gate import Gate
 from runtime.access.limits import WINDOW, Window, _reset
+from runtime.access.store import LedgerAccessStore
+from runtime.ledger.store import CallRecord, Ledger
 
 RESET = re.compile(rb"(?:(\d+)m)?(\d+)(?:\.(\d{1,3}))?s|(\d+)ms")
 
@@ -121,3 +127,32 @@ def test_an_alert_names_the_budget_and_its_spend():
     budgets.charge([counter], Decimal("0.01"))
     assert [(a.scope, a.threshold, a.spent, a.limit) for a in seen] == [
         (scope, 50, Decimal("1.00"), Decimal(2))]
+
+
+def test_a_new_budget_goes_live_from_spend_read_beforehand(tmp_path):
+    """A key given a budget starts from its spend so far in the period. The server reads
+    that from the ledger off its event loop (`Gate.reads`, a query that may wait on the
+    ledger's writer) and then puts the change live without touching the ledger: here it
+    is closed by then, and the budget still starts from what the key had spent."""
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    gate = Gate(ProjectConfig(), LedgerAccessStore(ledger), None)
+    gate.load()
+    key, _ = gate.create({"name": "spender"})
+    for cost in ("0.25", "0.5"):
+        ledger.record(CallRecord(model="openai/gpt-4o-mini", provider="openai",
+                                 served_model="gpt-4o-mini", success=True, status="ok",
+                                 latency_ms=1.0, cost_usd=Decimal(cost), key_id=key.id,
+                                 key_name=key.name))
+    ledger.flush()
+    budgeted = gate.updated(key.id, {"budget_usd": "5", "period": "month"})
+    gate.store.save_key(budgeted)
+    reads = gate.reads(budgeted)
+    ledger.close()
+    gate.put(budgeted, reads)
+    status = gate.budget_status(budgeted)["key"]
+    assert Decimal(status["spent_usd"]) == Decimal("0.75")
+    assert Decimal(status["left_usd"]) == Decimal("4.25")
+    # Without the spend read beforehand, putting it live needs the ledger.
+    again = gate.updated(key.id, {"budget_usd": "7", "period": "week"})
+    with pytest.raises(duckdb.ConnectionException):
+        gate.put(again)

@@ -150,6 +150,10 @@ class Budgets:
         self.thresholds = sorted(thresholds)
         self._alert = alert
         self.counters: dict[Scope, Counter] = {}
+        # Spend read beforehand, by (scope, period start), for budgets about to be `set`:
+        # the read is a ledger query, made off the event loop (or outside a lock), and
+        # the change then goes live without waiting on the ledger (see `reads`).
+        self.known: dict[tuple[Scope, datetime], Decimal] = {}
 
     def set(self, scope: Scope, limit: Decimal | None, period: Period,
             now: datetime | None = None) -> None:
@@ -164,13 +168,24 @@ class Budgets:
             return
         start = period_start(period, now)
         end = period_end(period, start)
+        spent = self.known.get((scope, start))
         counter = Counter(scope, limit, period, start,
                           end.timestamp() if end is not None else None,
-                          spent=self._spend(scope, start))
+                          spent=spent if spent is not None else self._spend(scope, start))
         if old is not None:
             counter.reserved = old.reserved
         self._mark_crossed(counter)
         self.counters[scope] = counter
+
+    def reads(self, scope: Scope, limit: Decimal | None, period: Period,
+              now: datetime | None = None) -> dict[tuple[Scope, datetime], Decimal]:
+        """The spend `set(scope, limit, period)` would read from the ledger, read now: call
+        this where waiting is harmless, then `set` with the result in `known`."""
+        old = self.counters.get(scope)
+        if limit is None or (old is not None and old.period == period):
+            return {}
+        start = period_start(period, now or datetime.now(UTC))
+        return {(scope, start): self._spend(scope, start)}
 
     def _mark_crossed(self, c: Counter) -> None:
         """Thresholds already passed when a period's spend is loaded fire no new alert."""

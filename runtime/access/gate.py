@@ -212,10 +212,20 @@ class Gate:
         key = self.get(key_id)
         return key if key.revoked_at is not None else replace(key, revoked_at=datetime.now(UTC))
 
-    def put(self, key: Key) -> None:
-        """A saved change, live from the next request."""
+    def reads(self, key: Key) -> dict[tuple[Scope, datetime], Decimal]:
+        """What putting ``key`` live reads from the ledger (a new budget's spend so far),
+        read now: the server calls this off the event loop, then `put(key, reads)`."""
+        return self.budgets.reads(Scope("key", key.id, key.name), key.budget_usd, key.period)
+
+    def put(self, key: Key, reads: dict[tuple[Scope, datetime], Decimal] | None = None
+            ) -> None:
+        """A saved change, live from the next request; ``reads``: see `reads`."""
         old = self.keys.get(key.id)
-        self._put(key)
+        self.budgets.known = reads or {}
+        try:
+            self._put(key)
+        finally:
+            self.budgets.known = {}
         if old is None:
             log.info("key %s (%s) created", key.id, key.name)
         elif key.revoked_at is not None and old.revoked_at is None:

@@ -44,19 +44,23 @@ def _key(gate: Gate, key_id: str) -> Key:
 
 async def _write(gate: Gate, change: Callable[[], Key]) -> Key:
     """A change to the keys: worked out and put live on the event loop (where requests read
-    the keys and counters), saved in between off it (the store is the ledger, in its own
-    process)."""
+    the keys and counters); saved, and a new budget's spend so far read, in between off it
+    (the store is the ledger, in its own process: a query may wait on its writer)."""
     try:
         key = change()
     except KeySpecError as exc:  # "budget: ..." names the setting
         setting = str(exc).partition(":")[0]
         raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
                            code="invalid_key_setting") from None
+    def save() -> dict[Any, Any]:
+        gate.store.save_key(key)
+        return gate.reads(key)
+
     try:
-        await asyncio.to_thread(gate.store.save_key, key)
+        reads = await asyncio.to_thread(save)
     except LedgerUnavailable as exc:
         raise ledger_unavailable(exc) from None
-    gate.put(key)
+    gate.put(key, reads)
     return key
 
 

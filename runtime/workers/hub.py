@@ -92,9 +92,9 @@ class Hub:
         # The budgets' spend is read from the ledger before the lock is taken (`_spends`):
         # a query may wait on the writer for up to a minute, and every worker's admission,
         # lease and settlement waits on the lock (and its rows behind them).
-        self._known: dict[tuple[Scope, datetime], Decimal] = {}
         self.gate = Gate(config, self.store, admin_key, self._alerted,
-                         budgets=Budgets(self._spend, config.alerts.thresholds, self._alerted))
+                         budgets=Budgets(self.store.spend, config.alerts.thresholds,
+                                         self._alerted))
         self.lock = threading.Lock()  # the gate's counters and windows
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._workers: set[_Worker] = set()
@@ -145,17 +145,13 @@ class Hub:
 
     @contextlib.contextmanager
     def _using(self, known: dict[tuple[Scope, datetime], Decimal]) -> Iterator[None]:
-        """Under the lock: the budgets set up meanwhile take their spend from ``known``."""
-        self._known = known
+        """Under the lock: the budgets set up meanwhile take their spend from ``known``
+        (one not read beforehand, a period that began since, is read then)."""
+        self.gate.budgets.known = known
         try:
             yield
         finally:
-            self._known = {}
-
-    def _spend(self, scope: Scope, since: datetime) -> Decimal:
-        got = self._known.get((scope, since))
-        # Not read beforehand: a period that began since (or the start-up load).
-        return got if got is not None else self.store.spend(scope, since)
+            self.gate.budgets.known = {}
 
     def _alerted(self, alert: Alert) -> None:
         self._alerts.append(alert)  # sent to the worker whose charge crossed it
