@@ -87,5 +87,7 @@ class CoalescingProtocol(HttpToolsProtocol):
 
 def uvicorn_options() -> dict[str, Any]:
     """The uvicorn settings flowc serves with, one process or many."""
+    # No `server: uvicorn` header: it names the software to whoever asks, and costs every
+    # response a header.
     return {"loop": "uvloop", "http": CoalescingProtocol, "timeout_graceful_shutdown": 10,
-            "access_log": False}
+            "access_log": False, "server_header": False}

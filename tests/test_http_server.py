@@ -114,6 +114,9 @@ def test_an_answer_leaves_in_one_write(server: int) -> None:
         got = _read_until(conn, b'{"ok":true}')
     assert got.startswith(b"HTTP/1.1 200 OK\r\n")
     assert [got] == SENT  # head and body together: one segment, one wake-up of the client
+    head = got.partition(b"\r\n\r\n")[0].lower()
+    assert b"\r\nserver:" not in head and b"uvicorn" not in head  # the software unnamed
+    assert b"\r\ndate: " in head
 
 
 def test_keep_alive_answers_each_in_one_write(server: int) -> None:
