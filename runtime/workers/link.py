@@ -359,7 +359,8 @@ class RemoteWindow(Window):
         return max(1, int(self._rate * LEASE_AHEAD))
 
     def granted(self, slots: int, at: float, *seen: Any) -> None:
-        self.slots, self.leased_at, self.tokens_here = slots, at, 0
+        # What calls counted after this lease's tokens were sent is not in ``seen``.
+        self.slots, self.leased_at, self.tokens_here = slots, at, self.unsent
         self.seen = seen  # type: ignore[assignment]
 
     def use(self, now: float) -> None:
