@@ -6,10 +6,13 @@ alternating rounds, `flowc serve` with one worker, with two workers on one share
 drives each with wrk at concurrency 32: req/s, p99, and the CPU the whole server used per
 request (every process: supervisor, workers, ledger process). Last, with auth on, one
 and two workers with a key with a budget (reserved against headroom each worker leases
-from the supervisor in slices), and with a key with a budget, rpm and tpm (the rate
-limits are checked on the supervisor's windows: one round trip a request). wrk and the
-upstream run on the same cores as the server, so two workers cannot double the rate
-here; the load average before each round says how busy the machine was. Writes a section into
+from the supervisor in slices), and with a key with a budget, rpm and tpm (request slots
+leased from the supervisor's windows). wrk and the upstream run on the same cores as the
+server, so two workers cannot double the rate here; the load average before each round
+says how busy the machine was. The CPU per request is what scaling with cores depends on:
+N workers on N free cores serve N times one worker's rate when the workers, the
+supervisor and the ledger process together use no more CPU per request than one worker
+and its ledger process. Writes a section into
 docs/benchmarks.md.
 
     python benchmarks/bench_workers.py [--duration 10] [--rounds 3] [--print-only]
@@ -35,6 +38,7 @@ from bench_gateway import (  # noqa: E402  (the gateway benchmark's wrk setup)
     GW,
     ROOT,
     bench_key,
+    cpu_seconds,
     free_port,
     start,
     stop,
@@ -135,9 +139,12 @@ def main() -> None:
                 order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
                 for label, *_ in order:
                     p, url, headers = servers[label]
-                    before, busy = tree_cpu(p.pid), load()
+                    before, own, busy = tree_cpu(p.pid), cpu_seconds(p.pid), load()
                     m = wrk(url, MODEL, 32, args.duration, headers)
-                    m["cpu_us"] = (tree_cpu(p.pid) - before) * 1e6 / max(m["requests"], 1)
+                    n = max(m["requests"], 1)
+                    m["cpu_us"] = (tree_cpu(p.pid) - before) * 1e6 / n
+                    # With workers, the process started is their supervisor.
+                    m["own_us"] = (cpu_seconds(p.pid) - own) * 1e6 / n
                     m["load"] = busy
                     runs[label].append(m)
                     print(f"round {r + 1}: {label}: {m['rps']:,.0f} req/s, p99 "
@@ -148,13 +155,15 @@ def main() -> None:
             stop(p)
     one = statistics.median(m["rps"] for m in runs[VARIANTS[0][0]])
     table = ["| | req/s at c=32 (median) | vs 1 worker | p99 (ms) | server CPU per request "
-             "(us) | errors |", "|---|---:|---:|---:|---:|---:|"]
-    for label, *_ in VARIANTS:
+             "(us) | of it, the supervisor (us) | errors |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, workers, *_ in VARIANTS:
         ms = runs[label]
         rps = statistics.median(m["rps"] for m in ms)
+        own = f"{statistics.median(m['own_us'] for m in ms):.0f}" if workers > 1 else "-"
         table.append(f"| {label} | {rps:,.0f} | {rps / one - 1:+.0%} | "
                      f"{statistics.median(m['p99'] for m in ms):.2f} | "
-                     f"{statistics.median(m['cpu_us'] for m in ms):.0f} | "
+                     f"{statistics.median(m['cpu_us'] for m in ms):.0f} | {own} | "
                      f"{sum(m['errors'] for m in ms)} |")
     loads = [m["load"] for ms in runs.values() for m in ms]
     text = "\n".join(table) + (
