@@ -81,22 +81,22 @@ def bench_key(project: Path, limits: bool = True) -> str:
 
 
 def alternating_p50(a: tuple[str, dict[str, str], int], b: tuple[str, dict[str, str], int],
-                    n: int) -> float:
+                    n: int, models: tuple[str, str] = ("openai/gpt-4o-mini",) * 2) -> float:
     """Median latency through ``b`` less through ``a``, in ms, over ``n`` sequential requests
     to each, one to one server then the other on two kept-alive connections: the machine's
     load drifts alike for both, so a difference of a few microseconds shows. Which server is
     asked first swaps every request: the second of a pair measured ~0.13 ms slower."""
-    payload = json.dumps({"model": "openai/gpt-4o-mini", **CHAT}).encode()
     conns = []
-    for url, headers, _ in (a, b):
+    for (url, headers, _), model in zip((a, b), models, strict=True):
         host, _, rest = url.removeprefix("http://").partition(":")
         port, _, path = rest.partition("/")
         conns.append((http.client.HTTPConnection(host, int(port), timeout=10), "/" + path,
-                      {"content-type": "application/json", **headers}))
+                      {"content-type": "application/json", **headers},
+                      json.dumps({"model": model, **CHAT}).encode()))
     times: list[list[float]] = [[], []]
     for i in range(n + 100):
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
-            conn, path, headers = conns[side]
+            conn, path, headers, payload = conns[side]
             t0 = time.perf_counter()
             conn.request("POST", path, payload, headers)
             resp = conn.getresponse()
@@ -104,7 +104,7 @@ def alternating_p50(a: tuple[str, dict[str, str], int], b: tuple[str, dict[str, 
             assert resp.status == 200, resp.status
             if i >= 100:  # the first are a warm-up
                 times[side].append((time.perf_counter() - t0) * 1000)
-    for conn, _, _ in conns:
+    for conn, *_ in conns:
         conn.close()
     return statistics.median(times[1]) - statistics.median(times[0])
 
@@ -328,11 +328,15 @@ def main() -> None:
         wait_http(upstream)
         direct = wrk(upstream + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, {})
         direct32 = wrk(upstream + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, {})
-        rows.append(("upstream alone (reference)", direct32, direct, 0.0))
+        rows.append(("upstream alone (reference)", direct32, direct, 0.0, 0.0))
 
         # On and off alternate, twice each, and the better run of each counts: on a shared
         # 2-core machine, which one runs first skews a single pair by more than the ledger.
-        results: dict[bool, list[tuple[dict, dict]]] = {True: [], False: []}
+        results: dict[bool, list[tuple[dict, dict, float]]] = {True: [], False: []}
+        # Added p50 at c=1, paired: requests alternate between the upstream and the gateway
+        # on two kept-alive connections, so the machine's drift (its speed moves by more
+        # than the target over minutes) falls alike on both.
+        direct_side = (upstream + "/v1/chat/completions", {}, 0)
         for ledger in (True, False, True, False):
             with tempfile.TemporaryDirectory() as project:
                 Path(project, "flowc.yaml").write_text(
@@ -351,16 +355,19 @@ def main() -> None:
                          {})
                 c32 = wrk(url + "/v1/chat/completions", "openai/gpt-4o-mini", 32,
                           args.duration, {})
-                results[ledger].append((c32, c1))
+                paired = alternating_p50(direct_side, (url + "/v1/chat/completions", {}, p.pid),
+                                         300 * args.duration)
+                results[ledger].append((c32, c1, paired))
                 stop(p)
                 procs.remove(p)
         for ledger, label in ((True, "flowc (ledger on)"), (False, "flowc (ledger off)")):
             c32 = max((r[0] for r in results[ledger]), key=lambda m: m["rps"])
             c1 = min((r[1] for r in results[ledger]), key=lambda m: m["p50"])
-            rows.append((label, c32, c1, c1["p50"] - direct["p50"]))
+            paired = statistics.mean(r[2] for r in results[ledger])
+            rows.append((label, c32, c1, c1["p50"] - direct["p50"], paired))
         auth_c32, auth_c1, auth_line = bench_auth(upstream, args.duration, procs)
         rows.append(("flowc (ledger on, auth on: key with budget, rpm, tpm)", auth_c32, auth_c1,
-                     auth_c1["p50"] - direct["p50"]))
+                     auth_c1["p50"] - direct["p50"], None))
 
         pk_port = free_port()
         procs.append(start(["node", "portkey.mjs", str(pk_port)], dict(os.environ), GW))
@@ -370,7 +377,10 @@ def main() -> None:
         wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 8, 2, pk_headers)
         c1 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, pk_headers)
         c32 = wrk(pk + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, pk_headers)
-        rows.append(("Portkey gateway 1.15.2 (Node)", c32, c1, c1["p50"] - direct["p50"]))
+        paired = alternating_p50(direct_side, (pk + "/v1/chat/completions", pk_headers, 0),
+                                 300 * args.duration, ("gpt-4o-mini", "gpt-4o-mini"))
+        rows.append(("Portkey gateway 1.15.2 (Node)", c32, c1, c1["p50"] - direct["p50"],
+                     paired))
 
         fl_port = free_port()
         procs.append(start([sys.executable, str(GW / "floor.py"), str(fl_port), upstream],
@@ -380,18 +390,21 @@ def main() -> None:
         wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 8, 2, {})
         c1 = wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 1, args.duration, {})
         c32 = wrk(floor + "/v1/chat/completions", "gpt-4o-mini", 32, args.duration, {})
+        paired = alternating_p50(direct_side, (floor + "/v1/chat/completions", {}, 0),
+                                 300 * args.duration, ("gpt-4o-mini", "gpt-4o-mini"))
         rows.append(("Python floor (bare ASGI + aiohttp pass-through)", c32, c1,
-                     c1["p50"] - direct["p50"]))
+                     c1["p50"] - direct["p50"], paired))
         wires = bench_wires(upstream, args.duration)
     finally:
         for p in procs:
             stop(p)
 
-    table = ["| | req/s at c=32 | p99 at c=32 (ms) | p50 at c=1 (ms) | added p50 (ms) | errors |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for label, c32, c1, added in rows:
+    table = ["| | req/s at c=32 | p99 at c=32 (ms) | p50 at c=1 (ms) | added p50 (ms) | "
+             "added p50, paired (ms) | errors |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for label, c32, c1, added, paired in rows:
+        shown = "-" if paired is None else f"{paired:+.3f}"
         table.append(f"| {label} | {c32['rps']:,.0f} | {c32['p99']:.2f} | {c1['p50']:.3f} | "
-                     f"{added:+.3f} | {c32['errors'] + c1['errors']} |")
+                     f"{added:+.3f} | {shown} | {c32['errors'] + c1['errors']} |")
     text = "\n".join(table) + "\n\n" + auth_line
     print(text)
     print("\n".join(wires))
@@ -404,8 +417,11 @@ def main() -> None:
                      flags=re.S)
     else:
         doc = doc.replace(END, END + "\n\n" + wires_block, 1)
-    block = f"{BEGIN}\n{text}\n\nMeasured {time.strftime('%Y-%m-%d')}, {args.duration} s per " \
-            "run, flowc's rows the better of two alternating runs, with " \
+    block = f"{BEGIN}\n{text}\n\nMeasured {time.strftime('%Y-%m-%d %H:%M')} UTC, " \
+            f"{args.duration} s per run, flowc's wrk rows the better of two alternating " \
+            "runs; added p50 is wrk's p50 at c=1 less the upstream's (measured first), " \
+            f"paired is the median over {300 * args.duration} requests alternating with " \
+            "the upstream's (flowc's: the mean of its two runs), with " \
             f"`python benchmarks/bench_gateway.py`.\n{END}"
     if BEGIN in doc:
         doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), block, doc, flags=re.S)
