@@ -685,3 +685,22 @@ def test_an_output_that_cannot_be_built_names_the_block_or_the_pipeline(fake, tm
         "step": None, "type": "StepFailed",
         "message": "the output of pipeline 'counted' could not be built: output template "
                    "failed: ZeroDivisionError: integer division or modulo by zero"}
+
+
+def test_findings_about_a_blocks_output_name_the_block_not_the_pipeline(tmp_path):
+    path = write(tmp_path, pair="""\
+        name: pair
+        steps:
+          - id: both
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A", on_error: continue}
+              - {id: b, type: llm, model: m, prompt: "B"}
+              - {id: c, type: llm, model: m, prompt: "C"}
+            output: {a: "${a}", b: "${b}"}
+        output: ${both}
+        """)
+    assert sorted(diagnostics(path)) == [
+        ("maybe-skipped", "'a' may be missing when the output of block 'both' reads it: step "
+                          "'a' may fail without failing the run (on_error: continue)"),
+        ("unused-step", "step 'c' does not contribute to the output of block 'both'")]
