@@ -178,6 +178,8 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.1f}"
+    if isinstance(v, Decimal) and v.is_finite():
+        return amount(v)
     return str(v)
 
 
