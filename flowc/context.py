@@ -96,6 +96,7 @@ class Context:
     # name -> (maybe | never, why, the condition that alone may skip it or None).
     around: dict[str, tuple[str, str, Node | None]] = field(default_factory=dict)
     pipelines: Any = None  # name -> (YAML text, label) of callable pipelines (Project)
+    output_label: str = "the pipeline output"  # what `output:` is, in findings
     pipelines_dir: Any = None  # Project.pipelines_dir
 
     def value_span(self, path: tuple[Any, ...], text: str, start: int, end: int) -> Span:

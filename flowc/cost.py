@@ -861,6 +861,24 @@ def usd(amount: Decimal | float | int | str | None) -> str:
     return f"{sign}${whole}.{frac.rstrip('0').ljust(2, '0')}"
 
 
+def amount(d: Decimal) -> str:
+    """A dollar amount as machines read it (JSON, headers, CSV, webhooks, alert rows): exact,
+    plain decimal notation without trailing zeros: `0.0000001`, `50`; never `1.00E-7` (what
+    `str()` gives a small Decimal) nor `50.000000000` (as the ledger stores it)."""
+    if not d.is_finite():
+        raise ValueError(f"not an amount: {d}")
+    if d == 0:
+        return "0"
+    text = format(d, "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def json_default(value: object) -> str:
+    """`default=` for json/orjson: an amount (a Decimal) by `amount`, so a small one is not
+    written `1.00E-7`; anything else (a datetime, a UUID) as `str()`."""
+    return amount(value) if isinstance(value, Decimal) and value.is_finite() else str(value)
+
+
 def format_cost(rc: RunCost) -> str:
     """A table per step and the run's total, then what could not be bounded and why."""
     rows = [("step", "model", "prompt tok", "output tok", "calls", "worst case", "expected")]

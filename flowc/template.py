@@ -579,6 +579,19 @@ def jinja_reads(template: Template) -> list[JinjaRead]:
     except RecursionError:
         raise TemplateSyntaxError("the template nests too deeply", 1) from None
     assigned = {n.name for n in ast.find_all(nodes.Name) if n.ctx in ("store", "param")}
+    unset, first = _unset_reads(ast, assigned)
+    # Jinja counts a name set under an `{% if %}` as free even when every branch sets it
+    # before it is read; such a name is the template's own, not a value from the run.
+    free -= (free & assigned) - unset
+    # A name Jinja takes as the template's own (set at its top level) but read first in a
+    # loop or `with` before that `set`: a render never reads the run's value there, it
+    # fails. Jinja's own analysis misses it.
+    early = sorted((line, n) for n, line in first.items() if n not in free)
+    if early:
+        line, name = early[0]
+        raise TemplateSyntaxError(f"'{name}' is read before the `{{% set %}}` that sets it: "
+                                  "set it first (a loop or `with` reads the template's "
+                                  "own name, not a value of the run)", line)
     reads: list[JinjaRead] = []
 
     def chain(node: nodes.Node) -> tuple[str | int, ...] | None:
@@ -625,6 +638,79 @@ def jinja_reads(template: Template) -> list[JinjaRead]:
 
     visit(ast)
     return reads
+
+
+def _unset_reads(ast: Any, names: set[str]) -> tuple[set[str], dict[str, int]]:
+    """Which of ``names`` (set by the template) it may read before setting them: all such
+    names, and, for each, the line of the first such read outside a macro. An `{% if %}`
+    sets what all its branches set; a loop's, `with`'s, filter block's or `block`'s own
+    names end with it; a macro's or call block's body counts nothing set around it (it may
+    be called from anywhere). What cannot be told is counted as maybe unset."""
+    from jinja2 import nodes
+
+    unset: set[str] = set()
+    first: dict[str, int] = {}
+
+    def targets(node: Any) -> set[str]:  # `find_all` looks below a node, not at it
+        if isinstance(node, nodes.Name):
+            return {node.name}
+        return {n.name for n in node.find_all(nodes.Name)}
+
+    def walk(node: Any, done: set[str], exact: bool = True) -> set[str]:
+        """Visit ``node`` with ``done`` set before it; return what is set after it."""
+        if isinstance(node, list):
+            for child in node:
+                done = walk(child, done, exact)
+            return done
+        if isinstance(node, nodes.Name):
+            if node.ctx == "load" and node.name in names and node.name not in done:
+                unset.add(node.name)
+                if exact:
+                    first.setdefault(node.name, node.lineno)
+            return done
+        if isinstance(node, nodes.Assign):
+            walk(node.node, done, exact)
+            return done | targets(node.target)
+        if isinstance(node, nodes.AssignBlock):
+            walk(node.body, set(done), exact)
+            if node.filter is not None:
+                walk(node.filter, done, exact)
+            return done | targets(node.target)
+        if isinstance(node, nodes.If):
+            walk(node.test, done, exact)
+            ends = [walk(node.body, set(done), exact)]
+            for branch in node.elif_:
+                walk(branch.test, done, exact)
+                ends.append(walk(branch.body, set(done), exact))
+            ends.append(walk(node.else_, set(done), exact))
+            return done | set.intersection(*ends)
+        if isinstance(node, nodes.For):
+            walk(node.iter, done, exact)
+            inner = done | targets(node.target) | {"loop"}
+            if node.test is not None:
+                walk(node.test, inner, exact)
+            walk(node.body, set(inner), exact)
+            walk(node.else_, set(done), exact)
+            return done
+        if isinstance(node, nodes.With):
+            walk(node.values, done, exact)
+            walk(node.body, done.union(*map(targets, node.targets)), exact)
+            return done
+        if isinstance(node, nodes.Macro | nodes.CallBlock):
+            if isinstance(node, nodes.CallBlock):
+                walk(node.call, done, exact)
+            walk(node.defaults, done, exact)
+            walk(node.body, {a.name for a in node.args} | {"caller", "varargs", "kwargs"},
+                 False)
+            return done | ({node.name} if isinstance(node, nodes.Macro) else set())
+        if isinstance(node, nodes.Template | nodes.Output):
+            return walk(list(node.iter_child_nodes()), done, exact)
+        for child in node.iter_child_nodes():  # anything else keeps what it sets to itself
+            walk(child, set(done), exact)
+        return done
+
+    walk(ast, set())
+    return unset, first
 
 
 def to_text(value: Any) -> str:

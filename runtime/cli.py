@@ -365,14 +365,9 @@ def _report_select(select: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _write_csv(csv_file: Path, columns: list[str], rows: list[Any]) -> None:
-    import csv
-    import io
+    from runtime.ledger.reports import csv_text
 
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(columns)
-    writer.writerows(rows)
-    text = buf.getvalue()
+    text = csv_text(columns, rows)
     if str(csv_file) == "-":
         click.echo(text, nl=False)
         return
@@ -409,6 +404,7 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
           instance: str | None = None) -> None:
     """Spend by day, model, workflow, provider, key, team, tag or instance; any read-only
     SQL; CSV export."""
+    from flowc.cost import json_default
     from runtime.ledger import reports
     from runtime.ledger.store import LedgerUnavailable, QueryTimeout, SQLRefused
 
@@ -426,7 +422,7 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
                 _write_csv(csv_file, columns, rows)
             elif as_json:
                 click.echo(json.dumps([dict(zip(columns, r, strict=True)) for r in rows],
-                                      default=str, indent=2))
+                                      default=json_default, indent=2))
             else:
                 click.echo(reports.table(columns, rows))
             return
@@ -442,7 +438,7 @@ def costs(since: str | None, until: str | None, by: str, team: str | None,
             raise click.ClickException(f"query failed: {exc}") from None
         raise
     if as_json:
-        click.echo(json.dumps(data, default=str, indent=2))
+        click.echo(json.dumps(data, default=json_default, indent=2))
         return
     cols = [by, "calls", "errors", "prompt_tokens", "completion_tokens", "cost_usd", "p50_ms"]
     rows = [(r["key"], r["calls"], r["errors"], r["prompt_tokens"], r["completion_tokens"],

@@ -242,6 +242,10 @@ class Executor:
 
 
 class _Run:
+    # What the run's `output:` is, in its errors; a nested run's error is worded by its caller
+    # ("block 'b' failed: ..."), so there it is "its output".
+    output_what: str | None = None
+
     def __init__(self, ex: Executor, compiled: CompiledPipeline, inputs: dict[str, Any],
                  run_id: str, listener: Listener | None, who: Principal | None = None,
                  max_cost_usd: Decimal | None = None, resume: Resume | None = None) -> None:
@@ -320,7 +324,9 @@ class _Run:
                 output = await self._output()
             except (Missing, StepFailed, EvalError) as exc:  # a failed run, never a crash
                 error = {"step": None, "type": type(exc).__name__,
-                         "message": "the pipeline output could not be built: "
+                         "message": (self.output_what or f"the output of pipeline "
+                                                         f"'{self.c.name}'")
+                                    + " could not be built: "
                                     + (f"'{exc}' is missing" if isinstance(exc, Missing)
                                        else str(exc))}
         return self.result("failed" if error else "succeeded", output, error)
@@ -404,6 +410,10 @@ class _Run:
         except TemplateError as exc:  # a read `flowc check` cannot see (a loop variable's
             # field), or a value of another shape than its schema said
             raise StepFailed(f"{what} failed: {exc}") from None
+        except (Missing, EvalError):
+            raise
+        except Exception as exc:  # the template's own code on these values: `{{ 1 // n }}`
+            raise StepFailed(f"{what} failed: {type(exc).__name__}: {exc}") from None
 
     # -- one step --------------------------------------------------------------------------
     async def _step(self, sid: str) -> None:

@@ -31,6 +31,7 @@ class _Nested(_Run):
     together."""
 
     _parent: _Run | None = None
+    output_what = "its output"
 
     def __init__(self, parent: _Run, compiled: CompiledPipeline, inputs: dict[str, Any],
                  prefix: str, base: CallContext) -> None:

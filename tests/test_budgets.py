@@ -28,8 +28,10 @@ models:
   fast: openai/gpt-4o-mini
   smart: anthropic/claude-sonnet-4-6
   flat: openai/flat-model
+  tiny: openai/tiny-model
 prices:
   openai/flat-model: {input: 0, output: 10}
+  openai/tiny-model: {input: 0, output: 0.1}
 budgets:
   teams:
     finance: {usd: 0.03}
@@ -61,7 +63,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keyed]:
            {"name": "payer", "team": "finance"}, {"name": "colleague", "team": "finance"},
            {"name": "apollo", "tags": ["project=apollo"]},
            {"name": "capped", "budget_usd": "5"},
-           {"name": "sdk", "budget_usd": str(SONNET * 2)}, {"name": "runner"})
+           {"name": "sdk", "budget_usd": str(SONNET * 2)}, {"name": "runner"},
+           {"name": "tiny", "budget_usd": "0.000001"})
     k.start()
     yield k
     out = close_and_log(k)
@@ -295,6 +298,34 @@ def test_the_sdks_call_with_a_flowc_key_and_see_the_budget_as_a_quota_error(srv)
         claude_sdk.messages.create(model="claude-sonnet-4-6", max_tokens=OUT_TOKENS,
                                    messages=[{"role": "user", "content": "hi"}])
     assert "budget exceeded for key 'sdk'" in aerr.value.message
+
+
+# -- amounts as text -----------------------------------------------------------------------------
+def test_a_tenth_of_a_millionth_spent_reads_as_plain_decimals_everywhere(srv):
+    """str() of such a Decimal is `1.00E-7`: the key's spend, the cost reports and the CSV
+    export must say 0.0000001, as a client parsing decimals expects."""
+    srv.openai.then(openai_text("ok", prompt_tokens=5, completion_tokens=1))
+    r = httpx.post(srv.url + "/v1/chat/completions", headers=srv.auth("tiny"), timeout=30,
+                   json={"model": "tiny", "max_tokens": 1,
+                         "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    assert r.headers["x-flowc-cost-usd"] == "0.0000001"
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    key_id = srv.ids["tiny"]
+    spend = httpx.get(f"{srv.url}/v1/keys/{key_id}", headers=admin).json()["spend"]["key"]
+    assert (spend["limit_usd"], spend["spent_usd"], spend["reserved_usd"],
+            spend["left_usd"]) == ("0.000001", "0.0000001", "0", "0.0000009")
+    assert httpx.get(f"{srv.url}/v1/keys/self", headers=srv.auth("tiny")).json()[
+        "spend"]["key"]["spent_usd"] == "0.0000001"
+    srv.rows("tiny", 1)
+    summary = httpx.get(f"{srv.url}/v1/costs/summary", params={"key": key_id, "by": "key"},
+                        headers=admin).json()
+    assert summary["rows"][0]["cost_usd"] == summary["totals"]["cost_usd"] == "0.0000001"
+    csv = httpx.get(f"{srv.url}/v1/costs/export.csv", params={"key": key_id},
+                    headers=admin).text.splitlines()
+    column = csv[0].split(",").index("cost_usd")
+    assert csv[1].split(",")[column] == "0.0000001", csv
+    assert "E-" not in " ".join(csv)
 
 
 # -- restart -------------------------------------------------------------------------------------

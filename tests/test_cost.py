@@ -408,6 +408,22 @@ def test_usd_is_always_plain_dollars_near_the_amount(amount):
         assert abs(shown - d) <= abs(d) / 10
 
 
+@settings(max_examples=500)
+@given(st.decimals(allow_nan=False, allow_infinity=False)
+       | st.builds(Decimal, st.integers(-10**30, 10**30)).map(lambda d: d.scaleb(-40))
+       | st.builds(lambda i, e: Decimal(i).scaleb(e), st.integers(-10**9, 10**9),
+                   st.integers(-30, 30)))
+def test_amount_is_exact_plain_decimal_notation(d):
+    """What JSON answers, headers, CSV and alert rows carry: a tiny or huge amount never in
+    scientific notation (`str(Decimal("1E-7"))` is "1E-7") and read back as the same value."""
+    from flowc.cost import amount
+
+    text = amount(d)
+    assert "E" not in text and "e" not in text
+    assert re.fullmatch(r"-?\d+(\.\d*[1-9])?", text), text
+    assert Decimal(text) == d
+
+
 # -- the runtime -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fake():

@@ -639,3 +639,68 @@ def test_an_items_optional_field_or_self_previous_as_a_fallback_inside_a_block(t
          "'self.previous' is missing on the first attempt; step 'b' may be skipped (it has "
          "a `when:` condition)", "add a fallback: ${self.previous ?? b ?? <default>}, or "
          "set `on_missing: skip` on step 'c'")]
+
+
+COUNTED = """\
+name: counted
+steps:
+  - id: both
+    type: block
+    steps:
+      - id: a
+        type: llm
+        model: m
+        prompt: "List"
+        response_format:
+          schema:
+            type: object
+            properties: {xs: {type: array, items: {type: string}}}
+            required: [xs]
+    output:
+      share: "{{ 10 // (a.xs | length) }}"
+output: ${both}
+"""
+
+
+def test_an_output_that_cannot_be_built_names_the_block_or_the_pipeline(fake, tmp_path):
+    """An `output:` whose template fails on the run's values (here an empty list divides by
+    zero: nothing `flowc check` can see) fails the run naming whose output it was; at the
+    pipeline's level, a failed run, not an exception out of the executor."""
+    empty = openai_text(json.dumps({"xs": []}))
+    compiled = compiled_at(write(tmp_path, counted=COUNTED))
+    Answers({"List": [empty]}).serve(fake)
+    result, _ = execute(compiled, {}, fake, tmp_path)
+    assert result.status == "failed"
+    assert result.error == {
+        "step": "both", "type": "StepFailed",
+        "message": "block 'both' failed: its output could not be built: output template "
+                   "failed: ZeroDivisionError: integer division or modulo by zero"}
+    top = COUNTED.replace("output: ${both}", 'output: "{{ 10 // (both.share | int) }}"')
+    top = top.replace('"{{ 10 // (a.xs | length) }}"', '"{{ a.xs | length }}"')
+    compiled = compiled_at(write(tmp_path, counted=top))
+    Answers({"List": [empty]}).serve(fake)
+    result, _ = execute(compiled, {}, fake, tmp_path)
+    assert result.status == "failed"
+    assert result.error == {
+        "step": None, "type": "StepFailed",
+        "message": "the output of pipeline 'counted' could not be built: output template "
+                   "failed: ZeroDivisionError: integer division or modulo by zero"}
+
+
+def test_findings_about_a_blocks_output_name_the_block_not_the_pipeline(tmp_path):
+    path = write(tmp_path, pair="""\
+        name: pair
+        steps:
+          - id: both
+            type: block
+            steps:
+              - {id: a, type: llm, model: m, prompt: "A", on_error: continue}
+              - {id: b, type: llm, model: m, prompt: "B"}
+              - {id: c, type: llm, model: m, prompt: "C"}
+            output: {a: "${a}", b: "${b}"}
+        output: ${both}
+        """)
+    assert sorted(diagnostics(path)) == [
+        ("maybe-skipped", "'a' may be missing when the output of block 'both' reads it: step "
+                          "'a' may fail without failing the run (on_error: continue)"),
+        ("unused-step", "step 'c' does not contribute to the output of block 'both'")]

@@ -296,7 +296,7 @@ def test_ollama_stream_counts_tokens_from_the_final_line(gw):
         "a b c"
     assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (11, 5)
     rows = ledger_rows(gw, "provider = 'ollama' AND stream")
-    assert rows[-1][3:6] == [11, 5, "0E-9"] or rows[-1][3:6] == [11, 5, "0.000000000"]
+    assert rows[-1][3:6] == [11, 5, "0"]  # a local model is free; JSON says so plainly
 
 
 def test_ollama_refuses_image_urls(gw):
@@ -416,6 +416,13 @@ def test_every_call_is_in_the_ledger_and_costs_cli_reads_it_while_serving(gw):
     assert str(before + 2) in r.stdout
     r = gw.flowc("costs", "--by", "model")
     assert "openai/gpt-4o-mini-2024-07-18" in r.stdout
+    # An amount the ledger holds as DECIMAL(18, 9) prints plainly however it is asked for
+    # (str() of it is "1.00E-7").
+    tiny = "SELECT CAST(0.0000001 AS DECIMAL(18, 9)) AS tiny"
+    for extra in ((), ("--json",), ("--csv", "-")):
+        r = gw.flowc("costs", "--sql", tiny, *extra)
+        assert r.returncode == 0, r.stderr
+        assert "0.0000001" in r.stdout and "E-" not in r.stdout, (extra, r.stdout)
 
 
 # -- the Anthropic-compatible endpoint ---------------------------------------------------------

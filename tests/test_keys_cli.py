@@ -134,6 +134,18 @@ def test_keys_are_made_listed_changed_and_revoked_in_the_ledger_file(project):
     assert secret.encode() not in project.files_bytes()
 
 
+def test_amounts_from_the_ledger_file_print_plainly(project):
+    """Without a server the CLI reads the file: a tenth of a millionth (str() of which is
+    `1.00E-7`) prints as 0.0000001 in a key's JSON, a query's table, JSON and CSV."""
+    _, key_id = project.create("--name", "tiny", "--budget", "0.0000001")
+    shown = json.loads(project.ok("keys", "show", key_id, "--json").stdout)
+    assert (shown["budget_usd"], shown["spend"]["key"]["limit_usd"]) == ("0.0000001",) * 2
+    tiny = "SELECT budget_usd FROM keys"
+    for extra in ((), ("--json",), ("--csv", "-")):
+        out = project.ok("costs", "--sql", tiny, *extra).stdout
+        assert "0.0000001" in out and "E-" not in out, (extra, out)
+
+
 BAD_FLAGS = [
     (["--budget", "-5"], "--budget", "'-5' is not an amount in USD (>= 0)"),
     (["--budget", "lots"], "--budget", "'lots' is not an amount in USD"),

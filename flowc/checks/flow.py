@@ -264,7 +264,7 @@ def _report_unguarded(ctx: Context, use: Use, names: list[str], reason: dict[str
         or f"the producer of '{n}' may be skipped" for n in names)
     name = " ?? ".join(names)
     alts = " ?? ".join(str(a) for a in use.ref.alts if isinstance(a, Path))
-    where = "the pipeline output" if use.consumer is None else f"step '{use.consumer}'"
+    where = ctx.output_label if use.consumer is None else f"step '{use.consumer}'"
     fix = (f"add a fallback: {{{{ {alts} | default(<default>, true) }}}}" if use.jinja
            else f"add a fallback: ${{{alts} ?? <default>}}")
     if use.consumer is not None:
@@ -306,7 +306,7 @@ def check_usage(ctx: Context) -> None:
         elif has_output and sid not in contributing:
             span = ctx.source.span_of((*ctx.step_path(sid), "id"))
             ctx.out.add("unused-step",
-                        f"step '{sid}' does not contribute to the pipeline output",
+                        f"step '{sid}' does not contribute to {ctx.output_label}",
                         span.start, span.end,
                         help="read its result in a later step or in `output:`, or remove it")
 

@@ -78,6 +78,7 @@ def collect(ctx: Context, info: StepInfo) -> None:
     # Its `type: pipeline` steps find callees as the file's own do (a registered pipeline's
     # in the project's pipelines folder, by name among those served), not from the cwd.
     inner.pipelines, inner.pipelines_dir = ctx.pipelines, ctx.pipelines_dir
+    inner.output_label = f"the output of block '{step.id}'"
     block = info.construct = Block(inner, errors=_errors(ctx))
     inner.outer = dict.fromkeys(_visible(ctx, info), T.ANY)  # typed once resolved
     inner.bound = {**ctx.bound, **_bound(step)}

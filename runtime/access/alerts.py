@@ -5,28 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from decimal import Decimal
 from typing import Any
 
 import httpx
 
 from flowc.config import AlertsConfig
-from flowc.cost import usd
+from flowc.cost import amount, usd
 from runtime.access.budgets import Alert
 from runtime.access.store import AccessStore
 
 log = logging.getLogger("flowc.alerts")
 
 
-def _plain(d: Decimal) -> str:
-    """A dollar amount as people write it: `0.03`, not the ledger's `0.030000000`."""
-    return f"{d.normalize():f}"
-
-
 def payload(alert: Alert) -> dict[str, Any]:
     return {"type": "budget_threshold", "scope": alert.scope.kind, "name": alert.scope.name,
-            "threshold_percent": alert.threshold, "limit_usd": _plain(alert.limit),
-            "spent_usd": _plain(alert.spent), "period": alert.period,
+            "threshold_percent": alert.threshold, "limit_usd": amount(alert.limit),
+            "spent_usd": amount(alert.spent), "period": alert.period,
             "period_start": alert.period_start.isoformat()}
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from flowc.cost import usd
+from flowc.cost import amount, usd
 from runtime.access.keys import Period
 
 log = logging.getLogger("flowc.budgets")
@@ -241,6 +241,6 @@ class Budgets:
         c = self.counters.get(scope)
         if c is None:
             return None
-        return {"limit_usd": str(c.limit), "period": c.period,
-                "period_start": c.start.isoformat(), "spent_usd": str(c.spent),
-                "reserved_usd": str(c.reserved), "left_usd": str(max(c.left(), ZERO))}
+        return {"limit_usd": amount(c.limit), "period": c.period,
+                "period_start": c.start.isoformat(), "spent_usd": amount(c.spent),
+                "reserved_usd": amount(c.reserved), "left_usd": amount(max(c.left(), ZERO))}

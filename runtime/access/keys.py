@@ -16,6 +16,8 @@ from decimal import Decimal
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from flowc.cost import amount
+
 PREFIX = "sk-flowc-"
 Period = Literal["day", "week", "month", "total"]
 PERIODS: tuple[Period, ...] = ("day", "week", "month", "total")
@@ -77,21 +79,13 @@ class Key:
             "id": self.id, "name": self.name, "team": self.team,
             "key_hint": f"{PREFIX}...{self.hint}" if self.hint else None,
             "state": self.state(now),
-            "budget_usd": _plain(self.budget_usd),
+            "budget_usd": None if self.budget_usd is None else amount(self.budget_usd),
             "period": self.period, "rpm": self.rpm, "tpm": self.tpm,
             "models": list(self.models), "pipelines": list(self.pipelines),
             "read_only": self.read_only, "tags": list(self.tags),
             "created_at": _iso(self.created_at), "expires_at": _iso(self.expires_at),
             "revoked_at": _iso(self.revoked_at),
         }
-
-
-def _plain(d: Decimal | None) -> str | None:
-    """An amount as written (`50`, `0.05`), not as the ledger stores it (`50.000000000`)."""
-    if d is None:
-        return None
-    text = format(d, "f")
-    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _iso(t: datetime | None) -> str | None:

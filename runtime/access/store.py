@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
+from flowc.cost import amount
 from runtime.access.budgets import ZERO, Alert, Budgets, Scope
 from runtime.access.keys import Key
 
@@ -94,7 +95,7 @@ class LedgerAccessStore:
             f"INSERT OR REPLACE INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES "
             f"({', '.join('?' for _ in _KEY_COLUMNS)})",
             [key.id, key.name, key.hash, key.hint, key.team,
-             str(key.budget_usd) if key.budget_usd is not None else None, key.period,
+             amount(key.budget_usd) if key.budget_usd is not None else None, key.period,
              key.rpm, key.tpm, list(key.models), list(key.pipelines), key.read_only,
              list(key.tags), _naive(key.created_at), _naive(key.expires_at),
              _naive(key.revoked_at)])
@@ -109,4 +110,4 @@ class LedgerAccessStore:
         self.ledger.execute(
             "INSERT INTO alerts VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [_naive(datetime.now(UTC)), alert.scope.kind, alert.scope.name, alert.threshold,
-             str(alert.limit), str(alert.spent), alert.period, _naive(alert.period_start)])
+             amount(alert.limit), amount(alert.spent), alert.period, _naive(alert.period_start)])

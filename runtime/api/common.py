@@ -10,6 +10,7 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from flowc.cost import json_default
 from runtime.ledger.store import LedgerUnavailable
 from runtime.providers import FlowcError, RequestError
 
@@ -23,7 +24,7 @@ def current(request: Request) -> Runtime:
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data, default=str), status_code=status,
+    return Response(orjson.dumps(data, default=json_default), status_code=status,
                     media_type="application/json")
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 from starlette.responses import Response, StreamingResponse
 
+from flowc.cost import amount
 from runtime.gateway.calls import CallContext, ModelCaller, Outcome, StreamOutcome
 from runtime.gateway.incoming import Incoming
 from runtime.gateway.validate import check
@@ -71,7 +72,7 @@ def flowc_headers(provider: str, model: str, cost: Any, overhead_ms: float,
     h = {"x-flowc-provider": provider, "x-flowc-model": model,
          "x-flowc-overhead-ms": f"{max(0.0, overhead_ms):.3f}"}
     if cost is not None:
-        h["x-flowc-cost-usd"] = f"{cost:.9f}".rstrip("0").rstrip(".") or "0"
+        h["x-flowc-cost-usd"] = amount(round(cost, 9))  # as the ledger's DECIMAL(18, 9) keeps it
     if rule:
         h["x-flowc-route"] = rule
     return h

@@ -9,6 +9,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from flowc.cost import amount
 from runtime.ledger.schema import REQUEST_COLUMNS
 
 Select = Callable[..., tuple[list[str], list[tuple[Any, ...]]]]
@@ -147,10 +148,16 @@ def export_csv(select: Select, since: str | None = None, until: str | None = Non
                instance: str | None = None) -> str:
     columns, rows = export_rows(select, since, until, team=team, key_id=key_id, tag=tag,
                                 instance=instance)
+    return csv_text(columns, rows)
+
+
+def csv_text(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Rows as CSV, amounts in plain notation (csv writes a Decimal as `str()`: `1.00E-7`)."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(columns)
-    w.writerows(rows)
+    w.writerows([[amount(v) if type(v) is Decimal and v.is_finite() else v for v in r]
+                 for r in rows])
     return buf.getvalue()
 
 
@@ -171,6 +178,8 @@ def _fmt(v: Any) -> str:
         return "-"
     if isinstance(v, float):
         return f"{v:.1f}"
+    if isinstance(v, Decimal) and v.is_finite():
+        return amount(v)
     return str(v)
 
 
