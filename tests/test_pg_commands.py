@@ -110,7 +110,7 @@ def test_keys_made_by_the_cli_on_the_store_are_honoured_by_a_running_instance(
             assert only["id"] == key["id"] and only["team"] == "finance"
             return only["spend"]["key"]["spent_usd"]
 
-        wait_until(lambda: spent() == "0.000100000", 15)  # 10 tokens at $10 per 1M
+        wait_until(lambda: spent() == "0.0001", 15)  # 10 tokens at $10 per 1M
         changed = p.flowc("keys", "update", key["id"], "--rpm", "7", "--json", env=in_env)
         assert changed.returncode == 0 and json.loads(changed.stdout)["rpm"] == 7, \
             changed.stderr

@@ -181,7 +181,7 @@ def test_verbatim_body_goes_to_openai_byte_for_byte(gw):
     assert r.headers["x-request-id"] == "req_b5e4f1e7a8c9d0"
     assert r.headers["x-flowc-provider"] == "openai"
     assert rows(gw, 1) == [["openai", "gpt-4o-mini-2024-07-18", "ok", False, 9, 3, 0, 0,
-                            "0.000003150", False]]  # 9 x $0.15/M + 3 x $0.60/M
+                            "0.00000315", False]]  # 9 x $0.15/M + 3 x $0.60/M
 
 
 def test_verbatim_alias_replaces_only_the_model(gw):
@@ -303,7 +303,7 @@ def test_anthropic_plain_text(gw):
     assert "metadata" not in sent or sent["metadata"] != {"a": "b"}
     row = rows(gw, 1)[0]
     assert row[:6] == ["anthropic", "claude-sonnet-4-6", "ok", False, 20, 4]
-    assert row[8] == "0.000120000"  # 20 x $3/M + 4 x $15/M
+    assert row[8] == "0.00012"  # 20 x $3/M + 4 x $15/M
 
 
 def test_anthropic_stream_with_the_sdk_helper(gw):

@@ -27,7 +27,7 @@ import re
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 
 from flowc import Project, compile_source
@@ -192,6 +192,20 @@ def fallbacks_across(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(doc=fallbacks_across())
+# Found by this test: `a`'s field may be null even when `a` runs, so `a.t ?? b` with `a` and
+# `b` under opposite conditions is not always there (check took it as covered).
+@example(doc={
+    "name": "across", "inputs": {"f0": {"type": "boolean"}, "f1": {"type": "boolean"},
+                                 "o": {"type": "object"},
+                                 "docs": {"type": "array", "items": {"type": "object"}}},
+    "steps": [{"id": "a", "type": "transform", "when": "not (${input.f0})",
+               "expr": {"t": 'get(${input.o}, "t")'}},
+              {"id": "blk", "type": "block", "steps": [
+                  {"id": "b", "type": "transform", "template": "B", "when": "${input.f0}"},
+                  {"id": "c", "type": "transform", "template": "${a.t ?? b}"},
+                  {"id": "d", "type": "transform", "template": "${c}"}],
+               "output": "${d}"}],
+    "output": '${blk ?? "-"}'})
 def test_a_fallback_across_a_block_that_passes_check_has_a_value(doc):
     """Run with every value of the flags (and an item with the field, one without): a
     pipeline the checker passed succeeds each time."""

@@ -149,9 +149,10 @@ def _availability(ctx: Context, use: Use, status: dict[str, str],
             avail, name = status.get(alt.root, "always"), alt.root
             if avail == "maybe" and constructs.same_case(ctx, use.consumer, alt.root):
                 avail = "always"
-            absent = _absent(ctx, use, alt)
-            if avail == "always" and absent is not None:
-                avail, name = "maybe", str(alt)
+            # A field that may have no value even when its step ran is named as itself: its
+            # step's `when:` (below) then cannot make the alternatives cover each other.
+            if _absent(ctx, use, alt) is not None:
+                avail, name = ("maybe" if avail == "always" else avail), str(alt)
         if avail == "always":
             return "always", culprits
         culprits.append(name)
