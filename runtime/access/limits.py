@@ -50,10 +50,6 @@ class Window:
     _limits: tuple[int | None, int | None, tuple[bytes, bytes], tuple[bytes, bytes]] | None \
         = None
 
-    @property
-    def used(self) -> int:
-        return len(self.times) - self.head
-
     def _trim(self, now: float) -> None:
         edge = now - WINDOW
         t, h, n = self.times, self.head, len(self.times)

@@ -359,10 +359,9 @@ class Hub:
     def _key(self, key: Key) -> None:
         """A key saved by one worker: live here (then on every other worker before the
         change is answered)."""
-        scope = Scope("key", key.id, key.name)
-        known = self._spends(lambda b: b.set(scope, key.budget_usd, key.period))
-        with self.lock, self._using(known):
-            self.gate.put(key)
+        reads = self.gate.reads(key)  # the ledger, before the lock (see `_spends`)
+        with self.lock:
+            self.gate.put(key, reads)
 
     def _push(self, origin: _Worker, what: tuple[Any, ...]) -> list[tuple[int, Future[None]]]:
         """``what`` to every worker but ``origin``; each one's confirmation to come."""
