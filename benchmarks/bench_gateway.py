@@ -189,6 +189,19 @@ def bench_auth(upstream: str, seconds: int, procs: list[subprocess.Popen]
     return by_rps[len(on_runs) // 2][0], by_p50[len(on_runs) // 2][1], line
 
 
+def write_section(doc: Path, begin: str, end: str, text: str, heading: str) -> None:
+    """Put ``text`` between the ``begin`` and ``end`` markers of ``doc``, replacing what was
+    there; a new section under ``heading`` at the end when the markers are not there yet."""
+    old = doc.read_text()
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old:
+        new = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: block, old,
+                     flags=re.S)
+    else:
+        new = old + f"\n{heading}\n\n{block}\n"
+    doc.write_text(new)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

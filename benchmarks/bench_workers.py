@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from bench_gateway import (  # noqa: E402  (the gateway benchmark's wrk setup)
     start,
     stop,
     wait_http,
+    write_section,
     wrk,
 )
 
@@ -83,6 +83,27 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
+# A fixed amount of pure-Python work (dict stores): what one core does, alone or beside
+# another copy of itself, with no I/O and nothing shared between the copies.
+_SPIN = ("import time\nt = time.perf_counter()\nd = {}\n"
+         "for i in range(4_000_000):\n    d[i & 1023] = i * 3 + (i >> 2)\n"
+         "print(time.perf_counter() - t)")
+
+
+def cores_ceiling() -> float:
+    """How many times one process's rate two CPU-bound processes get at once on this
+    machine: 2.0 on two free cores. Two vCPUs of a virtual machine can give less (sibling
+    hardware threads, a host's other guests), and no pair of server processes can scale
+    past what this gives."""
+    def spin(copies: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", _SPIN], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(copies)]
+        return max(float(p.communicate()[0]) for p in procs)
+
+    alone = min(spin(1) for _ in range(2))
+    return 2 * alone / min(spin(2) for _ in range(2))
+
+
 def load() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -119,6 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     procs: list[subprocess.Popen] = []
     runs: dict[str, list[dict]] = {v[0]: [] for v in VARIANTS}
+    ceilings: list[float] = []
     try:
         up_port = free_port()
         procs.append(start(["node", "upstream.mjs"], {**os.environ, "PORT": str(up_port)}, GW))
@@ -136,6 +158,9 @@ def main() -> None:
             # Every variant runs once a round, in turn, all servers up (idle ones cost
             # nothing): the machine's load drifts by more than two runs far apart differ.
             for r in range(args.rounds):
+                ceilings.append(cores_ceiling())
+                print(f"round {r + 1}: two CPU-bound processes at once get "
+                      f"{ceilings[-1]:.2f}x one's rate", flush=True)
                 order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
                 for label, *_ in order:
                     p, url, headers = servers[label]
@@ -167,6 +192,9 @@ def main() -> None:
                      f"{sum(m['errors'] for m in ms)} |")
     loads = [m["load"] for ms in runs.values() for m in ms]
     text = "\n".join(table) + (
+        f"\n\nThis machine's ceiling, measured in each round before the servers ran: two "
+        f"CPU-bound Python processes at once get {statistics.median(ceilings):.2f}x one's "
+        f"rate (median; {min(ceilings):.2f}-{max(ceilings):.2f}; 2.00 on two free cores)."
         f"\n\n{args.rounds} alternating rounds of {args.duration} s per variant; load average "
         f"before a run {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores "
         f"(wrk and the upstream share them). Measured {time.strftime('%Y-%m-%d %H:%M')} UTC "
@@ -174,13 +202,7 @@ def main() -> None:
     print(text)
     if args.print_only:
         return
-    doc = DOC.read_text()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc:
-        doc = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), block, doc, flags=re.S)
-    else:
-        doc += "\n## One machine, all its cores: `flowc serve --workers N`\n\n" + block + "\n"
-    DOC.write_text(doc)
+    write_section(DOC, BEGIN, END, text, "## One machine, all its cores: `flowc serve --workers N`")
 
 
 if __name__ == "__main__":

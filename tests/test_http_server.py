@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from runtime.http_server import CoalescingProtocol, uvicorn_options
+from runtime.http_server import CoalescingProtocol, respond, uvicorn_options
 
 SENT: list[bytes] = []  # what the server handed to the socket's transport, write by write
 
@@ -63,6 +63,19 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         for _ in range(EXPORT_CHUNKS):
             await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
         await send({"type": "http.response.body", "body": b""})
+        return
+    if scope["path"].startswith("/respond"):  # a gateway answer, as the hot path sends it
+        headers = [(b"content-type", b"application/json"), (b"x-flowc-model", b"m-1"),
+                   (b"x-ratelimit-remaining-requests", b"99")]
+        if scope["path"].endswith("/injected"):  # a value from upstream, CRLF and all
+            headers.append((b"x-flowc-route", b"m\r\nset-cookie: stolen=1"))
+        direct = send
+
+        async def wrapped(message: dict[str, Any]) -> None:  # not uvicorn's own send
+            await direct(message)
+
+        await respond(wrapped if "wrapped" in scope["path"] else send, 200, headers,
+                      b'{"ok":true}')
         return
     body = BIG if scope["path"] == "/big" else b'{"ok":true}'
     await send({"type": "http.response.start", "status": 200,
@@ -159,3 +172,31 @@ def test_a_large_body_sent_without_a_pause_is_not_held_whole(server: int) -> Non
     # written as it is produced, a few chunks at a time: never the whole export in memory
     assert len(SENT) >= EXPORT_CHUNKS // 3
     assert max(len(w) for w in SENT) < 4 * len(CHUNK)
+
+
+def _head(port: int, path: str, version: str = "1.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/{version}\r\nHost: localhost\r\n\r\n".encode())
+        got = _read_until(conn, b'{"ok":true}')
+    head = got.partition(b"\r\n\r\n")[0]
+    return b"\r\n".join(line for line in head.split(b"\r\n")
+                         if not line.startswith(b"date: "))
+
+
+def test_an_answer_written_by_respond_has_the_head_uvicorn_writes(server: int) -> None:
+    for version in ("1.1", "1.0"):  # kept alive, and closed after the answer
+        SENT.clear()
+        ours = _head(server, "/respond", version)
+        assert len(SENT) == 1
+        assert ours == _head(server, "/respond/wrapped", version)  # uvicorn's own path
+        assert b"\r\ncontent-length: 11" in ours
+        assert (b"\r\nconnection: close" in ours) == (version == "1.0")
+
+
+def test_a_header_value_with_a_line_break_never_splits_the_head(server: int) -> None:
+    with socket.create_connection(("127.0.0.1", server), timeout=10) as conn:
+        conn.sendall(b"GET /respond/injected HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        got = b""
+        while part := conn.recv(1 << 16):
+            got += part
+    assert b"set-cookie" not in got.lower()

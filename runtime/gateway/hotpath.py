@@ -40,6 +40,8 @@ from runtime.access.gate import OPEN, Denied, Gate
 from runtime.gateway.anthropic_api import error_type as anthropic_error_type
 from runtime.gateway.calls import ModelCaller
 from runtime.gateway.incoming import Incoming
+from runtime.gateway.openai_api import Answer
+from runtime.http_server import respond
 
 log = logging.getLogger("flowc.access")
 Handler = Callable[["Incoming", ModelCaller], Awaitable[Response]]
@@ -319,7 +321,13 @@ class HotPaths:
         response = None
         try:
             response = await handler(incoming, self.caller())
-            if limited:  # counted once the handler has admitted (or refused) the call
+            if response.__class__ is Answer:
+                headers = response.headers_only
+                if limited:  # counted once the handler has admitted (or refused) the call
+                    headers = headers + gate.headers(who)  # type: ignore[union-attr]
+                await respond(send, 200, headers, response.body)
+                return
+            if limited:
                 response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
             await response(scope, receive, send)
         finally:

@@ -37,6 +37,19 @@ class GatewayStream(StreamingResponse):
             await self._close()
 
 
+class Answer(Response):
+    """A whole JSON answer with its headers already bytes (no content-length: it is
+    ``body``'s): the hot path writes it with `runtime.http_server.respond`, and it is still
+    an ASGI response for anything else."""
+
+    media_type = "application/json"
+
+    def __init__(self, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self.body, self.status_code, self.background = body, 200, None
+        self.headers_only = [(b"content-type", b"application/json"), *headers]
+        self.raw_headers = [*self.headers_only, (b"content-length", b"%d" % len(body))]
+
+
 def error_response(err: FlowcError, headers: dict[str, str] | None = None) -> Response:
     retry_after = getattr(err, "retry_after", None)
     if retry_after is not None:
@@ -95,9 +108,9 @@ def answer(done: Outcome, t0: float, raw: bytes | None = None,
                             done.cost, (time.perf_counter() - t0) * 1000 - done.upstream_ms,
                             done.rule)
     if extra:
-        headers.update(extra)
-    return Response(raw if raw is not None else orjson.dumps(done.body),
-                    media_type="application/json", headers=headers)
+        headers.update({k.lower(): v for k, v in extra.items()})
+    return Answer(raw if raw is not None else orjson.dumps(done.body),
+                  [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()])
 
 
 def refused(caller: ModelCaller, incoming: Incoming, body: Any, err: FlowcError) -> None:
