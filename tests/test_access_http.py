@@ -4,6 +4,7 @@ pipeline run charged to the key that ran it. A real `flowc serve` with loopback 
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -296,6 +297,28 @@ def test_keys_create_list_show_update_and_revoke(srv: Server) -> None:
     r = srv.chat("lifecycle")  # the very next request
     assert r.status_code == 401 and r.json()["error"]["code"] == "revoked_api_key"
     assert srv.call("GET", "/v1/keys/self", "lifecycle").status_code == 401
+
+
+def test_changes_to_one_key_sent_at_once_all_take_effect(srv: Server) -> None:
+    """Each change reads the key as the one before it left it: none is lost to another
+    made at the same moment (an admin script setting limits in parallel)."""
+    key_id = srv.make_key({"name": "parallel", "team": "ops"})["id"]
+    changes = [{"rpm": 70}, {"tpm": 9000}, {"budget": "3"}, {"models": "fast"},
+               {"read_only": True}, {"tags": ["env=prod"]}, {"expires": "40d"},
+               {"pipelines": ["echo"]}]
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.k.url, timeout=30,
+                                     headers=srv.headers("admin")) as client:
+            return await asyncio.gather(*(client.patch(f"/v1/keys/{key_id}", json=c)
+                                          for c in changes))
+
+    assert all(r.status_code == 200 for r in asyncio.run(send_all()))
+    key = srv.call("GET", f"/v1/keys/{key_id}", "admin").json()
+    assert (key["rpm"], key["tpm"], key["budget_usd"], key["models"], key["read_only"],
+            key["tags"], key["pipelines"]) == (70, 9000, "3", ["fast"], True,
+                                               ["env=prod"], ["echo"])
+    assert key["expires_at"] is not None
 
 
 @pytest.mark.parametrize(("spec", "param"), [

@@ -8,6 +8,7 @@ here is in memory and synchronous: no await between a check and its update.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import math
@@ -136,6 +137,7 @@ class Gate:
         # seconds; a key's expiry): parsing, hashing and looking up a key on every request
         # is most of what auth costs. Emptied whenever a key changes.
         self._callers: dict[tuple[bytes | None, bytes | None], tuple[Principal, float]] = {}
+        self.changing = asyncio.Lock()  # the keys API's changes, one at a time
         self.loaded = False
         if shared:
             store.attach(self)  # type: ignore[attr-defined]

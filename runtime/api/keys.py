@@ -45,22 +45,26 @@ def _key(gate: Gate, key_id: str) -> Key:
 async def _write(gate: Gate, change: Callable[[], Key]) -> Key:
     """A change to the keys: worked out and put live on the event loop (where requests read
     the keys and counters); saved, and a new budget's spend so far read, in between off it
-    (the store is the ledger, in its own process: a query may wait on its writer)."""
-    try:
-        key = change()
-    except KeySpecError as exc:  # "budget: ..." names the setting
-        setting = str(exc).partition(":")[0]
-        raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
-                           code="invalid_key_setting") from None
-    def save() -> dict[Any, Any]:
-        gate.store.save_key(key)
-        return gate.reads(key)
+    (the store is the ledger, in its own process: a query may wait on its writer). One
+    change at a time: each is worked out from the key as the one before left it, so two
+    changes to a key sent at once both take effect."""
+    async with gate.changing:
+        try:
+            key = change()
+        except KeySpecError as exc:  # "budget: ..." names the setting
+            setting = str(exc).partition(":")[0]
+            raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
+                               code="invalid_key_setting") from None
 
-    try:
-        reads = await asyncio.to_thread(save)
-    except LedgerUnavailable as exc:
-        raise ledger_unavailable(exc) from None
-    gate.put(key, reads)
+        def save() -> dict[Any, Any]:
+            gate.store.save_key(key)
+            return gate.reads(key)
+
+        try:
+            reads = await asyncio.to_thread(save)
+        except LedgerUnavailable as exc:
+            raise ledger_unavailable(exc) from None
+        gate.put(key, reads)
     return key
 
 
