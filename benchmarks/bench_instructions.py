@@ -9,7 +9,9 @@ to the same code count the same (repeat runs agree within ~0.5%) whatever else t
 is doing. Each variant's `flowc serve` runs under callgrind, with instrumentation off
 through start-up and a warm-up, on for `--requests` sequential chat completions, and the
 count is divided by them. Kernel time (the syscalls, the same in every variant) is not in
-it; what auth adds is all user space.
+it; what auth adds is all user space. The ledger's own process is not counted, nor are
+`--workers`: what they do follows the clock (flushes, ticks) more than the requests, and
+under callgrind, ~50x slower, each request would carry 50 times its share of it.
 
     python benchmarks/bench_instructions.py [--requests 1000] [--print-only]
 """
