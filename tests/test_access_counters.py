@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Scope
 from runtime.access.gate import Gate
-from runtime.access.limits import WINDOW, Window, _reset
+from runtime.access.limits import WINDOW, RateLimited, Window, _reset
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import CallRecord, Ledger
 
@@ -70,6 +70,47 @@ def test_headers_count_what_the_last_minute_used(calls, rpm, tpm):
         spent = [t for t, n in inside if n > 0]
         want = _reset_ms(spent[0] + WINDOW - now) if spent else 0
         assert _ms(got[b"x-ratelimit-reset-tokens"]) == want
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 30.0, 59.5, 60.0, 61.0, 200.0]),
+                          st.integers(0, 300)), max_size=80),
+       st.integers(1, 12), st.integers(1, 1500))
+def test_a_window_admits_exactly_what_the_last_minute_leaves_room_for(calls, rpm, tpm):
+    """Calls admitted as the gate admits them (check, take, then their tokens), with no
+    trim asked for: a call is refused exactly when a plain count of the last 60 seconds
+    is at a limit, and says when the oldest leaves; the headers agree after every call.
+    Gaps of exactly a minute put calls on the window's edge."""
+    w = Window("key 'k'", rpm, tpm)
+    now = 0.0
+    taken: list[float] = []
+    tokens: list[tuple[float, int]] = []
+    for gap, n in calls:
+        now += gap
+        inside = [t for t in taken if t > now - WINDOW]
+        spent = [(t, k) for t, k in tokens if t > now - WINDOW]
+        over = len(inside) >= rpm or sum(k for _, k in spent) >= tpm
+        try:
+            w.check(now)
+        except RateLimited as exc:
+            assert over
+            oldest = inside[0] if len(inside) >= rpm else spent[0][0]
+            assert exc.retry_after == oldest + WINDOW - now
+        else:
+            assert not over
+            w.take(now)
+            taken.append(now)
+            inside.append(now)
+            w.add_tokens(now, n)
+            if n > 0:
+                tokens.append((now, n))
+                spent.append((now, n))
+        got = dict(w.headers(now))
+        assert int(got[b"x-ratelimit-remaining-requests"]) == max(rpm - len(inside), 0)
+        assert int(got[b"x-ratelimit-remaining-tokens"]) == max(
+            tpm - sum(k for _, k in spent), 0)
+        want = _reset_ms(inside[0] + WINDOW - now) if inside else 0
+        assert _ms(got[b"x-ratelimit-reset-requests"]) == want
 
 
 def _reset_ms(seconds: float) -> int:

@@ -115,28 +115,32 @@ class Alert:
 
 
 class Reservation:
-    """One call's hold on its budgets: ``charge`` each attempt's cost, ``close`` at the end."""
+    """One call's hold on its budgets: ``held`` on each of ``counters`` (made by
+    `Budgets.reserve_on`). ``spend`` each attempt's cost, ``close`` at the end."""
 
-    __slots__ = ("_budgets", "closed", "counters", "held")
+    __slots__ = ("budgets", "counters", "held")
 
     def __init__(self, budgets: Budgets, counters: list[Counter], held: Decimal) -> None:
-        self._budgets, self.counters, self.held, self.closed = budgets, counters, held, False
+        self.budgets, self.counters, self.held = budgets, counters, held
 
-    def charge(self, cost: Decimal | None) -> None:
+    def spend(self, cost: Decimal | None) -> None:
         """An attempt's cost becomes spend; as much of it as is held stops being held."""
         if cost:
-            take = cost if cost < self.held else self.held
+            held = self.held
+            take = cost if cost < held else held
             if take:
-                self.held -= take
+                self.held = held - take
                 for c in self.counters:
                     c.reserved -= take
-            self._budgets.charge(self.counters, cost)
+            self.budgets.charge(self.counters, cost)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        """What is still held goes back (once: a second close releases nothing)."""
+        held = self.held
+        if held:
+            self.held = ZERO
             for c in self.counters:
-                c.reserved -= self.held
+                c.reserved -= held
 
 
 class Budgets:
@@ -203,11 +207,13 @@ class Budgets:
     def reserve(self, scopes: Iterable[Scope], amount: Decimal, now: float) -> Reservation:
         """Hold ``amount`` on every budget among ``scopes``, or raise BudgetExceeded for
         the first that cannot take it (holding nothing)."""
-        return self.reserve_on([c for s in scopes if (c := self.counters.get(s)) is not None],
-                               amount, now)
+        counters = [c for s in scopes if (c := self.counters.get(s)) is not None]
+        self.reserve_on(counters, amount, now)
+        return Reservation(self, counters, amount)
 
-    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
-        """``reserve`` on counters already looked up (the gate keeps them per caller)."""
+    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> None:
+        """``reserve`` on counters already looked up (the gate keeps them per caller, and
+        makes the `Reservation` part of its grant)."""
         for c in counters:
             if c.end is not None and now >= c.end:
                 self._roll(c, now)
@@ -215,7 +221,6 @@ class Budgets:
                 raise BudgetExceeded(c, amount)
         for c in counters:
             c.reserved += amount
-        return Reservation(self, counters, amount)
 
     def charge(self, counters: list[Counter], cost: Decimal) -> None:
         for c in counters:

@@ -24,6 +24,7 @@ import orjson
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import (
+    ZERO,
     Alert,
     BudgetExceeded,
     Budgets,
@@ -81,26 +82,24 @@ def _bearer(value: bytes | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-class Grant:
-    """One model call's admission: its budget reservation and rate-limit windows."""
+class Grant(Reservation):
+    """One model call's admission: its hold on its budgets (none: ``counters`` empty) and
+    its rate-limit windows. One object a call, as it is made on every request."""
 
-    __slots__ = ("reservation", "windows")
+    __slots__ = ("windows",)
 
-    def __init__(self, reservation: Reservation | None, windows: list[Window]) -> None:
-        self.reservation, self.windows = reservation, windows
+    def __init__(self, budgets: Budgets, counters: list[Counter], held: Decimal,
+                 windows: list[Window]) -> None:
+        self.budgets, self.counters, self.held, self.windows = budgets, counters, held, windows
 
     def charge(self, cost: Decimal | None, usage: Usage | None) -> None:
         """An attempt's ledger row was written: its cost and tokens count."""
-        if self.reservation is not None:
-            self.reservation.charge(cost)
+        if cost and self.counters:
+            self.spend(cost)
         if usage is not None and self.windows:
             now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
             for w in self.windows:
                 w.add_tokens(now, n)
-
-    def close(self) -> None:
-        if self.reservation is not None:
-            self.reservation.close()
 
 
 class Gate:
@@ -312,6 +311,8 @@ class Gate:
         return Principal("key", key)
 
     def row_tags(self, who: Principal, request_tags: str | None) -> str | None:
+        if not request_tags and (who.key is None or not who.key.tags):
+            return None  # most requests: neither the key nor the request has tags
         tags = set(who.key.tags) if who.key is not None else set()
         if request_tags:
             tags.update(t.strip() for t in request_tags.split(",") if t.strip())
@@ -338,34 +339,41 @@ class Gate:
         Unpriced. None: nothing applies to this caller. ``prompt_bound``: the request's
         size in characters, None to measure ``req`` (only when a budget needs it)."""
         key = who.key
-        if key is not None:
-            targets = list(targets)
-            if key.read_only or key.models:
-                self.permit(who, requested, targets)
-        ident = (key.id if key is not None else None, tags, pipeline)
-        plan = self._plans.get(ident)
+        if key is not None and (key.read_only or key.models):
+            targets = list(targets)  # iterated twice
+            self.permit(who, requested, targets)
+        plan = self._plans.get((key.id if key is not None else None, tags, pipeline))
         if plan is None:
-            scopes = self.scopes(who, tags, pipeline)
-            plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
-                    [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
-            if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
-                self._plans.clear()
-            self._plans[ident] = plan
-        windows, counters = plan
-        if not windows and not counters:
+            plan = self._plan(who, tags, pipeline)
+        if plan is _NOTHING:
             return None
+        windows, counters = plan
         now = time.monotonic()
         for w in windows:
             w.check(now)
-        reservation = None
+        worst = ZERO
         if counters:
             if prompt_bound is None:
                 prompt_bound = len(orjson.dumps(req))
             worst = self.worst_cost(targets, req, prompt_bound)
-            reservation = self.budgets.reserve_on(counters, worst, time.time())
+            self.budgets.reserve_on(counters, worst, time.time())
         for w in windows:
             w.take(now)
-        return Grant(reservation, windows)
+        return Grant(self.budgets, counters, worst, windows)
+
+    def _plan(self, who: Principal, tags: str | None, pipeline: str | None
+              ) -> tuple[list[Window], list[Counter]]:
+        """What calls by ``who`` with these tags, in this pipeline, are checked against,
+        kept for the next (`_NOTHING`: no window, no budget)."""
+        scopes = self.scopes(who, tags, pipeline)
+        plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
+                [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
+        if not plan[0] and not plan[1]:
+            plan = _NOTHING
+        if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
+            self._plans.clear()
+        self._plans[(who.key.id if who.key is not None else None, tags, pipeline)] = plan
+        return plan
 
     def permit(self, who: Principal, requested: str, targets: list[Any]) -> None:
         """Whether ``who`` may call ``requested`` (routed to ``targets``) at all: not with a
@@ -389,17 +397,21 @@ class Gate:
         """`admit`, waiting while a budget shared with other processes (other instances,
         other workers) leases more headroom: the lease is taken off the event loop, so
         only this call waits, and only when what is held here has run out."""
-        last: LeaseNeeded | None = None
-        for _ in range(_JOINED):
-            try:
-                return self.admit(who, requested, targets, req, prompt_bound, tags, pipeline)
-            except LeaseNeeded as short:
-                last = short
+        try:  # the common case: admitted at once (or refused), nothing to wait for
+            return self.admit(who, requested, targets, req, prompt_bound, tags, pipeline)
+        except LeaseNeeded as short:
+            last = short
+        for _ in range(_JOINED - 1):
             if not await last.wait and last.own and last.counter.left() < last.amount:
                 raise BudgetExceeded(last.counter, last.amount)
             # Granted; or refused, but to another call that needed more, or while calls
             # that ended since have left room: admit again (asking for what is short).
-        assert last is not None
+            try:
+                return self.admit(who, requested, targets, req, prompt_bound, tags,
+                                  pipeline)
+            except LeaseNeeded as short:
+                last = short
+        await last.wait
         raise BudgetExceeded(last.counter, last.amount)
 
     def worst_cost(self, targets: Iterable[Any], req: dict[str, Any],
@@ -407,7 +419,9 @@ class Gate:
         """The most the call can cost on any of its targets: every prompt token at the
         dearest input rate (a 1-hour cache write), ``prompt_bound`` tokens of it, and the
         output limit of every choice."""
-        out = _max_output(req) or self.config.budgets.default_max_output_tokens
+        out = None if _OUTPUT_LIMITS_SET.isdisjoint(req) else _max_output(req)
+        if out is None:
+            out = self.config.budgets.default_max_output_tokens
         n = req.get("n")
         if n.__class__ is int and n > 1:  # not a bool
             out *= n
@@ -487,6 +501,8 @@ def _part(limit: int | None, rank: int, n: int) -> int | None:
     return limit // n + (1 if rank < limit % n else 0)
 
 
+# What a caller without windows or budgets is checked against: nothing.
+_NOTHING: tuple[list[Window], list[Counter]] = ([], [])
 _JOINED = 64  # leases a call waits for at most (others may take each first) before refused
 
 # One prompt token plain, one written to the 1-hour cache, one output token.
@@ -504,3 +520,4 @@ def _max_output(req: dict[str, Any]) -> int | None:
 
 
 _OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+_OUTPUT_LIMITS_SET = frozenset(_OUTPUT_LIMITS)  # most requests name none: one C call says so

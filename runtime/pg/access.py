@@ -34,7 +34,6 @@ from runtime.access.budgets import (
     Budgets,
     Counter,
     LeaseNeeded,
-    Reservation,
     Scope,
     period_end,
     period_start,
@@ -268,7 +267,7 @@ class SharedBudgets(Budgets):
             super()._roll(c, now)
             c.settled = c.leased_all = ZERO  # type: ignore[attr-defined]
 
-    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
+    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> None:
         access = self.access
         for c in counters:
             self._roll(c, now)
@@ -287,7 +286,6 @@ class SharedBudgets(Budgets):
             c.reserved += amount
             c.demand += amount  # type: ignore[attr-defined]
             self._refill(c, amount)  # type: ignore[arg-type]
-        return Reservation(self, counters, amount)
 
     def _leasing(self, c: SharedCounter, need: Decimal, amount: Decimal
                  ) -> asyncio.Future[bool]:
