@@ -128,11 +128,8 @@ class Reservation:
         if cost:
             held = self.held
             take = cost if cost < held else held
-            if take:
-                self.held = held - take
-                for c in self.counters:
-                    c.reserved -= take
-            self.budgets.charge(self.counters, cost)
+            self.held = held - take
+            self.budgets.charge(self.counters, cost, take)
 
     def close(self) -> None:
         """What is still held goes back (once: a second close releases nothing)."""
@@ -222,8 +219,11 @@ class Budgets:
         for c in counters:
             c.reserved += amount
 
-    def charge(self, counters: list[Counter], cost: Decimal) -> None:
+    def charge(self, counters: list[Counter], cost: Decimal, held: Decimal = ZERO) -> None:
+        """``cost`` becomes spend on each counter; ``held`` of it was reserved there and
+        stops being (one pass over the counters for both)."""
         for c in counters:
+            c.reserved -= held
             c.spent += cost
             if c.spent >= c.alert_at:
                 self._crossed(c)

@@ -127,9 +127,9 @@ class Gate:
         self._rates: dict[Any, list[Any]] = {}
         # What each (key, tags, pipeline) is checked against: its windows and budget
         # counters, resolved once rather than on every call; emptied whenever a limit or a
-        # budget is added, changed or dropped.
-        self._plans: dict[tuple[str | None, str | None, str | None],
-                          tuple[list[Window], list[Counter]]] = {}
+        # budget is added, changed or dropped. Keyed by the key's id alone (a string hashes
+        # once) when the call has no tags and no pipeline, as most have.
+        self._plans: dict[Any, tuple[list[Window], list[Counter]]] = {}
         self._key_windows: dict[str, Window] = {}  # by key id, for the response headers
         # The credential headers of recent requests -> who sent them, and until when (epoch
         # seconds; a key's expiry): parsing, hashing and looking up a key on every request
@@ -342,9 +342,12 @@ class Gate:
         if key is not None and (key.read_only or key.models):
             targets = list(targets)  # iterated twice
             self.permit(who, requested, targets)
-        plan = self._plans.get((key.id if key is not None else None, tags, pipeline))
+        ident = key.id if key is not None else None
+        if tags is not None or pipeline is not None:
+            ident = (ident, tags, pipeline)
+        plan = self._plans.get(ident)
         if plan is None:
-            plan = self._plan(who, tags, pipeline)
+            plan = self._plan(who, tags, pipeline, ident)
         if plan is _NOTHING:
             return None
         windows, counters = plan
@@ -361,10 +364,10 @@ class Gate:
             w.take(now)
         return Grant(self.budgets, counters, worst, windows)
 
-    def _plan(self, who: Principal, tags: str | None, pipeline: str | None
+    def _plan(self, who: Principal, tags: str | None, pipeline: str | None, ident: Any
               ) -> tuple[list[Window], list[Counter]]:
         """What calls by ``who`` with these tags, in this pipeline, are checked against,
-        kept for the next (`_NOTHING`: no window, no budget)."""
+        kept for the next under ``ident`` (`_NOTHING`: no window, no budget)."""
         scopes = self.scopes(who, tags, pipeline)
         plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
                 [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
@@ -372,7 +375,7 @@ class Gate:
             plan = _NOTHING
         if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
             self._plans.clear()
-        self._plans[(who.key.id if who.key is not None else None, tags, pipeline)] = plan
+        self._plans[ident] = plan
         return plan
 
     def permit(self, who: Principal, requested: str, targets: list[Any]) -> None:
@@ -419,15 +422,23 @@ class Gate:
         """The most the call can cost on any of its targets: every prompt token at the
         dearest input rate (a 1-hour cache write), ``prompt_bound`` tokens of it, and the
         output limit of every choice."""
-        out = None if _OUTPUT_LIMITS_SET.isdisjoint(req) else _max_output(req)
-        if out is None:
-            out = self.config.budgets.default_max_output_tokens
-        n = req.get("n")
-        if n.__class__ is int and n > 1:  # not a bool
-            out *= n
-        worst = Decimal(0)
+        default = self.config.budgets.default_max_output_tokens
+        if _OUTPUT_SHAPE.isdisjoint(req):  # most requests: one C call says so
+            out = default
+        else:
+            out = _max_output(req) or default
+            n = req.get("n")
+            if n.__class__ is int and n > 1:  # not a bool
+                out *= n
+        worst = ZERO
         for t in targets:
-            cost = self._worst_on(t, prompt_bound, out)
+            # The target's per-token rates, when ``prompt_bound`` is known to be priced
+            # by them (see `_worst_on`), inline: this runs on every budgeted call.
+            rates = self._rates.get((t.provider, t.model))
+            if rates is not None and prompt_bound <= rates[2]:
+                cost = prompt_bound * rates[0] + out * rates[1]
+            else:
+                cost = self._worst_on(t, prompt_bound, out)
             if cost > worst:
                 worst = cost
         return worst
@@ -520,4 +531,5 @@ def _max_output(req: dict[str, Any]) -> int | None:
 
 
 _OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-_OUTPUT_LIMITS_SET = frozenset(_OUTPUT_LIMITS)  # most requests name none: one C call says so
+# What can make a call's output longer than the default: an output limit, or n choices.
+_OUTPUT_SHAPE = frozenset((*_OUTPUT_LIMITS, "n"))

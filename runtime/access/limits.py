@@ -52,8 +52,8 @@ class Window:
     # the window nothing does, so a request in the meantime trims nothing (one comparison).
     due: float = _NEVER
     # The `x-ratelimit-limit-*` headers, formatted once for the limits they were made for.
-    _limits: tuple[int | None, int | None, tuple[bytes, bytes], tuple[bytes, bytes]] | None \
-        = None
+    _limits: tuple[int | None, int | None, tuple[bytes, bytes] | None,
+                   tuple[bytes, bytes] | None] | None = None
 
     def _trim(self, now: float) -> None:
         edge = now - WINDOW
@@ -155,33 +155,40 @@ class Window:
         if self.due <= now - WINDOW:
             self._trim(now)
         t, h, tt, th = self.times, self.head, self.token_times, self.token_head
-        rpm, tpm = self.rpm, self.tpm
-        return self.shown_headers(
-            now, rpm - len(t) + h if rpm is not None else 0, t[h] if h < len(t) else None,
-            tpm - self.token_sum if tpm is not None else 0, tt[th] if th < len(tt) else None)
+        return self.shown_headers(now, (self.rpm or 0) - len(t) + h,
+                                  t[h] if h < len(t) else None,
+                                  (self.tpm or 0) - self.token_sum,
+                                  tt[th] if th < len(tt) else None)
 
     def shown_headers(self, now: float, left: int, oldest: float | None, tokens_left: int,
                       oldest_tokens: float | None) -> list[tuple[bytes, bytes]]:
         """The headers for these limits: ``left`` requests and ``tokens_left`` tokens, and
         when the oldest of each leaves the window (None: nothing in it)."""
-        rpm, tpm = self.rpm, self.tpm
         made = self._limits
-        if made is None or made[0] != rpm or made[1] != tpm:
-            made = self._limits = (rpm, tpm, (b"x-ratelimit-limit-requests", b"%d" % (rpm or 0)),
-                                   (b"x-ratelimit-limit-tokens", b"%d" % (tpm or 0)))
+        if made is None or made[0] != self.rpm or made[1] != self.tpm:
+            made = self._limits = _limit_headers(self.rpm, self.tpm)
         out: list[tuple[bytes, bytes]] = []
-        if rpm is not None:
+        if made[2] is not None:
             out += (made[2],
                     (b"x-ratelimit-remaining-requests", b"%d" % left if left > 0 else b"0"),
                     (b"x-ratelimit-reset-requests",
                      _reset(oldest + WINDOW - now) if oldest is not None else b"0ms"))
-        if tpm is not None:
+        if made[3] is not None:
             out += (made[3],
                     (b"x-ratelimit-remaining-tokens",
                      b"%d" % tokens_left if tokens_left > 0 else b"0"),
                     (b"x-ratelimit-reset-tokens", _reset(oldest_tokens + WINDOW - now)
                      if oldest_tokens is not None else b"0ms"))
         return out
+
+
+def _limit_headers(rpm: int | None, tpm: int | None
+                   ) -> tuple[int | None, int | None, tuple[bytes, bytes] | None,
+                              tuple[bytes, bytes] | None]:
+    """The `x-ratelimit-limit-*` headers of these limits (None: not limited on that)."""
+    return (rpm, tpm,
+            (b"x-ratelimit-limit-requests", b"%d" % rpm) if rpm is not None else None,
+            (b"x-ratelimit-limit-tokens", b"%d" % tpm) if tpm is not None else None)
 
 
 def _reset(seconds: float) -> bytes:

@@ -310,10 +310,10 @@ class SharedBudgets(Budgets):
                 and c.limit - c.settled - c.leased_all >= 4 * c.rate):
             c.leasing = _background(self._lease(c, CENT, amount))
 
-    def charge(self, counters: list[Counter], cost: Decimal) -> None:
+    def charge(self, counters: list[Counter], cost: Decimal, held: Decimal = ZERO) -> None:
         for c in counters:
             c.pending += cost  # type: ignore[attr-defined]
-        super().charge(counters, cost)
+        super().charge(counters, cost, held)
 
     # -- the tick, on the event loop around its work in the store ---------------------------
     def settlements(self, final: bool = False) -> list[Settlement]:
