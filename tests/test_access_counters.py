@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Scope
-from runtime.access.gate import Gate
+from runtime.access.gate import Gate, Grant
 from runtime.access.limits import WINDOW, RateLimited, Window, _reset
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import CallRecord, Ledger
@@ -197,3 +197,36 @@ def test_a_new_budget_goes_live_from_spend_read_beforehand(tmp_path):
     again = gate.updated(key.id, {"budget_usd": "7", "period": "week"})
     with pytest.raises(duckdb.ConnectionException):
         gate.put(again)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 3000), max_size=6), st.integers(0, 4000),
+       st.integers(1, 60), st.lists(st.integers(1, 150), min_size=1, max_size=3, unique=True))
+def test_settling_a_call_is_charging_it_then_closing_it(attempts, worst, limit, thresholds):
+    """A call's last row settles its grant in one pass (`Grant.settle`): the budget ends
+    exactly as after charging that row and then closing the grant, alerts included,
+    whatever earlier attempts charged (cents; the hold is the call's worst cost)."""
+    ends = []
+    for settle in (False, True):
+        fired: list[int] = []
+        budgets = Budgets(lambda scope, since: Decimal(0), thresholds,
+                          lambda a, fired=fired: fired.append(a.threshold))
+        scope = Scope("key", "k")
+        budgets.set(scope, Decimal(limit), "day", datetime(2026, 1, 1, tzinfo=UTC))
+        c = budgets.counters[scope]
+        hold = Decimal(worst) / 100
+        c.limit += hold  # room for the hold
+        budgets.reserve_on([c], hold, 0.0)
+        c.reserved += Decimal("1.5")  # other calls' holds stay held
+        grant = Grant(budgets, [c], hold, [])
+        *earlier, final = [Decimal(a) / 100 for a in attempts] or [None]
+        for cost in earlier:
+            grant.charge(cost, None)
+        if settle:
+            grant.settle(final, None)
+        else:
+            grant.charge(final, None)
+        grant.close()
+        ends.append((c.spent, c.reserved, fired))
+    assert ends[0] == ends[1]
+    assert ends[1][1] == Decimal("1.5")

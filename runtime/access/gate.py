@@ -101,6 +101,20 @@ class Grant(Reservation):
             for w in self.windows:
                 w.add_tokens(now, n)
 
+    def settle(self, cost: Decimal | None, usage: Usage | None) -> None:
+        """The call's last ledger row was written: `charge` then `close` in one pass, for
+        the row written just before the call ends (nothing runs between the two)."""
+        counters = self.counters
+        if counters:
+            held = self.held
+            if cost or held:
+                self.held = ZERO
+                self.budgets.charge(counters, cost or ZERO, held)
+        if usage is not None and self.windows:
+            now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
+            for w in self.windows:
+                w.add_tokens(now, n)
+
 
 class Gate:
     def __init__(self, config: ProjectConfig, store: AccessStore, admin_key: str | None,
