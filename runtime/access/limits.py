@@ -155,6 +155,7 @@ class Window:
         if self.due <= now - WINDOW:
             self._trim(now)
         t, h, tt, th = self.times, self.head, self.token_times, self.token_head
+        # (What is left of a limit that is not set is not shown.)
         return self.shown_headers(now, (self.rpm or 0) - len(t) + h,
                                   t[h] if h < len(t) else None,
                                   (self.tpm or 0) - self.token_sum,
