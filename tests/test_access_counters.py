@@ -5,6 +5,7 @@ headers kept, the next alert's spend precomputed) that must never change what th
 from __future__ import annotations
 
 import re
+from array import array
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Scope
 from runtime.access.gate import Gate, Grant
-from runtime.access.limits import WINDOW, RateLimited, Window, _reset
+from runtime.access.limits import WINDOW, RateLimited, Window, _past, _reset
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import CallRecord, Ledger
 
@@ -230,3 +231,13 @@ def test_settling_a_call_is_charging_it_then_closing_it(attempts, worst, limit, 
         ends.append((c.spent, c.reserved, fired))
     assert ends[0] == ends[1]
     assert ends[1][1] == Decimal("1.5")
+
+
+@given(st.lists(st.integers(0, 40), max_size=30), st.integers(-1, 41), st.integers(0, 31))
+def test_a_trim_finds_what_has_left_the_window_as_a_scan_does(times, edge, lo):
+    """`_past` (bisection that looks at the next few entries first) against a scan: the
+    first entry from ``lo`` after ``edge``, in a log in time order."""
+    log = array("d", sorted(times))
+    lo = min(lo, len(log))
+    want = next((i for i in range(lo, len(log)) if log[i] > edge), len(log))
+    assert _past(log, float(edge), lo) == want

@@ -58,13 +58,13 @@ class Window:
     def _trim(self, now: float) -> None:
         edge = now - WINDOW
         t = self.times
-        h = bisect_right(t, edge, self.head)
+        h = _past(t, edge, self.head)
         if h > 1024 and 2 * h > len(t):  # drop what has left the window, amortised
             del t[:h]
             h = 0
         self.head = h
         tt, counts, th = self.token_times, self.token_counts, self.token_head
-        gone = bisect_right(tt, edge, th)
+        gone = _past(tt, edge, th)
         if gone != th:
             self.token_sum -= sum(counts[th:gone])
             if gone > 1024 and 2 * gone > len(tt):
@@ -192,6 +192,18 @@ def _limit_headers(rpm: int | None, tpm: int | None
             (b"x-ratelimit-limit-tokens", b"%d" % tpm) if tpm is not None else None)
 
 
+def _past(log: array[float], edge: float, lo: int) -> int:
+    """The first index from ``lo`` of a log in time order whose time is after ``edge``.
+    A trim on a busy window drops an entry or two: the next few are looked at before the
+    whole log (each look at an array makes a float)."""
+    n = len(log)
+    near = lo + 4
+    if near >= n:
+        return bisect_right(log, edge, lo)
+    i = bisect_right(log, edge, lo, near)
+    return i if i < near else bisect_right(log, edge, near)
+
+
 def _reset(seconds: float) -> bytes:
     """Seconds as OpenAI writes them in `x-ratelimit-reset-*`: `1s`, `6m0s`, `120ms` (to the
     millisecond). Two go on every response of a limited key, and within a window they are
@@ -202,7 +214,7 @@ def _reset(seconds: float) -> bytes:
     text = _RESETS[ms]
     if text is None:  # `_format_ms`, for under a minute
         text = _RESETS[ms] = (b"%dms" % ms if ms < 1000 else
-                              b"%d%bs" % (ms // 1000, _FRACTIONS[ms % 1000]))
+                              _SECONDS[ms // 1000] + _FRACTIONS[ms % 1000])
     return text
 
 
@@ -210,14 +222,16 @@ def _format_ms(ms: int) -> bytes:
     if ms < 1000:
         return b"%dms" % ms
     minutes, ms = divmod(ms, 60000)
-    text = b"%d%bs" % (ms // 1000, _FRACTIONS[ms % 1000])
+    text = _SECONDS[ms // 1000] + _FRACTIONS[ms % 1000]
     return b"%dm%b" % (minutes, text) if minutes else text
 
 
 _MINUTE_MS = int(WINDOW * 1000)
 _RESETS: list[bytes | None] = [None] * _MINUTE_MS
-# Each millisecond as the fraction of a second OpenAI writes: `` (none), `.5`, `.25`, `.125`.
-_FRACTIONS = [b""] + [(b".%03d" % frac).rstrip(b"0") for frac in range(1, 1000)]
+# Under a minute, a reset is its whole seconds and then its milliseconds as the fraction
+# OpenAI writes: `s` (none), `.5s`, `.25s`, `.125s`.
+_SECONDS = [b"%d" % whole for whole in range(60)]
+_FRACTIONS = [b"s"] + [(b".%03d" % frac).rstrip(b"0") + b"s" for frac in range(1, 1000)]
 
 
 def _duration(seconds: float) -> str:
