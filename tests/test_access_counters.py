@@ -5,6 +5,7 @@ headers kept, the next alert's spend precomputed) that must never change what th
 from __future__ import annotations
 
 import re
+from array import array
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -15,8 +16,8 @@ from hypothesis import strategies as st
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import Alert, Budgets, Scope
-from runtime.access.gate import Gate
-from runtime.access.limits import WINDOW, Window, _reset
+from runtime.access.gate import Gate, Grant
+from runtime.access.limits import WINDOW, RateLimited, Window, _past, _reset
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import CallRecord, Ledger
 
@@ -70,6 +71,47 @@ def test_headers_count_what_the_last_minute_used(calls, rpm, tpm):
         spent = [t for t, n in inside if n > 0]
         want = _reset_ms(spent[0] + WINDOW - now) if spent else 0
         assert _ms(got[b"x-ratelimit-reset-tokens"]) == want
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.sampled_from([0.0, 0.5, 1.0, 30.0, 59.5, 60.0, 61.0, 200.0]),
+                          st.integers(0, 300)), max_size=80),
+       st.integers(1, 12), st.integers(1, 1500))
+def test_a_window_admits_exactly_what_the_last_minute_leaves_room_for(calls, rpm, tpm):
+    """Calls admitted as the gate admits them (check, take, then their tokens), with no
+    trim asked for: a call is refused exactly when a plain count of the last 60 seconds
+    is at a limit, and says when the oldest leaves; the headers agree after every call.
+    Gaps of exactly a minute put calls on the window's edge."""
+    w = Window("key 'k'", rpm, tpm)
+    now = 0.0
+    taken: list[float] = []
+    tokens: list[tuple[float, int]] = []
+    for gap, n in calls:
+        now += gap
+        inside = [t for t in taken if t > now - WINDOW]
+        spent = [(t, k) for t, k in tokens if t > now - WINDOW]
+        over = len(inside) >= rpm or sum(k for _, k in spent) >= tpm
+        try:
+            w.check(now)
+        except RateLimited as exc:
+            assert over
+            oldest = inside[0] if len(inside) >= rpm else spent[0][0]
+            assert exc.retry_after == oldest + WINDOW - now
+        else:
+            assert not over
+            w.take(now)
+            taken.append(now)
+            inside.append(now)
+            w.add_tokens(now, n)
+            if n > 0:
+                tokens.append((now, n))
+                spent.append((now, n))
+        got = dict(w.headers(now))
+        assert int(got[b"x-ratelimit-remaining-requests"]) == max(rpm - len(inside), 0)
+        assert int(got[b"x-ratelimit-remaining-tokens"]) == max(
+            tpm - sum(k for _, k in spent), 0)
+        want = _reset_ms(inside[0] + WINDOW - now) if inside else 0
+        assert _ms(got[b"x-ratelimit-reset-requests"]) == want
 
 
 def _reset_ms(seconds: float) -> int:
@@ -156,3 +198,46 @@ def test_a_new_budget_goes_live_from_spend_read_beforehand(tmp_path):
     again = gate.updated(key.id, {"budget_usd": "7", "period": "week"})
     with pytest.raises(duckdb.ConnectionException):
         gate.put(again)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, 3000), max_size=6), st.integers(0, 4000),
+       st.integers(1, 60), st.lists(st.integers(1, 150), min_size=1, max_size=3, unique=True))
+def test_settling_a_call_is_charging_it_then_closing_it(attempts, worst, limit, thresholds):
+    """A call's last row settles its grant in one pass (`Grant.settle`): the budget ends
+    exactly as after charging that row and then closing the grant, alerts included,
+    whatever earlier attempts charged (cents; the hold is the call's worst cost)."""
+    ends = []
+    for settle in (False, True):
+        fired: list[int] = []
+        budgets = Budgets(lambda scope, since: Decimal(0), thresholds,
+                          lambda a, fired=fired: fired.append(a.threshold))
+        scope = Scope("key", "k")
+        budgets.set(scope, Decimal(limit), "day", datetime(2026, 1, 1, tzinfo=UTC))
+        c = budgets.counters[scope]
+        hold = Decimal(worst) / 100
+        c.limit += hold  # room for the hold
+        budgets.reserve_on([c], hold, 0.0)
+        c.reserved += Decimal("1.5")  # other calls' holds stay held
+        grant = Grant(budgets, [c], hold, [])
+        *earlier, final = [Decimal(a) / 100 for a in attempts] or [None]
+        for cost in earlier:
+            grant.charge(cost, None)
+        if settle:
+            grant.settle(final, None)
+        else:
+            grant.charge(final, None)
+        grant.close()
+        ends.append((c.spent, c.reserved, fired))
+    assert ends[0] == ends[1]
+    assert ends[1][1] == Decimal("1.5")
+
+
+@given(st.lists(st.integers(0, 40), max_size=30), st.integers(-1, 41), st.integers(0, 31))
+def test_a_trim_finds_what_has_left_the_window_as_a_scan_does(times, edge, lo):
+    """`_past` (bisection that looks at the next few entries first) against a scan: the
+    first entry from ``lo`` after ``edge``, in a log in time order."""
+    log = array("d", sorted(times))
+    lo = min(lo, len(log))
+    want = next((i for i in range(lo, len(log)) if log[i] > edge), len(log))
+    assert _past(log, float(edge), lo) == want

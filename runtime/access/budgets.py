@@ -115,28 +115,29 @@ class Alert:
 
 
 class Reservation:
-    """One call's hold on its budgets: ``charge`` each attempt's cost, ``close`` at the end."""
+    """One call's hold on its budgets: ``held`` on each of ``counters`` (made by
+    `Budgets.reserve_on`). ``spend`` each attempt's cost, ``close`` at the end."""
 
-    __slots__ = ("_budgets", "closed", "counters", "held")
+    __slots__ = ("budgets", "counters", "held")
 
     def __init__(self, budgets: Budgets, counters: list[Counter], held: Decimal) -> None:
-        self._budgets, self.counters, self.held, self.closed = budgets, counters, held, False
+        self.budgets, self.counters, self.held = budgets, counters, held
 
-    def charge(self, cost: Decimal | None) -> None:
+    def spend(self, cost: Decimal | None) -> None:
         """An attempt's cost becomes spend; as much of it as is held stops being held."""
         if cost:
-            take = cost if cost < self.held else self.held
-            if take:
-                self.held -= take
-                for c in self.counters:
-                    c.reserved -= take
-            self._budgets.charge(self.counters, cost)
+            held = self.held
+            take = cost if cost < held else held
+            self.held = held - take
+            self.budgets.charge(self.counters, cost, take)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        """What is still held goes back (once: a second close releases nothing)."""
+        held = self.held
+        if held:
+            self.held = ZERO
             for c in self.counters:
-                c.reserved -= self.held
+                c.reserved -= held
 
 
 class Budgets:
@@ -203,11 +204,13 @@ class Budgets:
     def reserve(self, scopes: Iterable[Scope], amount: Decimal, now: float) -> Reservation:
         """Hold ``amount`` on every budget among ``scopes``, or raise BudgetExceeded for
         the first that cannot take it (holding nothing)."""
-        return self.reserve_on([c for s in scopes if (c := self.counters.get(s)) is not None],
-                               amount, now)
+        counters = [c for s in scopes if (c := self.counters.get(s)) is not None]
+        self.reserve_on(counters, amount, now)
+        return Reservation(self, counters, amount)
 
-    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
-        """``reserve`` on counters already looked up (the gate keeps them per caller)."""
+    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> None:
+        """``reserve`` on counters already looked up (the gate keeps them per caller, and
+        makes the `Reservation` part of its grant)."""
         for c in counters:
             if c.end is not None and now >= c.end:
                 self._roll(c, now)
@@ -215,10 +218,12 @@ class Budgets:
                 raise BudgetExceeded(c, amount)
         for c in counters:
             c.reserved += amount
-        return Reservation(self, counters, amount)
 
-    def charge(self, counters: list[Counter], cost: Decimal) -> None:
+    def charge(self, counters: list[Counter], cost: Decimal, held: Decimal = ZERO) -> None:
+        """``cost`` becomes spend on each counter; ``held`` of it was reserved there and
+        stops being (one pass over the counters for both)."""
         for c in counters:
+            c.reserved -= held
             c.spent += cost
             if c.spent >= c.alert_at:
                 self._crossed(c)

@@ -25,6 +25,7 @@ import orjson
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import (
+    ZERO,
     Alert,
     BudgetExceeded,
     Budgets,
@@ -82,26 +83,38 @@ def _bearer(value: bytes | None) -> str | None:
     return token.strip() if scheme.lower() == "bearer" else None
 
 
-class Grant:
-    """One model call's admission: its budget reservation and rate-limit windows."""
+class Grant(Reservation):
+    """One model call's admission: its hold on its budgets (none: ``counters`` empty) and
+    its rate-limit windows. One object a call, as it is made on every request."""
 
-    __slots__ = ("reservation", "windows")
+    __slots__ = ("windows",)
 
-    def __init__(self, reservation: Reservation | None, windows: list[Window]) -> None:
-        self.reservation, self.windows = reservation, windows
+    def __init__(self, budgets: Budgets, counters: list[Counter], held: Decimal,
+                 windows: list[Window]) -> None:
+        self.budgets, self.counters, self.held, self.windows = budgets, counters, held, windows
 
     def charge(self, cost: Decimal | None, usage: Usage | None) -> None:
         """An attempt's ledger row was written: its cost and tokens count."""
-        if self.reservation is not None:
-            self.reservation.charge(cost)
+        if cost and self.counters:
+            self.spend(cost)
         if usage is not None and self.windows:
             now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
             for w in self.windows:
                 w.add_tokens(now, n)
 
-    def close(self) -> None:
-        if self.reservation is not None:
-            self.reservation.close()
+    def settle(self, cost: Decimal | None, usage: Usage | None) -> None:
+        """The call's last ledger row was written: `charge` then `close` in one pass, for
+        the row written just before the call ends (nothing runs between the two)."""
+        counters = self.counters
+        if counters:
+            held = self.held
+            if cost or held:
+                self.held = ZERO
+                self.budgets.charge(counters, cost or ZERO, held)
+        if usage is not None and self.windows:
+            now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
+            for w in self.windows:
+                w.add_tokens(now, n)
 
 
 class Gate:
@@ -129,9 +142,9 @@ class Gate:
         self._rates: dict[Any, list[Any]] = {}
         # What each (key, tags, pipeline) is checked against: its windows and budget
         # counters, resolved once rather than on every call; emptied whenever a limit or a
-        # budget is added, changed or dropped.
-        self._plans: dict[tuple[str | None, str | None, str | None],
-                          tuple[list[Window], list[Counter]]] = {}
+        # budget is added, changed or dropped. Keyed by the key's id alone (a string hashes
+        # once) when the call has no tags and no pipeline, as most have.
+        self._plans: dict[Any, tuple[list[Window], list[Counter]]] = {}
         self._key_windows: dict[str, Window] = {}  # by key id, for the response headers
         # The credential headers of recent requests -> who sent them, and until when (epoch
         # seconds; a key's expiry): parsing, hashing and looking up a key on every request
@@ -314,6 +327,8 @@ class Gate:
         return Principal("key", key)
 
     def row_tags(self, who: Principal, request_tags: str | None) -> str | None:
+        if not request_tags and (who.key is None or not who.key.tags):
+            return None  # most requests: neither the key nor the request has tags
         tags = set(who.key.tags) if who.key is not None else set()
         if request_tags:
             tags.update(t.strip() for t in request_tags.split(",") if t.strip())
@@ -340,34 +355,44 @@ class Gate:
         Unpriced. None: nothing applies to this caller. ``prompt_bound``: the request's
         size in characters, None to measure ``req`` (only when a budget needs it)."""
         key = who.key
-        if key is not None:
-            targets = list(targets)
-            if key.read_only or key.models:
-                self.permit(who, requested, targets)
-        ident = (key.id if key is not None else None, tags, pipeline)
+        if key is not None and (key.read_only or key.models):
+            targets = list(targets)  # iterated twice
+            self.permit(who, requested, targets)
+        ident = key.id if key is not None else None
+        if tags is not None or pipeline is not None:
+            ident = (ident, tags, pipeline)
         plan = self._plans.get(ident)
         if plan is None:
-            scopes = self.scopes(who, tags, pipeline)
-            plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
-                    [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
-            if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
-                self._plans.clear()
-            self._plans[ident] = plan
-        windows, counters = plan
-        if not windows and not counters:
+            plan = self._plan(who, tags, pipeline, ident)
+        if plan is _NOTHING:
             return None
+        windows, counters = plan
         now = time.monotonic()
         for w in windows:
             w.check(now)
-        reservation = None
+        worst = ZERO
         if counters:
             if prompt_bound is None:
                 prompt_bound = len(orjson.dumps(req))
             worst = self.worst_cost(targets, req, prompt_bound)
-            reservation = self.budgets.reserve_on(counters, worst, time.time())
+            self.budgets.reserve_on(counters, worst, time.time())
         for w in windows:
             w.take(now)
-        return Grant(reservation, windows)
+        return Grant(self.budgets, counters, worst, windows)
+
+    def _plan(self, who: Principal, tags: str | None, pipeline: str | None, ident: Any
+              ) -> tuple[list[Window], list[Counter]]:
+        """What calls by ``who`` with these tags, in this pipeline, are checked against,
+        kept for the next under ``ident`` (`_NOTHING`: no window, no budget)."""
+        scopes = self.scopes(who, tags, pipeline)
+        plan = ([w for s in scopes if (w := self._windows.get(s)) is not None],
+                [c for s in scopes if (c := self.budgets.counters.get(s)) is not None])
+        if not plan[0] and not plan[1]:
+            plan = _NOTHING
+        if len(self._plans) >= 4096:  # tags come from requests: keep the cache bounded
+            self._plans.clear()
+        self._plans[ident] = plan
+        return plan
 
     def permit(self, who: Principal, requested: str, targets: list[Any]) -> None:
         """Whether ``who`` may call ``requested`` (routed to ``targets``) at all: not with a
@@ -391,17 +416,21 @@ class Gate:
         """`admit`, waiting while a budget shared with other processes (other instances,
         other workers) leases more headroom: the lease is taken off the event loop, so
         only this call waits, and only when what is held here has run out."""
-        last: LeaseNeeded | None = None
-        for _ in range(_JOINED):
-            try:
-                return self.admit(who, requested, targets, req, prompt_bound, tags, pipeline)
-            except LeaseNeeded as short:
-                last = short
+        try:  # the common case: admitted at once (or refused), nothing to wait for
+            return self.admit(who, requested, targets, req, prompt_bound, tags, pipeline)
+        except LeaseNeeded as short:
+            last = short
+        for _ in range(_JOINED - 1):
             if not await last.wait and last.own and last.counter.left() < last.amount:
                 raise BudgetExceeded(last.counter, last.amount)
             # Granted; or refused, but to another call that needed more, or while calls
             # that ended since have left room: admit again (asking for what is short).
-        assert last is not None
+            try:
+                return self.admit(who, requested, targets, req, prompt_bound, tags,
+                                  pipeline)
+            except LeaseNeeded as short:
+                last = short
+        await last.wait
         raise BudgetExceeded(last.counter, last.amount)
 
     def worst_cost(self, targets: Iterable[Any], req: dict[str, Any],
@@ -409,13 +438,23 @@ class Gate:
         """The most the call can cost on any of its targets: every prompt token at the
         dearest input rate (a 1-hour cache write), ``prompt_bound`` tokens of it, and the
         output limit of every choice."""
-        out = _max_output(req) or self.config.budgets.default_max_output_tokens
-        n = req.get("n")
-        if n.__class__ is int and n > 1:  # not a bool
-            out *= n
-        worst = Decimal(0)
+        default = self.config.budgets.default_max_output_tokens
+        if _OUTPUT_SHAPE.isdisjoint(req):  # most requests: one C call says so
+            out = default
+        else:
+            out = _max_output(req) or default
+            n = req.get("n")
+            if n.__class__ is int and n > 1:  # not a bool
+                out *= n
+        worst = ZERO
         for t in targets:
-            cost = self._worst_on(t, prompt_bound, out)
+            # The target's per-token rates, when ``prompt_bound`` is known to be priced
+            # by them (see `_worst_on`), inline: this runs on every budgeted call.
+            rates = self._rates.get((t.provider, t.model))
+            if rates is not None and prompt_bound <= rates[2]:
+                cost = prompt_bound * rates[0] + out * rates[1]
+            else:
+                cost = self._worst_on(t, prompt_bound, out)
             if cost > worst:
                 worst = cost
         return worst
@@ -489,6 +528,8 @@ def _part(limit: int | None, rank: int, n: int) -> int | None:
     return limit // n + (1 if rank < limit % n else 0)
 
 
+# What a caller without windows or budgets is checked against: nothing.
+_NOTHING: tuple[list[Window], list[Counter]] = ([], [])
 _JOINED = 64  # leases a call waits for at most (others may take each first) before refused
 
 # One prompt token plain, one written to the 1-hour cache, one output token.
@@ -506,3 +547,5 @@ def _max_output(req: dict[str, Any]) -> int | None:
 
 
 _OUTPUT_LIMITS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# What can make a call's output longer than the default: an output limit, or n choices.
+_OUTPUT_SHAPE = frozenset((*_OUTPUT_LIMITS, "n"))

@@ -154,9 +154,11 @@ class ModelCaller:
                 status: str, latency_ms: float, usage: Usage | None, ctx: CallContext,
                 rule: str | None, stream: bool, error: BaseException | None = None,
                 ttft_ms: float | None = None, bill: Bill | None = None, req: Any = None,
-                answer: Any = None, finish: str | None = None) -> Decimal | None:
+                answer: Any = None, finish: str | None = None, last: bool = False
+                ) -> Decimal | None:
         """One ledger row. ``status``: ok | error | cancelled. A cost is never $0 for want
-        of a count: without ``usage`` it is NULL; an estimated usage is priced and marked."""
+        of a count: without ``usage`` it is NULL; an estimated usage is priced and marked.
+        ``last``: the call's bill is closed right after (its grant settles in one go)."""
         ok = status == "ok"
         cost, source = (None, None)
         if usage is not None and target is not None:
@@ -167,7 +169,10 @@ class ModelCaller:
             error.recorded = True  # type: ignore[attr-defined]  # see `refused`
         bill = bill or Bill()
         if bill.grant is not None:
-            bill.grant.charge(cost, usage)
+            if last:
+                bill.grant.settle(cost, usage)
+            else:
+                bill.grant.charge(cost, usage)
         if self.ledger is not None:
             u = usage or Usage()
             self.ledger.record(CallRecord(
@@ -371,7 +376,8 @@ class ModelCaller:
             ms = (time.perf_counter() - t0) * 1000
             cost = self._record(requested, target, _served(result.body, target), status="ok",
                                 latency_ms=ms, usage=result.usage, ctx=ctx, rule=plan.rule,
-                                stream=False, bill=bill, req=req, answer=result.body)
+                                stream=False, bill=bill, req=req, answer=result.body,
+                                last=True)
         finally:
             bill.close()
         return Outcome(result.body, target, result.usage, cost, result.upstream_ms, plan.rule,
@@ -428,7 +434,7 @@ class ModelCaller:
                          latency_ms=(time.perf_counter() - state.started) * 1000,
                          usage=usage, ctx=ctx, rule=plan.rule, stream=True, error=error,
                          ttft_ms=state.first_token_ms, bill=bill, req=req,
-                         finish=state.finish_reason)
+                         finish=state.finish_reason, last=True)
             bill.close()
 
         async def replay() -> AsyncIterator[Any]:

@@ -34,7 +34,6 @@ from runtime.access.budgets import (
     Budgets,
     Counter,
     LeaseNeeded,
-    Reservation,
     Scope,
     period_end,
     period_start,
@@ -268,7 +267,7 @@ class SharedBudgets(Budgets):
             super()._roll(c, now)
             c.settled = c.leased_all = ZERO  # type: ignore[attr-defined]
 
-    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> Reservation:
+    def reserve_on(self, counters: list[Counter], amount: Decimal, now: float) -> None:
         access = self.access
         for c in counters:
             self._roll(c, now)
@@ -287,7 +286,6 @@ class SharedBudgets(Budgets):
             c.reserved += amount
             c.demand += amount  # type: ignore[attr-defined]
             self._refill(c, amount)  # type: ignore[arg-type]
-        return Reservation(self, counters, amount)
 
     def _leasing(self, c: SharedCounter, need: Decimal, amount: Decimal
                  ) -> asyncio.Future[bool]:
@@ -312,10 +310,10 @@ class SharedBudgets(Budgets):
                 and c.limit - c.settled - c.leased_all >= 4 * c.rate):
             c.leasing = _background(self._lease(c, CENT, amount))
 
-    def charge(self, counters: list[Counter], cost: Decimal) -> None:
+    def charge(self, counters: list[Counter], cost: Decimal, held: Decimal = ZERO) -> None:
         for c in counters:
             c.pending += cost  # type: ignore[attr-defined]
-        super().charge(counters, cost)
+        super().charge(counters, cost, held)
 
     # -- the tick, on the event loop around its work in the store ---------------------------
     def settlements(self, final: bool = False) -> list[Settlement]:
