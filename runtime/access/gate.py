@@ -98,9 +98,7 @@ class Grant(Reservation):
         if cost and self.counters:
             self.spend(cost)
         if usage is not None and self.windows:
-            now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
-            for w in self.windows:
-                w.add_tokens(now, n)
+            self._count(usage)
 
     def settle(self, cost: Decimal | None, usage: Usage | None) -> None:
         """The call's last ledger row was written: `charge` then `close` in one pass, for
@@ -112,9 +110,13 @@ class Grant(Reservation):
                 self.held = ZERO
                 self.budgets.charge(counters, cost or ZERO, held)
         if usage is not None and self.windows:
-            now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
-            for w in self.windows:
-                w.add_tokens(now, n)
+            self._count(usage)
+
+    def _count(self, usage: Usage) -> None:
+        """The attempt's tokens, on every tokens-per-minute window of the call."""
+        now, n = time.monotonic(), usage.prompt_tokens + usage.completion_tokens
+        for w in self.windows:
+            w.add_tokens(now, n)
 
 
 class Gate:
@@ -460,11 +462,13 @@ class Gate:
         return worst
 
     def _worst_on(self, t: Any, prompt_bound: int, out: int) -> Decimal:
-        """One target's worst cost, exact. Below a long-context tier a cost is linear in
-        the tokens, so each target's per-token rates are found once and the cost is two
-        products (pricing the two usages costs ~4 us a call, on every request); a prompt
-        bound not yet known to be below every tier is priced in full, and when that agrees
-        with the rates, bounds up to it use them from then on."""
+        """One target's worst cost, exact, when ``prompt_bound`` is not yet known to be
+        priced by its per-token rates (`worst_cost` prices the bounds that are, inline).
+        Below a long-context tier a cost is linear in the tokens, so each target's rates
+        are found once and the cost is two products (pricing the two usages costs ~4 us a
+        call, on every request); a bound not yet known to be below every tier is priced
+        in full, and when that agrees with the rates, bounds up to it use them from then
+        on."""
         ident = (t.provider, t.model)  # a tuple hashes in C; the dataclass in Python
         rates = self._rates.get(ident)
         if rates is None:
@@ -476,8 +480,6 @@ class Gate:
             plain, written, output = units
             rates = self._rates[ident] = [max(plain, written), output, -1]  # type: ignore[type-var]
         linear: Decimal = prompt_bound * rates[0] + out * rates[1]
-        if prompt_bound <= rates[2]:
-            return linear
         plain_u = Usage(prompt_tokens=prompt_bound, completion_tokens=out)
         written_u = Usage(prompt_tokens=prompt_bound, cache_write_tokens=prompt_bound,
                           cache_write_1h_tokens=prompt_bound, completion_tokens=out)

@@ -212,9 +212,8 @@ def _reset(seconds: float) -> bytes:
     if ms >= _MINUTE_MS:
         return _format_ms(ms)
     text = _RESETS[ms]
-    if text is None:  # `_format_ms`, for under a minute
-        text = _RESETS[ms] = (b"%dms" % ms if ms < 1000 else
-                              _SECONDS[ms // 1000] + _FRACTIONS[ms % 1000])
+    if text is None:
+        text = _RESETS[ms] = _format_ms(ms)
     return text
 
 

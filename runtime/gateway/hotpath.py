@@ -325,7 +325,7 @@ class HotPaths:
                 headers = response.headers_only
                 if limited:  # counted once the handler has admitted (or refused) the call
                     headers = headers + gate.headers(who)  # type: ignore[union-attr]
-                await respond(send, 200, headers, response.body)
+                await respond(send, response.status_code, headers, response.body)
                 return
             if limited:
                 response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
