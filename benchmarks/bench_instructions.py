@@ -64,7 +64,9 @@ def instructions(upstream: str, auth: str | None, requests: int) -> float:
         env = {**os.environ, "OPENAI_BASE_URL": upstream + "/v1",
                "OPENAI_API_KEY": "sk-bench", "PYTHONPATH": str(ROOT)}
         env.pop("FLOWC_ADMIN_KEY", None)
-        headers = {"content-type": "application/json"}
+        # Auth off is sent what a client sends when it is not given a flowc key (as
+        # bench_gateway's wrk does): the OpenAI SDK always sends a bearer token.
+        headers = {"content-type": "application/json", "authorization": "Bearer sk-bench"}
         if auth:
             env["FLOWC_ADMIN_KEY"] = ADMIN
             headers["authorization"] = f"Bearer {bench_key(project, auth == 'limits')}"

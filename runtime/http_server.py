@@ -97,17 +97,25 @@ class CoalescingProtocol(HttpToolsProtocol):
 
 
 async def respond(send: Any, status: int, headers: list[tuple[bytes, bytes]],
-                  body: bytes) -> None:
+                  body: bytes, lines: bytes = b"") -> None:
     """Send a whole response on ASGI ``send``, its content-length from ``body`` (``headers``
-    must not have one). When ``send`` is uvicorn's own, the head is written here; otherwise
-    (a wrapped ``send``, another server, a head `_write_head` leaves to uvicorn) it goes as
-    the ASGI start message."""
+    must not have one). ``lines``: more headers, as lines of the head that flowc formats
+    itself (names and values it vouches for: a rate limit's counts). When ``send`` is
+    uvicorn's own, the head is written here; otherwise (a wrapped ``send``, another
+    server, a head `_write_head` leaves to uvicorn) it goes as the ASGI start message."""
     cycle = getattr(send, "__self__", None)
-    if cycle.__class__ is not RequestResponseCycle or not _write_head(cycle, status, headers,
-                                                                      len(body)):
+    if cycle.__class__ is not RequestResponseCycle or not _write_head(
+            cycle, status, headers, lines, len(body)):
         await send({"type": "http.response.start", "status": status,
-                    "headers": [*headers, (b"content-length", b"%d" % len(body))]})
+                    "headers": [*headers, *head_fields(lines),
+                                (b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body})
+
+
+def head_fields(lines: bytes) -> list[tuple[bytes, bytes]]:
+    """Lines of a head (``name: value\\r\\n`` each) as ASGI (name, value) pairs."""
+    return [(name, value) for name, _, value in
+            (line.partition(b": ") for line in lines.split(b"\r\n") if line)]
 
 
 _FIELD = b"%s: %s\r\n"
@@ -130,7 +138,7 @@ def _names_ok(fields: dict[bytes, bytes]) -> bool:
 
 
 def _write_head(cycle: RequestResponseCycle, status: int,
-                headers: list[tuple[bytes, bytes]], length: int) -> bool:
+                headers: list[tuple[bytes, bytes]], lines: bytes, length: int) -> bool:
     """What uvicorn's `RequestResponseCycle.send` does with a start message, for a head of
     valid, distinct, lower-case names and valid values, none of them framing the response:
     False (nothing written) for any other, which then takes uvicorn's own path."""
@@ -143,7 +151,7 @@ def _write_head(cycle: RequestResponseCycle, status: int,
             or (not _NAMES.issuperset(fields) and not _names_ok(fields))
             or HEADER_VALUE_RE.search(b"".join(fields.values()))):
         return False
-    head = [STATUS_LINE[status], b"".join(map(_FIELD.__mod__, every)),
+    head = [STATUS_LINE[status], b"".join(map(_FIELD.__mod__, every)), lines,
             b"content-length: %d\r\n" % length]
     if not cycle.keep_alive:
         head.append(b"connection: close\r\n")

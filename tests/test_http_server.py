@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from runtime.access.limits import Window
 from runtime.http_server import CoalescingProtocol, respond, uvicorn_options
 
 SENT: list[bytes] = []  # what the server handed to the socket's transport, write by write
@@ -65,8 +66,10 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": b""})
         return
     if scope["path"].startswith("/respond"):  # a gateway answer, as the hot path sends it
-        headers = [(b"content-type", b"application/json"), (b"x-flowc-model", b"m-1"),
-                   (b"x-ratelimit-remaining-requests", b"99")]
+        headers = [(b"content-type", b"application/json"), (b"x-flowc-model", b"m-1")]
+        limits = Window("key 'k'", 100, 1000)  # a limited key's `x-ratelimit-*` lines
+        limits.take(1000.0)
+        limits.add_tokens(1000.0, 12)
         if scope["path"].endswith("/injected"):  # a value from upstream, CRLF and all
             headers.append((b"x-flowc-route", b"m\r\nset-cookie: stolen=1"))
         direct = send
@@ -75,7 +78,7 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             await direct(message)
 
         await respond(wrapped if "wrapped" in scope["path"] else send, 200, headers,
-                      b'{"ok":true}')
+                      b'{"ok":true}', limits.head_lines(1000.25))
         return
     body = BIG if scope["path"] == "/big" else b'{"ok":true}'
     await send({"type": "http.response.start", "status": 200,
@@ -190,6 +193,9 @@ def test_an_answer_written_by_respond_has_the_head_uvicorn_writes(server: int) -
         assert len(SENT) == 1
         assert ours == _head(server, "/respond/wrapped", version)  # uvicorn's own path
         assert b"\r\ncontent-length: 11" in ours
+        assert (b"\r\nx-ratelimit-remaining-requests: 99\r\nx-ratelimit-reset-requests: "
+                b"59.75s\r\n") in ours
+        assert b"\r\nx-ratelimit-remaining-tokens: 988\r\n" in ours
         assert (b"\r\nconnection: close" in ours) == (version == "1.0")
 
 

@@ -50,6 +50,9 @@ class Principal:
 
     kind: str
     key: Key | None = None
+    # The key's rate-limit window, whose `x-ratelimit-*` headers go on every response to
+    # it (None: the key has no rpm or tpm).
+    window: Window | None = None
 
     @property
     def admin(self) -> bool:
@@ -147,10 +150,10 @@ class Gate:
         # budget is added, changed or dropped. Keyed by the key's id alone (a string hashes
         # once) when the call has no tags and no pipeline, as most have.
         self._plans: dict[Any, tuple[list[Window], list[Counter]]] = {}
-        self._key_windows: dict[str, Window] = {}  # by key id, for the response headers
+        self._key_windows: dict[str, Window] = {}  # by key id, for its `Principal`
         # The credential headers of recent requests -> who sent them, and until when (epoch
         # seconds; a key's expiry): parsing, hashing and looking up a key on every request
-        # is most of what auth costs. Emptied whenever a key changes.
+        # is most of what auth costs. Emptied whenever a key changes (its window with it).
         self._callers: dict[tuple[bytes | None, bytes | None], tuple[Principal, float]] = {}
         self.changing = asyncio.Lock()  # the keys API's changes, one at a time
         self.loaded = False
@@ -194,8 +197,7 @@ class Gate:
 
     def _apply_share(self, w: Window, rpm: int | None, tpm: int | None) -> None:
         rank, n = self._share
-        w.shown_rpm, w.shown_tpm = rpm, tpm
-        w.rpm, w.tpm = _part(rpm, rank, n), _part(tpm, rank, n)
+        w.limit(_part(rpm, rank, n), _part(tpm, rank, n), rpm, tpm)
 
     def set_share(self, rank: int, n: int) -> None:
         """This instance is ``rank`` of ``n`` live instances sharing every rate limit: it
@@ -326,7 +328,7 @@ class Gate:
             log.info("refused a request with %s key %s (%s)", state, key.id, key.name)
             raise Denied(401, f"{state}_api_key", f"This API key was {state} "
                          f"(key '{key.name}', {key.id}).")
-        return Principal("key", key)
+        return Principal("key", key, self._key_windows.get(key.id))
 
     def row_tags(self, who: Principal, request_tags: str | None) -> str | None:
         if not request_tags and (who.key is None or not who.key.tags):
@@ -488,13 +490,6 @@ class Gate:
         if exact == linear:
             rates[2] = prompt_bound
         return exact
-
-    def headers(self, who: Principal) -> list[tuple[bytes, bytes]]:
-        """The caller's `x-ratelimit-*` headers (its key's limits), for every response."""
-        if who.key is None:
-            return []
-        w = self._key_windows.get(who.key.id)
-        return w.headers(time.monotonic()) if w is not None else []
 
     def budget_status(self, key: Key) -> dict[str, Any]:
         return {"key": self.budgets.status(Scope("key", key.id)),

@@ -13,6 +13,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import repeat
 
+from runtime.http_server import head_fields
+
 WINDOW = 60.0
 _NEVER = float("inf")
 
@@ -51,9 +53,18 @@ class Window:
     # No entry of either log is older than this (inf: both empty): until ``due`` leaves
     # the window nothing does, so a request in the meantime trims nothing (one comparison).
     due: float = _NEVER
-    # The `x-ratelimit-limit-*` headers, formatted once for the limits they were made for.
-    _limits: tuple[int | None, int | None, tuple[bytes, bytes] | None,
-                   tuple[bytes, bytes] | None] | None = None
+    # The `x-ratelimit-*` head lines of the limits, and which limits they show (made by
+    # `limit`, not on every response).
+    _lines: tuple[int, bytes] = (0, b"")
+
+    def __post_init__(self) -> None:
+        self.limit(self.rpm, self.tpm, self.shown_rpm, self.shown_tpm)
+
+    def limit(self, rpm: int | None, tpm: int | None, shown_rpm: int | None = None,
+              shown_tpm: int | None = None) -> None:
+        """Set the limits (``shown_*``: as configured, when these are a part of them)."""
+        self.rpm, self.tpm, self.shown_rpm, self.shown_tpm = rpm, tpm, shown_rpm, shown_tpm
+        self._lines = _limit_lines(rpm, tpm)
 
     def _trim(self, now: float) -> None:
         edge = now - WINDOW
@@ -148,48 +159,54 @@ class Window:
             if self.due > now:
                 self.due = now
 
-    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
-        """OpenAI's `x-ratelimit-*` headers for this window. They go on every response of a
-        limited key: trimmed only when something has left the window, the fixed parts
-        made once."""
+    def head_lines(self, now: float) -> bytes:
+        """OpenAI's `x-ratelimit-*` headers for this window, as lines of a response head
+        (they go on every response of a limited key: trimmed only when something has left
+        the window, and formatted in one go from lines made once for the limits)."""
         if self.due <= now - WINDOW:
             self._trim(now)
         t, h, tt, th = self.times, self.head, self.token_times, self.token_head
         # (What is left of a limit that is not set is not shown.)
-        return self.shown_headers(now, (self.rpm or 0) - len(t) + h,
-                                  t[h] if h < len(t) else None,
-                                  (self.tpm or 0) - self.token_sum,
-                                  tt[th] if th < len(tt) else None)
+        return self.shown_lines(now, (self.rpm or 0) - len(t) + h,
+                                t[h] if h < len(t) else None,
+                                (self.tpm or 0) - self.token_sum,
+                                tt[th] if th < len(tt) else None)
 
-    def shown_headers(self, now: float, left: int, oldest: float | None, tokens_left: int,
-                      oldest_tokens: float | None) -> list[tuple[bytes, bytes]]:
-        """The headers for these limits: ``left`` requests and ``tokens_left`` tokens, and
-        when the oldest of each leaves the window (None: nothing in it)."""
-        made = self._limits
-        if made is None or made[0] != self.rpm or made[1] != self.tpm:
-            made = self._limits = _limit_headers(self.rpm, self.tpm)
-        out: list[tuple[bytes, bytes]] = []
-        if made[2] is not None:
-            out += (made[2],
-                    (b"x-ratelimit-remaining-requests", b"%d" % left if left > 0 else b"0"),
-                    (b"x-ratelimit-reset-requests",
-                     _reset(oldest + WINDOW - now) if oldest is not None else b"0ms"))
-        if made[3] is not None:
-            out += (made[3],
-                    (b"x-ratelimit-remaining-tokens",
-                     b"%d" % tokens_left if tokens_left > 0 else b"0"),
-                    (b"x-ratelimit-reset-tokens", _reset(oldest_tokens + WINDOW - now)
-                     if oldest_tokens is not None else b"0ms"))
-        return out
+    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
+        """`head_lines` as (name, value) pairs, for a response not written in one go."""
+        return head_fields(self.head_lines(now))
+
+    def shown_lines(self, now: float, left: int, oldest: float | None, tokens_left: int,
+                    oldest_tokens: float | None) -> bytes:
+        """The head lines for these limits: ``left`` requests and ``tokens_left`` tokens,
+        and when the oldest of each leaves the window (None: nothing in it)."""
+        shown, lines = self._lines
+        if shown == _BOTH:
+            return lines % (left if left > 0 else 0, _until(oldest, now),
+                            tokens_left if tokens_left > 0 else 0, _until(oldest_tokens, now))
+        if shown == _REQUESTS:
+            return lines % (left if left > 0 else 0, _until(oldest, now))
+        if shown == _TOKENS:
+            return lines % (tokens_left if tokens_left > 0 else 0, _until(oldest_tokens, now))
+        return b""
 
 
-def _limit_headers(rpm: int | None, tpm: int | None
-                   ) -> tuple[int | None, int | None, tuple[bytes, bytes] | None,
-                              tuple[bytes, bytes] | None]:
-    """The `x-ratelimit-limit-*` headers of these limits (None: not limited on that)."""
-    return (rpm, tpm,
-            (b"x-ratelimit-limit-requests", b"%d" % rpm) if rpm is not None else None,
-            (b"x-ratelimit-limit-tokens", b"%d" % tpm) if tpm is not None else None)
+_REQUESTS, _TOKENS, _BOTH = 1, 2, 3
+
+
+def _limit_lines(rpm: int | None, tpm: int | None) -> tuple[int, bytes]:
+    """Which limits are shown (None: not limited on that), and their `x-ratelimit-*` head
+    lines, to be formatted with what is left of each and when it resets."""
+    lines, shown = b"", 0
+    if rpm is not None:
+        lines += (b"x-ratelimit-limit-requests: %d\r\n" % rpm
+                  + b"x-ratelimit-remaining-requests: %d\r\nx-ratelimit-reset-requests: %b\r\n")
+        shown |= _REQUESTS
+    if tpm is not None:
+        lines += (b"x-ratelimit-limit-tokens: %d\r\n" % tpm
+                  + b"x-ratelimit-remaining-tokens: %d\r\nx-ratelimit-reset-tokens: %b\r\n")
+        shown |= _TOKENS
+    return shown, lines
 
 
 def _past(log: array[float], edge: float, lo: int) -> int:
@@ -206,29 +223,32 @@ def _past(log: array[float], edge: float, lo: int) -> int:
 
 def _reset(seconds: float) -> bytes:
     """Seconds as OpenAI writes them in `x-ratelimit-reset-*`: `1s`, `6m0s`, `120ms` (to the
-    millisecond). Two go on every response of a limited key, and within a window they are
-    at most a minute: those are formatted once each and kept."""
+    millisecond)."""
     ms = int(seconds * 1000 + 0.5) if seconds > 0 else 0
-    if ms >= _MINUTE_MS:
-        return _format_ms(ms)
-    text = _RESETS[ms]
-    if text is None:
-        text = _RESETS[ms] = _format_ms(ms)
-    return text
-
-
-def _format_ms(ms: int) -> bytes:
     if ms < 1000:
-        return b"%dms" % ms
-    minutes, ms = divmod(ms, 60000)
+        return _MILLISECONDS[ms]
+    minutes, ms = divmod(ms, _MINUTE_MS)
     text = _SECONDS[ms // 1000] + _FRACTIONS[ms % 1000]
     return b"%dm%b" % (minutes, text) if minutes else text
 
 
+def _until(oldest: float | None, now: float) -> bytes:
+    """The reset of a log whose oldest entry is at ``oldest`` (None: empty): `_reset`, with
+    the case of every reset of a window with something in it for a second or more first
+    (two go on every response)."""
+    if oldest is None:
+        return b"0ms"
+    seconds = oldest + WINDOW - now
+    ms = int(seconds * 1000 + 0.5)
+    if 1000 <= ms < _MINUTE_MS:
+        return _SECONDS[ms // 1000] + _FRACTIONS[ms % 1000]
+    return _reset(seconds)
+
+
 _MINUTE_MS = int(WINDOW * 1000)
-_RESETS: list[bytes | None] = [None] * _MINUTE_MS
-# Under a minute, a reset is its whole seconds and then its milliseconds as the fraction
-# OpenAI writes: `s` (none), `.5s`, `.25s`, `.125s`.
+_MILLISECONDS = [b"%dms" % ms for ms in range(1000)]
+# Then a reset is its whole seconds and its milliseconds as the fraction OpenAI writes:
+# `s` (none), `.5s`, `.25s`, `.125s`.
 _SECONDS = [b"%d" % whole for whole in range(60)]
 _FRACTIONS = [b"s"] + [(b".%03d" % frac).rstrip(b"0") + b"s" for frac in range(1, 1000)]
 

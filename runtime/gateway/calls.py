@@ -227,7 +227,8 @@ class ModelCaller:
         if key is None:
             return Bill(tags=_tags(tags))
         assert self.gate is not None
-        return Bill(key.id, key.name, key.team, self.gate.row_tags(ctx.who, tags))
+        return Bill(key.id, key.name, key.team,
+                    self.gate.row_tags(ctx.who, tags) if tags or key.tags else None)
 
     async def _admit(self, req: dict[str, Any], plan: Plan, tags: str | None,
                      ctx: CallContext, stream: bool) -> Bill:

@@ -299,12 +299,12 @@ class HotPaths:
                                       www_authenticate=True)
                     return
         # A key with rate limits gets its `x-ratelimit-*` headers on every response.
-        limited = who.key is not None and (who.key.rpm is not None or who.key.tpm is not None)
+        window = who.window
         scope[PRINCIPAL] = who
         handler = self.routes.get(path) if method == "POST" else None
         if handler is None:
-            if limited:
-                send = _with_headers(send, lambda: gate.headers(who))  # type: ignore[union-attr]
+            if window is not None:
+                send = _with_headers(send, lambda: window.headers(time.monotonic()))
             if method in SAFE_METHODS:
                 await self.app(scope, receive, send)
                 return
@@ -321,14 +321,14 @@ class HotPaths:
         response = None
         try:
             response = await handler(incoming, self.caller())
+            # (The headers count the call: the handler has admitted or refused it.)
             if response.__class__ is Answer:
-                headers = response.headers_only
-                if limited:  # counted once the handler has admitted (or refused) the call
-                    headers = headers + gate.headers(who)  # type: ignore[union-attr]
-                await respond(send, response.status_code, headers, response.body)
+                await respond(send, response.status_code, response.headers_only,
+                              response.body, window.head_lines(time.monotonic())
+                              if window is not None else b"")
                 return
-            if limited:
-                response.raw_headers += gate.headers(who)  # type: ignore[union-attr]
+            if window is not None:
+                response.raw_headers += window.headers(time.monotonic())
             await response(scope, receive, send)
         finally:
             observe.request_ended(path, response)

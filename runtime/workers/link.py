@@ -383,12 +383,12 @@ class RemoteWindow(Window):
             self._link.post("tokens", self.scope.kind, self.scope.name, self.unsent)
             self.unsent = 0
 
-    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
+    def head_lines(self, now: float) -> bytes:
         left, oldest, tokens, oldest_tokens = self.seen
         if left is None and self.slots >= _UNLIMITED // 2:
-            return []
-        return self.shown_headers(now, (left or 0) + self.slots, oldest,
-                                  (self.tpm or 0) - tokens - self.tokens_here, oldest_tokens)
+            return b""
+        return self.shown_lines(now, (left or 0) + self.slots, oldest,
+                                (self.tpm or 0) - tokens - self.tokens_here, oldest_tokens)
 
 
 class WorkerGate(Gate):
