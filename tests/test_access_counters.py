@@ -5,6 +5,7 @@ made once, the next alert's spend precomputed) that must never change what they 
 from __future__ import annotations
 
 import re
+import time
 from array import array
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -15,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowc.config import ProjectConfig
-from runtime.access.budgets import Alert, Budgets, Scope
-from runtime.access.gate import Gate, Grant
+from runtime.access.budgets import Alert, BudgetExceeded, Budgets, Scope
+from runtime.access.gate import Gate, Grant, Principal
 from runtime.access.limits import WINDOW, RateLimited, Window, _past, _reset
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import CallRecord, Ledger
+from runtime.providers import Target
 
 RESET = re.compile(rb"(?:(\d+)m)?(\d+)(?:\.(\d{1,3}))?s|(\d+)ms")
 
@@ -239,3 +241,35 @@ def test_a_trim_finds_what_has_left_the_window_as_a_scan_does(times, edge, lo):
     lo = min(lo, len(log))
     want = next((i for i in range(lo, len(log)) if log[i] > edge), len(log))
     assert _past(log, float(edge), lo) == want
+
+
+def test_a_refused_call_leaves_no_request_counted(tmp_path):
+    """A call refused by its budget, or by its team's rate limit, is counted by none of its
+    windows: the key's headers still show every request left."""
+    ledger = Ledger(tmp_path / "ledger.duckdb")
+    config = ProjectConfig.model_validate({"budgets": {"teams": {"core": {"rpm": 1}}}})
+    gate = Gate(config, LedgerAccessStore(ledger), None)
+    gate.load()
+
+    def caller(spec: dict) -> Principal:
+        _, secret = gate.create({"team": "core", **spec})
+        return gate.authenticate(b"Bearer " + secret.encode(), None)
+
+    def admit(who: Principal) -> Grant | None:
+        return gate.admit(who, "gpt-4o-mini", [Target("openai", "gpt-4o-mini")], req, None,
+                          None, None)
+
+    def left(who: Principal) -> bytes:
+        return dict(who.window.headers(time.monotonic()))[b"x-ratelimit-remaining-requests"]
+
+    req = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    poor = caller({"name": "poor", "rpm": 5, "budget_usd": "0.000001"})
+    with pytest.raises(BudgetExceeded):
+        admit(poor)
+    assert left(poor) == b"5"
+    other, late = caller({"name": "other"}), caller({"name": "late", "rpm": 5})
+    admit(other)  # the team's one request this minute
+    with pytest.raises(RateLimited, match="team 'core'"):
+        admit(late)
+    assert left(late) == b"5"
+    ledger.close()

@@ -135,6 +135,10 @@ class Gate:
         shared = getattr(store, "make_budgets", None)  # a SharedStore (store.py)
         self.budgets = budgets or (shared(config.alerts.thresholds, alert) if shared else
                                    Budgets(store.spend, config.alerts.thresholds, alert))
+        # Whether `admit` is all `admit_wait` does (budgets kept here alone, no subclass
+        # admitting through another process): then a call is admitted without an await.
+        self.at_once = (type(self.budgets) is Budgets
+                        and type(self).admit_wait is Gate.admit_wait)
         self.keys: dict[str, Key] = {}  # by id
         self._by_hash: dict[str, Key] = {}
         self._windows: dict[Scope, Window] = {}
@@ -445,12 +449,15 @@ class Gate:
         default = self.config.budgets.default_max_output_tokens
         if _OUTPUT_SHAPE.isdisjoint(req):  # most requests: one C call says so
             out = default
-        else:
-            out = _max_output(req) or default
+        else:  # the first limit given, when it is a count (else what `_max_output` finds)
+            out = (req.get("max_completion_tokens") or req.get("max_tokens")
+                   or req.get("max_output_tokens"))
+            if out.__class__ is not int or out <= 0:  # not a bool, nor a float
+                out = _max_output(req) or default
             n = req.get("n")
             if n.__class__ is int and n > 1:  # not a bool
                 out *= n
-        worst = ZERO
+        worst = None
         for t in targets:
             # The target's per-token rates, when ``prompt_bound`` is known to be priced
             # by them (see `_worst_on`), inline: this runs on every budgeted call.
@@ -459,9 +466,9 @@ class Gate:
                 cost = prompt_bound * rates[0] + out * rates[1]
             else:
                 cost = self._worst_on(t, prompt_bound, out)
-            if cost > worst:
+            if worst is None or cost > worst:  # (the first without a Decimal comparison)
                 worst = cost
-        return worst
+        return worst if worst is not None else ZERO
 
     def _worst_on(self, t: Any, prompt_bound: int, out: int) -> Decimal:
         """One target's worst cost, exact, when ``prompt_bound`` is not yet known to be

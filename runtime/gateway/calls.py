@@ -238,10 +238,10 @@ class ModelCaller:
         gate = self.gate
         if gate is None:
             return bill
+        call = (ctx.who or OPEN, str(req.get("model", "")), plan.targets, req,
+                ctx.prompt_bound, bill.tags, ctx.workflow_name)
         try:
-            bill.grant = await gate.admit_wait(ctx.who or OPEN, str(req.get("model", "")),
-                                               plan.targets, req, ctx.prompt_bound, bill.tags,
-                                               ctx.workflow_name)
+            bill.grant = gate.admit(*call) if gate.at_once else await gate.admit_wait(*call)
         except (Denied, RateLimited, BudgetExceeded, Unpriced) as exc:
             self._refuse(req, plan, ctx, stream, bill, exc)
         return bill
