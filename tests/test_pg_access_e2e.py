@@ -212,3 +212,33 @@ def test_store_down_a_budgeted_key_is_refused_an_unbudgeted_one_served(
         for secret in (capped, free):
             r = httpx.post(url + "/v1/chat/completions", timeout=10, **ask(secret))
             assert r.status_code == 200, r.text
+
+
+KEY_CHANGES = [{"rpm": 70}, {"tpm": 9000}, {"budget": "3"}, {"models": "flat"},
+               {"read_only": True}, {"tags": ["env=prod"]}, {"expires": "40d"},
+               {"pipelines": ["echo"]}, {"team": "ops"}]
+
+
+def test_changes_to_one_key_sent_to_every_instance_at_once_all_take_effect(
+        cluster: Cluster) -> None:
+    """Each instance works a change out from the key as it has it, which may be behind
+    another instance's change made a moment before: the store refuses that change, and
+    it is worked out again from the key as the store has it. None is lost."""
+    key_id, _ = cluster.key(name="parallel")
+    time.sleep(PROPAGATION)
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30,
+                                     headers={"authorization": f"Bearer {ADMIN}"}) as client:
+            return await asyncio.gather(*(
+                client.patch(f"{cluster.urls[i % 3]}/v1/keys/{key_id}", json=change)
+                for i, change in enumerate(KEY_CHANGES)))
+
+    assert [r.status_code for r in asyncio.run(send_all())] == [200] * len(KEY_CHANGES)
+    time.sleep(PROPAGATION)
+    for i in range(3):
+        key = cluster.admin(i, "GET", f"/v1/keys/{key_id}").json()
+        assert (key["rpm"], key["tpm"], key["budget_usd"], key["models"], key["read_only"],
+                key["tags"], key["pipelines"], key["team"]) == (
+            70, 9000, "3", ["flat"], True, ["env=prod"], ["echo"], "ops"), i
+        assert key["expires_at"] is not None

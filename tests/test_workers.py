@@ -207,6 +207,42 @@ def test_a_key_made_through_one_worker_works_on_the_other_at_once(served):
         assert len(seen) == 2, seen
 
 
+
+def test_changes_to_one_key_sent_through_both_workers_at_once_all_take_effect(served):
+    """A change made through one worker while the other changed the key is worked out
+    again from the key as it is now (the supervisor refuses it), never saved over the
+    other's: every change takes effect. Rounds until both workers took changes."""
+    changes = [{"rpm": 70}, {"tpm": 9000}, {"budget": "3"}, {"models": "fast"},
+               {"read_only": True}, {"tags": ["env=prod"]}, {"expires": "40d"},
+               {"pipelines": ["echo"]}, {"team": "ops"}]
+
+    async def send_all(key_id: str) -> list[httpx.Response]:
+        async def one(change: dict[str, object]) -> httpx.Response:
+            async with httpx.AsyncClient(timeout=30, headers=served.admin) as client:
+                return await client.patch(f"{served.url}/v1/keys/{key_id}", json=change)
+
+        return await asyncio.gather(*(one(c) for c in changes))  # a connection each
+
+    workers: set[str] = set()  # that took the last round's changes
+    for round_ in range(10):
+        made = httpx.post(f"{served.url}/v1/keys", headers=served.admin,
+                          json={"name": f"parallel-{round_}"}, timeout=30)
+        assert made.status_code == 201, made.text
+        answers = asyncio.run(send_all(made.json()["id"]))
+        assert [r.status_code for r in answers] == [200] * len(changes)
+        for _ in range(4):  # new connections: what each worker has live
+            key = httpx.get(f"{served.url}/v1/keys/{made.json()['id']}",
+                            headers=served.admin, timeout=30).json()
+            assert (key["rpm"], key["tpm"], key["budget_usd"], key["models"],
+                    key["read_only"], key["tags"], key["pipelines"], key["team"]) == (
+                70, 9000, "3", ["fast"], True, ["env=prod"], ["echo"], "ops")
+            assert key["expires_at"] is not None
+        workers = {r.headers[WORKER] for r in answers}
+        if len(workers) == 2:
+            break
+    assert len(workers) == 2, "one worker took every change of every round"
+
+
 PIPELINE = """\
 name: {name}
 inputs: {{topic: {{type: string}}}}

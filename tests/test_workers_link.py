@@ -187,7 +187,7 @@ def test_a_key_change_waiting_on_the_ledger_holds_up_no_other_workers_calls(tmp_
     ledger_process = hub.ledger._store.pid  # type: ignore[union-attr]
     assert ledger_process is not None
     key, _ = make({"name": "capped", "budget_usd": "5"})
-    saving = threading.Thread(target=saver.call, args=("key", key))
+    saving = threading.Thread(target=saver.call, args=("key", key, None))
     os.kill(ledger_process, signal.SIGSTOP)
     try:
         saving.start()

@@ -34,7 +34,7 @@ from runtime.access.budgets import (
     Reservation,
     Scope,
 )
-from runtime.access.keys import Key, apply_spec, hash_secret, make
+from runtime.access.keys import Key, KeyChanged, apply_spec, hash_secret, make
 from runtime.access.limits import Window
 from runtime.access.store import AccessStore
 from runtime.ledger.pricing import price
@@ -261,16 +261,36 @@ class Gate:
         return key, secret
 
     def update(self, key_id: str, spec: dict[str, Any]) -> Key:
-        key = self.updated(key_id, spec)
-        self.store.save_key(key)
-        self.put(key)
-        return key
+        return self._change(lambda: self.updated(key_id, spec))
 
     def revoke(self, key_id: str) -> Key:
-        key = self.revoked(key_id)
-        self.store.save_key(key)
-        self.put(key)
-        return key
+        return self._change(lambda: self.revoked(key_id))
+
+    def _change(self, change: Callable[[], Key]) -> Key:
+        """Save and put live ``change()`` of a key, worked out again from the key as the
+        store has it while other processes' changes come first (KeyChanged)."""
+        for _ in range(KEY_ATTEMPTS):
+            key = change()
+            try:
+                self.store.save_key(key, self.keys.get(key.id))
+            except KeyChanged:
+                self.refresh(key.id)
+                continue
+            self.put(key)
+            return key
+        raise KeyChanged(f"key {key.id} kept being changed by others: try again")
+
+    def refresh(self, key_id: str) -> None:
+        """One key as the store has it now (after KeyChanged), live; see `fresh`."""
+        found, reads = self.fresh(key_id)
+        if found is not None:
+            self.put(found, reads)
+
+    def fresh(self, key_id: str) -> tuple[Key | None, dict[tuple[Scope, datetime], Decimal]]:
+        """The key as the store has it, and what putting it live reads (see `reads`):
+        the part of `refresh` that waits on the store."""
+        found = next((k for k in self.store.load_keys() if k.id == key_id), None)
+        return found, self.reads(found) if found is not None else {}
 
     def get(self, key_id: str) -> Key:
         key = self.keys.get(key_id)
@@ -534,6 +554,7 @@ def _part(limit: int | None, rank: int, n: int) -> int | None:
 
 # What a caller without windows or budgets is checked against: nothing.
 _NOTHING: tuple[list[Window], list[Counter]] = ([], [])
+KEY_ATTEMPTS = 5  # a key change worked out again at most this often, others' coming first
 _JOINED = 64  # leases a call waits for at most (others may take each first) before refused
 
 # One prompt token plain, one written to the 1-hour cache, one output token.

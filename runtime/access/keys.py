@@ -92,6 +92,11 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
 
+class KeyChanged(Exception):
+    """A key changed by another process (a worker, an instance) after the change being
+    saved read it: saving it would undo that change. Read the key again and redo it."""
+
+
 class KeySpecError(ValueError):
     """A key's settings as a user wrote them are wrong; the message says which and why."""
 

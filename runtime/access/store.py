@@ -27,7 +27,13 @@ _KEY_COLUMNS = ("id", "name", "hash", "hint", "team", "budget_usd", "period", "r
 class AccessStore(Protocol):
     def load_keys(self) -> list[Key]: ...
 
-    def save_key(self, key: Key) -> None: ...
+    def save_key(self, key: Key, base: Key | None = None) -> None:
+        """Save ``key``, a change worked out from ``base`` (the key as the change read it;
+        None: a new key, or no check). A store several processes change raises
+        KeyChanged when its copy is no longer ``base``; in one process the gate makes
+        changes one at a time (`Gate.changing`), so the ledger's store has nothing to
+        check."""
+        ...
 
     def spend(self, scope: Scope, since: datetime) -> Decimal:
         """What ``scope`` spent since ``since``, summed from the ledger's rows."""
@@ -90,7 +96,7 @@ class LedgerAccessStore:
                 expires_at=_aware(v["expires_at"]), revoked_at=_aware(v["revoked_at"])))
         return keys
 
-    def save_key(self, key: Key) -> None:
+    def save_key(self, key: Key, base: Key | None = None) -> None:
         self.ledger.execute(
             f"INSERT OR REPLACE INTO keys ({', '.join(_KEY_COLUMNS)}) VALUES "
             f"({', '.join('?' for _ in _KEY_COLUMNS)})",

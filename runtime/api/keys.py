@@ -11,8 +11,8 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from runtime.access.gate import Gate
-from runtime.access.keys import Key, KeySpecError
+from runtime.access.gate import KEY_ATTEMPTS, Gate
+from runtime.access.keys import Key, KeyChanged, KeySpecError
 from runtime.api.auth import Admin, Caller
 from runtime.api.common import current, json_response, ledger_unavailable
 from runtime.ledger.store import LedgerUnavailable
@@ -47,25 +47,36 @@ async def _write(gate: Gate, change: Callable[[], Key]) -> Key:
     the keys and counters); saved, and a new budget's spend so far read, in between off it
     (the store is the ledger, in its own process: a query may wait on its writer). One
     change at a time: each is worked out from the key as the one before left it, so two
-    changes to a key sent at once both take effect."""
+    changes to a key sent at once both take effect. Other processes (workers, instances
+    on one Postgres) change keys too: the store refuses a change made from a key it no
+    longer has (KeyChanged), and it is worked out again from the key as it is now."""
     async with gate.changing:
-        try:
-            key = change()
-        except KeySpecError as exc:  # "budget: ..." names the setting
-            setting = str(exc).partition(":")[0]
-            raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
-                               code="invalid_key_setting") from None
+        for _ in range(KEY_ATTEMPTS):
+            try:
+                key = change()
+            except KeySpecError as exc:  # "budget: ..." names the setting
+                setting = str(exc).partition(":")[0]
+                raise RequestError(str(exc), param=setting if setting.isidentifier() else None,
+                                   code="invalid_key_setting") from None
+            base = gate.keys.get(key.id)
 
-        def save() -> dict[Any, Any]:
-            gate.store.save_key(key)
-            return gate.reads(key)
+            def save(key: Key = key, base: Key | None = base) -> dict[Any, Any]:
+                gate.store.save_key(key, base)
+                return gate.reads(key)
 
-        try:
-            reads = await asyncio.to_thread(save)
-        except LedgerUnavailable as exc:
-            raise ledger_unavailable(exc) from None
-        gate.put(key, reads)
-    return key
+            try:
+                reads = await asyncio.to_thread(save)
+            except KeyChanged:  # (`Gate.refresh`, its wait on the store off the loop)
+                found, reads = await asyncio.to_thread(gate.fresh, key.id)
+                if found is not None:
+                    gate.put(found, reads)
+                continue
+            except LedgerUnavailable as exc:
+                raise ledger_unavailable(exc) from None
+            gate.put(key, reads)
+            return key
+    raise RequestError("the key kept being changed by other requests while this change was "
+                       "saved: send it again", status=409, code="key_changed")
 
 
 @router.post("/v1/keys")

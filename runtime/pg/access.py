@@ -39,7 +39,7 @@ from runtime.access.budgets import (
     period_start,
 )
 from runtime.access.gate import Denied
-from runtime.access.keys import Key
+from runtime.access.keys import Key, KeyChanged
 from runtime.ledger.store import LedgerUnavailable
 from runtime.pg.db import migrate, redact
 from runtime.pg.ledger import default_instance
@@ -535,17 +535,30 @@ class PgAccessStore(Ticking):
             self.version = max(self.version, max(r[-1] for r in rows))
         return [_key(r) for r in rows]
 
-    def save_key(self, key: Key) -> None:
+    def save_key(self, key: Key, base: Key | None = None) -> None:
+        """Instances change keys at once: with ``base``, the key's row is locked and
+        compared with it before it is written (KeyChanged: another instance changed it
+        since ``base`` was read), in one transaction."""
         cols = ", ".join(_KEY_COLUMNS)
         sets = ", ".join(f"{c} = EXCLUDED.{c}" for c in _KEY_COLUMNS if c != "id")
         values = [key.id, key.name, key.hash, key.hint, key.team, key.budget_usd, key.period,
                   key.rpm, key.tpm, list(key.models), list(key.pipelines), key.read_only,
                   list(key.tags), key.created_at, key.expires_at, key.revoked_at]
-        self._run("_inline", lambda c: c.execute(
-            f"INSERT INTO keys ({cols}, version) VALUES "
-            f"({', '.join('%s' for _ in _KEY_COLUMNS)}, nextval('keys_version')) "
-            f"ON CONFLICT (id) DO UPDATE SET {sets}, version = nextval('keys_version')",
-            values))
+
+        def write(c: psycopg.Connection) -> None:
+            with c.transaction():
+                if base is not None:
+                    row = c.execute(_SELECT_KEYS + " WHERE id = %s FOR UPDATE",
+                                    [key.id]).fetchone()
+                    if row is None or _key(row) != base:
+                        raise KeyChanged(f"key {key.id} was changed by another instance")
+                c.execute(
+                    f"INSERT INTO keys ({cols}, version) VALUES "
+                    f"({', '.join('%s' for _ in _KEY_COLUMNS)}, nextval('keys_version')) "
+                    f"ON CONFLICT (id) DO UPDATE SET {sets}, version = nextval('keys_version')",
+                    values)
+
+        self._run("_inline", write)
 
     def spend(self, scope: Scope, since: datetime) -> Decimal:
         """What ``scope`` has settled in the period starting at ``since``, plus what

@@ -96,6 +96,7 @@ class Hub:
                          budgets=Budgets(self.store.spend, config.alerts.thresholds,
                                          self._alerted))
         self.lock = threading.Lock()  # the gate's counters and windows
+        self._keys_lock = threading.Lock()  # key changes, one at a time (see `_key`)
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._workers: set[_Worker] = set()
         self._pool = ThreadPoolExecutor(_CALLS, thread_name_prefix="flowc-hub")
@@ -352,16 +353,25 @@ class Hub:
             self.ledger.flush()
             return None
         if op == "key":
-            self._key(args[0])
-            return _Announce(None, ("key", args[0]))
+            key, base = args
+            if not self._key(key, base):
+                return False
+            return _Announce(True, ("key", key))
         raise ValueError(f"unknown call {op!r}")
 
-    def _key(self, key: Key) -> None:
-        """A key saved by one worker: live here (then on every other worker before the
-        change is answered)."""
-        reads = self.gate.reads(key)  # the ledger, before the lock (see `_spends`)
-        with self.lock:
-            self.gate.put(key, reads)
+    def _key(self, key: Key, base: Key | None) -> bool:
+        """A key changed by one worker, worked out from ``base`` (None: a new key): saved
+        and live here (then on every other worker before the change is answered); False,
+        and nothing saved, when another worker's change came first (the key here is no
+        longer ``base``)."""
+        with self._keys_lock:  # a compare and a save with nothing in between
+            if base is not None and self.gate.keys.get(key.id) != base:
+                return False
+            self.store.save_key(key)
+            reads = self.gate.reads(key)  # the ledger, before the lock (see `_spends`)
+            with self.lock:
+                self.gate.put(key, reads)
+        return True
 
     def _push(self, origin: _Worker, what: tuple[Any, ...]) -> list[tuple[int, Future[None]]]:
         """``what`` to every worker but ``origin``; each one's confirmation to come."""

@@ -45,7 +45,7 @@ import duckdb
 from flowc.config import ProjectConfig
 from runtime.access.budgets import ZERO, Alert, Scope
 from runtime.access.gate import Denied, Gate, Grant, Principal
-from runtime.access.keys import Key
+from runtime.access.keys import Key, KeyChanged
 from runtime.access.limits import RateLimited, Window
 from runtime.access.store import LedgerAccessStore
 from runtime.ledger.store import (
@@ -219,16 +219,17 @@ class HubLedger(Ledger):
 
 
 class HubAccessStore(LedgerAccessStore):
-    """Keys in the ledger, and every change sent on to the other workers (answered once
-    they all have it live)."""
+    """Keys in the ledger, saved by the supervisor (which refuses a change another worker
+    beat to the key, see `Hub._key`) and sent on to the other workers (answered once they
+    all have it live)."""
 
     def __init__(self, ledger: HubLedger, link: WorkerLink) -> None:
         super().__init__(ledger)
         self._link = link
 
-    def save_key(self, key: Key) -> None:
-        super().save_key(key)
-        self._link.call("key", key)
+    def save_key(self, key: Key, base: Key | None = None) -> None:
+        if not self._link.call("key", key, base):
+            raise KeyChanged(f"key {key.id} was changed through another worker")
 
     async def aclose(self) -> None:
         """At shutdown: settle with the supervisor, hand back every lease."""
