@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from functools import partial
 from typing import Any, NoReturn, TypeVar
 
 from flowc.config import ProjectConfig
@@ -54,6 +55,10 @@ class CallContext:
     prompt_bound: int | None = None
     # Models to try after the plan's own targets (a pipeline step's `fallback_models:`).
     fallbacks: tuple[str, ...] = ()
+    # Where a call's last ledger row and metrics go when they may wait until its answer is
+    # written (the HTTP front door runs them then, before the request ends: the client
+    # is not kept waiting for them); None: at once.
+    after: list[Callable[[], None]] | None = None
 
 
 NO_CONTEXT = CallContext()
@@ -168,11 +173,29 @@ class ModelCaller:
         if error is not None:
             error.recorded = True  # type: ignore[attr-defined]  # see `refused`
         bill = bill or Bill()
-        if bill.grant is not None:
+        if bill.grant is not None:  # at once: a budget's counters are never behind
             if last:
                 bill.grant.settle(cost, usage)
             else:
                 bill.grant.charge(cost, usage)
+        # A whole answer's last row waits until the answer is written (a stream's is at
+        # its end anyway; a traced call's span is timed where the call is).
+        if last and not stream and ctx.after is not None and observe.tracing.active() is None:
+            ctx.after.append(partial(
+                self._book, requested, target, served, status, latency_ms, usage, ctx, rule,
+                stream, error, ttft_ms, bill, req, answer, finish, cost, source))
+        else:
+            self._book(requested, target, served, status, latency_ms, usage, ctx, rule,
+                       stream, error, ttft_ms, bill, req, answer, finish, cost, source)
+        return cost
+
+    def _book(self, requested: str, target: Target | None, served: str | None, status: str,
+              latency_ms: float, usage: Usage | None, ctx: CallContext, rule: str | None,
+              stream: bool, error: BaseException | None, ttft_ms: float | None, bill: Bill,
+              req: Any, answer: Any, finish: str | None, cost: Decimal | None,
+              source: str | None) -> None:
+        """`_record`'s ledger row and metrics."""
+        ok = status == "ok"
         if self.ledger is not None:
             u = usage or Usage()
             self.ledger.record(CallRecord(
@@ -193,7 +216,6 @@ class ModelCaller:
                      latency_ms=latency_ms, usage=usage, cost=cost, ttft_ms=ttft_ms,
                      error=error, stream=stream, ctx=ctx, bill=bill, req=req, answer=answer,
                      finish=finish)
-        return cost
 
     def refused(self, req: Any, error: BaseException, *, stream: bool = False,
                 ctx: CallContext = NO_CONTEXT, tags: str | None = None) -> None:

@@ -319,6 +319,7 @@ class HotPaths:
                             tags.decode("latin-1") if tags is not None else None, t0, who)
         observe.model_api(path)
         response = None
+        after = incoming.after
         try:
             response = await handler(incoming, self.caller())
             # (The headers count the call: the handler has admitted or refused it.)
@@ -330,7 +331,9 @@ class HotPaths:
             if window is not None:
                 response.raw_headers += window.headers(time.monotonic())
             await response(scope, receive, send)
-        finally:
+        finally:  # the answer is out (or never will be): its calls' rows, then metrics
+            for book in after:
+                book()
             observe.request_ended(path, response)
 
     async def _read(self, receive: Any, send: Any, path: str) -> bytes | None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from runtime.access.gate import OPEN, Principal
 from runtime.gateway.calls import CallContext
@@ -20,11 +21,13 @@ class Incoming:
     tags: str | None
     t0: float
     who: Principal = OPEN  # the caller, from its key (runtime/access/gate.py)
+    # What is left to do once the answer is written (see `CallContext.after`).
+    after: list[Callable[[], None]] = field(default_factory=list)
 
     def context(self) -> CallContext:
-        """The call's context: who makes it, and the body's size as the bound on its
-        prompt's tokens (for reserving a budget)."""
-        return CallContext(who=self.who, prompt_bound=len(self.body))
+        """The call's context: who makes it, the body's size as the bound on its prompt's
+        tokens (for reserving a budget), and where its bookkeeping waits for the answer."""
+        return CallContext(who=self.who, prompt_bound=len(self.body), after=self.after)
 
     def header(self, name: bytes) -> str | None:
         """One header's value (``name`` in lower case), or None."""
