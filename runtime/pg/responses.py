@@ -50,7 +50,7 @@ _GET = ("SELECT items::text FROM responses WHERE id = %s "
         "AND created_at > now() - make_interval(days => %s)")
 _SWEEP = """
 DELETE FROM responses WHERE created_at < now() - make_interval(days => %(days)s)
-   OR created_at < (SELECT created_at FROM responses ORDER BY created_at DESC
+   OR created_at <= (SELECT created_at FROM responses ORDER BY created_at DESC
                     OFFSET %(rows)s LIMIT 1)
 """
 
@@ -132,13 +132,11 @@ class PgResponses:
             conn.close()
 
     def _sweep_every(self, seconds: float) -> None:
-        while True:
+        while not self._stop.wait(seconds):
             try:
                 self.sweep()
             except Exception as exc:  # the store down for now: the next sweep catches up
-                log.debug("responses: sweep failed: %s", exc)
-            if self._stop.wait(seconds):
-                return
+                log.warning("responses: could not drop old responses: %s", exc)
 
     def close(self) -> None:
         self._stop.set()
