@@ -32,6 +32,7 @@ from runtime.gateway.calls import ModelCaller
 from runtime.gateway.hotpath import Guard, HotPaths, error_body
 from runtime.gateway.models_api import STARTUP_WAIT, ModelCatalog
 from runtime.gateway.openai_api import error_response
+from runtime.gateway.responses_store import Conversations, ResponseStore
 from runtime.gateway.routing import Router
 from runtime.ledger.store import Ledger, LedgerUnavailable
 from runtime.mcp.manager import MCPManager
@@ -75,6 +76,18 @@ def _access_store(ledger: Ledger | PgLedger, store: str | None) -> Any:
     from runtime.pg.access import PgAccessStore
 
     return PgAccessStore(store, instance=ledger.instance)  # one name in every table
+
+
+def _conversations(link: WorkerLink | None, ledger: Ledger | PgLedger, store: str | None
+                   ) -> Conversations:
+    """Where /v1/responses keeps the responses OpenAI does not: the shared store (any
+    instance, and any of its workers, answers a follow-up), else the supervisor (any
+    worker does), else this process's memory."""
+    if store is not None and isinstance(ledger, PgLedger):
+        from runtime.pg.responses import PgResponses
+
+        return PgResponses(store)
+    return link.conversations() if link else ResponseStore()
 
 
 @dataclass
@@ -134,7 +147,8 @@ class Runtime:
         except (LedgerUnavailable, StoreError) as exc:
             log.warning("keys and budgets wait for the ledger: %s", exc)
         return cls(config, project_dir, providers, router, ledger,
-                   ModelCaller(config, providers, router, calls_ledger, gate),
+                   ModelCaller(config, providers, router, calls_ledger, gate,
+                               _conversations(link, ledger, store)),
                    MCPManager(config.mcp_servers, project_dir), registry,
                    asyncio.Semaphore(256), ModelCatalog(config, providers), gate, alerter,
                    shared_tools)
@@ -169,6 +183,7 @@ class Runtime:
         await self.catalog.close()
         await self.mcp.close()
         await self.providers.close()
+        await asyncio.to_thread(self.caller.conversations.close)
         await asyncio.to_thread(self.ledger.close)
 
 

@@ -17,6 +17,7 @@ from runtime import observe
 from runtime.access.budgets import BudgetExceeded
 from runtime.access.gate import OPEN, Denied, Gate, Grant, Principal, Unpriced
 from runtime.access.limits import RateLimited
+from runtime.gateway.responses_store import Conversations, ResponseStore
 from runtime.gateway.routing import Plan, Router, Traits
 from runtime.ledger.pricing import price
 from runtime.ledger.store import CallRecord, Ledger
@@ -146,12 +147,15 @@ def _served(body: dict[str, Any], target: Target) -> str:
 
 class ModelCaller:
     def __init__(self, config: ProjectConfig, providers: Providers, router: Router,
-                 ledger: Ledger | None, gate: Gate | None = None) -> None:
+                 ledger: Ledger | None, gate: Gate | None = None,
+                 conversations: Conversations | None = None) -> None:
         self.config = config
         self.providers = providers
         self.router = router
         self.ledger = ledger
         self.gate = gate
+        # Where /v1/responses keeps the responses OpenAI does not (chosen at start-up).
+        self.conversations = conversations or ResponseStore()
         observe.METRICS.configure(config)  # the model names its calls are counted under
 
     # -- bookkeeping -----------------------------------------------------------------------

@@ -13,7 +13,9 @@ translated back to a Response object (or the Responses event sequence). The tabl
 field: docs/wires/responses.md.
 
 `previous_response_id` is answered from OpenAI's own store on the same wire, and from
-flowc's (runtime/gateway/responses_store.py) for the responses OpenAI does not keep.
+flowc's for the responses OpenAI does not keep: the `Conversations` the server chose at
+start-up (runtime/gateway/responses_store.py: this process's memory, the supervisor's with
+workers, or the shared Postgres), on the caller as `caller.conversations`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from runtime.gateway.openai_api import (
     refused,
     stream_headers,
 )
-from runtime.gateway.responses_store import STORE, ResponseStore
+from runtime.gateway.responses_store import Conversations
 from runtime.gateway.validate import check
 from runtime.providers import (
     ADAPTERS,
@@ -595,9 +597,9 @@ class _Call:
     """How one /v1/responses request reaches each target: verbatim to OpenAI, translated
     (per target) to any other; and what it leaves in the store."""
 
-    def __init__(self, incoming: Incoming, body: dict[str, Any], caller: ModelCaller,
-                 store: ResponseStore = STORE) -> None:
-        self.incoming, self.body, self.caller, self.store = incoming, body, caller, store
+    def __init__(self, incoming: Incoming, body: dict[str, Any], caller: ModelCaller) -> None:
+        self.incoming, self.body, self.caller = incoming, body, caller
+        self.store: Conversations = caller.conversations
         self.items = input_items(body)
         self.raw: bytes | None = None  # OpenAI's bytes, when it answered verbatim
         self.headers: dict[str, str] = {}
@@ -605,25 +607,27 @@ class _Call:
         self.events: Events | None = None
 
     # the conversation -----------------------------------------------------------------------
-    def _history(self) -> list[dict[str, Any]] | None:
+    async def _history(self) -> list[dict[str, Any]] | None:
         """The stored conversation `previous_response_id` names (None without one)."""
         prev = self.body.get("previous_response_id")
         if not prev:
             return None
-        found = self.store.get(prev)
+        found = await self.store.recall(prev)
         if found is None:
             raise RequestError(f"Previous response with id '{prev}' not found.",
                                param="previous_response_id", code="previous_response_not_found")
         return found
 
-    def _remember(self, response_id: Any, output: Any, history: list[dict[str, Any]] | None
-                  ) -> None:
+    async def _remember(self, response_id: Any, output: Any,
+                        history: list[dict[str, Any]] | None) -> None:
+        """Kept before the answer (or a stream's last event) goes out: a follow-up sent the
+        moment it arrives, to any worker or instance, finds it."""
         if isinstance(response_id, str) and isinstance(output, list):
-            self.store.put(response_id, (history or []) + self.items + output)
+            await self.store.remember(response_id, (history or []) + self.items + output)
 
-    def _translated(self, ep: Endpoint, target: Target
-                    ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-        history = self._history()
+    async def _translated(self, ep: Endpoint, target: Target
+                          ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        history = await self._history()
         req, dropped = to_chat(self.body, (history or []) + self.items, ep.kind, target.model)
         self.headers = {}
         if dropped:  # a header value takes printable ASCII only; names are the client's
@@ -632,12 +636,12 @@ class _Call:
                 "(hosted tools run on OpenAI only)"))
         return req, history
 
-    def _verbatim_payload(self, target: Target
-                          ) -> tuple[Any, list[dict[str, Any]] | None, bool]:
+    async def _verbatim_payload(self, target: Target
+                                ) -> tuple[Any, list[dict[str, Any]] | None, bool]:
         """The body for OpenAI, the flowc-kept history it carries, and whether flowc keeps
         the answer (OpenAI does not: `store: false`, or a history only flowc has)."""
         prev = self.body.get("previous_response_id")
-        kept = self.store.get(prev) if prev else None
+        kept = await self.store.recall(prev) if prev else None
         own = self.body.get("store") is False or kept is not None
         if kept is not None:  # a response only flowc has: OpenAI would not find the id
             body = {k: v for k, v in self.body.items() if k != "previous_response_id"}
@@ -655,39 +659,41 @@ class _Call:
         ep = self.caller.providers.endpoint(target)
         self.raw, self.headers = None, {}
         if verbatim(ep):
-            payload, kept, own = self._verbatim_payload(target)
+            payload, kept, own = await self._verbatim_payload(target)
             raw, answer, usage, headers, ms = await post_responses(ep, payload, self.body)
             self.raw, self.headers = raw, _passed_headers(headers)
             if own:
-                self._remember(answer.get("id"), answer.get("output"), kept)
+                await self._remember(answer.get("id"), answer.get("output"), kept)
             return ChatResult(answer, usage, ms)
-        req, history = self._translated(ep, target)
+        req, history = await self._translated(ep, target)
         done = await self.caller.providers.complete(target, req)
         answer = from_chat(done.body, done.usage, self.body, self.response_id)
-        self._remember(self.response_id, answer["output"], history)
+        await self._remember(self.response_id, answer["output"], history)
         return ChatResult(answer, done.usage, done.upstream_ms)
 
     async def open(self, target: Target, state: StreamState) -> AsyncIterator[bytes]:
         ep = self.caller.providers.endpoint(target)
         self.headers, self.events = {}, None
         if verbatim(ep):
-            payload, kept, own = self._verbatim_payload(target)
+            payload, kept, own = await self._verbatim_payload(target)
             final: list[dict[str, Any]] = []
             async for event in stream_responses(ep, payload, state, final,
                                                 self._took_headers):
+                if own and final:  # the last event: the response is kept before it goes
+                    await self._remember(final[0].get("id"), final[0].get("output"), kept)
+                    own = False
                 yield event
-            if own and final:
-                self._remember(final[0].get("id"), final[0].get("output"), kept)
             return
-        req, history = self._translated(ep, target)
+        req, history = await self._translated(ep, target)
         events = self.events = Events(self.body, self.response_id)
         async for chunk in self.caller.providers.stream(target, req, state):
             for event in events.chunk(chunk):
                 yield event
         usage = state.usage or estimate_usage(self.body, state.out_chars, state.partial)
-        for event in events.end(usage):
+        last = events.end(usage)
+        await self._remember(self.response_id, events.output, history)
+        for event in last:
             yield event
-        self._remember(self.response_id, events.output, history)
 
 
 async def responses(incoming: Incoming, caller: ModelCaller) -> Response:

@@ -218,7 +218,8 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
                            ) -> AsyncIterator[bytes]:
     """A Responses stream passed on event by event as the provider sent it, its usage,
     model and first token read into ``state`` on the way; ``on_open`` gets the response
-    headers, and the last event's `response` is appended to ``final``. `response.failed`
+    headers, and the last event's `response` is appended to ``final`` before that event is
+    passed on (so the caller may keep it before the client has it). `response.failed`
     and `error` end it with `StreamFailed`; a stream that ends before a final event is the
     provider's failure."""
     resp = await ep.open_stream("/responses", payload, _headers(ep))
@@ -239,13 +240,14 @@ async def stream_responses(ep: Endpoint, payload: Any, state: StreamState,
                 raise ep.malformed(data, str(exc)) from None
             kind = ev["type"]
             seq = ev.get("sequence_number", seq)
+            if kind in _FINAL and kind != "response.failed":  # before it is passed on
+                final.append(ev.get("response") or {})
             yield b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
             if kind == "error" or kind == "response.failed":
                 err = ev.get("error") or (ev.get("response") or {}).get("error") or {}
                 message = err.get("message") if isinstance(err, dict) else err
                 raise StreamFailed(ep.name, 500, str(message or kind), body=ev)
             if kind in _FINAL:
-                final.append(ev.get("response") or {})
                 return
         raise UpstreamError(ep.name, 502, "the stream ended before response.completed")
     except UpstreamError as err:

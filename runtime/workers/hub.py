@@ -1,6 +1,8 @@
 """The supervisor's side of `flowc serve --workers N`: the one process that owns the ledger
 (its DuckDB file in a child process, as `flowc serve` keeps it) and the one set of budget
-counters and rate-limit windows, answering every worker over a Unix socket (link.py).
+counters and rate-limit windows, answering every worker over a Unix socket (link.py); it
+also keeps the Responses API's conversations, so `previous_response_id` finds them on any
+worker.
 
 Each worker's connection has a thread: rows go straight into the owner's `Ledger` (the
 frames and the writer are its own), budget and rate-limit calls are answered on the
@@ -41,6 +43,7 @@ from runtime.access.gate import Gate
 from runtime.access.keys import Key
 from runtime.access.limits import RateLimited
 from runtime.access.store import LedgerAccessStore
+from runtime.gateway.responses_store import ResponseStore
 from runtime.ledger.store import Ledger, LedgerUnavailable
 from runtime.pg.access import CENT
 
@@ -97,6 +100,9 @@ class Hub:
                                          self._alerted))
         self.lock = threading.Lock()  # the gate's counters and windows
         self._keys_lock = threading.Lock()  # key changes, one at a time (see `_key`)
+        # The Responses API's kept conversations, as JSON, for every worker (link.py's
+        # `SupervisedResponses`): bounded as one process's store is.
+        self.responses = ResponseStore()
         self._listener = Listener(address, family="AF_UNIX", authkey=authkey)
         self._workers: set[_Worker] = set()
         self._pool = ThreadPoolExecutor(_CALLS, thread_name_prefix="flowc-hub")
@@ -224,6 +230,12 @@ class Hub:
                 win = self.gate._windows.get(Scope(message[1], message[2]))
                 if win is not None:
                     win.give_back(message[3], message[4])
+        elif op == "response_put":  # a few dict operations, on the connection's thread
+            rid, response_id, blob = message[1:]
+            self._answer(w, rid, lambda: self.responses.keep(response_id, blob, len(blob)))
+        elif op == "response_get":
+            rid, response_id = message[1:]
+            self._answer(w, rid, lambda: self.responses.get(response_id))
         elif op in ("slots", "lease", "settle"):
             rid, *args = message[1:]
             self._answer(w, rid, lambda: getattr(self, "_" + op)(w, *args))

@@ -13,6 +13,8 @@ all go through one connection to the supervisor, which owns the ledger (hub.py).
 - Rate limits: request slots leased from the supervisor's windows a few at a time, so
   most calls are admitted without a round trip, and never more than the limit across
   workers (see `RemoteWindow`); unused slots go back within a second or two.
+- Responses API conversations (`previous_response_id`): kept in the supervisor's one
+  bounded store (`SupervisedResponses`), so a follow-up finds them on any worker.
 - Keys: a change is saved, then sent to every other worker, which puts it live on its
   event loop before the change is answered (hub.py), so a key made through one worker
   works on all of them at once. A pipeline registered over HTTP is served by every
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 
 from flowc.config import ProjectConfig
 from runtime.access.budgets import ZERO, Alert, Scope
@@ -48,6 +51,7 @@ from runtime.access.gate import Denied, Gate, Grant, Principal
 from runtime.access.keys import Key, KeyChanged
 from runtime.access.limits import RateLimited, Window
 from runtime.access.store import LedgerAccessStore
+from runtime.gateway.responses_store import Items, ResponsesUnavailable, encode
 from runtime.ledger.store import (
     CallRecord,
     Ledger,
@@ -309,6 +313,37 @@ class HubLeases(Ticking):
         await self._stop_ticking()
 
 
+class SupervisedResponses:
+    """The Responses API's kept conversations (runtime/gateway/responses_store.py), in the
+    supervisor's one bounded store: `remember` returns once the supervisor has it (one
+    round trip, before the response is answered), `recall` asks it. Nothing is kept here
+    as well: a copy per worker would multiply the memory bound by the workers, let the
+    supervisor's LRU order drift from what is used, and save one local round trip beside
+    a call to a model."""
+
+    def __init__(self, link: WorkerLink) -> None:
+        self._link = link
+
+    async def remember(self, response_id: str, items: Items) -> None:
+        try:
+            await self._link.call_async("response_put", response_id, encode(items))
+        except LedgerUnavailable as exc:  # answered all the same: the tokens are spent
+            log.warning("worker: response %s not kept: %s", response_id, exc)
+
+    async def recall(self, response_id: str) -> Items | None:
+        try:
+            found = await self._link.call_async("response_get", response_id)
+        except LedgerUnavailable:
+            raise ResponsesUnavailable(
+                "The server is temporarily unable to read previous responses: this worker "
+                "has lost its supervisor. Please retry your request after a brief wait."
+            ) from None
+        return None if found is None else orjson.loads(found)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        pass
+
+
 # A worker leases request slots for about this many seconds of its recent admissions,
 # and hands back the slots it has not used after `SLOT_TTL` seconds.
 LEASE_AHEAD = 0.05
@@ -533,6 +568,9 @@ class WorkerLink:
     def ledger(self, path: Path, flush_interval: float) -> HubLedger:
         self.hub_ledger = HubLedger(self, path, flush_interval)
         return self.hub_ledger
+
+    def conversations(self) -> SupervisedResponses:
+        return SupervisedResponses(self)
 
     def access_store(self, ledger: Ledger) -> HubAccessStore:
         assert isinstance(ledger, HubLedger)
