@@ -11,6 +11,18 @@ import httpx
 
 from tests.fakes import FakeServer, anthropic_text
 
+# The project both tests serve: a model on Anthropic, no retries (a failure shows at once).
+CONFIG = """\
+models:
+  smart: anthropic/claude-sonnet-4-6
+providers:
+  anthropic: {timeout: 5}
+retry:
+  attempts: 1
+ledger:
+  flush_interval: 0.2
+"""
+
 
 def texts(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(role, text) of each message Anthropic was sent (stripped: the loopback's stream

@@ -21,18 +21,7 @@ from runtime.gateway.responses_store import ResponsesUnavailable
 from runtime.pg.responses import PgResponses
 from tests.conftest import ROOT, start_server, stop_server
 from tests.fakes import FakeServer, free_port
-from tests.responses_chain import respond, turn
-
-CONFIG = """\
-models:
-  smart: anthropic/claude-sonnet-4-6
-providers:
-  anthropic: {timeout: 5}
-retry:
-  attempts: 1
-ledger:
-  flush_interval: 0.2
-"""
+from tests.responses_chain import CONFIG, respond, turn
 
 
 @dataclass

@@ -15,18 +15,8 @@ import pytest
 
 from tests.conftest import ROOT, start_server, stop_server
 from tests.fakes import FakeServer, free_port
-from tests.responses_chain import respond, turn
+from tests.responses_chain import CONFIG, respond, turn
 
-CONFIG = """\
-models:
-  smart: anthropic/claude-sonnet-4-6
-providers:
-  anthropic: {timeout: 5}
-retry:
-  attempts: 1
-ledger:
-  flush_interval: 0.2
-"""
 FOLLOW_UPS = 20
 
 

@@ -182,15 +182,14 @@ class ModelCaller:
                 bill.grant.settle(cost, usage)
             else:
                 bill.grant.charge(cost, usage)
+        book = partial(self._book, requested, target, served, status, latency_ms, usage, ctx,
+                       rule, stream, error, ttft_ms, bill, req, answer, finish, cost, source)
         # A whole answer's last row waits until the answer is written (a stream's is at
         # its end anyway; a traced call's span is timed where the call is).
         if last and not stream and ctx.after is not None and observe.tracing.active() is None:
-            ctx.after.append(partial(
-                self._book, requested, target, served, status, latency_ms, usage, ctx, rule,
-                stream, error, ttft_ms, bill, req, answer, finish, cost, source))
+            ctx.after.append(book)
         else:
-            self._book(requested, target, served, status, latency_ms, usage, ctx, rule,
-                       stream, error, ttft_ms, bill, req, answer, finish, cost, source)
+            book()
         return cost
 
     def _book(self, requested: str, target: Target | None, served: str | None, status: str,
