@@ -554,7 +554,10 @@ def _part(limit: int | None, rank: int, n: int) -> int | None:
 
 # What a caller without windows or budgets is checked against: nothing.
 _NOTHING: tuple[list[Window], list[Counter]] = ([], [])
-KEY_ATTEMPTS = 5  # a key change worked out again at most this often, others' coming first
+# A key change is worked out again at most this often while others' changes to the key are
+# saved first: each refusal means another change was saved in between, so n changes sent
+# at once need at most n attempts (five were too few for nine sent through three instances).
+KEY_ATTEMPTS = 20
 _JOINED = 64  # leases a call waits for at most (others may take each first) before refused
 
 # One prompt token plain, one written to the 1-hour cache, one output token.
